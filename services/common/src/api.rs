@@ -1,0 +1,181 @@
+//! Replies of request/reply endpoints.
+//!
+//! A success is the JSON body. An error is `{"error": {"code", "message"}}` together with the NATS
+//! micro error headers `Nats-Service-Error-Code` (an HTTP-like status) and `Nats-Service-Error`
+//! (the message), so both `nats req` users and micro-aware clients see it (CONTRACT section 2).
+
+use async_nats::HeaderMap;
+use async_nats::service::Request;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Header carrying the error message of a NATS micro reply.
+pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+/// Header carrying the error status code of a NATS micro reply.
+pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+
+/// An error answered to a request: what went wrong, in words a client can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    /// HTTP-like status: 400 bad input, 403 forbidden, 404 unknown, 409 conflict, 500 internal.
+    pub status: u16,
+    /// Stable machine-readable code, e.g. `invalid_intent`.
+    pub code: String,
+    /// Human-readable explanation naming the problem.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with the given status, code and message.
+    pub fn new(status: u16, code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { status, code: code.into(), message: message.into() }
+    }
+    /// 400: the request itself is wrong.
+    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        Self::new(400, code, message)
+    }
+    /// 403: the caller may not do this.
+    pub fn forbidden(code: &str, message: impl Into<String>) -> Self {
+        Self::new(403, code, message)
+    }
+    /// 404: the thing asked about does not exist.
+    pub fn not_found(code: &str, message: impl Into<String>) -> Self {
+        Self::new(404, code, message)
+    }
+    /// 409: the request conflicts with the current state.
+    pub fn conflict(code: &str, message: impl Into<String>) -> Self {
+        Self::new(409, code, message)
+    }
+    /// 500: bulwark failed; the client may retry.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "internal", message)
+    }
+    /// 503: a dependency (JetStream) is unavailable; the client may retry.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "unavailable", message)
+    }
+
+    /// The JSON body of this error.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody { error: ErrorDetail { code: self.code.clone(), message: self.message.clone() } }
+    }
+}
+
+/// `{"error": {...}}`, the body of every error reply.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// The inside of an error reply.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// Serialises `value` for a reply; serialisation of our own types cannot fail in practice, and if
+/// it does the client gets an internal error rather than nothing.
+pub fn to_bytes<T: Serialize>(value: &T) -> Bytes {
+    match serde_json::to_vec(value) {
+        Ok(body) => Bytes::from(body),
+        Err(err) => error_bytes(&ApiError::internal(format!("could not encode reply: {err}"))),
+    }
+}
+
+fn error_bytes(err: &ApiError) -> Bytes {
+    Bytes::from(serde_json::to_vec(&err.body()).unwrap_or_else(|_| b"{\"error\":{}}".to_vec()))
+}
+
+/// The headers of an error reply.
+pub fn error_headers(err: &ApiError) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(SERVICE_ERROR_CODE, err.status.to_string().as_str());
+    // Header values may not hold line breaks.
+    headers.insert(SERVICE_ERROR, err.message.replace(['\r', '\n'], " ").as_str());
+    headers
+}
+
+/// Answers a micro request with `result`: the JSON value, or the error body with error headers.
+/// A failed reply (client gone, connection down) is logged; it never ends the caller's loop.
+pub async fn respond<T: Serialize>(request: &Request, result: Result<T, ApiError>) {
+    let outcome = match result {
+        Ok(value) => request.respond(Ok(to_bytes(&value))).await,
+        Err(err) => request.respond_with_headers(Ok(error_bytes(&err)), error_headers(&err)).await,
+    };
+    if let Err(err) = outcome {
+        tracing::debug!(error = %err, subject = %request.message.subject, "could not send reply");
+    }
+}
+
+/// Decodes a JSON request body into `T`, or a 400 `code` error whose message says what is wrong.
+pub fn decode<T: serde::de::DeserializeOwned>(payload: &[u8], code: &str, max_bytes: usize) -> Result<T, ApiError> {
+    if payload.len() > max_bytes {
+        return Err(ApiError::bad_request(
+            code,
+            format!("body is {} bytes, over the limit of {max_bytes} bytes", payload.len()),
+        ));
+    }
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request(code, "body is empty: expected a JSON object"));
+    }
+    let value: serde_json::Value = serde_json::from_slice(payload)
+        .map_err(|err| ApiError::bad_request(code, format!("body is not valid JSON: {err}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            code,
+            format!("body must be a JSON object, got {}", json_kind(&value)),
+        ));
+    }
+    serde_json::from_value(value).map_err(|err| ApiError::bad_request(code, format!("{err}")))
+}
+
+/// The JSON kind of `value`, for error messages ("an array", "a string").
+pub fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Probe {
+        name: String,
+    }
+
+    #[test]
+    fn decode_names_the_problem() {
+        let err = decode::<Probe>(b"not json", "bad", 100).expect_err("invalid");
+        assert!(err.message.contains("not valid JSON"), "{err}");
+        let err = decode::<Probe>(b"[1]", "bad", 100).expect_err("array");
+        assert!(err.message.contains("an array"), "{err}");
+        let err = decode::<Probe>(b"{\"name\": 3}", "bad", 100).expect_err("wrong type");
+        assert!(err.message.contains("invalid type"), "{err}");
+        let err = decode::<Probe>(b"{\"name\": \"x\"}", "bad", 5).expect_err("too big");
+        assert!(err.message.contains("over the limit"), "{err}");
+        let err = decode::<Probe>(b"  ", "bad", 100).expect_err("empty");
+        assert!(err.message.contains("empty"), "{err}");
+        assert_eq!(decode::<Probe>(b"{\"name\":\"x\"}", "bad", 100).expect("ok").name, "x");
+    }
+
+    #[test]
+    fn error_headers_are_single_line() {
+        let headers = error_headers(&ApiError::bad_request("x", "line one\nline two"));
+        assert_eq!(headers.get(SERVICE_ERROR_CODE).map(|v| v.as_str()), Some("400"));
+        assert_eq!(headers.get(SERVICE_ERROR).map(|v| v.as_str()), Some("line one line two"));
+    }
+}

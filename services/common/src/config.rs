@@ -1,0 +1,352 @@
+//! Configuration: built-in defaults, then a TOML file (`--config` / `BULWARK_CONFIG`, else
+//! `./bulwark.toml` when present), then `BULWARK_<SECTION>__<KEY>` environment variables
+//! (e.g. `BULWARK_GOVERNANCE__DEFAULT_TIER=1`, `BULWARK_NATS__URL=nats://host:4222`).
+//!
+//! The repository's `bulwark.toml` lists every key with its default; `docs/configuration.md`
+//! explains them. Unknown keys are errors, so a typo is reported rather than ignored.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `BULWARK_` prefix that are CLI flags, not config keys.
+const CLI_ONLY_ENV: &[&str] = &["BULWARK_NATS_URL", "BULWARK_CONFIG", "BULWARK_LOG", "BULWARK_LOG_FORMAT"];
+
+/// Why configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named with `--config` does not exist.
+    #[error("config file {0} does not exist")]
+    Missing(PathBuf),
+    /// The layers could not be read or merged into [`BulwarkConfig`].
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] config::ConfigError),
+    /// The values parse but contradict each other or are out of range.
+    #[error("invalid configuration: {0}")]
+    Inconsistent(String),
+}
+
+/// All of bulwark's configuration, one section per concern.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BulwarkConfig {
+    /// How services and the CLI reach NATS.
+    pub nats: NatsConfig,
+    /// How `bulwark up` runs the local stack.
+    pub up: UpConfig,
+    /// Periodic telemetry.
+    pub telemetry: TelemetryConfig,
+    /// Intent governance: tiers, alignment, review and votes.
+    pub governance: GovernanceConfig,
+}
+
+impl BulwarkConfig {
+    /// Loads the layers. `file` is the `--config` path; without one, `./bulwark.toml` is used
+    /// when it exists.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: std::collections::HashMap<String, String> = std::env::vars()
+            .filter(|(key, _)| key.starts_with("BULWARK_") && !CLI_ONLY_ENV.contains(&key.as_str()))
+            .collect();
+        Self::load_from(file, env)
+    }
+
+    /// Like [`load`](Self::load) with an explicit environment (tests).
+    pub fn load_from(
+        file: Option<&Path>,
+        env: std::collections::HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let defaults = config::Config::try_from(&BulwarkConfig::default())?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        match file {
+            Some(path) if !path.exists() => return Err(ConfigError::Missing(path.to_owned())),
+            Some(path) => builder = builder.add_source(config::File::from(path).required(true)),
+            None => {
+                let local = Path::new("bulwark.toml");
+                if local.exists() {
+                    builder = builder.add_source(config::File::from(local).required(true));
+                }
+            }
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("BULWARK")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("governance.voters.names")
+                .source(Some(env)),
+        );
+        let cfg: BulwarkConfig = builder.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: ranges and consistency.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Inconsistent(msg));
+        let g = &self.governance;
+        if g.default_tier > 4 {
+            return bad(format!("governance.default_tier must be 0-4, got {}", g.default_tier));
+        }
+        for (name, t) in &g.intent_types {
+            if t.tier > 4 {
+                return bad(format!("governance.intent_types.{name}.tier must be 0-4, got {}", t.tier));
+            }
+            if !(0.0..=1.0).contains(&t.base_alignment) {
+                return bad(format!("governance.intent_types.{name}.base_alignment must be 0-1"));
+            }
+        }
+        if !(0.0..=1.0).contains(&g.min_alignment) {
+            return bad(format!("governance.min_alignment must be 0-1, got {}", g.min_alignment));
+        }
+        if g.voters.quorum == 0 || g.voters.quorum > g.voters.names.len() {
+            return bad(format!(
+                "governance.voters.quorum must be between 1 and the number of voters ({}), got {}",
+                g.voters.names.len(),
+                g.voters.quorum
+            ));
+        }
+        if g.default_priority > 9 {
+            return bad(format!("governance.default_priority must be 0-9, got {}", g.default_priority));
+        }
+        if self.nats.request_timeout_ms == 0 || self.nats.connect_timeout_ms == 0 {
+            return bad("nats timeouts must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL, or a comma-separated list of cluster seed URLs. The `--nats-url` flag and the
+    /// `BULWARK_NATS_URL` variable override it.
+    pub url: String,
+    /// User the services connect as (see `nats.conf`). Empty for no credentials.
+    pub user: String,
+    /// Password of `user`.
+    pub password: String,
+    /// User the operator CLI (`bulwark intent|review|vote|status`) connects as.
+    pub cli_user: String,
+    /// Password of `cli_user`.
+    pub cli_password: String,
+    /// Time allowed for the first connection, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// Time allowed for any request/reply and JetStream acknowledgement, in milliseconds.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            user: "bulwark".into(),
+            password: "bulwark-dev".into(),
+            cli_user: "operator".into(),
+            cli_password: "operator-dev".into(),
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// How `bulwark up` runs the local stack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpConfig {
+    /// The nats-server config used when `bulwark up` must start its own server.
+    pub nats_conf: PathBuf,
+    /// The nats-server binary; empty means `nats-server` on PATH, then `.tools/pip/bin/nats-server`.
+    pub nats_server: String,
+    /// How long to wait for the started nats-server to accept connections, in milliseconds.
+    pub server_start_timeout_ms: u64,
+}
+
+impl Default for UpConfig {
+    fn default() -> Self {
+        Self {
+            nats_conf: PathBuf::from("nats.conf"),
+            nats_server: String::new(),
+            server_start_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Periodic telemetry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Seconds between two `telemetry.<component>` messages (seed: 15).
+    pub interval_s: f64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { interval_s: 15.0 }
+    }
+}
+
+/// Intent governance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GovernanceConfig {
+    /// Tier of an intent type missing from `intent_types` (0: a human must approve it).
+    pub default_tier: u8,
+    /// Base alignment of an intent type missing from `intent_types`.
+    pub default_base_alignment: f64,
+    /// Tier 1 and 2 intents whose mission alignment is below this go to human review instead.
+    pub min_alignment: f64,
+    /// Charter weight used when an intent's `mission_context` names no pillar.
+    pub unstated_pillar_weight: f64,
+    /// Priority of an intent that gives none (0-9, 9 most urgent).
+    pub default_priority: u8,
+    /// Largest accepted request body, in bytes.
+    pub max_intent_bytes: usize,
+    /// The charter: weight of each mission pillar.
+    pub charter: Charter,
+    /// The unified logic voters of tier 3 intents.
+    pub voters: VotersConfig,
+    /// Tier and base alignment per intent type.
+    pub intent_types: BTreeMap<String, IntentTypeConfig>,
+}
+
+impl Default for GovernanceConfig {
+    fn default() -> Self {
+        let types: [(&str, u8, f64); 14] = [
+            ("query_knowledge", 2, 0.6),
+            ("generate_summary", 2, 0.6),
+            ("schedule_task", 2, 0.7),
+            ("execute_sandbox", 1, 0.5),
+            ("deploy_model", 1, 0.8),
+            ("modify_config", 1, 0.4),
+            ("self_improve", 3, 0.9),
+            ("extend_grace", 3, 0.7),
+            ("optimize_system", 3, 0.8),
+            ("modify_governance", 0, 0.5),
+            ("change_charter", 0, 0.5),
+            ("grant_permissions", 0, 0.3),
+            ("emergency_recovery", 4, 1.0),
+            ("critical_incident", 4, 1.0),
+        ];
+        Self {
+            default_tier: 0,
+            default_base_alignment: 0.5,
+            min_alignment: 0.25,
+            unstated_pillar_weight: 0.5,
+            default_priority: 5,
+            max_intent_bytes: 64 * 1024,
+            charter: Charter::default(),
+            voters: VotersConfig::default(),
+            intent_types: types
+                .into_iter()
+                .map(|(name, tier, base)| (name.to_owned(), IntentTypeConfig { tier, base_alignment: base }))
+                .collect(),
+        }
+    }
+}
+
+/// Tier and base alignment of one intent type.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IntentTypeConfig {
+    /// Autonomy tier, 0-4.
+    pub tier: u8,
+    /// How well this type of work serves the mission on its own, 0-1.
+    pub base_alignment: f64,
+}
+
+/// The charter's pillar weights (seed: resilience 1.0, revenue 0.8, autonomy 0.7, learning 0.6).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Charter {
+    /// Weight of `resilience_impact`.
+    pub resilience: f64,
+    /// Weight of `revenue_impact`.
+    pub revenue: f64,
+    /// Weight of `autonomy_impact`.
+    pub autonomy: f64,
+    /// Weight of `learning_impact`.
+    pub learning: f64,
+}
+
+impl Default for Charter {
+    fn default() -> Self {
+        Self { resilience: 1.0, revenue: 0.8, autonomy: 0.7, learning: 0.6 }
+    }
+}
+
+/// Who votes on tier 3 intents.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VotersConfig {
+    /// Names of the voters.
+    pub names: Vec<String>,
+    /// Approvals (or rejections) needed to decide.
+    pub quorum: usize,
+    /// Seconds a proposal waits for its quorum before it escalates to human review.
+    pub vote_timeout_s: f64,
+    /// Seconds between two sweeps for proposals past their deadline.
+    pub sweep_interval_s: f64,
+}
+
+impl Default for VotersConfig {
+    fn default() -> Self {
+        Self {
+            names: vec!["architect".into(), "guardian".into(), "steward".into()],
+            quorum: 2,
+            vote_timeout_s: 300.0,
+            sweep_interval_s: 1.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn defaults_are_the_seed() {
+        let cfg = BulwarkConfig::load_from(None, HashMap::new()).expect("defaults load");
+        assert_eq!(cfg.governance.intent_types.len(), 14);
+        assert_eq!(cfg.governance.intent_types["self_improve"].tier, 3);
+        assert_eq!(cfg.governance.default_tier, 0);
+        assert_eq!(cfg.governance.charter.revenue, 0.8);
+    }
+
+    #[test]
+    fn env_overrides_and_file_merges() {
+        let dir = std::env::temp_dir().join(format!("bulwark-cfg-{}", crate::ids::new_id()));
+        std::fs::create_dir_all(&dir).expect("tmp");
+        let file = dir.join("b.toml");
+        std::fs::write(
+            &file,
+            "[governance.intent_types.train_model]\ntier = 3\nbase_alignment = 0.7\n[governance.voters]\nnames=[\"a\",\"b\"]\nquorum=1\n",
+        )
+        .expect("write");
+        let env = HashMap::from([
+            ("BULWARK_GOVERNANCE__DEFAULT_TIER".to_owned(), "2".to_owned()),
+            ("BULWARK_NATS__URL".to_owned(), "nats://h:1".to_owned()),
+        ]);
+        let cfg = BulwarkConfig::load_from(Some(&file), env).expect("loads");
+        assert_eq!(cfg.governance.default_tier, 2);
+        assert_eq!(cfg.nats.url, "nats://h:1");
+        assert_eq!(cfg.governance.intent_types.len(), 15, "file adds a type, keeps the defaults");
+        assert_eq!(cfg.governance.voters.names, vec!["a", "b"]);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors() {
+        let env = HashMap::from([("BULWARK_GOVERNANCE__DEFALT_TIER".to_owned(), "2".to_owned())]);
+        let err = BulwarkConfig::load_from(None, env).expect_err("unknown key");
+        assert!(err.to_string().contains("defalt_tier"), "{err}");
+        let env = HashMap::from([("BULWARK_GOVERNANCE__DEFAULT_TIER".to_owned(), "7".to_owned())]);
+        let err = BulwarkConfig::load_from(None, env).expect_err("range");
+        assert!(err.to_string().contains("0-4"), "{err}");
+        let missing = BulwarkConfig::load_from(Some(Path::new("/nonexistent/b.toml")), HashMap::new());
+        assert!(matches!(missing, Err(ConfigError::Missing(_))));
+    }
+}

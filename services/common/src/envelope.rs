@@ -1,0 +1,166 @@
+//! The trigger mesh envelope (CONTRACT section 1) and its normalisation: an event published by
+//! hand with only `event_type`/`source`/`payload` gets ids, a time and depth 0; an event that
+//! cannot be an envelope is refused with a reason, for the dead-letter subject.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Deepest causal depth an envelope may claim; anything above is treated as hostile.
+pub const MAX_DEPTH: u64 = 10_000;
+
+/// One mesh event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MeshEvent {
+    /// Unique id (UUIDv7 unless the publisher chose one).
+    pub event_id: String,
+    /// Dot-separated type, e.g. `task.completed`; the subject is `mesh.<event_type>`.
+    pub event_type: String,
+    /// The publishing component.
+    pub source: String,
+    /// The agent or worker acting.
+    #[serde(default)]
+    pub actor: Option<String>,
+    /// The resource concerned, e.g. `task/<id>`.
+    #[serde(default)]
+    pub resource: Option<String>,
+    /// The subsystem, e.g. `htm`.
+    #[serde(default)]
+    pub subsystem: Option<String>,
+    /// When it happened, RFC 3339 UTC.
+    pub timestamp: String,
+    /// Id of the flow's first event or intent.
+    pub correlation_id: String,
+    /// Id of the event that directly caused this one; `None` for a root.
+    pub causation_id: Option<String>,
+    /// Number of causal hops from the root (0 for a root).
+    pub depth: u64,
+    /// Event-specific data.
+    pub payload: Value,
+}
+
+impl MeshEvent {
+    /// A root event published by `source`.
+    pub fn root(event_type: &str, source: &str, payload: Value) -> MeshEvent {
+        let event_id = crate::ids::new_id();
+        MeshEvent {
+            correlation_id: event_id.clone(),
+            event_id,
+            event_type: event_type.to_owned(),
+            source: source.to_owned(),
+            actor: None,
+            resource: None,
+            subsystem: None,
+            timestamp: crate::time::now(),
+            causation_id: None,
+            depth: 0,
+            payload,
+        }
+    }
+
+    /// An event caused by `self`: same correlation, causation = this event, depth + 1.
+    pub fn child(&self, event_type: &str, source: &str, payload: Value) -> MeshEvent {
+        let mut child = MeshEvent::root(event_type, source, payload);
+        child.correlation_id = self.correlation_id.clone();
+        child.causation_id = Some(self.event_id.clone());
+        child.depth = self.depth + 1;
+        child
+    }
+
+    /// Parses and normalises a raw event received on `subject` (`mesh.<event_type>`).
+    /// Missing ids, time and depth are filled in; a missing `event_type` is taken from the
+    /// subject. Returns the reason when the body cannot be an envelope.
+    pub fn normalise(subject: &str, body: &[u8], max_bytes: usize) -> Result<MeshEvent, String> {
+        if body.len() > max_bytes {
+            return Err(format!("event is {} bytes, over the limit of {max_bytes}", body.len()));
+        }
+        let value: Value = serde_json::from_slice(body).map_err(|e| format!("not valid JSON: {e}"))?;
+        let Value::Object(mut obj) = value else {
+            return Err(format!("event must be a JSON object, got {}", crate::api::json_kind(&value)));
+        };
+        let subject_type = subject.strip_prefix("mesh.").unwrap_or(subject).to_owned();
+        let event_type = opt_string(&mut obj, "event_type")?.unwrap_or(subject_type);
+        if !crate::subjects::is_valid_event_type(&event_type) {
+            return Err(format!("event_type {event_type:?} is not dot-separated tokens of [a-z0-9_-]"));
+        }
+        let source = opt_string(&mut obj, "source")?.unwrap_or_else(|| "unknown".to_owned());
+        let event_id = opt_string(&mut obj, "event_id")?.unwrap_or_else(crate::ids::new_id);
+        let timestamp = match opt_string(&mut obj, "timestamp")? {
+            Some(ts) if crate::time::parse_ms(&ts).is_none() => {
+                return Err(format!("timestamp {ts:?} is not RFC 3339"));
+            }
+            Some(ts) => ts,
+            None => crate::time::now(),
+        };
+        let depth = match obj.remove("depth") {
+            None | Some(Value::Null) => 0,
+            Some(Value::Number(n)) => match n.as_u64() {
+                Some(d) if d <= MAX_DEPTH => d,
+                _ => return Err(format!("depth must be an integer from 0 to {MAX_DEPTH}, got {n}")),
+            },
+            Some(other) => return Err(format!("depth must be an integer, got {}", crate::api::json_kind(&other))),
+        };
+        let correlation_id = opt_string(&mut obj, "correlation_id")?.unwrap_or_else(|| event_id.clone());
+        let causation_id = opt_string(&mut obj, "causation_id")?;
+        let payload = match obj.remove("payload") {
+            None | Some(Value::Null) => Value::Object(Map::new()),
+            Some(v @ Value::Object(_)) => v,
+            Some(other) => return Err(format!("payload must be a JSON object, got {}", crate::api::json_kind(&other))),
+        };
+        Ok(MeshEvent {
+            event_id,
+            event_type,
+            source,
+            actor: opt_string(&mut obj, "actor")?,
+            resource: opt_string(&mut obj, "resource")?,
+            subsystem: opt_string(&mut obj, "subsystem")?,
+            timestamp,
+            correlation_id,
+            causation_id,
+            depth,
+            payload,
+        })
+    }
+}
+
+fn opt_string(obj: &mut Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match obj.remove(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(format!("{key} must be a string, got {}", crate::api::json_kind(&other))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_events_are_normalised() {
+        let e = MeshEvent::normalise("mesh.x.y", br#"{"source":"me","payload":{"a":1}}"#, 1024).expect("ok");
+        assert_eq!(e.event_type, "x.y");
+        assert_eq!(e.depth, 0);
+        assert_eq!(e.correlation_id, e.event_id);
+        assert!(e.causation_id.is_none());
+        let child = e.child("z", "rule", Value::Null);
+        assert_eq!((child.depth, child.causation_id.as_deref()), (1, Some(e.event_id.as_str())));
+        assert_eq!(child.correlation_id, e.correlation_id);
+    }
+
+    #[test]
+    fn malformed_events_have_reasons() {
+        for (body, reason) in [
+            (&b"{nope"[..], "not valid JSON"),
+            (b"[1]", "must be a JSON object"),
+            (br#"{"depth": -1}"#, "depth must be an integer from 0"),
+            (br#"{"depth": 1e9}"#, "depth must be an integer"),
+            (br#"{"source": 5}"#, "source must be a string"),
+            (br#"{"event_type": "Bad Type"}"#, "is not dot-separated"),
+            (br#"{"payload": "x"}"#, "payload must be a JSON object"),
+        ] {
+            let err = MeshEvent::normalise("mesh.a", body, 1024).expect_err("malformed");
+            assert!(err.contains(reason), "{err} lacks {reason}");
+        }
+        assert!(MeshEvent::normalise("mesh.a", &[b' '; 2000], 1024).expect_err("big").contains("over the limit"));
+    }
+}

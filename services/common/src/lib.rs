@@ -1,0 +1,35 @@
+//! What every bulwark service shares, and nothing else.
+//!
+//! # Layout
+//! - [`subjects`]: every NATS subject bulwark consumes or produces, as constants and builders.
+//! - [`streams`]: the JetStream streams and KV buckets that make accepted work durable.
+//! - [`envelope`]: the trigger mesh event envelope (CONTRACT section 1) and its normalisation.
+//! - [`intent`]: intents, autonomy tiers, statuses and the durable intent record.
+//! - [`narrative`]: 5W1H narratives and the publisher every service explains itself with.
+//! - [`api`]: JSON replies and the NATS micro error convention.
+//! - [`micro`]: NATS micro versioning, readiness and discovery.
+//! - [`connect`]: connecting with timeouts, reconnects and an event callback that surfaces errors.
+//! - [`config`]: `bulwark.toml`, overridable by `BULWARK_...` environment variables.
+//! - [`kv`]: compare-and-set updates on KV entries.
+//! - [`telemetry`]: the periodic `telemetry.<component>` heartbeat.
+//! - [`shutdown`]: turning Ctrl-C / SIGTERM into a cancellation token.
+//! - [`time`], [`ids`]: RFC 3339 UTC timestamps and UUIDv7 ids.
+
+pub mod api;
+pub mod config;
+pub mod connect;
+pub mod envelope;
+pub mod ids;
+pub mod intent;
+pub mod kv;
+pub mod logging;
+pub mod micro;
+pub mod narrative;
+pub mod shutdown;
+pub mod streams;
+pub mod subjects;
+pub mod telemetry;
+pub mod time;
+
+pub use config::BulwarkConfig;
+pub use narrative::{Narrative, Narrator};

@@ -1,0 +1,109 @@
+//! The JetStream streams and KV buckets bulwark keeps its durable state in, and the functions
+//! that create them (idempotently) before a service uses them.
+//!
+//! | name | kind | holds |
+//! |---|---|---|
+//! | `bulwark_intents` | KV | one [`IntentRecord`](crate::intent::IntentRecord) per intent id: decision, status, history |
+//! | `bulwark_reviews` | KV | the human review queue, one item per intent awaiting review |
+//! | `bulwark_proposals` | KV | open unified logic proposals with their votes and deadline |
+//! | `BULWARK_TASKS` | stream, work queue | approved tasks on `htm.task.queue.<priority>` |
+//! | `BULWARK_NARRATIVES` | stream | every 5W1H narrative on `clarity.narrative.>` |
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+
+use crate::subjects;
+
+/// KV bucket of intent records.
+pub const INTENTS_BUCKET: &str = "bulwark_intents";
+/// KV bucket of the human review queue.
+pub const REVIEWS_BUCKET: &str = "bulwark_reviews";
+/// KV bucket of open unified logic proposals.
+pub const PROPOSALS_BUCKET: &str = "bulwark_proposals";
+/// Stream of the task queue.
+pub const TASKS_STREAM: &str = "BULWARK_TASKS";
+/// Stream of narratives.
+pub const NARRATIVES_STREAM: &str = "BULWARK_NARRATIVES";
+
+/// Why a stream or bucket could not be made ready.
+#[derive(Debug, thiserror::Error)]
+#[error("JetStream {name} is not available: {reason}")]
+pub struct StoreError {
+    /// The stream or bucket.
+    pub name: String,
+    /// The server's or client's explanation.
+    pub reason: String,
+}
+
+fn store_error(name: &str, err: impl std::fmt::Display) -> StoreError {
+    StoreError { name: name.to_owned(), reason: err.to_string() }
+}
+
+/// A JetStream context with the in-flight limits set explicitly (the library's documented and
+/// actual defaults differ) and `timeout` for API calls and acks.
+pub fn context(client: async_nats::Client, timeout: Duration) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .timeout(timeout)
+        .ack_timeout(timeout)
+        .max_ack_inflight(5_000)
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+/// Opens the KV bucket `name`, creating it when missing.
+pub async fn bucket(js: &jetstream::Context, name: &str, description: &str) -> Result<kv::Store, StoreError> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let created = js
+        .create_key_value(kv::Config {
+        bucket: name.to_owned(),
+        description: description.to_owned(),
+        history: 1,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .or_else(|create_err| {
+        // Another service may have created it between our get and create.
+        Err(store_error(name, create_err))
+    });
+    match created {
+        Ok(store) => Ok(store),
+        Err(err) => js.get_key_value(name).await.map_err(|_| err),
+    }
+}
+
+/// Creates the task queue stream when missing.
+pub async fn tasks(js: &jetstream::Context) -> Result<stream::Stream, StoreError> {
+    js.get_or_create_stream(stream::Config {
+        name: TASKS_STREAM.to_owned(),
+        description: Some("bulwark task queue: approved intents waiting for a worker".into()),
+        subjects: vec![subjects::TASK_QUEUE_ALL.to_owned()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| store_error(TASKS_STREAM, e))
+}
+
+/// Creates the narrative stream when missing.
+pub async fn narratives(js: &jetstream::Context) -> Result<stream::Stream, StoreError> {
+    js.get_or_create_stream(stream::Config {
+        name: NARRATIVES_STREAM.to_owned(),
+        description: Some("bulwark 5W1H narratives, in order".into()),
+        subjects: vec![subjects::NARRATIVE_ALL.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| store_error(NARRATIVES_STREAM, e))
+}

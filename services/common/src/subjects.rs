@@ -1,0 +1,120 @@
+//! Every NATS subject bulwark uses, in one place.
+//!
+//! The external ones are fixed by CONTRACT.md; internal ones (the task queue) are ours to design.
+//! Services refer to these constants and builders, never to string literals.
+
+/// Intake of intents: request/reply, NATS micro endpoint of service `governance`.
+pub const INTENT_SUBMIT: &str = "htm.intent.submit";
+/// Status of an intent: request `{"intent_id"}`, reply the status with history.
+pub const INTENT_STATUS: &str = "htm.intent.status";
+
+/// Prefix of the durable task queue; one subject per priority, `htm.task.queue.<0-9>`.
+pub const TASK_QUEUE_PREFIX: &str = "htm.task.queue";
+/// Wildcard covering the whole task queue.
+pub const TASK_QUEUE_ALL: &str = "htm.task.queue.*";
+
+/// Subject of the task queue for one priority (0-9, 9 most urgent).
+pub fn task_queue(priority: u8) -> String {
+    format!("{TASK_QUEUE_PREFIX}.{priority}")
+}
+
+/// Human review queue: request `{}`, reply `{"items": [...]}`.
+pub const REVIEW_PENDING: &str = "governance.review.pending";
+/// Human review decision: request `{"intent_id","decision","reviewer","reason"}`.
+pub const REVIEW_DECIDE: &str = "governance.review.decide";
+
+/// Prefix of proposal announcements, `unified_logic.proposal.<intent_id>`.
+pub const PROPOSAL_PREFIX: &str = "unified_logic.proposal";
+/// Unified logic vote: request `{"proposal_id","voter","vote","reason"}`, reply the tally.
+pub const VOTE: &str = "unified_logic.vote";
+/// Open proposals: request `{}`, reply `{"items": [...]}` (bulwark's addition to the contract).
+pub const PROPOSALS_OPEN: &str = "unified_logic.proposals";
+
+/// Subject on which the proposal for `intent_id` is announced.
+pub fn proposal(intent_id: &str) -> String {
+    format!("{PROPOSAL_PREFIX}.{intent_id}")
+}
+
+/// Prefix of 5W1H narratives, `clarity.narrative.<who>`.
+pub const NARRATIVE_PREFIX: &str = "clarity.narrative";
+/// Wildcard covering every narrative.
+pub const NARRATIVE_ALL: &str = "clarity.narrative.>";
+
+/// Subject a narrative from `who` is published on.
+pub fn narrative(who: &str) -> String {
+    format!("{NARRATIVE_PREFIX}.{}", subject_token(who))
+}
+
+/// Prefix of the trigger mesh, `mesh.<event_type>`.
+pub const MESH_PREFIX: &str = "mesh";
+/// Wildcard covering every mesh event.
+pub const MESH_ALL: &str = "mesh.>";
+/// Dead letters of the mesh: malformed events with the reason.
+pub const MESH_DEADLETTER: &str = "mesh.deadletter";
+/// Incidents raised by the safeguards (they name the playbook to run).
+pub const MESH_INCIDENT: &str = "mesh.event.incident";
+/// Emergencies raised by the safeguards.
+pub const MESH_EMERGENCY: &str = "mesh.event.emergency";
+
+/// Subject of the mesh event with this `event_type` (`task.completed` -> `mesh.task.completed`).
+pub fn mesh(event_type: &str) -> String {
+    format!("{MESH_PREFIX}.{event_type}")
+}
+
+/// Prefix of periodic telemetry, `telemetry.<component>`.
+pub const TELEMETRY_PREFIX: &str = "telemetry";
+
+/// Subject of the telemetry of `component`.
+pub fn telemetry(component: &str) -> String {
+    format!("{TELEMETRY_PREFIX}.{}", subject_token(component))
+}
+
+/// Makes `raw` safe as one subject token: dots, spaces and wildcards become `_`.
+pub fn subject_token(raw: &str) -> String {
+    let token: String = raw
+        .chars()
+        .map(|c| match c {
+            '.' | '*' | '>' | ' ' | '\t' | '\r' | '\n' => '_',
+            c => c,
+        })
+        .collect();
+    if token.is_empty() { "_".to_owned() } else { token }
+}
+
+/// True when `event_type` is one or more dot-separated tokens of `[a-z0-9_-]` (CONTRACT section 1).
+pub fn is_valid_event_type(event_type: &str) -> bool {
+    !event_type.is_empty()
+        && event_type.split('.').all(|token| {
+            !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builders_follow_the_contract() {
+        assert_eq!(task_queue(9), "htm.task.queue.9");
+        assert_eq!(proposal("abc"), "unified_logic.proposal.abc");
+        assert_eq!(narrative("governance"), "clarity.narrative.governance");
+        assert_eq!(narrative("a.b c"), "clarity.narrative.a_b_c");
+        assert_eq!(mesh("task.completed"), "mesh.task.completed");
+        assert_eq!(telemetry("scheduler"), "telemetry.scheduler");
+    }
+
+    #[test]
+    fn event_types() {
+        assert!(is_valid_event_type("task.completed"));
+        assert!(is_valid_event_type("layer2.high_alert"));
+        assert!(is_valid_event_type("a-b.c_d.9"));
+        assert!(!is_valid_event_type(""));
+        assert!(!is_valid_event_type("a..b"));
+        assert!(!is_valid_event_type("Task.done"));
+        assert!(!is_valid_event_type("a.*"));
+        assert!(!is_valid_event_type("a b"));
+    }
+}

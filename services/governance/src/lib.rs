@@ -1,0 +1,34 @@
+//! The governance service: decides whether each intent may run.
+//!
+//! Every intent gets an autonomy tier from the configured table, a mission alignment from the
+//! charter, and a route: human review (tier 0), execute with a review record (tier 1), direct
+//! execution (tier 2), the unified logic vote (tier 3), or the emergency path (tier 4). Nothing is
+//! answered before it is durable: the intent record is in the `bulwark_intents` bucket and its
+//! task in the `BULWARK_TASKS` queue (or its review item / proposal in their buckets) before the
+//! reply goes out. A resubmitted `intent_id` gets the first decision back and never runs twice.
+//!
+//! # Subjects
+//! Consumes (NATS micro service `governance`, queue group `q`, so replicas share the load):
+//! - `htm.intent.submit`: an intent, replied with the [`Decision`](bulwark_common::intent::Decision).
+//! - `htm.intent.status`: `{"intent_id"}`, replied with the status and history.
+//! - `governance.review.pending`, `governance.review.decide`: the human review queue.
+//! - `unified_logic.vote`, `unified_logic.proposals`: votes on tier 3 intents, open proposals.
+//!
+//! Produces:
+//! - `htm.task.queue.<priority>`: the tasks of approved intents (JetStream, deduplicated by id).
+//! - `unified_logic.proposal.<intent_id>`: the announcement of each tier 3 proposal.
+//! - `clarity.narrative.governance`: a 5W1H narrative for every decision and refusal.
+//! - `telemetry.governance`: counters every `telemetry.interval_s`.
+//!
+//! # Modules
+//! - [`routing`]: the pure tier and alignment decision.
+//! - [`review`]: review items and decisions.
+//! - [`vote`]: proposals, the voting rules and the tally.
+//! - [`service`]: the endpoints and the vote-deadline sweeper around them.
+
+pub mod review;
+pub mod routing;
+pub mod service;
+pub mod vote;
+
+pub use service::{Counters, GovernanceError, run};

@@ -1,0 +1,837 @@
+//! The governance endpoints and the vote-deadline sweeper: thin I/O around [`crate::routing`],
+//! [`crate::review`] and [`crate::vote`].
+//!
+//! Each request runs in its own task (bounded by a semaphore), so slow JetStream acks of one
+//! intent do not hold up the next. A failed request is answered with an error and counted; it
+//! never ends the loop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, message::PublishMessage};
+use async_nats::service::{Request, ServiceExt};
+use async_nats::Client;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use bulwark_common::api::{self, ApiError};
+use bulwark_common::config::{BulwarkConfig, GovernanceConfig};
+use bulwark_common::intent::{
+    Decision, Intent, IntentRecord, IntentStatus, ReviewOutcome, StatusChange, Task, Tier,
+};
+use bulwark_common::kv::{self as kvx, Change, KvError};
+use bulwark_common::narrative::Narrator;
+use bulwark_common::{ids, streams, subjects, telemetry, time};
+
+use crate::review::{ReviewDecision, ReviewItem, ReviewKind, Verdict};
+use crate::routing::{self, Route};
+use crate::vote::{Proposal, ProposalState, VoteRequest};
+
+/// Name under which the service registers (CONTRACT section 5).
+pub const SERVICE_NAME: &str = "governance";
+/// Error code of refused submissions (CONTRACT section 2).
+pub const INVALID_INTENT: &str = "invalid_intent";
+/// Requests handled at once per instance.
+const MAX_CONCURRENT_REQUESTS: usize = 1024;
+/// Time given to in-flight requests at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GovernanceError {
+    /// A stream or bucket could not be made ready.
+    #[error(transparent)]
+    Store(#[from] streams::StoreError),
+    /// Registration with NATS micro failed.
+    #[error("could not register NATS micro service {SERVICE_NAME}: {0}")]
+    Register(String),
+}
+
+/// What the service counts; reported in telemetry and `$SRV.STATS`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Intents accepted, by tier.
+    pub accepted_by_tier: [AtomicU64; 5],
+    /// Resubmissions answered with the first decision.
+    pub duplicates: AtomicU64,
+    /// Submissions refused as invalid.
+    pub invalid_intents: AtomicU64,
+    /// Review and vote requests refused (invalid, unknown, forbidden, conflicting).
+    pub refused_requests: AtomicU64,
+    /// Review decisions recorded.
+    pub reviews_decided: AtomicU64,
+    /// Votes counted.
+    pub votes_cast: AtomicU64,
+    /// Proposals escalated to human review for lack of quorum.
+    pub votes_expired: AtomicU64,
+    /// Requests that failed on bulwark's side (JetStream unavailable).
+    pub internal_errors: AtomicU64,
+}
+
+impl Counters {
+    /// The counters as JSON.
+    pub fn snapshot(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "intents_by_tier": self.accepted_by_tier.iter().map(get).collect::<Vec<_>>(),
+            "duplicates": get(&self.duplicates),
+            "invalid_intents": get(&self.invalid_intents),
+            "refused_requests": get(&self.refused_requests),
+            "reviews_decided": get(&self.reviews_decided),
+            "votes_cast": get(&self.votes_cast),
+            "votes_expired": get(&self.votes_expired),
+            "internal_errors": get(&self.internal_errors),
+        })
+    }
+}
+
+/// Runs the governance service until `shutdown` is cancelled.
+pub async fn run(cfg: BulwarkConfig, client: Client, shutdown: CancellationToken) -> Result<(), GovernanceError> {
+    let timeout = Duration::from_millis(cfg.nats.request_timeout_ms);
+    let js = streams::context(client.clone(), timeout);
+    streams::tasks(&js).await?;
+    streams::narratives(&js).await?;
+    let gov = Arc::new(Governance {
+        intents: streams::bucket(&js, streams::INTENTS_BUCKET, "bulwark intent records").await?,
+        reviews: streams::bucket(&js, streams::REVIEWS_BUCKET, "bulwark human review queue").await?,
+        proposals: streams::bucket(&js, streams::PROPOSALS_BUCKET, "bulwark open unified logic proposals").await?,
+        narrator: Narrator::new(js.clone(), SERVICE_NAME, &instance_name()),
+        js,
+        client: client.clone(),
+        cfg: cfg.governance.clone(),
+        counters: Arc::new(Counters::default()),
+        timeout,
+    });
+
+    let stats_counters = gov.counters.clone();
+    let service = client
+        .service_builder()
+        .description("bulwark intent governance: autonomy tiers, human review, unified logic votes")
+        .stats_handler(move |_, _| stats_counters.snapshot())
+        .start(SERVICE_NAME, bulwark_common::micro::VERSION)
+        .await
+        .map_err(|e| GovernanceError::Register(e.to_string()))?;
+
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
+    let endpoints: [(&str, &str, Op); 6] = [
+        ("submit", subjects::INTENT_SUBMIT, Op::Submit),
+        ("status", subjects::INTENT_STATUS, Op::Status),
+        ("review_pending", subjects::REVIEW_PENDING, Op::ReviewPending),
+        ("review_decide", subjects::REVIEW_DECIDE, Op::ReviewDecide),
+        ("vote", subjects::VOTE, Op::Vote),
+        ("proposals", subjects::PROPOSALS_OPEN, Op::Proposals),
+    ];
+    for (name, subject, op) in endpoints {
+        let endpoint = service
+            .endpoint_builder()
+            .name(name)
+            .add(subject)
+            .await
+            .map_err(|e| GovernanceError::Register(e.to_string()))?;
+        tracker.spawn(serve_endpoint(gov.clone(), endpoint, op, tracker.clone(), permits.clone(), shutdown.clone()));
+    }
+    tracker.spawn(sweep_votes(gov.clone(), shutdown.clone()));
+    let telemetry_counters = gov.counters.clone();
+    telemetry::spawn(
+        client.clone(),
+        SERVICE_NAME,
+        Duration::from_secs_f64(cfg.telemetry.interval_s.max(0.1)),
+        shutdown.clone(),
+        move || telemetry_counters.snapshot(),
+    );
+    tracing::info!("governance serving {}", subjects::INTENT_SUBMIT);
+
+    shutdown.cancelled().await;
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
+        tracing::warn!("governance: requests still running after {SHUTDOWN_GRACE:?}; stopping anyway");
+    }
+    if let Err(err) = service.stop().await {
+        tracing::debug!(error = %err, "governance: micro service stop");
+    }
+    Ok(())
+}
+
+fn instance_name() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned());
+    format!("{SERVICE_NAME}@{host}/{}", std::process::id())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Submit,
+    Status,
+    ReviewPending,
+    ReviewDecide,
+    Vote,
+    Proposals,
+}
+
+async fn serve_endpoint(
+    gov: Arc<Governance>,
+    mut endpoint: async_nats::service::endpoint::Endpoint,
+    op: Op,
+    tracker: TaskTracker,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let request = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            request = endpoint.next() => match request {
+                Some(request) => request,
+                None => break,
+            },
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let gov = gov.clone();
+        tracker.spawn(async move {
+            gov.handle(op, &request).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The governance state shared by every request.
+struct Governance {
+    cfg: GovernanceConfig,
+    js: jetstream::Context,
+    client: Client,
+    intents: kv::Store,
+    reviews: kv::Store,
+    proposals: kv::Store,
+    narrator: Narrator,
+    counters: Arc<Counters>,
+    timeout: Duration,
+}
+
+fn store_err(err: KvError) -> ApiError {
+    match err {
+        KvError::Unavailable(reason) => ApiError::unavailable(format!("intent store unavailable: {reason}")),
+        other => ApiError::internal(other.to_string()),
+    }
+}
+
+impl Governance {
+    async fn handle(&self, op: Op, request: &Request) {
+        let body = &request.message.payload;
+        match op {
+            Op::Submit => {
+                let result = self.submit(body).await;
+                self.count_failure(&result);
+                api::respond(request, result).await;
+            }
+            Op::Status => {
+                let result = self.status(body).await;
+                api::respond(request, result).await;
+            }
+            Op::ReviewPending => {
+                let result = self.pending_reviews().await;
+                api::respond(request, result).await;
+            }
+            Op::ReviewDecide => {
+                let result = self.decide(body).await;
+                self.count_failure(&result);
+                api::respond(request, result).await;
+            }
+            Op::Vote => {
+                let result = self.vote(body).await;
+                self.count_failure(&result);
+                api::respond(request, result).await;
+            }
+            Op::Proposals => {
+                let result = self.open_proposals().await;
+                api::respond(request, result).await;
+            }
+        }
+    }
+
+    fn count_failure<T>(&self, result: &Result<T, ApiError>) {
+        if let Err(err) = result {
+            let counter = match err.status {
+                500.. => &self.counters.internal_errors,
+                _ if err.code == INVALID_INTENT => &self.counters.invalid_intents,
+                _ => &self.counters.refused_requests,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    // ---- submission -------------------------------------------------------------------------
+
+    async fn submit(&self, body: &[u8]) -> Result<Decision, ApiError> {
+        let intent = match self.parse_intent(body) {
+            Ok(intent) => intent,
+            Err(err) => {
+                self.narrate_refusal("intent_refused", &err, body).await;
+                return Err(err);
+            }
+        };
+        let route = routing::route(&intent, &self.cfg);
+        let decision = decision(&intent, &route);
+        let record = IntentRecord {
+            intent: intent.clone(),
+            decision: decision.clone(),
+            status: route.status,
+            history: vec![StatusChange {
+                status: route.status,
+                at: decision.timestamp.clone(),
+                by: None,
+                reason: Some(format!("routed to {}", route.routed_to)),
+            }],
+            result: None,
+            error: None,
+            review: None,
+        };
+        if let Some(existing) = kvx::create_or_get(&self.intents, &intent.intent_id, &record).await.map_err(store_err)? {
+            self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+            // A resubmission also completes an acceptance interrupted by a crash.
+            self.redrive(&existing.value).await?;
+            return Ok(existing.value.decision);
+        }
+        self.apply_route(&record, &route).await?;
+        self.counters.accepted_by_tier[usize::from(route.tier.number())].fetch_add(1, Ordering::Relaxed);
+        let n = self
+            .narrator
+            .narrative("intent_routed", "autonomy tier table and charter-weighted mission alignment")
+            .whys(route.reasoning.iter().cloned())
+            .intent(&intent.intent_id, &intent.correlation_id)
+            .context(json!({
+                "intent_type": intent.intent_type, "actor": intent.actor, "autonomy_tier": route.tier.number(),
+                "tier_name": route.tier.name(), "routed_to": route.routed_to, "status": route.status,
+                "approved": route.approved, "mission_alignment": route.alignment, "priority": route.priority,
+            }));
+        self.narrator.publish(n).await;
+        Ok(decision)
+    }
+
+    fn parse_intent(&self, body: &[u8]) -> Result<Intent, ApiError> {
+        let max = self.cfg.max_intent_bytes;
+        if body.len() > max {
+            return Err(ApiError::bad_request(
+                INVALID_INTENT,
+                format!("body is {} bytes, over the limit of {max} bytes", body.len()),
+            ));
+        }
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(INVALID_INTENT, format!("body is not valid JSON: {e}"))
+        })?;
+        Intent::from_submission(value, ids::new_id, self.cfg.default_priority)
+            .map_err(|msg| ApiError::bad_request(INVALID_INTENT, msg))
+    }
+
+    /// Performs what `route` requires after the record exists: queue, review item, proposal.
+    async fn apply_route(&self, record: &IntentRecord, route: &Route) -> Result<(), ApiError> {
+        let intent = &record.intent;
+        if let Some(kind) = route.review {
+            let item = ReviewItem::new(intent, kind, route.tier.number(), route.alignment, route.priority, &route.reasoning);
+            kvx::create_or_get(&self.reviews, &intent.intent_id, &item).await.map_err(|e| self.incomplete(intent, e))?;
+        }
+        if route.enqueues() {
+            self.enqueue(intent, route.priority, route.tier).await?;
+        }
+        if route.requires_vote {
+            self.open_proposal(record).await?;
+        }
+        Ok(())
+    }
+
+    fn incomplete(&self, intent: &Intent, err: impl std::fmt::Display) -> ApiError {
+        ApiError::unavailable(format!(
+            "intent {} was recorded but its routing could not be completed ({err}); resubmit it with the same intent_id to finish",
+            intent.intent_id
+        ))
+    }
+
+    /// Re-performs the side effects an existing record's status implies; all are idempotent.
+    async fn redrive(&self, record: &IntentRecord) -> Result<(), ApiError> {
+        let intent = &record.intent;
+        let tier = Tier::from_number(record.decision.autonomy_tier).unwrap_or(Tier::HumanRequired);
+        match record.status {
+            IntentStatus::Queued => {
+                if let Some(kind) = review_record_kind(tier)
+                    && record.review.is_none()
+                {
+                    let d = &record.decision;
+                    let item = ReviewItem::new(intent, kind, d.autonomy_tier, d.mission_alignment, d.priority, &d.reasoning);
+                    kvx::create_or_get(&self.reviews, &intent.intent_id, &item).await.map_err(|e| self.incomplete(intent, e))?;
+                }
+                self.enqueue(intent, record.decision.priority, tier).await
+            }
+            IntentStatus::PendingReview => {
+                let kind = if record.decision.status == IntentStatus::PendingVote {
+                    ReviewKind::VoteTimeout
+                } else if tier == Tier::HumanRequired {
+                    ReviewKind::Approval
+                } else {
+                    ReviewKind::LowAlignment
+                };
+                let d = &record.decision;
+                let item = ReviewItem::new(intent, kind, d.autonomy_tier, d.mission_alignment, d.priority, &d.reasoning);
+                kvx::create_or_get(&self.reviews, &intent.intent_id, &item).await.map_err(|e| self.incomplete(intent, e))?;
+                Ok(())
+            }
+            IntentStatus::PendingVote => self.open_proposal(record).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Puts the task of `intent` into the queue and waits for JetStream's acknowledgement.
+    async fn enqueue(&self, intent: &Intent, priority: u8, tier: Tier) -> Result<(), ApiError> {
+        let task = Task::for_intent(intent, priority, tier);
+        let publish = PublishMessage::build().payload(api::to_bytes(&task)).message_id(&intent.intent_id);
+        let ack = async {
+            self.js
+                .send_publish(subjects::task_queue(priority), publish)
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.timeout, ack).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.incomplete(intent, format!("task queue: {e}"))),
+            Err(_) => Err(self.incomplete(intent, "task queue did not acknowledge in time")),
+        }
+    }
+
+    // ---- status -------------------------------------------------------------------------------
+
+    async fn status(&self, body: &[u8]) -> Result<Value, ApiError> {
+        #[derive(serde::Deserialize)]
+        struct StatusRequest {
+            intent_id: String,
+        }
+        let req: StatusRequest = api::decode(body, "invalid_request", self.cfg.max_intent_bytes)?;
+        let record = self.record(&req.intent_id).await?;
+        Ok(serde_json::to_value(record.status_reply()).unwrap_or(Value::Null))
+    }
+
+    async fn record(&self, intent_id: &str) -> Result<IntentRecord, ApiError> {
+        if intent_id.is_empty() || !kv_key_ok(intent_id) {
+            return Err(ApiError::not_found("unknown_intent", format!("no intent {intent_id:?}")));
+        }
+        match kvx::read::<IntentRecord>(&self.intents, intent_id).await.map_err(store_err)? {
+            Some(v) => Ok(v.value),
+            None => Err(ApiError::not_found("unknown_intent", format!("no intent {intent_id:?}"))),
+        }
+    }
+
+    /// Moves the intent from `from` to `to`; `Ok(false)` when it was not in `from` any more.
+    async fn transition(
+        &self,
+        intent_id: &str,
+        from: IntentStatus,
+        to: IntentStatus,
+        by: Option<String>,
+        reason: Option<String>,
+        edit: impl Fn(&mut IntentRecord),
+    ) -> Result<(bool, IntentRecord), ApiError> {
+        let outcome = kvx::update(&self.intents, intent_id, |record: &mut IntentRecord| {
+            if record.status != from {
+                return Ok::<_, ApiError>(Change::Keep(false));
+            }
+            record.transition(to, by.clone(), reason.clone());
+            edit(record);
+            Ok(Change::Write(true))
+        })
+        .await
+        .map_err(store_err)?;
+        outcome
+    }
+
+    // ---- human review -------------------------------------------------------------------------
+
+    async fn pending_reviews(&self) -> Result<Value, ApiError> {
+        let mut items = Vec::new();
+        for key in kvx::keys(&self.reviews).await.map_err(store_err)? {
+            if let Some(item) = kvx::read::<ReviewItem>(&self.reviews, &key).await.map_err(store_err)? {
+                items.push(item.value);
+            }
+        }
+        items.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        Ok(json!({ "items": items }))
+    }
+
+    async fn decide(&self, body: &[u8]) -> Result<Value, ApiError> {
+        let decision = match ReviewDecision::parse(body, self.cfg.max_intent_bytes) {
+            Ok(d) => d,
+            Err(err) => {
+                self.narrate_refusal("review_refused", &err, body).await;
+                return Err(err);
+            }
+        };
+        let result = self.apply_decision(&decision).await;
+        if let Err(err) = &result
+            && err.status < 500
+        {
+            self.narrate_refusal("review_refused", err, body).await;
+        }
+        result
+    }
+
+    async fn apply_decision(&self, d: &ReviewDecision) -> Result<Value, ApiError> {
+        let id = &d.intent_id;
+        let item = if kv_key_ok(id) {
+            kvx::read::<ReviewItem>(&self.reviews, id).await.map_err(store_err)?
+        } else {
+            None
+        };
+        let Some(item) = item.map(|v| v.value) else {
+            let record = self.record(id).await?;
+            return Err(ApiError::conflict(
+                "no_pending_review",
+                format!("intent {id} has no pending review (status {})", record.status.as_str()),
+            ));
+        };
+        let verdict_word = match d.verdict {
+            Verdict::Approve => "approve",
+            Verdict::Reject => "reject",
+        };
+        let outcome = ReviewOutcome {
+            decision: verdict_word.to_owned(),
+            reviewer: d.reviewer.clone(),
+            reason: d.reason.clone(),
+            kind: serde_json::to_value(item.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+            at: time::now(),
+        };
+        let reason = if d.reason.is_empty() { None } else { Some(d.reason.clone()) };
+        let record = if item.kind.requires_decision() {
+            let to = match d.verdict {
+                Verdict::Approve => IntentStatus::Queued,
+                Verdict::Reject => IntentStatus::Rejected,
+            };
+            let error = format!("rejected by {}{}", d.reviewer, reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default());
+            let (moved, record) = self
+                .transition(id, IntentStatus::PendingReview, to, Some(d.reviewer.clone()), reason.clone(), |r| {
+                    r.review = Some(outcome.clone());
+                    if to == IntentStatus::Rejected {
+                        r.error = Some(error.clone());
+                    }
+                })
+                .await?;
+            if !moved {
+                // A decision that landed before a crash: finish its effects, then refuse this one.
+                if record.status == IntentStatus::Queued {
+                    let tier = Tier::from_number(record.decision.autonomy_tier).unwrap_or(Tier::HumanRequired);
+                    self.enqueue(&record.intent, item.priority, tier).await?;
+                }
+                self.delete_review(id).await;
+                return Err(ApiError::conflict(
+                    "no_pending_review",
+                    format!("intent {id} was already decided (status {})", record.status.as_str()),
+                ));
+            }
+            if to == IntentStatus::Queued {
+                let tier = Tier::from_number(record.decision.autonomy_tier).unwrap_or(Tier::HumanRequired);
+                self.enqueue(&record.intent, item.priority, tier).await?;
+            }
+            record
+        } else {
+            let recorded = kvx::update(&self.intents, id, |r: &mut IntentRecord| {
+                if r.review.is_some() {
+                    return Ok::<_, ApiError>(Change::Keep(false));
+                }
+                r.review = Some(outcome.clone());
+                Ok(Change::Write(true))
+            })
+            .await
+            .map_err(store_err)??;
+            if !recorded.0 {
+                self.delete_review(id).await;
+                return Err(ApiError::conflict("no_pending_review", format!("intent {id} was already reviewed")));
+            }
+            recorded.1
+        };
+        self.delete_review(id).await;
+        self.counters.reviews_decided.fetch_add(1, Ordering::Relaxed);
+        let what = match (item.kind.requires_decision(), d.verdict) {
+            (true, Verdict::Approve) => "review_approved",
+            (true, Verdict::Reject) => "review_rejected",
+            (false, _) => "review_recorded",
+        };
+        let n = self
+            .narrator
+            .narrative(what, "human review queue decision")
+            .why(format!("{} decided {verdict_word} on a {:?} review", d.reviewer, item.kind).to_lowercase())
+            .whys(reason.clone().map(|r| format!("reviewer's reason: {r}")))
+            .why(format!("intent is now {}", record.status.as_str()))
+            .intent(id, &record.intent.correlation_id)
+            .context(json!({"reviewer": d.reviewer, "decision": verdict_word, "kind": item.kind,
+                            "status": record.status, "intent_type": record.intent.intent_type}));
+        self.narrator.publish(n).await;
+        Ok(serde_json::to_value(record.status_reply()).unwrap_or(Value::Null))
+    }
+
+    async fn delete_review(&self, id: &str) {
+        if let Err(err) = self.reviews.delete(id).await {
+            tracing::warn!(intent_id = id, error = %err, "review item not deleted; it will be refused as decided");
+        }
+    }
+
+    // ---- unified logic vote -------------------------------------------------------------------
+
+    async fn open_proposal(&self, record: &IntentRecord) -> Result<(), ApiError> {
+        let intent = &record.intent;
+        let voters = &self.cfg.voters;
+        let opened_ms = time::parse_ms(&record.decision.timestamp).unwrap_or_else(time::now_ms);
+        let deadline_ms = opened_ms + (voters.vote_timeout_s * 1000.0) as i64;
+        let proposal = Proposal {
+            proposal_id: intent.intent_id.clone(),
+            intent_id: intent.intent_id.clone(),
+            intent_type: intent.intent_type.clone(),
+            actor: intent.actor.clone(),
+            payload: intent.payload.clone(),
+            mission_alignment: record.decision.mission_alignment,
+            priority: record.decision.priority,
+            reasoning: record.decision.reasoning.clone(),
+            voters: voters.names.clone(),
+            quorum: voters.quorum,
+            votes: Vec::new(),
+            state: ProposalState::Open,
+            opened_at: record.decision.timestamp.clone(),
+            deadline: time::format_ms(deadline_ms),
+            deadline_ms,
+        };
+        let existing =
+            kvx::create_or_get(&self.proposals, &intent.intent_id, &proposal).await.map_err(|e| self.incomplete(intent, e))?;
+        let announced = existing.map(|v| v.value).unwrap_or(proposal);
+        // Voters can also list open proposals, so a lost announcement is not a lost proposal.
+        let sent = bulwark_common::connect::publish_flushed(
+            &self.client,
+            subjects::proposal(&intent.intent_id),
+            api::to_bytes(&announced),
+            self.timeout,
+        )
+        .await;
+        if let Err(err) = sent {
+            tracing::warn!(intent_id = %intent.intent_id, error = %err, "proposal announcement not sent");
+        }
+        Ok(())
+    }
+
+    async fn open_proposals(&self) -> Result<Value, ApiError> {
+        let mut items = Vec::new();
+        for key in kvx::keys(&self.proposals).await.map_err(store_err)? {
+            if let Some(p) = kvx::read::<Proposal>(&self.proposals, &key).await.map_err(store_err)? {
+                items.push(p.value);
+            }
+        }
+        items.sort_by(|a, b| a.opened_at.cmp(&b.opened_at));
+        Ok(json!({ "items": items }))
+    }
+
+    async fn vote(&self, body: &[u8]) -> Result<Value, ApiError> {
+        let result = self.cast(body).await;
+        if let Err(err) = &result
+            && err.status < 500
+        {
+            self.narrate_refusal("vote_refused", err, body).await;
+        }
+        result
+    }
+
+    async fn cast(&self, body: &[u8]) -> Result<Value, ApiError> {
+        let req = VoteRequest::parse(body, self.cfg.max_intent_bytes)?;
+        let id = req.proposal_id.clone();
+        let unknown = || async {
+            match self.record(&id).await {
+                Ok(record) => ApiError::conflict(
+                    "proposal_closed",
+                    format!("proposal {id} is closed: intent is {}", record.status.as_str()),
+                ),
+                Err(err) if err.status == 404 => ApiError::not_found("unknown_proposal", format!("no proposal {id:?}")),
+                Err(err) => err,
+            }
+        };
+        if !kv_key_ok(&id) {
+            return Err(unknown().await);
+        }
+        let now = time::now_ms();
+        let ballot = req.ballot.clone();
+        let cast = match kvx::update(&self.proposals, &id, |p: &mut Proposal| p.cast(ballot.clone(), now).map(Change::Write)).await {
+            Err(KvError::NotFound(_)) => return Err(unknown().await),
+            Err(err) => return Err(store_err(err)),
+            Ok(result) => result?,
+        };
+        let (state, proposal) = cast;
+        self.counters.votes_cast.fetch_add(1, Ordering::Relaxed);
+        let (approvals, rejections) = proposal.counts();
+        let n = self
+            .narrator
+            .narrative("vote_cast", "unified logic vote")
+            .why(format!("{} voted {:?} on proposal {id}", ballot.voter, ballot.vote).to_lowercase())
+            .why(format!("tally {approvals} approve / {rejections} reject, quorum {}", proposal.quorum))
+            .whys((!ballot.reason.is_empty()).then(|| format!("voter's reason: {}", ballot.reason)))
+            .intent(&id, &id)
+            .context(json!({"voter": ballot.voter, "vote": ballot.vote, "approvals": approvals,
+                            "rejections": rejections, "quorum": proposal.quorum, "state": state}));
+        self.narrator.publish(n).await;
+        if state != ProposalState::Open {
+            self.finalize(&proposal).await?;
+        }
+        Ok(serde_json::to_value(proposal.tally()).unwrap_or(Value::Null))
+    }
+
+    /// Applies a closed proposal to its intent (idempotently) and removes it.
+    async fn finalize(&self, p: &Proposal) -> Result<(), ApiError> {
+        let (approvals, rejections) = p.counts();
+        let tally = format!("{approvals} approve / {rejections} reject of {} voters, quorum {}", p.voters.len(), p.quorum);
+        let (to, what, reason) = match p.state {
+            ProposalState::Open => return Ok(()),
+            ProposalState::Approved => (IntentStatus::Queued, "vote_approved", format!("approved by vote: {tally}")),
+            ProposalState::Rejected => (IntentStatus::Rejected, "vote_rejected", format!("rejected by vote: {tally}")),
+            ProposalState::Expired => (
+                IntentStatus::PendingReview,
+                "vote_expired",
+                format!("no quorum within {}s ({tally}): escalated to human review", self.cfg.voters.vote_timeout_s),
+            ),
+        };
+        let voters: Vec<&str> = p.votes.iter().map(|b| b.voter.as_str()).collect();
+        let by = Some(if voters.is_empty() { "unified_logic_hub".to_owned() } else { voters.join(",") });
+        let error = (to == IntentStatus::Rejected).then(|| reason.clone());
+        let (moved, record) = self
+            .transition(&p.intent_id, IntentStatus::PendingVote, to, by, Some(reason.clone()), |r| {
+                if let Some(e) = &error {
+                    r.error = Some(e.clone());
+                }
+            })
+            .await?;
+        // Effects run when we moved it, or when an earlier attempt moved it and stopped short.
+        if moved || record.status == to {
+            match to {
+                IntentStatus::Queued => {
+                    self.enqueue(&record.intent, p.priority, Tier::AutonomousHighImpact).await?;
+                }
+                IntentStatus::PendingReview => {
+                    let item = ReviewItem::new(
+                        &record.intent,
+                        ReviewKind::VoteTimeout,
+                        Tier::AutonomousHighImpact.number(),
+                        p.mission_alignment,
+                        p.priority,
+                        &[p.reasoning.clone(), vec![reason.clone()]].concat(),
+                    );
+                    kvx::create_or_get(&self.reviews, &p.intent_id, &item).await.map_err(store_err)?;
+                }
+                _ => {}
+            }
+        }
+        if let Err(err) = self.proposals.delete(&p.proposal_id).await {
+            tracing::warn!(proposal_id = %p.proposal_id, error = %err, "closed proposal not removed; the sweeper retries");
+        }
+        if moved {
+            if p.state == ProposalState::Expired {
+                self.counters.votes_expired.fetch_add(1, Ordering::Relaxed);
+            }
+            let n = self
+                .narrator
+                .narrative(what, "unified logic vote tally")
+                .why(reason)
+                .why(format!("intent is now {}", to.as_str()))
+                .intent(&p.intent_id, &record.intent.correlation_id)
+                .context(json!({"approvals": approvals, "rejections": rejections, "quorum": p.quorum,
+                                "voters": p.voters, "votes": p.votes, "status": to}));
+            self.narrator.publish(n).await;
+        }
+        Ok(())
+    }
+
+    /// Expires open proposals past their deadline and finishes closed ones left by a crash.
+    async fn sweep_once(&self) -> Result<(), ApiError> {
+        let now = time::now_ms();
+        for key in kvx::keys(&self.proposals).await.map_err(store_err)? {
+            let Some(p) = kvx::read::<Proposal>(&self.proposals, &key).await.map_err(store_err)? else { continue };
+            let p = p.value;
+            if p.state == ProposalState::Open && now < p.deadline_ms {
+                continue;
+            }
+            let closed = if p.state == ProposalState::Open {
+                let expired = kvx::update(&self.proposals, &key, |p: &mut Proposal| {
+                    if p.state != ProposalState::Open {
+                        return Ok::<_, ApiError>(Change::Keep(()));
+                    }
+                    p.state = ProposalState::Expired;
+                    Ok(Change::Write(()))
+                })
+                .await;
+                match expired {
+                    Ok(Ok(((), p))) => p,
+                    Err(KvError::NotFound(_)) => continue,
+                    Err(err) => return Err(store_err(err)),
+                    Ok(Err(err)) => return Err(err),
+                }
+            } else {
+                p
+            };
+            self.finalize(&closed).await?;
+        }
+        Ok(())
+    }
+
+    // ---- narratives of refusals ---------------------------------------------------------------
+
+    async fn narrate_refusal(&self, what: &str, err: &ApiError, body: &[u8]) {
+        let excerpt: String = String::from_utf8_lossy(&body[..body.len().min(256)]).into_owned();
+        let n = self
+            .narrator
+            .narrative(what, "request validation")
+            .why(err.message.clone())
+            .context(json!({"code": err.code, "status": err.status, "body_bytes": body.len(), "body_excerpt": excerpt}));
+        self.narrator.publish(n).await;
+    }
+}
+
+async fn sweep_votes(gov: Arc<Governance>, shutdown: CancellationToken) {
+    let every = Duration::from_secs_f64(gov.cfg.voters.sweep_interval_s.max(0.05));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        if let Err(err) = gov.sweep_once().await {
+            tracing::warn!(error = %err, "vote sweep failed; retrying next tick");
+        }
+    }
+}
+
+fn review_record_kind(tier: Tier) -> Option<ReviewKind> {
+    match tier {
+        Tier::ReviewRequired => Some(ReviewKind::PostExecution),
+        Tier::Emergency => Some(ReviewKind::PostHoc),
+        _ => None,
+    }
+}
+
+/// Intent ids we accept are valid KV keys; anything else cannot be stored, so it is unknown.
+fn kv_key_ok(id: &str) -> bool {
+    id.len() <= bulwark_common::intent::MAX_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn decision(intent: &Intent, route: &Route) -> Decision {
+    Decision {
+        intent_id: intent.intent_id.clone(),
+        intent_type: intent.intent_type.clone(),
+        actor: intent.actor.clone(),
+        status: route.status,
+        approved: route.approved,
+        autonomy_tier: route.tier.number(),
+        tier_name: route.tier.name().to_owned(),
+        requires_vote: route.requires_vote,
+        requires_human: route.requires_human,
+        routed_to: route.routed_to.to_owned(),
+        mission_alignment: route.alignment,
+        priority: route.priority,
+        reasoning: route.reasoning.clone(),
+        timestamp: time::now(),
+    }
+}
