@@ -1,1 +1,334 @@
-//! harness
+//! The test harness: a real nats-server per test, and bulwark services running in-process
+//! against it. No mock of NATS anywhere.
+//!
+//! [`NatsServer::start`] runs the repository's own `nats.conf` (users and permissions included)
+//! with three test overrides: a random client port, a random monitoring port and a temporary
+//! JetStream store. [`NatsServer::restart`] brings it back on the same port with the same store.
+//! Dropping it kills the process and deletes the store.
+//!
+//! The nats-server binary is `$NATS_SERVER`, else `nats-server` on PATH, else the one
+//! `scripts/setup` installs into `.tools/pip/bin`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bulwark_common::BulwarkConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Service credentials of `nats.conf`.
+pub const SERVICE_USER: (&str, &str) = ("bulwark", "bulwark-dev");
+/// Operator credentials of `nats.conf`.
+pub const OPERATOR_USER: (&str, &str) = ("operator", "operator-dev");
+/// Agent credentials of `nats.conf`.
+pub const AGENT_USER: (&str, &str) = ("agent", "agent-dev");
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Finds the nats-server binary.
+pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
+    if let Ok(path) = std::env::var("NATS_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    let local = repo_root().join(".tools/pip/bin/nats-server");
+    if local.exists() {
+        return Ok(local);
+    }
+    bail!("no nats-server found: run scripts/setup (it installs one into .tools/)")
+}
+
+/// A nats-server process for one test.
+pub struct NatsServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+    monitor_port: u16,
+    with_auth: bool,
+}
+
+impl NatsServer {
+    /// Starts a server with the repository's `nats.conf` (authorization included).
+    pub fn start() -> Self {
+        Self::launch(true).expect("nats-server starts")
+    }
+
+    /// Starts a server with JetStream and no authorization.
+    pub fn start_open() -> Self {
+        Self::launch(false).expect("nats-server starts")
+    }
+
+    fn launch(with_auth: bool) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("bulwark-nats-").tempdir()?;
+        let mut server = NatsServer { child: None, dir, port: 0, monitor_port: 0, with_auth };
+        server.spawn(None)?;
+        Ok(server)
+    }
+
+    fn write_config(&self, port: Option<u16>) -> anyhow::Result<PathBuf> {
+        let store = self.dir.path().join("jetstream");
+        let listen = match port {
+            Some(p) => format!("127.0.0.1:{p}"),
+            None => "127.0.0.1:-1".to_owned(),
+        };
+        let text = if self.with_auth {
+            let original = std::fs::read_to_string(repo_root().join("nats.conf")).context("reading nats.conf")?;
+            let mut replaced = 0;
+            let lines: Vec<String> = original
+                .lines()
+                .map(|line| {
+                    let trimmed = line.trim_start();
+                    if trimmed.starts_with("listen:") {
+                        replaced += 1;
+                        format!("listen: {listen}")
+                    } else if trimmed.starts_with("http:") {
+                        replaced += 1;
+                        "http: 127.0.0.1:-1".to_owned()
+                    } else if trimmed.starts_with("store_dir:") {
+                        replaced += 1;
+                        format!("  store_dir: {:?}", store.display().to_string())
+                    } else {
+                        line.to_owned()
+                    }
+                })
+                .collect();
+            if replaced != 3 {
+                bail!("nats.conf lost one of listen/http/store_dir; the harness cannot adapt it");
+            }
+            lines.join("\n")
+        } else {
+            format!(
+                "listen: {listen}\nhttp: 127.0.0.1:-1\njetstream {{\n  store_dir: {:?}\n}}\n",
+                store.display().to_string()
+            )
+        };
+        let path = self.dir.path().join("nats.conf");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    fn spawn(&mut self, port: Option<u16>) -> anyhow::Result<()> {
+        let conf = self.write_config(port)?;
+        let ports_dir = self.dir.path().join("ports");
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir)?;
+        let log = std::fs::File::create(self.dir.path().join("server.log"))?;
+        let child = Command::new(nats_server_binary()?)
+            .arg("-c")
+            .arg(&conf)
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning nats-server")?;
+        let pid = child.id();
+        self.child = Some(child);
+        let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&ports_file)
+                && let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text)
+            {
+                self.port = port_of(&ports["nats"])?;
+                self.monitor_port = port_of(&ports["monitoring"]).unwrap_or(0);
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!("nats-server exited with {status}: {}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("nats-server did not write its ports file within 20 s: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("server.log")) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    }
+
+    /// `nats://127.0.0.1:<port>`, no credentials.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The monitoring port.
+    pub fn monitor_port(&self) -> u16 {
+        self.monitor_port
+    }
+
+    /// Kills the server (SIGKILL: no goodbye, like a crash).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server and starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.stop();
+        let port = self.port;
+        self.spawn(Some(port)).expect("nats-server restarts on the same port");
+    }
+
+    /// Bulwark configuration pointing at this server, with test-friendly timeouts.
+    pub fn config(&self) -> BulwarkConfig {
+        let mut cfg = BulwarkConfig::default();
+        cfg.nats.url = self.url();
+        if !self.with_auth {
+            cfg.nats.user.clear();
+            cfg.nats.cli_user.clear();
+        }
+        cfg.nats.request_timeout_ms = 5_000;
+        cfg.telemetry.interval_s = 1.0;
+        cfg
+    }
+
+    /// A client with the given credentials.
+    pub async fn client_as(&self, (user, password): (&str, &str)) -> async_nats::Client {
+        async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+            .connect(self.url())
+            .await
+            .expect("client connects")
+    }
+
+    /// A client with service credentials.
+    pub async fn client(&self) -> async_nats::Client {
+        if self.with_auth {
+            self.client_as(SERVICE_USER).await
+        } else {
+            async_nats::connect(self.url()).await.expect("client connects")
+        }
+    }
+}
+
+fn port_of(urls: &serde_json::Value) -> anyhow::Result<u16> {
+    let url = urls.get(0).and_then(|u| u.as_str()).context("no URL in ports file")?;
+    let port = url.rsplit(':').next().context("no port")?;
+    Ok(port.trim_end_matches('/').parse()?)
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A bulwark service running in-process; cancelled and awaited on [`stop`](Self::stop) or drop.
+pub struct RunningService {
+    /// Cancels the service.
+    pub token: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningService {
+    /// Cancels the service and waits for it to finish; returns its result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.token.cancel();
+        match self.handle.take() {
+            Some(handle) => handle.await?,
+            None => Ok(()),
+        }
+    }
+
+    /// Aborts the service's task at once, like a crash (no shutdown work).
+    pub fn crash(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+impl Drop for RunningService {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// Starts the governance service with `cfg` and waits until it answers `$SRV.PING`.
+pub async fn start_governance(cfg: BulwarkConfig) -> RunningService {
+    let (client, _) = bulwark_common::connect::connect(&cfg.nats, "governance", bulwark_common::connect::Role::Service)
+        .await
+        .expect("governance connects");
+    let token = CancellationToken::new();
+    let run_token = token.clone();
+    let probe = client.clone();
+    let handle = tokio::spawn(async move {
+        bulwark_governance::run(cfg, client, run_token).await?;
+        Ok(())
+    });
+    assert!(
+        bulwark_common::micro::wait_ready(&probe, "governance", Duration::from_secs(20)).await,
+        "governance answers $SRV.PING"
+    );
+    RunningService { token, handle: Some(handle) }
+}
+
+/// Sends a JSON request and returns the reply's JSON and its micro error code header, if any.
+pub async fn request_json(
+    client: &async_nats::Client,
+    subject: &str,
+    body: impl Into<bytes::Bytes>,
+) -> (serde_json::Value, Option<String>) {
+    let reply = tokio::time::timeout(Duration::from_secs(10), client.request(subject.to_owned(), body.into()))
+        .await
+        .unwrap_or_else(|_| panic!("{subject} answered within 10 s"))
+        .unwrap_or_else(|e| panic!("{subject} request failed: {e}"));
+    let code = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(bulwark_common::api::SERVICE_ERROR_CODE))
+        .map(|v| v.to_string());
+    let value = serde_json::from_slice(&reply.payload)
+        .unwrap_or_else(|e| panic!("{subject} replied with invalid JSON ({e}): {:?}", reply.payload));
+    (value, code)
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics after `limit` with `what`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Installs test logging once (`BULWARK_LOG=debug` for more).
+pub fn init_logging() {
+    bulwark_common::logging::init("warn");
+}
