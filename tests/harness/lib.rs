@@ -27,7 +27,10 @@ pub const AGENT_USER: (&str, &str) = ("agent", "agent-dev");
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Finds the nats-server binary.
@@ -72,7 +75,13 @@ impl NatsServer {
 
     fn launch(with_auth: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("bulwark-nats-").tempdir()?;
-        let mut server = NatsServer { child: None, dir, port: 0, monitor_port: 0, with_auth };
+        let mut server = NatsServer {
+            child: None,
+            dir,
+            port: 0,
+            monitor_port: 0,
+            with_auth,
+        };
         server.spawn(None)?;
         Ok(server)
     }
@@ -84,7 +93,8 @@ impl NatsServer {
             None => "127.0.0.1:-1".to_owned(),
         };
         let text = if self.with_auth {
-            let original = std::fs::read_to_string(repo_root().join("nats.conf")).context("reading nats.conf")?;
+            let original = std::fs::read_to_string(repo_root().join("nats.conf"))
+                .context("reading nats.conf")?;
             let mut replaced = 0;
             let lines: Vec<String> = original
                 .lines()
@@ -152,7 +162,10 @@ impl NatsServer {
                 bail!("nats-server exited with {status}: {}", self.log());
             }
             if Instant::now() > deadline {
-                bail!("nats-server did not write its ports file within 20 s: {}", self.log());
+                bail!(
+                    "nats-server did not write its ports file within 20 s: {}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -194,7 +207,8 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.stop();
         let port = self.port;
-        self.spawn(Some(port)).expect("nats-server restarts on the same port");
+        self.spawn(Some(port))
+            .expect("nats-server restarts on the same port");
     }
 
     /// Bulwark configuration pointing at this server, with test-friendly timeouts.
@@ -223,13 +237,18 @@ impl NatsServer {
         if self.with_auth {
             self.client_as(SERVICE_USER).await
         } else {
-            async_nats::connect(self.url()).await.expect("client connects")
+            async_nats::connect(self.url())
+                .await
+                .expect("client connects")
         }
     }
 }
 
 fn port_of(urls: &serde_json::Value) -> anyhow::Result<u16> {
-    let url = urls.get(0).and_then(|u| u.as_str()).context("no URL in ports file")?;
+    let url = urls
+        .get(0)
+        .and_then(|u| u.as_str())
+        .context("no URL in ports file")?;
     let port = url.rsplit(':').next().context("no port")?;
     Ok(port.trim_end_matches('/').parse()?)
 }
@@ -273,9 +292,13 @@ impl Drop for RunningService {
 
 /// Starts the governance service with `cfg` and waits until it answers `$SRV.PING`.
 pub async fn start_governance(cfg: BulwarkConfig) -> RunningService {
-    let (client, _) = bulwark_common::connect::connect(&cfg.nats, "governance", bulwark_common::connect::Role::Service)
-        .await
-        .expect("governance connects");
+    let (client, _) = bulwark_common::connect::connect(
+        &cfg.nats,
+        "governance",
+        bulwark_common::connect::Role::Service,
+    )
+    .await
+    .expect("governance connects");
     let token = CancellationToken::new();
     let run_token = token.clone();
     let probe = client.clone();
@@ -287,7 +310,10 @@ pub async fn start_governance(cfg: BulwarkConfig) -> RunningService {
         bulwark_common::micro::wait_ready(&probe, "governance", Duration::from_secs(20)).await,
         "governance answers $SRV.PING"
     );
-    RunningService { token, handle: Some(handle) }
+    RunningService {
+        token,
+        handle: Some(handle),
+    }
 }
 
 /// Sends a JSON request and returns the reply's JSON and its micro error code header, if any.
@@ -296,17 +322,24 @@ pub async fn request_json(
     subject: &str,
     body: impl Into<bytes::Bytes>,
 ) -> (serde_json::Value, Option<String>) {
-    let reply = tokio::time::timeout(Duration::from_secs(10), client.request(subject.to_owned(), body.into()))
-        .await
-        .unwrap_or_else(|_| panic!("{subject} answered within 10 s"))
-        .unwrap_or_else(|e| panic!("{subject} request failed: {e}"));
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(subject.to_owned(), body.into()),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{subject} answered within 10 s"))
+    .unwrap_or_else(|e| panic!("{subject} request failed: {e}"));
     let code = reply
         .headers
         .as_ref()
         .and_then(|h| h.get(bulwark_common::api::SERVICE_ERROR_CODE))
         .map(|v| v.to_string());
-    let value = serde_json::from_slice(&reply.payload)
-        .unwrap_or_else(|e| panic!("{subject} replied with invalid JSON ({e}): {:?}", reply.payload));
+    let value = serde_json::from_slice(&reply.payload).unwrap_or_else(|e| {
+        panic!(
+            "{subject} replied with invalid JSON ({e}): {:?}",
+            reply.payload
+        )
+    });
     (value, code)
 }
 

@@ -29,7 +29,11 @@ pub struct ApiError {
 impl ApiError {
     /// An error with the given status, code and message.
     pub fn new(status: u16, code: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { status, code: code.into(), message: message.into() }
+        Self {
+            status,
+            code: code.into(),
+            message: message.into(),
+        }
     }
     /// 400: the request itself is wrong.
     pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
@@ -58,7 +62,12 @@ impl ApiError {
 
     /// The JSON body of this error.
     pub fn body(&self) -> ErrorBody {
-        ErrorBody { error: ErrorDetail { code: self.code.clone(), message: self.message.clone() } }
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code.clone(),
+                message: self.message.clone(),
+            },
+        }
     }
 }
 
@@ -83,7 +92,9 @@ pub struct ErrorDetail {
 pub fn to_bytes<T: Serialize>(value: &T) -> Bytes {
     match serde_json::to_vec(value) {
         Ok(body) => Bytes::from(body),
-        Err(err) => error_bytes(&ApiError::internal(format!("could not encode reply: {err}"))),
+        Err(err) => error_bytes(&ApiError::internal(format!(
+            "could not encode reply: {err}"
+        ))),
     }
 }
 
@@ -96,7 +107,10 @@ pub fn error_headers(err: &ApiError) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert(SERVICE_ERROR_CODE, err.status.to_string().as_str());
     // Header values may not hold line breaks.
-    headers.insert(SERVICE_ERROR, err.message.replace(['\r', '\n'], " ").as_str());
+    headers.insert(
+        SERVICE_ERROR,
+        err.message.replace(['\r', '\n'], " ").as_str(),
+    );
     headers
 }
 
@@ -105,7 +119,11 @@ pub fn error_headers(err: &ApiError) -> HeaderMap {
 pub async fn respond<T: Serialize>(request: &Request, result: Result<T, ApiError>) {
     let outcome = match result {
         Ok(value) => request.respond(Ok(to_bytes(&value))).await,
-        Err(err) => request.respond_with_headers(Ok(error_bytes(&err)), error_headers(&err)).await,
+        Err(err) => {
+            request
+                .respond_with_headers(Ok(error_bytes(&err)), error_headers(&err))
+                .await
+        }
     };
     if let Err(err) = outcome {
         tracing::debug!(error = %err, subject = %request.message.subject, "could not send reply");
@@ -113,15 +131,25 @@ pub async fn respond<T: Serialize>(request: &Request, result: Result<T, ApiError
 }
 
 /// Decodes a JSON request body into `T`, or a 400 `code` error whose message says what is wrong.
-pub fn decode<T: serde::de::DeserializeOwned>(payload: &[u8], code: &str, max_bytes: usize) -> Result<T, ApiError> {
+pub fn decode<T: serde::de::DeserializeOwned>(
+    payload: &[u8],
+    code: &str,
+    max_bytes: usize,
+) -> Result<T, ApiError> {
     if payload.len() > max_bytes {
         return Err(ApiError::bad_request(
             code,
-            format!("body is {} bytes, over the limit of {max_bytes} bytes", payload.len()),
+            format!(
+                "body is {} bytes, over the limit of {max_bytes} bytes",
+                payload.len()
+            ),
         ));
     }
     if payload.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request(code, "body is empty: expected a JSON object"));
+        return Err(ApiError::bad_request(
+            code,
+            "body is empty: expected a JSON object",
+        ));
     }
     let value: serde_json::Value = serde_json::from_slice(payload)
         .map_err(|err| ApiError::bad_request(code, format!("body is not valid JSON: {err}")))?;
@@ -169,13 +197,24 @@ mod tests {
         assert!(err.message.contains("over the limit"), "{err}");
         let err = decode::<Probe>(b"  ", "bad", 100).expect_err("empty");
         assert!(err.message.contains("empty"), "{err}");
-        assert_eq!(decode::<Probe>(b"{\"name\":\"x\"}", "bad", 100).expect("ok").name, "x");
+        assert_eq!(
+            decode::<Probe>(b"{\"name\":\"x\"}", "bad", 100)
+                .expect("ok")
+                .name,
+            "x"
+        );
     }
 
     #[test]
     fn error_headers_are_single_line() {
         let headers = error_headers(&ApiError::bad_request("x", "line one\nline two"));
-        assert_eq!(headers.get(SERVICE_ERROR_CODE).map(|v| v.as_str()), Some("400"));
-        assert_eq!(headers.get(SERVICE_ERROR).map(|v| v.as_str()), Some("line one line two"));
+        assert_eq!(
+            headers.get(SERVICE_ERROR_CODE).map(|v| v.as_str()),
+            Some("400")
+        );
+        assert_eq!(
+            headers.get(SERVICE_ERROR).map(|v| v.as_str()),
+            Some("line one line two")
+        );
     }
 }

@@ -11,7 +11,12 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// Environment variables with the `BULWARK_` prefix that are CLI flags, not config keys.
-const CLI_ONLY_ENV: &[&str] = &["BULWARK_NATS_URL", "BULWARK_CONFIG", "BULWARK_LOG", "BULWARK_LOG_FORMAT"];
+const CLI_ONLY_ENV: &[&str] = &[
+    "BULWARK_NATS_URL",
+    "BULWARK_CONFIG",
+    "BULWARK_LOG",
+    "BULWARK_LOG_FORMAT",
+];
 
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -87,18 +92,29 @@ impl BulwarkConfig {
         let bad = |msg: String| Err(ConfigError::Inconsistent(msg));
         let g = &self.governance;
         if g.default_tier > 4 {
-            return bad(format!("governance.default_tier must be 0-4, got {}", g.default_tier));
+            return bad(format!(
+                "governance.default_tier must be 0-4, got {}",
+                g.default_tier
+            ));
         }
         for (name, t) in &g.intent_types {
             if t.tier > 4 {
-                return bad(format!("governance.intent_types.{name}.tier must be 0-4, got {}", t.tier));
+                return bad(format!(
+                    "governance.intent_types.{name}.tier must be 0-4, got {}",
+                    t.tier
+                ));
             }
             if !(0.0..=1.0).contains(&t.base_alignment) {
-                return bad(format!("governance.intent_types.{name}.base_alignment must be 0-1"));
+                return bad(format!(
+                    "governance.intent_types.{name}.base_alignment must be 0-1"
+                ));
             }
         }
         if !(0.0..=1.0).contains(&g.min_alignment) {
-            return bad(format!("governance.min_alignment must be 0-1, got {}", g.min_alignment));
+            return bad(format!(
+                "governance.min_alignment must be 0-1, got {}",
+                g.min_alignment
+            ));
         }
         if g.voters.quorum == 0 || g.voters.quorum > g.voters.names.len() {
             return bad(format!(
@@ -108,7 +124,10 @@ impl BulwarkConfig {
             ));
         }
         if g.default_priority > 9 {
-            return bad(format!("governance.default_priority must be 0-9, got {}", g.default_priority));
+            return bad(format!(
+                "governance.default_priority must be 0-9, got {}",
+                g.default_priority
+            ));
         }
         if self.nats.request_timeout_ms == 0 || self.nats.connect_timeout_ms == 0 {
             return bad("nats timeouts must be positive".into());
@@ -241,7 +260,15 @@ impl Default for GovernanceConfig {
             voters: VotersConfig::default(),
             intent_types: types
                 .into_iter()
-                .map(|(name, tier, base)| (name.to_owned(), IntentTypeConfig { tier, base_alignment: base }))
+                .map(|(name, tier, base)| {
+                    (
+                        name.to_owned(),
+                        IntentTypeConfig {
+                            tier,
+                            base_alignment: base,
+                        },
+                    )
+                })
                 .collect(),
         }
     }
@@ -273,7 +300,12 @@ pub struct Charter {
 
 impl Default for Charter {
     fn default() -> Self {
-        Self { resilience: 1.0, revenue: 0.8, autonomy: 0.7, learning: 0.6 }
+        Self {
+            resilience: 1.0,
+            revenue: 0.8,
+            autonomy: 0.7,
+            learning: 0.6,
+        }
     }
 }
 
@@ -327,13 +359,20 @@ mod tests {
         )
         .expect("write");
         let env = HashMap::from([
-            ("BULWARK_GOVERNANCE__DEFAULT_TIER".to_owned(), "2".to_owned()),
+            (
+                "BULWARK_GOVERNANCE__DEFAULT_TIER".to_owned(),
+                "2".to_owned(),
+            ),
             ("BULWARK_NATS__URL".to_owned(), "nats://h:1".to_owned()),
         ]);
         let cfg = BulwarkConfig::load_from(Some(&file), env).expect("loads");
         assert_eq!(cfg.governance.default_tier, 2);
         assert_eq!(cfg.nats.url, "nats://h:1");
-        assert_eq!(cfg.governance.intent_types.len(), 15, "file adds a type, keeps the defaults");
+        assert_eq!(
+            cfg.governance.intent_types.len(),
+            15,
+            "file adds a type, keeps the defaults"
+        );
         assert_eq!(cfg.governance.voters.names, vec!["a", "b"]);
         std::fs::remove_dir_all(dir).ok();
     }
@@ -343,10 +382,14 @@ mod tests {
         let env = HashMap::from([("BULWARK_GOVERNANCE__DEFALT_TIER".to_owned(), "2".to_owned())]);
         let err = BulwarkConfig::load_from(None, env).expect_err("unknown key");
         assert!(err.to_string().contains("defalt_tier"), "{err}");
-        let env = HashMap::from([("BULWARK_GOVERNANCE__DEFAULT_TIER".to_owned(), "7".to_owned())]);
+        let env = HashMap::from([(
+            "BULWARK_GOVERNANCE__DEFAULT_TIER".to_owned(),
+            "7".to_owned(),
+        )]);
         let err = BulwarkConfig::load_from(None, env).expect_err("range");
         assert!(err.to_string().contains("0-4"), "{err}");
-        let missing = BulwarkConfig::load_from(Some(Path::new("/nonexistent/b.toml")), HashMap::new());
+        let missing =
+            BulwarkConfig::load_from(Some(Path::new("/nonexistent/b.toml")), HashMap::new());
         assert!(matches!(missing, Err(ConfigError::Missing(_))));
     }
 }

@@ -59,12 +59,17 @@ pub fn parse_urls(urls: &str) -> Result<Vec<ServerAddr>, ConnectError> {
         .map(str::trim)
         .filter(|u| !u.is_empty())
         .map(|u| {
-            u.parse::<ServerAddr>()
-                .map_err(|e| ConnectError::BadUrl { url: u.to_owned(), reason: e.to_string() })
+            u.parse::<ServerAddr>().map_err(|e| ConnectError::BadUrl {
+                url: u.to_owned(),
+                reason: e.to_string(),
+            })
         })
         .collect::<Result<_, _>>()?;
     if addrs.is_empty() {
-        return Err(ConnectError::BadUrl { url: urls.to_owned(), reason: "no URL given".into() });
+        return Err(ConnectError::BadUrl {
+            url: urls.to_owned(),
+            reason: "no URL given".into(),
+        });
     }
     Ok(addrs)
 }
@@ -95,7 +100,8 @@ pub async fn connect(
         Role::Service => options.retry_on_initial_connect().connect(addrs).await,
         Role::Cli => {
             let attempt = options.max_reconnects(Some(3)).connect(addrs);
-            match tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), attempt).await {
+            match tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), attempt).await
+            {
                 Ok(result) => result,
                 Err(_) => {
                     return Err(ConnectError::Unreachable {
@@ -106,14 +112,20 @@ pub async fn connect(
             }
         }
     }
-    .map_err(|e| ConnectError::Unreachable { url: cfg.url.clone(), reason: e.to_string() })?;
+    .map_err(|e| ConnectError::Unreachable {
+        url: cfg.url.clone(),
+        reason: e.to_string(),
+    })?;
     Ok((client, stats))
 }
 
 fn event_logger(
     name: String,
     stats: Arc<ConnectionStats>,
-) -> impl Fn(Event) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>> + Send + Sync + 'static {
+) -> impl Fn(Event) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>
++ Send
++ Sync
++ 'static {
     move |event| {
         let name = name.clone();
         let stats = stats.clone();
@@ -135,7 +147,9 @@ fn event_logger(
                     tracing::warn!(client = %name, "disconnected from NATS");
                 }
                 Event::Connected => tracing::info!(client = %name, "connected to NATS"),
-                Event::ClientError(err) => tracing::debug!(client = %name, error = %err, "NATS client error"),
+                Event::ClientError(err) => {
+                    tracing::debug!(client = %name, error = %err, "NATS client error")
+                }
                 other => tracing::info!(client = %name, event = %other, "NATS connection event"),
             }
         })
@@ -151,12 +165,18 @@ pub async fn publish_flushed(
     timeout: Duration,
 ) -> Result<(), String> {
     let send = async {
-        client.publish(subject, payload).await.map_err(|e| e.to_string())?;
+        client
+            .publish(subject, payload)
+            .await
+            .map_err(|e| e.to_string())?;
         client.flush().await.map_err(|e| e.to_string())
     };
-    tokio::time::timeout(timeout, send)
-        .await
-        .map_err(|_| format!("NATS did not accept the message within {} ms", timeout.as_millis()))?
+    tokio::time::timeout(timeout, send).await.map_err(|_| {
+        format!(
+            "NATS did not accept the message within {} ms",
+            timeout.as_millis()
+        )
+    })?
 }
 
 #[cfg(test)]

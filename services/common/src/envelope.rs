@@ -71,16 +71,25 @@ impl MeshEvent {
     /// subject. Returns the reason when the body cannot be an envelope.
     pub fn normalise(subject: &str, body: &[u8], max_bytes: usize) -> Result<MeshEvent, String> {
         if body.len() > max_bytes {
-            return Err(format!("event is {} bytes, over the limit of {max_bytes}", body.len()));
+            return Err(format!(
+                "event is {} bytes, over the limit of {max_bytes}",
+                body.len()
+            ));
         }
-        let value: Value = serde_json::from_slice(body).map_err(|e| format!("not valid JSON: {e}"))?;
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| format!("not valid JSON: {e}"))?;
         let Value::Object(mut obj) = value else {
-            return Err(format!("event must be a JSON object, got {}", crate::api::json_kind(&value)));
+            return Err(format!(
+                "event must be a JSON object, got {}",
+                crate::api::json_kind(&value)
+            ));
         };
         let subject_type = subject.strip_prefix("mesh.").unwrap_or(subject).to_owned();
         let event_type = opt_string(&mut obj, "event_type")?.unwrap_or(subject_type);
         if !crate::subjects::is_valid_event_type(&event_type) {
-            return Err(format!("event_type {event_type:?} is not dot-separated tokens of [a-z0-9_-]"));
+            return Err(format!(
+                "event_type {event_type:?} is not dot-separated tokens of [a-z0-9_-]"
+            ));
         }
         let source = opt_string(&mut obj, "source")?.unwrap_or_else(|| "unknown".to_owned());
         let event_id = opt_string(&mut obj, "event_id")?.unwrap_or_else(crate::ids::new_id);
@@ -95,16 +104,31 @@ impl MeshEvent {
             None | Some(Value::Null) => 0,
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(d) if d <= MAX_DEPTH => d,
-                _ => return Err(format!("depth must be an integer from 0 to {MAX_DEPTH}, got {n}")),
+                _ => {
+                    return Err(format!(
+                        "depth must be an integer from 0 to {MAX_DEPTH}, got {n}"
+                    ));
+                }
             },
-            Some(other) => return Err(format!("depth must be an integer, got {}", crate::api::json_kind(&other))),
+            Some(other) => {
+                return Err(format!(
+                    "depth must be an integer, got {}",
+                    crate::api::json_kind(&other)
+                ));
+            }
         };
-        let correlation_id = opt_string(&mut obj, "correlation_id")?.unwrap_or_else(|| event_id.clone());
+        let correlation_id =
+            opt_string(&mut obj, "correlation_id")?.unwrap_or_else(|| event_id.clone());
         let causation_id = opt_string(&mut obj, "causation_id")?;
         let payload = match obj.remove("payload") {
             None | Some(Value::Null) => Value::Object(Map::new()),
             Some(v @ Value::Object(_)) => v,
-            Some(other) => return Err(format!("payload must be a JSON object, got {}", crate::api::json_kind(&other))),
+            Some(other) => {
+                return Err(format!(
+                    "payload must be a JSON object, got {}",
+                    crate::api::json_kind(&other)
+                ));
+            }
         };
         Ok(MeshEvent {
             event_id,
@@ -127,7 +151,10 @@ fn opt_string(obj: &mut Map<String, Value>, key: &str) -> Result<Option<String>,
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.is_empty() => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(format!("{key} must be a string, got {}", crate::api::json_kind(&other))),
+        Some(other) => Err(format!(
+            "{key} must be a string, got {}",
+            crate::api::json_kind(&other)
+        )),
     }
 }
 
@@ -137,13 +164,17 @@ mod tests {
 
     #[test]
     fn partial_events_are_normalised() {
-        let e = MeshEvent::normalise("mesh.x.y", br#"{"source":"me","payload":{"a":1}}"#, 1024).expect("ok");
+        let e = MeshEvent::normalise("mesh.x.y", br#"{"source":"me","payload":{"a":1}}"#, 1024)
+            .expect("ok");
         assert_eq!(e.event_type, "x.y");
         assert_eq!(e.depth, 0);
         assert_eq!(e.correlation_id, e.event_id);
         assert!(e.causation_id.is_none());
         let child = e.child("z", "rule", Value::Null);
-        assert_eq!((child.depth, child.causation_id.as_deref()), (1, Some(e.event_id.as_str())));
+        assert_eq!(
+            (child.depth, child.causation_id.as_deref()),
+            (1, Some(e.event_id.as_str()))
+        );
         assert_eq!(child.correlation_id, e.correlation_id);
     }
 
@@ -161,6 +192,10 @@ mod tests {
             let err = MeshEvent::normalise("mesh.a", body, 1024).expect_err("malformed");
             assert!(err.contains(reason), "{err} lacks {reason}");
         }
-        assert!(MeshEvent::normalise("mesh.a", &[b' '; 2000], 1024).expect_err("big").contains("over the limit"));
+        assert!(
+            MeshEvent::normalise("mesh.a", &[b' '; 2000], 1024)
+                .expect_err("big")
+                .contains("over the limit")
+        );
     }
 }

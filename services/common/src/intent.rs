@@ -22,8 +22,13 @@ pub enum Tier {
 
 impl Tier {
     /// All tiers, lowest number first.
-    pub const ALL: [Tier; 5] =
-        [Tier::HumanRequired, Tier::ReviewRequired, Tier::AutonomousLowRisk, Tier::AutonomousHighImpact, Tier::Emergency];
+    pub const ALL: [Tier; 5] = [
+        Tier::HumanRequired,
+        Tier::ReviewRequired,
+        Tier::AutonomousLowRisk,
+        Tier::AutonomousHighImpact,
+        Tier::Emergency,
+    ];
 
     /// The tier with this number, if 0-4.
     pub fn from_number(n: u8) -> Option<Tier> {
@@ -155,7 +160,8 @@ pub const MAX_TYPE_LEN: usize = 128;
 pub const MAX_ACTOR_LEN: usize = 256;
 
 fn id_chars_ok(s: &str) -> bool {
-    s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 impl Intent {
@@ -167,11 +173,19 @@ impl Intent {
         default_priority: u8,
     ) -> Result<Intent, String> {
         let Value::Object(mut obj) = value else {
-            return Err(format!("body must be a JSON object, got {}", crate::api::json_kind(&value)));
+            return Err(format!(
+                "body must be a JSON object, got {}",
+                crate::api::json_kind(&value)
+            ));
         };
         let intent_type = required_string(&mut obj, "intent_type", MAX_TYPE_LEN)?;
-        if !intent_type.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b)) {
-            return Err(format!("intent_type {intent_type:?} may only hold letters, digits, '_', '-' and '.'"));
+        if !intent_type
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            return Err(format!(
+                "intent_type {intent_type:?} may only hold letters, digits, '_', '-' and '.'"
+            ));
         }
         let actor = required_string(&mut obj, "actor", MAX_ACTOR_LEN)?;
         let intent_id = match obj.remove("intent_id") {
@@ -187,7 +201,12 @@ impl Intent {
                 }
                 id
             }
-            Some(other) => return Err(format!("intent_id must be a string, got {}", crate::api::json_kind(&other))),
+            Some(other) => {
+                return Err(format!(
+                    "intent_id must be a string, got {}",
+                    crate::api::json_kind(&other)
+                ));
+            }
         };
         let priority = match obj.remove("priority") {
             None | Some(Value::Null) => default_priority,
@@ -196,38 +215,72 @@ impl Intent {
                 _ => return Err(format!("priority must be an integer from 0 to 9, got {n}")),
             },
             Some(other) => {
-                return Err(format!("priority must be an integer from 0 to 9, got {}", crate::api::json_kind(&other)));
+                return Err(format!(
+                    "priority must be an integer from 0 to 9, got {}",
+                    crate::api::json_kind(&other)
+                ));
             }
         };
         let payload = match obj.remove("payload") {
             None | Some(Value::Null) => Value::Object(Map::new()),
             Some(v @ Value::Object(_)) => v,
-            Some(other) => return Err(format!("payload must be a JSON object, got {}", crate::api::json_kind(&other))),
+            Some(other) => {
+                return Err(format!(
+                    "payload must be a JSON object, got {}",
+                    crate::api::json_kind(&other)
+                ));
+            }
         };
         let mission_context = match obj.remove("mission_context") {
             None | Some(Value::Null) => MissionContext::default(),
             Some(Value::Object(ctx)) => {
-                for key in ["resilience_impact", "revenue_impact", "autonomy_impact", "learning_impact", "emergency"] {
+                for key in [
+                    "resilience_impact",
+                    "revenue_impact",
+                    "autonomy_impact",
+                    "learning_impact",
+                    "emergency",
+                ] {
                     if let Some(v) = ctx.get(key)
                         && !v.is_boolean()
                         && !v.is_null()
                     {
-                        return Err(format!("mission_context.{key} must be a boolean, got {}", crate::api::json_kind(v)));
+                        return Err(format!(
+                            "mission_context.{key} must be a boolean, got {}",
+                            crate::api::json_kind(v)
+                        ));
                     }
                 }
-                serde_json::from_value(Value::Object(ctx)).map_err(|e| format!("mission_context: {e}"))?
+                serde_json::from_value(Value::Object(ctx))
+                    .map_err(|e| format!("mission_context: {e}"))?
             }
             Some(other) => {
-                return Err(format!("mission_context must be a JSON object, got {}", crate::api::json_kind(&other)));
+                return Err(format!(
+                    "mission_context must be a JSON object, got {}",
+                    crate::api::json_kind(&other)
+                ));
             }
         };
         let correlation_id = match obj.remove("correlation_id") {
             None | Some(Value::Null) => intent_id.clone(),
             Some(Value::String(c)) if !c.is_empty() && c.len() <= MAX_ID_LEN => c,
-            Some(_) => return Err(format!("correlation_id must be a string of 1-{MAX_ID_LEN} characters")),
+            Some(_) => {
+                return Err(format!(
+                    "correlation_id must be a string of 1-{MAX_ID_LEN} characters"
+                ));
+            }
         };
         let ignored_fields = obj.keys().cloned().collect();
-        Ok(Intent { intent_id, intent_type, actor, payload, priority, mission_context, correlation_id, ignored_fields })
+        Ok(Intent {
+            intent_id,
+            intent_type,
+            actor,
+            payload,
+            priority,
+            mission_context,
+            correlation_id,
+            ignored_fields,
+        })
     }
 }
 
@@ -235,9 +288,15 @@ fn required_string(obj: &mut Map<String, Value>, key: &str, max: usize) -> Resul
     match obj.remove(key) {
         None | Some(Value::Null) => Err(format!("{key} is required")),
         Some(Value::String(s)) if s.trim().is_empty() => Err(format!("{key} must not be empty")),
-        Some(Value::String(s)) if s.len() > max => Err(format!("{key} is {} bytes, over the limit of {max}", s.len())),
+        Some(Value::String(s)) if s.len() > max => Err(format!(
+            "{key} is {} bytes, over the limit of {max}",
+            s.len()
+        )),
         Some(Value::String(s)) => Ok(s),
-        Some(other) => Err(format!("{key} must be a string, got {}", crate::api::json_kind(&other))),
+        Some(other) => Err(format!(
+            "{key} must be a string, got {}",
+            crate::api::json_kind(&other)
+        )),
     }
 }
 
@@ -330,7 +389,12 @@ impl IntentRecord {
     /// Moves to `status`, appending to the history.
     pub fn transition(&mut self, status: IntentStatus, by: Option<String>, reason: Option<String>) {
         self.status = status;
-        self.history.push(StatusChange { status, at: crate::time::now(), by, reason });
+        self.history.push(StatusChange {
+            status,
+            at: crate::time::now(),
+            by,
+            reason,
+        });
     }
 
     /// The `htm.intent.status` reply.
@@ -439,24 +503,63 @@ mod tests {
     fn each_bad_field_is_named() {
         let cases = [
             (json!({"actor": "a"}), "intent_type is required"),
-            (json!({"intent_type": "", "actor": "a"}), "intent_type must not be empty"),
+            (
+                json!({"intent_type": "", "actor": "a"}),
+                "intent_type must not be empty",
+            ),
             (json!({"intent_type": "x"}), "actor is required"),
-            (json!({"intent_type": "x", "actor": "  "}), "actor must not be empty"),
-            (json!({"intent_type": 3, "actor": "a"}), "intent_type must be a string, got a number"),
-            (json!({"intent_type": "x", "actor": "a", "priority": 10}), "priority must be an integer from 0 to 9"),
-            (json!({"intent_type": "x", "actor": "a", "priority": -1}), "priority must be an integer from 0 to 9"),
-            (json!({"intent_type": "x", "actor": "a", "priority": "high"}), "got a string"),
-            (json!({"intent_type": "x", "actor": "a", "priority": 2.5}), "priority must be an integer"),
-            (json!({"intent_type": "x", "actor": "a", "payload": [1]}), "payload must be a JSON object"),
-            (json!({"intent_type": "x", "actor": "a", "mission_context": {"revenue_impact": "yes"}}), "mission_context.revenue_impact must be a boolean"),
-            (json!({"intent_type": "x", "actor": "a", "intent_id": "a.b"}), "intent_id must be"),
-            (json!({"intent_type": "x", "actor": "a", "intent_id": 7}), "intent_id must be a string"),
-            (json!({"intent_type": "a b", "actor": "a"}), "intent_type \"a b\" may only hold"),
+            (
+                json!({"intent_type": "x", "actor": "  "}),
+                "actor must not be empty",
+            ),
+            (
+                json!({"intent_type": 3, "actor": "a"}),
+                "intent_type must be a string, got a number",
+            ),
+            (
+                json!({"intent_type": "x", "actor": "a", "priority": 10}),
+                "priority must be an integer from 0 to 9",
+            ),
+            (
+                json!({"intent_type": "x", "actor": "a", "priority": -1}),
+                "priority must be an integer from 0 to 9",
+            ),
+            (
+                json!({"intent_type": "x", "actor": "a", "priority": "high"}),
+                "got a string",
+            ),
+            (
+                json!({"intent_type": "x", "actor": "a", "priority": 2.5}),
+                "priority must be an integer",
+            ),
+            (
+                json!({"intent_type": "x", "actor": "a", "payload": [1]}),
+                "payload must be a JSON object",
+            ),
+            (
+                json!({"intent_type": "x", "actor": "a", "mission_context": {"revenue_impact": "yes"}}),
+                "mission_context.revenue_impact must be a boolean",
+            ),
+            (
+                json!({"intent_type": "x", "actor": "a", "intent_id": "a.b"}),
+                "intent_id must be",
+            ),
+            (
+                json!({"intent_type": "x", "actor": "a", "intent_id": 7}),
+                "intent_id must be a string",
+            ),
+            (
+                json!({"intent_type": "a b", "actor": "a"}),
+                "intent_type \"a b\" may only hold",
+            ),
             (json!([1, 2]), "body must be a JSON object, got an array"),
         ];
         for (body, expected) in cases {
             let err = parse(body.clone()).expect_err("invalid");
-            assert!(err.contains(expected), "{body}: got {err:?}, expected {expected:?}");
+            assert!(
+                err.contains(expected),
+                "{body}: got {err:?}, expected {expected:?}"
+            );
         }
     }
 
@@ -473,6 +576,9 @@ mod tests {
             assert_eq!(Tier::from_number(tier.number()), Some(tier));
         }
         assert_eq!(Tier::from_number(5), None);
-        assert_eq!(Tier::AutonomousHighImpact.name(), "TIER_3_AUTONOMOUS_HIGH_IMPACT");
+        assert_eq!(
+            Tier::AutonomousHighImpact.name(),
+            "TIER_3_AUTONOMOUS_HIGH_IMPACT"
+        );
     }
 }

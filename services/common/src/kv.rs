@@ -40,15 +40,26 @@ pub struct Versioned<T> {
 }
 
 /// Reads and decodes `key`; `None` when absent or deleted.
-pub async fn read<T: DeserializeOwned>(store: &kv::Store, key: &str) -> Result<Option<Versioned<T>>, KvError> {
-    let entry = store.entry(key).await.map_err(|e| KvError::Unavailable(e.to_string()))?;
+pub async fn read<T: DeserializeOwned>(
+    store: &kv::Store,
+    key: &str,
+) -> Result<Option<Versioned<T>>, KvError> {
+    let entry = store
+        .entry(key)
+        .await
+        .map_err(|e| KvError::Unavailable(e.to_string()))?;
     let Some(entry) = entry else { return Ok(None) };
     if entry.operation != kv::Operation::Put {
         return Ok(None);
     }
-    let value = serde_json::from_slice(&entry.value)
-        .map_err(|e| KvError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
-    Ok(Some(Versioned { value, revision: entry.revision }))
+    let value = serde_json::from_slice(&entry.value).map_err(|e| KvError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(Some(Versioned {
+        value,
+        revision: entry.revision,
+    }))
 }
 
 /// Creates `key` with `value` only if it does not exist. `Ok(None)` means it was created;
@@ -58,7 +69,10 @@ pub async fn create_or_get<T: Serialize + DeserializeOwned>(
     key: &str,
     value: &T,
 ) -> Result<Option<Versioned<T>>, KvError> {
-    let bytes = serde_json::to_vec(value).map_err(|e| KvError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
+    let bytes = serde_json::to_vec(value).map_err(|e| KvError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })?;
     for _ in 0..MAX_CAS_ATTEMPTS {
         match store.create(key, bytes.clone().into()).await {
             Ok(_) => return Ok(None),
@@ -93,7 +107,11 @@ where
     T: Serialize + DeserializeOwned,
 {
     for _ in 0..MAX_CAS_ATTEMPTS {
-        let Some(Versioned { mut value, revision }) = read::<T>(store, key).await? else {
+        let Some(Versioned {
+            mut value,
+            revision,
+        }) = read::<T>(store, key).await?
+        else {
             return Err(KvError::NotFound(key.to_owned()));
         };
         let outcome = match change(&mut value) {
@@ -101,8 +119,10 @@ where
             Ok(Change::Write(r)) => r,
             Err(e) => return Ok(Err(e)),
         };
-        let bytes =
-            serde_json::to_vec(&value).map_err(|e| KvError::Corrupt { key: key.to_owned(), reason: e.to_string() })?;
+        let bytes = serde_json::to_vec(&value).map_err(|e| KvError::Corrupt {
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
         match store.update(key, bytes.into(), revision).await {
             Ok(_) => return Ok(Ok((outcome, value))),
             Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
@@ -115,6 +135,11 @@ where
 /// Every live key of the bucket.
 pub async fn keys(store: &kv::Store) -> Result<Vec<String>, KvError> {
     use futures::TryStreamExt;
-    let keys = store.keys().await.map_err(|e| KvError::Unavailable(e.to_string()))?;
-    keys.try_collect().await.map_err(|e| KvError::Unavailable(e.to_string()))
+    let keys = store
+        .keys()
+        .await
+        .map_err(|e| KvError::Unavailable(e.to_string()))?;
+    keys.try_collect()
+        .await
+        .map_err(|e| KvError::Unavailable(e.to_string()))
 }

@@ -15,7 +15,11 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> bool 
     let subject = format!("$SRV.PING.{name}");
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
-        let attempt = tokio::time::timeout(Duration::from_millis(500), client.request(subject.clone(), "".into())).await;
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(500),
+            client.request(subject.clone(), "".into()),
+        )
+        .await;
         if let Ok(Ok(_)) = attempt {
             return true;
         }
@@ -25,14 +29,24 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> bool 
 }
 
 /// Names of the instances answering `$SRV.PING` (optionally of one service) within `window`.
-pub async fn ping_all(client: &Client, name: Option<&str>, window: Duration) -> Vec<serde_json::Value> {
+pub async fn ping_all(
+    client: &Client,
+    name: Option<&str>,
+    window: Duration,
+) -> Vec<serde_json::Value> {
     let subject = match name {
         Some(n) => format!("$SRV.PING.{n}"),
         None => "$SRV.PING".to_owned(),
     };
     let inbox = client.new_inbox();
-    let Ok(mut sub) = client.subscribe(inbox.clone()).await else { return Vec::new() };
-    if client.publish_with_reply(subject, inbox, "".into()).await.is_err() {
+    let Ok(mut sub) = client.subscribe(inbox.clone()).await else {
+        return Vec::new();
+    };
+    if client
+        .publish_with_reply(subject, inbox, "".into())
+        .await
+        .is_err()
+    {
         return Vec::new();
     }
     let mut found = Vec::new();

@@ -37,7 +37,10 @@ pub struct StoreError {
 }
 
 fn store_error(name: &str, err: impl std::fmt::Display) -> StoreError {
-    StoreError { name: name.to_owned(), reason: err.to_string() }
+    StoreError {
+        name: name.to_owned(),
+        reason: err.to_string(),
+    }
 }
 
 /// A JetStream context with the in-flight limits set explicitly (the library's documented and
@@ -52,24 +55,28 @@ pub fn context(client: async_nats::Client, timeout: Duration) -> jetstream::Cont
 }
 
 /// Opens the KV bucket `name`, creating it when missing.
-pub async fn bucket(js: &jetstream::Context, name: &str, description: &str) -> Result<kv::Store, StoreError> {
+pub async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    description: &str,
+) -> Result<kv::Store, StoreError> {
     if let Ok(store) = js.get_key_value(name).await {
         return Ok(store);
     }
     let created = js
         .create_key_value(kv::Config {
-        bucket: name.to_owned(),
-        description: description.to_owned(),
-        history: 1,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: 1,
-        ..Default::default()
-    })
-    .await
-    .or_else(|create_err| {
-        // Another service may have created it between our get and create.
-        Err(store_error(name, create_err))
-    });
+            bucket: name.to_owned(),
+            description: description.to_owned(),
+            history: 1,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: 1,
+            ..Default::default()
+        })
+        .await
+        .or_else(|create_err| {
+            // Another service may have created it between our get and create.
+            Err(store_error(name, create_err))
+        });
     match created {
         Ok(store) => Ok(store),
         Err(err) => js.get_key_value(name).await.map_err(|_| err),

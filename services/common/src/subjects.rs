@@ -78,7 +78,11 @@ pub fn subject_token(raw: &str) -> String {
             c => c,
         })
         .collect();
-    if token.is_empty() { "_".to_owned() } else { token }
+    if token.is_empty() {
+        "_".to_owned()
+    } else {
+        token
+    }
 }
 
 /// True when `event_type` is one or more dot-separated tokens of `[a-z0-9_-]` (CONTRACT section 1).

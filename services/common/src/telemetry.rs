@@ -35,7 +35,8 @@ pub fn spawn(
                 map.insert("timestamp".into(), Value::String(crate::time::now()));
             }
             let body = crate::api::to_bytes(&figures);
-            let sent = crate::connect::publish_flushed(&client, subject.clone(), body, interval).await;
+            let sent =
+                crate::connect::publish_flushed(&client, subject.clone(), body, interval).await;
             if let Err(err) = sent {
                 tracing::debug!(component = %component, error = %err, "telemetry not sent");
             }

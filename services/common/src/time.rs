@@ -19,7 +19,9 @@ pub fn now_ms() -> i64 {
 
 /// Formats milliseconds since the Unix epoch like [`now`].
 pub fn format_ms(ms: i64) -> String {
-    Timestamp::from_millisecond(ms).map(format).unwrap_or_else(|_| ms.to_string())
+    Timestamp::from_millisecond(ms)
+        .map(format)
+        .unwrap_or_else(|_| ms.to_string())
 }
 
 /// Parses an RFC 3339 timestamp into milliseconds since the epoch.
@@ -37,7 +39,10 @@ mod tests {
         assert_eq!(format(ts), "2026-11-26T10:00:00.123Z");
         let ts: Timestamp = "2026-11-26T10:00:00Z".parse().expect("valid");
         assert_eq!(format(ts), "2026-11-26T10:00:00.000Z");
-        assert_eq!(parse_ms("2026-11-26T10:00:00.123Z"), Some(ts.as_millisecond() + 123));
+        assert_eq!(
+            parse_ms("2026-11-26T10:00:00.123Z"),
+            Some(ts.as_millisecond() + 123)
+        );
         assert_eq!(format_ms(ts.as_millisecond()), "2026-11-26T10:00:00.000Z");
         assert!(now().ends_with('Z'));
     }

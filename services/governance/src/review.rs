@@ -30,7 +30,10 @@ pub enum ReviewKind {
 impl ReviewKind {
     /// True when the intent waits for this decision.
     pub fn requires_decision(self) -> bool {
-        matches!(self, ReviewKind::Approval | ReviewKind::LowAlignment | ReviewKind::VoteTimeout)
+        matches!(
+            self,
+            ReviewKind::Approval | ReviewKind::LowAlignment | ReviewKind::VoteTimeout
+        )
     }
 }
 
@@ -63,7 +66,14 @@ pub struct ReviewItem {
 
 impl ReviewItem {
     /// A review item of `kind` for `intent`.
-    pub fn new(intent: &Intent, kind: ReviewKind, tier: u8, alignment: f64, priority: u8, reasoning: &[String]) -> Self {
+    pub fn new(
+        intent: &Intent,
+        kind: ReviewKind,
+        tier: u8,
+        alignment: f64,
+        priority: u8,
+        reasoning: &[String],
+    ) -> Self {
         ReviewItem {
             intent_id: intent.intent_id.clone(),
             kind,
@@ -131,12 +141,23 @@ impl ReviewDecision {
             }
         };
         if raw.intent_id.trim().is_empty() {
-            return Err(ApiError::bad_request(INVALID_REVIEW, "intent_id must not be empty"));
+            return Err(ApiError::bad_request(
+                INVALID_REVIEW,
+                "intent_id must not be empty",
+            ));
         }
         if raw.reviewer.trim().is_empty() {
-            return Err(ApiError::bad_request(INVALID_REVIEW, "reviewer must not be empty"));
+            return Err(ApiError::bad_request(
+                INVALID_REVIEW,
+                "reviewer must not be empty",
+            ));
         }
-        Ok(ReviewDecision { intent_id: raw.intent_id, verdict, reviewer: raw.reviewer, reason: raw.reason.unwrap_or_default() })
+        Ok(ReviewDecision {
+            intent_id: raw.intent_id,
+            verdict,
+            reviewer: raw.reviewer,
+            reason: raw.reason.unwrap_or_default(),
+        })
     }
 }
 
@@ -146,17 +167,38 @@ mod tests {
 
     #[test]
     fn decisions_validate() {
-        let ok = ReviewDecision::parse(br#"{"intent_id":"i","decision":"approve","reviewer":"r"}"#, 1024).expect("ok");
+        let ok = ReviewDecision::parse(
+            br#"{"intent_id":"i","decision":"approve","reviewer":"r"}"#,
+            1024,
+        )
+        .expect("ok");
         assert_eq!((ok.verdict, ok.reason.as_str()), (Verdict::Approve, ""));
         for (body, needle) in [
-            (&br#"{"intent_id":"i","decision":"maybe","reviewer":"r"}"#[..], "approve\" or \"reject"),
-            (br#"{"intent_id":"i","decision":"approve","reviewer":""}"#, "reviewer must not be empty"),
-            (br#"{"intent_id":"i","decision":"approve"}"#, "missing field `reviewer`"),
-            (br#"{"intent_id":"i","decision":"approve","reviewer":"r","extra":1}"#, "unknown field `extra`"),
+            (
+                &br#"{"intent_id":"i","decision":"maybe","reviewer":"r"}"#[..],
+                "approve\" or \"reject",
+            ),
+            (
+                br#"{"intent_id":"i","decision":"approve","reviewer":""}"#,
+                "reviewer must not be empty",
+            ),
+            (
+                br#"{"intent_id":"i","decision":"approve"}"#,
+                "missing field `reviewer`",
+            ),
+            (
+                br#"{"intent_id":"i","decision":"approve","reviewer":"r","extra":1}"#,
+                "unknown field `extra`",
+            ),
             (b"nope", "not valid JSON"),
         ] {
             let err = ReviewDecision::parse(body, 1024).expect_err("invalid");
-            assert!(err.message.contains(needle), "{}: {}", String::from_utf8_lossy(body), err.message);
+            assert!(
+                err.message.contains(needle),
+                "{}: {}",
+                String::from_utf8_lossy(body),
+                err.message
+            );
         }
     }
 }

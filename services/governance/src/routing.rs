@@ -60,7 +60,10 @@ impl Route {
 pub fn alignment(intent: &Intent, base: f64, cfg: &GovernanceConfig) -> (f64, String) {
     let ctx = &intent.mission_context;
     if ctx.emergency {
-        return (1.0, "Mission alignment 1.00 (emergency declared)".to_owned());
+        return (
+            1.0,
+            "Mission alignment 1.00 (emergency declared)".to_owned(),
+        );
     }
     let c = &cfg.charter;
     let flagged: Vec<(&str, f64)> = [
@@ -79,7 +82,9 @@ pub fn alignment(intent: &Intent, base: f64, cfg: &GovernanceConfig) -> (f64, St
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .unwrap_or(("no pillar stated", cfg.unstated_pillar_weight));
     let score = round2((base * weight).clamp(0.0, 1.0));
-    let line = format!("Mission alignment {score:.2} ({pillar_name}): base {base:.2} × charter weight {weight:.2}");
+    let line = format!(
+        "Mission alignment {score:.2} ({pillar_name}): base {base:.2} × charter weight {weight:.2}"
+    );
     (score, line)
 }
 
@@ -175,7 +180,9 @@ pub fn route(intent: &Intent, cfg: &GovernanceConfig) -> Route {
     // The unknown-type line (if any) comes first, then the tier, then alignment.
     reasoning.append(&mut route.reasoning);
     reasoning.push(alignment_line);
-    if matches!(tier, Tier::ReviewRequired | Tier::AutonomousLowRisk) && alignment < cfg.min_alignment {
+    if matches!(tier, Tier::ReviewRequired | Tier::AutonomousLowRisk)
+        && alignment < cfg.min_alignment
+    {
         reasoning.push(format!(
             "Mission alignment {alignment:.2} is below min_alignment {:.2}: escalated to human review",
             cfg.min_alignment
@@ -187,7 +194,10 @@ pub fn route(intent: &Intent, cfg: &GovernanceConfig) -> Route {
         route.review = Some(ReviewKind::LowAlignment);
     }
     if !intent.ignored_fields.is_empty() {
-        reasoning.push(format!("Ignored unknown field(s): {}", intent.ignored_fields.join(", ")));
+        reasoning.push(format!(
+            "Ignored unknown field(s): {}",
+            intent.ignored_fields.join(", ")
+        ));
     }
     route.reasoning = reasoning;
     route
@@ -213,27 +223,114 @@ mod tests {
     }
 
     fn resilient() -> MissionContext {
-        MissionContext { resilience_impact: true, ..Default::default() }
+        MissionContext {
+            resilience_impact: true,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn seed_types_route_to_their_tiers() {
         let cfg = GovernanceConfig::default();
         let expect = [
-            ("query_knowledge", 2, IntentStatus::Queued, true, "direct_execution"),
-            ("generate_summary", 2, IntentStatus::Queued, true, "direct_execution"),
-            ("schedule_task", 2, IntentStatus::Queued, true, "direct_execution"),
-            ("execute_sandbox", 1, IntentStatus::Queued, true, "execute_with_review"),
-            ("deploy_model", 1, IntentStatus::Queued, true, "execute_with_review"),
-            ("modify_config", 1, IntentStatus::Queued, true, "execute_with_review"),
-            ("self_improve", 3, IntentStatus::PendingVote, false, "unified_logic_hub"),
-            ("extend_grace", 3, IntentStatus::PendingVote, false, "unified_logic_hub"),
-            ("optimize_system", 3, IntentStatus::PendingVote, false, "unified_logic_hub"),
-            ("modify_governance", 0, IntentStatus::PendingReview, false, "human_review_queue"),
-            ("change_charter", 0, IntentStatus::PendingReview, false, "human_review_queue"),
-            ("grant_permissions", 0, IntentStatus::PendingReview, false, "human_review_queue"),
-            ("emergency_recovery", 4, IntentStatus::Queued, true, "emergency_handler"),
-            ("critical_incident", 4, IntentStatus::Queued, true, "emergency_handler"),
+            (
+                "query_knowledge",
+                2,
+                IntentStatus::Queued,
+                true,
+                "direct_execution",
+            ),
+            (
+                "generate_summary",
+                2,
+                IntentStatus::Queued,
+                true,
+                "direct_execution",
+            ),
+            (
+                "schedule_task",
+                2,
+                IntentStatus::Queued,
+                true,
+                "direct_execution",
+            ),
+            (
+                "execute_sandbox",
+                1,
+                IntentStatus::Queued,
+                true,
+                "execute_with_review",
+            ),
+            (
+                "deploy_model",
+                1,
+                IntentStatus::Queued,
+                true,
+                "execute_with_review",
+            ),
+            (
+                "modify_config",
+                1,
+                IntentStatus::Queued,
+                true,
+                "execute_with_review",
+            ),
+            (
+                "self_improve",
+                3,
+                IntentStatus::PendingVote,
+                false,
+                "unified_logic_hub",
+            ),
+            (
+                "extend_grace",
+                3,
+                IntentStatus::PendingVote,
+                false,
+                "unified_logic_hub",
+            ),
+            (
+                "optimize_system",
+                3,
+                IntentStatus::PendingVote,
+                false,
+                "unified_logic_hub",
+            ),
+            (
+                "modify_governance",
+                0,
+                IntentStatus::PendingReview,
+                false,
+                "human_review_queue",
+            ),
+            (
+                "change_charter",
+                0,
+                IntentStatus::PendingReview,
+                false,
+                "human_review_queue",
+            ),
+            (
+                "grant_permissions",
+                0,
+                IntentStatus::PendingReview,
+                false,
+                "human_review_queue",
+            ),
+            (
+                "emergency_recovery",
+                4,
+                IntentStatus::Queued,
+                true,
+                "emergency_handler",
+            ),
+            (
+                "critical_incident",
+                4,
+                IntentStatus::Queued,
+                true,
+                "emergency_handler",
+            ),
         ];
         for (kind, tier, status, approved, routed_to) in expect {
             let r = route(&intent(kind, resilient()), &cfg);
@@ -247,19 +344,38 @@ mod tests {
 
     #[test]
     fn contract_example_alignment() {
-        let r = route(&intent("self_improve", resilient()), &GovernanceConfig::default());
+        let r = route(
+            &intent("self_improve", resilient()),
+            &GovernanceConfig::default(),
+        );
         assert_eq!(r.alignment, 0.9);
-        assert_eq!(r.reasoning[0], "Tier 3: high impact, unified logic vote required (quorum 2 of 3)");
-        assert!(r.reasoning[1].starts_with("Mission alignment 0.90 (resilience)"), "{:?}", r.reasoning);
+        assert_eq!(
+            r.reasoning[0],
+            "Tier 3: high impact, unified logic vote required (quorum 2 of 3)"
+        );
+        assert!(
+            r.reasoning[1].starts_with("Mission alignment 0.90 (resilience)"),
+            "{:?}",
+            r.reasoning
+        );
     }
 
     #[test]
     fn unknown_type_gets_default_tier_with_reason() {
-        let r = route(&intent("launch_rocket", resilient()), &GovernanceConfig::default());
+        let r = route(
+            &intent("launch_rocket", resilient()),
+            &GovernanceConfig::default(),
+        );
         assert_eq!(r.tier, Tier::HumanRequired);
         assert!(r.reasoning[0].contains("Unknown intent type \"launch_rocket\": default tier 0"));
-        let cfg = GovernanceConfig { default_tier: 2, ..Default::default() };
-        assert_eq!(route(&intent("launch_rocket", resilient()), &cfg).status, IntentStatus::Queued);
+        let cfg = GovernanceConfig {
+            default_tier: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            route(&intent("launch_rocket", resilient()), &cfg).status,
+            IntentStatus::Queued
+        );
     }
 
     #[test]
@@ -268,24 +384,60 @@ mod tests {
         // modify_config: base 0.4 × unstated 0.5 = 0.20 < 0.25.
         let r = route(&intent("modify_config", MissionContext::default()), &cfg);
         assert_eq!(r.alignment, 0.2);
-        assert_eq!((r.status, r.approved, r.routed_to), (IntentStatus::PendingReview, false, "human_review_queue"));
-        assert_eq!(r.tier, Tier::ReviewRequired, "the tier is kept, the routing changes");
+        assert_eq!(
+            (r.status, r.approved, r.routed_to),
+            (IntentStatus::PendingReview, false, "human_review_queue")
+        );
+        assert_eq!(
+            r.tier,
+            Tier::ReviewRequired,
+            "the tier is kept, the routing changes"
+        );
         assert_eq!(r.review, Some(ReviewKind::LowAlignment));
-        assert!(r.reasoning.iter().any(|l| l.contains("below min_alignment 0.25")));
+        assert!(
+            r.reasoning
+                .iter()
+                .any(|l| l.contains("below min_alignment 0.25"))
+        );
         // The same with a stated pillar passes: 0.4 × 0.7 = 0.28.
-        let autonomy = MissionContext { autonomy_impact: true, ..Default::default() };
-        assert_eq!(route(&intent("modify_config", autonomy), &cfg).status, IntentStatus::Queued);
+        let autonomy = MissionContext {
+            autonomy_impact: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            route(&intent("modify_config", autonomy), &cfg).status,
+            IntentStatus::Queued
+        );
         // Tier 0 and 3 are not affected by alignment.
-        let cfg_strict = GovernanceConfig { min_alignment: 1.0, ..Default::default() };
-        assert_eq!(route(&intent("self_improve", resilient()), &cfg_strict).status, IntentStatus::PendingVote);
+        let cfg_strict = GovernanceConfig {
+            min_alignment: 1.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            route(&intent("self_improve", resilient()), &cfg_strict).status,
+            IntentStatus::PendingVote
+        );
     }
 
     #[test]
     fn emergency_goes_to_top_priority() {
-        let r = route(&intent("critical_incident", MissionContext::default()), &GovernanceConfig::default());
+        let r = route(
+            &intent("critical_incident", MissionContext::default()),
+            &GovernanceConfig::default(),
+        );
         assert_eq!((r.priority, r.alignment), (EMERGENCY_PRIORITY, 0.5));
-        let ctx = MissionContext { emergency: true, ..Default::default() };
-        assert_eq!(route(&intent("query_knowledge", ctx), &GovernanceConfig::default()).alignment, 1.0);
+        let ctx = MissionContext {
+            emergency: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            route(
+                &intent("query_knowledge", ctx),
+                &GovernanceConfig::default()
+            )
+            .alignment,
+            1.0
+        );
     }
 
     proptest! {

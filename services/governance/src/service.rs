@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use async_nats::Client;
 use async_nats::jetstream::{self, kv, message::PublishMessage};
 use async_nats::service::{Request, ServiceExt};
-use async_nats::Client;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
@@ -90,15 +90,25 @@ impl Counters {
 }
 
 /// Runs the governance service until `shutdown` is cancelled.
-pub async fn run(cfg: BulwarkConfig, client: Client, shutdown: CancellationToken) -> Result<(), GovernanceError> {
+pub async fn run(
+    cfg: BulwarkConfig,
+    client: Client,
+    shutdown: CancellationToken,
+) -> Result<(), GovernanceError> {
     let timeout = Duration::from_millis(cfg.nats.request_timeout_ms);
     let js = streams::context(client.clone(), timeout);
     streams::tasks(&js).await?;
     streams::narratives(&js).await?;
     let gov = Arc::new(Governance {
         intents: streams::bucket(&js, streams::INTENTS_BUCKET, "bulwark intent records").await?,
-        reviews: streams::bucket(&js, streams::REVIEWS_BUCKET, "bulwark human review queue").await?,
-        proposals: streams::bucket(&js, streams::PROPOSALS_BUCKET, "bulwark open unified logic proposals").await?,
+        reviews: streams::bucket(&js, streams::REVIEWS_BUCKET, "bulwark human review queue")
+            .await?,
+        proposals: streams::bucket(
+            &js,
+            streams::PROPOSALS_BUCKET,
+            "bulwark open unified logic proposals",
+        )
+        .await?,
         narrator: Narrator::new(js.clone(), SERVICE_NAME, &instance_name()),
         js,
         client: client.clone(),
@@ -121,7 +131,11 @@ pub async fn run(cfg: BulwarkConfig, client: Client, shutdown: CancellationToken
     let endpoints: [(&str, &str, Op); 6] = [
         ("submit", subjects::INTENT_SUBMIT, Op::Submit),
         ("status", subjects::INTENT_STATUS, Op::Status),
-        ("review_pending", subjects::REVIEW_PENDING, Op::ReviewPending),
+        (
+            "review_pending",
+            subjects::REVIEW_PENDING,
+            Op::ReviewPending,
+        ),
         ("review_decide", subjects::REVIEW_DECIDE, Op::ReviewDecide),
         ("vote", subjects::VOTE, Op::Vote),
         ("proposals", subjects::PROPOSALS_OPEN, Op::Proposals),
@@ -133,7 +147,14 @@ pub async fn run(cfg: BulwarkConfig, client: Client, shutdown: CancellationToken
             .add(subject)
             .await
             .map_err(|e| GovernanceError::Register(e.to_string()))?;
-        tracker.spawn(serve_endpoint(gov.clone(), endpoint, op, tracker.clone(), permits.clone(), shutdown.clone()));
+        tracker.spawn(serve_endpoint(
+            gov.clone(),
+            endpoint,
+            op,
+            tracker.clone(),
+            permits.clone(),
+            shutdown.clone(),
+        ));
     }
     tracker.spawn(sweep_votes(gov.clone(), shutdown.clone()));
     let telemetry_counters = gov.counters.clone();
@@ -148,8 +169,13 @@ pub async fn run(cfg: BulwarkConfig, client: Client, shutdown: CancellationToken
 
     shutdown.cancelled().await;
     tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-        tracing::warn!("governance: requests still running after {SHUTDOWN_GRACE:?}; stopping anyway");
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "governance: requests still running after {SHUTDOWN_GRACE:?}; stopping anyway"
+        );
     }
     if let Err(err) = service.stop().await {
         tracing::debug!(error = %err, "governance: micro service stop");
@@ -189,7 +215,9 @@ async fn serve_endpoint(
                 None => break,
             },
         };
-        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
         let gov = gov.clone();
         tracker.spawn(async move {
             gov.handle(op, &request).await;
@@ -213,7 +241,9 @@ struct Governance {
 
 fn store_err(err: KvError) -> ApiError {
     match err {
-        KvError::Unavailable(reason) => ApiError::unavailable(format!("intent store unavailable: {reason}")),
+        KvError::Unavailable(reason) => {
+            ApiError::unavailable(format!("intent store unavailable: {reason}"))
+        }
         other => ApiError::internal(other.to_string()),
     }
 }
@@ -289,14 +319,18 @@ impl Governance {
             error: None,
             review: None,
         };
-        if let Some(existing) = kvx::create_or_get(&self.intents, &intent.intent_id, &record).await.map_err(store_err)? {
+        if let Some(existing) = kvx::create_or_get(&self.intents, &intent.intent_id, &record)
+            .await
+            .map_err(store_err)?
+        {
             self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
             // A resubmission also completes an acceptance interrupted by a crash.
             self.redrive(&existing.value).await?;
             return Ok(existing.value.decision);
         }
         self.apply_route(&record, &route).await?;
-        self.counters.accepted_by_tier[usize::from(route.tier.number())].fetch_add(1, Ordering::Relaxed);
+        self.counters.accepted_by_tier[usize::from(route.tier.number())]
+            .fetch_add(1, Ordering::Relaxed);
         let n = self
             .narrator
             .narrative("intent_routed", "autonomy tier table and charter-weighted mission alignment")
@@ -316,7 +350,10 @@ impl Governance {
         if body.len() > max {
             return Err(ApiError::bad_request(
                 INVALID_INTENT,
-                format!("body is {} bytes, over the limit of {max} bytes", body.len()),
+                format!(
+                    "body is {} bytes, over the limit of {max} bytes",
+                    body.len()
+                ),
             ));
         }
         let value: Value = serde_json::from_slice(body).map_err(|e| {
@@ -330,8 +367,17 @@ impl Governance {
     async fn apply_route(&self, record: &IntentRecord, route: &Route) -> Result<(), ApiError> {
         let intent = &record.intent;
         if let Some(kind) = route.review {
-            let item = ReviewItem::new(intent, kind, route.tier.number(), route.alignment, route.priority, &route.reasoning);
-            kvx::create_or_get(&self.reviews, &intent.intent_id, &item).await.map_err(|e| self.incomplete(intent, e))?;
+            let item = ReviewItem::new(
+                intent,
+                kind,
+                route.tier.number(),
+                route.alignment,
+                route.priority,
+                &route.reasoning,
+            );
+            kvx::create_or_get(&self.reviews, &intent.intent_id, &item)
+                .await
+                .map_err(|e| self.incomplete(intent, e))?;
         }
         if route.enqueues() {
             self.enqueue(intent, route.priority, route.tier).await?;
@@ -359,8 +405,17 @@ impl Governance {
                     && record.review.is_none()
                 {
                     let d = &record.decision;
-                    let item = ReviewItem::new(intent, kind, d.autonomy_tier, d.mission_alignment, d.priority, &d.reasoning);
-                    kvx::create_or_get(&self.reviews, &intent.intent_id, &item).await.map_err(|e| self.incomplete(intent, e))?;
+                    let item = ReviewItem::new(
+                        intent,
+                        kind,
+                        d.autonomy_tier,
+                        d.mission_alignment,
+                        d.priority,
+                        &d.reasoning,
+                    );
+                    kvx::create_or_get(&self.reviews, &intent.intent_id, &item)
+                        .await
+                        .map_err(|e| self.incomplete(intent, e))?;
                 }
                 self.enqueue(intent, record.decision.priority, tier).await
             }
@@ -373,8 +428,17 @@ impl Governance {
                     ReviewKind::LowAlignment
                 };
                 let d = &record.decision;
-                let item = ReviewItem::new(intent, kind, d.autonomy_tier, d.mission_alignment, d.priority, &d.reasoning);
-                kvx::create_or_get(&self.reviews, &intent.intent_id, &item).await.map_err(|e| self.incomplete(intent, e))?;
+                let item = ReviewItem::new(
+                    intent,
+                    kind,
+                    d.autonomy_tier,
+                    d.mission_alignment,
+                    d.priority,
+                    &d.reasoning,
+                );
+                kvx::create_or_get(&self.reviews, &intent.intent_id, &item)
+                    .await
+                    .map_err(|e| self.incomplete(intent, e))?;
                 Ok(())
             }
             IntentStatus::PendingVote => self.open_proposal(record).await,
@@ -385,7 +449,9 @@ impl Governance {
     /// Puts the task of `intent` into the queue and waits for JetStream's acknowledgement.
     async fn enqueue(&self, intent: &Intent, priority: u8, tier: Tier) -> Result<(), ApiError> {
         let task = Task::for_intent(intent, priority, tier);
-        let publish = PublishMessage::build().payload(api::to_bytes(&task)).message_id(&intent.intent_id);
+        let publish = PublishMessage::build()
+            .payload(api::to_bytes(&task))
+            .message_id(&intent.intent_id);
         let ack = async {
             self.js
                 .send_publish(subjects::task_queue(priority), publish)
@@ -415,11 +481,20 @@ impl Governance {
 
     async fn record(&self, intent_id: &str) -> Result<IntentRecord, ApiError> {
         if intent_id.is_empty() || !kv_key_ok(intent_id) {
-            return Err(ApiError::not_found("unknown_intent", format!("no intent {intent_id:?}")));
+            return Err(ApiError::not_found(
+                "unknown_intent",
+                format!("no intent {intent_id:?}"),
+            ));
         }
-        match kvx::read::<IntentRecord>(&self.intents, intent_id).await.map_err(store_err)? {
+        match kvx::read::<IntentRecord>(&self.intents, intent_id)
+            .await
+            .map_err(store_err)?
+        {
             Some(v) => Ok(v.value),
-            None => Err(ApiError::not_found("unknown_intent", format!("no intent {intent_id:?}"))),
+            None => Err(ApiError::not_found(
+                "unknown_intent",
+                format!("no intent {intent_id:?}"),
+            )),
         }
     }
 
@@ -451,7 +526,10 @@ impl Governance {
     async fn pending_reviews(&self) -> Result<Value, ApiError> {
         let mut items = Vec::new();
         for key in kvx::keys(&self.reviews).await.map_err(store_err)? {
-            if let Some(item) = kvx::read::<ReviewItem>(&self.reviews, &key).await.map_err(store_err)? {
+            if let Some(item) = kvx::read::<ReviewItem>(&self.reviews, &key)
+                .await
+                .map_err(store_err)?
+            {
                 items.push(item.value);
             }
         }
@@ -479,7 +557,9 @@ impl Governance {
     async fn apply_decision(&self, d: &ReviewDecision) -> Result<Value, ApiError> {
         let id = &d.intent_id;
         let item = if kv_key_ok(id) {
-            kvx::read::<ReviewItem>(&self.reviews, id).await.map_err(store_err)?
+            kvx::read::<ReviewItem>(&self.reviews, id)
+                .await
+                .map_err(store_err)?
         } else {
             None
         };
@@ -487,7 +567,10 @@ impl Governance {
             let record = self.record(id).await?;
             return Err(ApiError::conflict(
                 "no_pending_review",
-                format!("intent {id} has no pending review (status {})", record.status.as_str()),
+                format!(
+                    "intent {id} has no pending review (status {})",
+                    record.status.as_str()
+                ),
             ));
         };
         let verdict_word = match d.verdict {
@@ -498,38 +581,64 @@ impl Governance {
             decision: verdict_word.to_owned(),
             reviewer: d.reviewer.clone(),
             reason: d.reason.clone(),
-            kind: serde_json::to_value(item.kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+            kind: serde_json::to_value(item.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
             at: time::now(),
         };
-        let reason = if d.reason.is_empty() { None } else { Some(d.reason.clone()) };
+        let reason = if d.reason.is_empty() {
+            None
+        } else {
+            Some(d.reason.clone())
+        };
         let record = if item.kind.requires_decision() {
             let to = match d.verdict {
                 Verdict::Approve => IntentStatus::Queued,
                 Verdict::Reject => IntentStatus::Rejected,
             };
-            let error = format!("rejected by {}{}", d.reviewer, reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default());
+            let error = format!(
+                "rejected by {}{}",
+                d.reviewer,
+                reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            );
             let (moved, record) = self
-                .transition(id, IntentStatus::PendingReview, to, Some(d.reviewer.clone()), reason.clone(), |r| {
-                    r.review = Some(outcome.clone());
-                    if to == IntentStatus::Rejected {
-                        r.error = Some(error.clone());
-                    }
-                })
+                .transition(
+                    id,
+                    IntentStatus::PendingReview,
+                    to,
+                    Some(d.reviewer.clone()),
+                    reason.clone(),
+                    |r| {
+                        r.review = Some(outcome.clone());
+                        if to == IntentStatus::Rejected {
+                            r.error = Some(error.clone());
+                        }
+                    },
+                )
                 .await?;
             if !moved {
                 // A decision that landed before a crash: finish its effects, then refuse this one.
                 if record.status == IntentStatus::Queued {
-                    let tier = Tier::from_number(record.decision.autonomy_tier).unwrap_or(Tier::HumanRequired);
+                    let tier = Tier::from_number(record.decision.autonomy_tier)
+                        .unwrap_or(Tier::HumanRequired);
                     self.enqueue(&record.intent, item.priority, tier).await?;
                 }
                 self.delete_review(id).await;
                 return Err(ApiError::conflict(
                     "no_pending_review",
-                    format!("intent {id} was already decided (status {})", record.status.as_str()),
+                    format!(
+                        "intent {id} was already decided (status {})",
+                        record.status.as_str()
+                    ),
                 ));
             }
             if to == IntentStatus::Queued {
-                let tier = Tier::from_number(record.decision.autonomy_tier).unwrap_or(Tier::HumanRequired);
+                let tier =
+                    Tier::from_number(record.decision.autonomy_tier).unwrap_or(Tier::HumanRequired);
                 self.enqueue(&record.intent, item.priority, tier).await?;
             }
             record
@@ -545,12 +654,17 @@ impl Governance {
             .map_err(store_err)??;
             if !recorded.0 {
                 self.delete_review(id).await;
-                return Err(ApiError::conflict("no_pending_review", format!("intent {id} was already reviewed")));
+                return Err(ApiError::conflict(
+                    "no_pending_review",
+                    format!("intent {id} was already reviewed"),
+                ));
             }
             recorded.1
         };
         self.delete_review(id).await;
-        self.counters.reviews_decided.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .reviews_decided
+            .fetch_add(1, Ordering::Relaxed);
         let what = match (item.kind.requires_decision(), d.verdict) {
             (true, Verdict::Approve) => "review_approved",
             (true, Verdict::Reject) => "review_rejected",
@@ -559,12 +673,20 @@ impl Governance {
         let n = self
             .narrator
             .narrative(what, "human review queue decision")
-            .why(format!("{} decided {verdict_word} on a {:?} review", d.reviewer, item.kind).to_lowercase())
+            .why(
+                format!(
+                    "{} decided {verdict_word} on a {:?} review",
+                    d.reviewer, item.kind
+                )
+                .to_lowercase(),
+            )
             .whys(reason.clone().map(|r| format!("reviewer's reason: {r}")))
             .why(format!("intent is now {}", record.status.as_str()))
             .intent(id, &record.intent.correlation_id)
-            .context(json!({"reviewer": d.reviewer, "decision": verdict_word, "kind": item.kind,
-                            "status": record.status, "intent_type": record.intent.intent_type}));
+            .context(
+                json!({"reviewer": d.reviewer, "decision": verdict_word, "kind": item.kind,
+                            "status": record.status, "intent_type": record.intent.intent_type}),
+            );
         self.narrator.publish(n).await;
         Ok(serde_json::to_value(record.status_reply()).unwrap_or(Value::Null))
     }
@@ -599,8 +721,9 @@ impl Governance {
             deadline: time::format_ms(deadline_ms),
             deadline_ms,
         };
-        let existing =
-            kvx::create_or_get(&self.proposals, &intent.intent_id, &proposal).await.map_err(|e| self.incomplete(intent, e))?;
+        let existing = kvx::create_or_get(&self.proposals, &intent.intent_id, &proposal)
+            .await
+            .map_err(|e| self.incomplete(intent, e))?;
         let announced = existing.map(|v| v.value).unwrap_or(proposal);
         // Voters can also list open proposals, so a lost announcement is not a lost proposal.
         let sent = bulwark_common::connect::publish_flushed(
@@ -619,7 +742,10 @@ impl Governance {
     async fn open_proposals(&self) -> Result<Value, ApiError> {
         let mut items = Vec::new();
         for key in kvx::keys(&self.proposals).await.map_err(store_err)? {
-            if let Some(p) = kvx::read::<Proposal>(&self.proposals, &key).await.map_err(store_err)? {
+            if let Some(p) = kvx::read::<Proposal>(&self.proposals, &key)
+                .await
+                .map_err(store_err)?
+            {
                 items.push(p.value);
             }
         }
@@ -644,9 +770,14 @@ impl Governance {
             match self.record(&id).await {
                 Ok(record) => ApiError::conflict(
                     "proposal_closed",
-                    format!("proposal {id} is closed: intent is {}", record.status.as_str()),
+                    format!(
+                        "proposal {id} is closed: intent is {}",
+                        record.status.as_str()
+                    ),
                 ),
-                Err(err) if err.status == 404 => ApiError::not_found("unknown_proposal", format!("no proposal {id:?}")),
+                Err(err) if err.status == 404 => {
+                    ApiError::not_found("unknown_proposal", format!("no proposal {id:?}"))
+                }
                 Err(err) => err,
             }
         };
@@ -655,7 +786,11 @@ impl Governance {
         }
         let now = time::now_ms();
         let ballot = req.ballot.clone();
-        let cast = match kvx::update(&self.proposals, &id, |p: &mut Proposal| p.cast(ballot.clone(), now).map(Change::Write)).await {
+        let cast = match kvx::update(&self.proposals, &id, |p: &mut Proposal| {
+            p.cast(ballot.clone(), now).map(Change::Write)
+        })
+        .await
+        {
             Err(KvError::NotFound(_)) => return Err(unknown().await),
             Err(err) => return Err(store_err(err)),
             Ok(result) => result?,
@@ -666,12 +801,19 @@ impl Governance {
         let n = self
             .narrator
             .narrative("vote_cast", "unified logic vote")
-            .why(format!("{} voted {:?} on proposal {id}", ballot.voter, ballot.vote).to_lowercase())
-            .why(format!("tally {approvals} approve / {rejections} reject, quorum {}", proposal.quorum))
+            .why(
+                format!("{} voted {:?} on proposal {id}", ballot.voter, ballot.vote).to_lowercase(),
+            )
+            .why(format!(
+                "tally {approvals} approve / {rejections} reject, quorum {}",
+                proposal.quorum
+            ))
             .whys((!ballot.reason.is_empty()).then(|| format!("voter's reason: {}", ballot.reason)))
             .intent(&id, &id)
-            .context(json!({"voter": ballot.voter, "vote": ballot.vote, "approvals": approvals,
-                            "rejections": rejections, "quorum": proposal.quorum, "state": state}));
+            .context(
+                json!({"voter": ballot.voter, "vote": ballot.vote, "approvals": approvals,
+                            "rejections": rejections, "quorum": proposal.quorum, "state": state}),
+            );
         self.narrator.publish(n).await;
         if state != ProposalState::Open {
             self.finalize(&proposal).await?;
@@ -682,32 +824,59 @@ impl Governance {
     /// Applies a closed proposal to its intent (idempotently) and removes it.
     async fn finalize(&self, p: &Proposal) -> Result<(), ApiError> {
         let (approvals, rejections) = p.counts();
-        let tally = format!("{approvals} approve / {rejections} reject of {} voters, quorum {}", p.voters.len(), p.quorum);
+        let tally = format!(
+            "{approvals} approve / {rejections} reject of {} voters, quorum {}",
+            p.voters.len(),
+            p.quorum
+        );
         let (to, what, reason) = match p.state {
             ProposalState::Open => return Ok(()),
-            ProposalState::Approved => (IntentStatus::Queued, "vote_approved", format!("approved by vote: {tally}")),
-            ProposalState::Rejected => (IntentStatus::Rejected, "vote_rejected", format!("rejected by vote: {tally}")),
+            ProposalState::Approved => (
+                IntentStatus::Queued,
+                "vote_approved",
+                format!("approved by vote: {tally}"),
+            ),
+            ProposalState::Rejected => (
+                IntentStatus::Rejected,
+                "vote_rejected",
+                format!("rejected by vote: {tally}"),
+            ),
             ProposalState::Expired => (
                 IntentStatus::PendingReview,
                 "vote_expired",
-                format!("no quorum within {}s ({tally}): escalated to human review", self.cfg.voters.vote_timeout_s),
+                format!(
+                    "no quorum within {}s ({tally}): escalated to human review",
+                    self.cfg.voters.vote_timeout_s
+                ),
             ),
         };
         let voters: Vec<&str> = p.votes.iter().map(|b| b.voter.as_str()).collect();
-        let by = Some(if voters.is_empty() { "unified_logic_hub".to_owned() } else { voters.join(",") });
+        let by = Some(if voters.is_empty() {
+            "unified_logic_hub".to_owned()
+        } else {
+            voters.join(",")
+        });
         let error = (to == IntentStatus::Rejected).then(|| reason.clone());
         let (moved, record) = self
-            .transition(&p.intent_id, IntentStatus::PendingVote, to, by, Some(reason.clone()), |r| {
-                if let Some(e) = &error {
-                    r.error = Some(e.clone());
-                }
-            })
+            .transition(
+                &p.intent_id,
+                IntentStatus::PendingVote,
+                to,
+                by,
+                Some(reason.clone()),
+                |r| {
+                    if let Some(e) = &error {
+                        r.error = Some(e.clone());
+                    }
+                },
+            )
             .await?;
         // Effects run when we moved it, or when an earlier attempt moved it and stopped short.
         if moved || record.status == to {
             match to {
                 IntentStatus::Queued => {
-                    self.enqueue(&record.intent, p.priority, Tier::AutonomousHighImpact).await?;
+                    self.enqueue(&record.intent, p.priority, Tier::AutonomousHighImpact)
+                        .await?;
                 }
                 IntentStatus::PendingReview => {
                     let item = ReviewItem::new(
@@ -718,7 +887,9 @@ impl Governance {
                         p.priority,
                         &[p.reasoning.clone(), vec![reason.clone()]].concat(),
                     );
-                    kvx::create_or_get(&self.reviews, &p.intent_id, &item).await.map_err(store_err)?;
+                    kvx::create_or_get(&self.reviews, &p.intent_id, &item)
+                        .await
+                        .map_err(store_err)?;
                 }
                 _ => {}
             }
@@ -736,8 +907,10 @@ impl Governance {
                 .why(reason)
                 .why(format!("intent is now {}", to.as_str()))
                 .intent(&p.intent_id, &record.intent.correlation_id)
-                .context(json!({"approvals": approvals, "rejections": rejections, "quorum": p.quorum,
-                                "voters": p.voters, "votes": p.votes, "status": to}));
+                .context(
+                    json!({"approvals": approvals, "rejections": rejections, "quorum": p.quorum,
+                                "voters": p.voters, "votes": p.votes, "status": to}),
+                );
             self.narrator.publish(n).await;
         }
         Ok(())
@@ -747,7 +920,12 @@ impl Governance {
     async fn sweep_once(&self) -> Result<(), ApiError> {
         let now = time::now_ms();
         for key in kvx::keys(&self.proposals).await.map_err(store_err)? {
-            let Some(p) = kvx::read::<Proposal>(&self.proposals, &key).await.map_err(store_err)? else { continue };
+            let Some(p) = kvx::read::<Proposal>(&self.proposals, &key)
+                .await
+                .map_err(store_err)?
+            else {
+                continue;
+            };
             let p = p.value;
             if p.state == ProposalState::Open && now < p.deadline_ms {
                 continue;
@@ -814,7 +992,10 @@ fn review_record_kind(tier: Tier) -> Option<ReviewKind> {
 
 /// Intent ids we accept are valid KV keys; anything else cannot be stored, so it is unknown.
 fn kv_key_ok(id: &str) -> bool {
-    id.len() <= bulwark_common::intent::MAX_ID_LEN && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    id.len() <= bulwark_common::intent::MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn decision(intent: &Intent, route: &Route) -> Decision {

@@ -110,7 +110,11 @@ pub struct Tally {
 impl Proposal {
     /// Approving and rejecting votes.
     pub fn counts(&self) -> (usize, usize) {
-        let approvals = self.votes.iter().filter(|b| b.vote == Choice::Approve).count();
+        let approvals = self
+            .votes
+            .iter()
+            .filter(|b| b.vote == Choice::Approve)
+            .count();
         (approvals, self.votes.len() - approvals)
     }
 
@@ -135,31 +139,45 @@ impl Proposal {
         if self.state != ProposalState::Open {
             return Err(ApiError::conflict(
                 "proposal_closed",
-                format!("proposal {} is closed ({:?})", self.proposal_id, self.state).to_lowercase(),
+                format!("proposal {} is closed ({:?})", self.proposal_id, self.state)
+                    .to_lowercase(),
             ));
         }
         if now_ms >= self.deadline_ms {
             return Err(ApiError::conflict(
                 "proposal_closed",
-                format!("proposal {} passed its deadline {}", self.proposal_id, self.deadline),
+                format!(
+                    "proposal {} passed its deadline {}",
+                    self.proposal_id, self.deadline
+                ),
             ));
         }
         if !self.voters.contains(&ballot.voter) {
             return Err(ApiError::forbidden(
                 "not_a_voter",
-                format!("{:?} is not a voter; voters are {}", ballot.voter, self.voters.join(", ")),
+                format!(
+                    "{:?} is not a voter; voters are {}",
+                    ballot.voter,
+                    self.voters.join(", ")
+                ),
             ));
         }
         if ballot.voter == self.actor {
             return Err(ApiError::forbidden(
                 "self_vote",
-                format!("{:?} submitted intent {} and cannot vote on it", ballot.voter, self.intent_id),
+                format!(
+                    "{:?} submitted intent {} and cannot vote on it",
+                    ballot.voter, self.intent_id
+                ),
             ));
         }
         if self.votes.iter().any(|b| b.voter == ballot.voter) {
             return Err(ApiError::conflict(
                 "duplicate_vote",
-                format!("{:?} already voted on proposal {}", ballot.voter, self.proposal_id),
+                format!(
+                    "{:?} already voted on proposal {}",
+                    ballot.voter, self.proposal_id
+                ),
             ));
         }
         self.votes.push(ballot);
@@ -200,18 +218,32 @@ impl VoteRequest {
             "approve" => Choice::Approve,
             "reject" => Choice::Reject,
             other => {
-                return Err(ApiError::bad_request(INVALID_VOTE, format!("vote must be \"approve\" or \"reject\", got {other:?}")));
+                return Err(ApiError::bad_request(
+                    INVALID_VOTE,
+                    format!("vote must be \"approve\" or \"reject\", got {other:?}"),
+                ));
             }
         };
         if raw.proposal_id.trim().is_empty() {
-            return Err(ApiError::bad_request(INVALID_VOTE, "proposal_id must not be empty"));
+            return Err(ApiError::bad_request(
+                INVALID_VOTE,
+                "proposal_id must not be empty",
+            ));
         }
         if raw.voter.trim().is_empty() {
-            return Err(ApiError::bad_request(INVALID_VOTE, "voter must not be empty"));
+            return Err(ApiError::bad_request(
+                INVALID_VOTE,
+                "voter must not be empty",
+            ));
         }
         Ok(VoteRequest {
             proposal_id: raw.proposal_id,
-            ballot: Ballot { voter: raw.voter, vote, reason: raw.reason.unwrap_or_default(), at: bulwark_common::time::now() },
+            ballot: Ballot {
+                voter: raw.voter,
+                vote,
+                reason: raw.reason.unwrap_or_default(),
+                at: bulwark_common::time::now(),
+            },
         })
     }
 }
@@ -230,7 +262,12 @@ mod tests {
             mission_alignment: 0.9,
             priority: 5,
             reasoning: vec![],
-            voters: vec!["architect".into(), "guardian".into(), "steward".into(), "sage".into()],
+            voters: vec![
+                "architect".into(),
+                "guardian".into(),
+                "steward".into(),
+                "sage".into(),
+            ],
             quorum: 2,
             votes: vec![],
             state: ProposalState::Open,
@@ -241,15 +278,31 @@ mod tests {
     }
 
     fn ballot(voter: &str, vote: Choice) -> Ballot {
-        Ballot { voter: voter.into(), vote, reason: String::new(), at: String::new() }
+        Ballot {
+            voter: voter.into(),
+            vote,
+            reason: String::new(),
+            at: String::new(),
+        }
     }
 
     #[test]
     fn quorum_of_approvals_approves() {
         let mut p = proposal();
-        assert_eq!(p.cast(ballot("guardian", Choice::Approve), 0).expect("ok"), ProposalState::Open);
-        assert_eq!(p.cast(ballot("steward", Choice::Approve), 0).expect("ok"), ProposalState::Approved);
-        assert_eq!(p.cast(ballot("sage", Choice::Approve), 0).expect_err("closed").code, "proposal_closed");
+        assert_eq!(
+            p.cast(ballot("guardian", Choice::Approve), 0).expect("ok"),
+            ProposalState::Open
+        );
+        assert_eq!(
+            p.cast(ballot("steward", Choice::Approve), 0).expect("ok"),
+            ProposalState::Approved
+        );
+        assert_eq!(
+            p.cast(ballot("sage", Choice::Approve), 0)
+                .expect_err("closed")
+                .code,
+            "proposal_closed"
+        );
     }
 
     #[test]
@@ -257,7 +310,10 @@ mod tests {
         let mut p = proposal();
         p.cast(ballot("guardian", Choice::Reject), 0).expect("ok");
         p.cast(ballot("steward", Choice::Approve), 0).expect("ok");
-        assert_eq!(p.cast(ballot("sage", Choice::Reject), 0).expect("ok"), ProposalState::Rejected);
+        assert_eq!(
+            p.cast(ballot("sage", Choice::Reject), 0).expect("ok"),
+            ProposalState::Rejected
+        );
         assert_eq!(p.tally().approvals, 1);
         assert_eq!(p.tally().rejections, 2);
     }
@@ -265,21 +321,47 @@ mod tests {
     #[test]
     fn rules_are_enforced() {
         let mut p = proposal();
-        assert_eq!(p.cast(ballot("architect", Choice::Approve), 0).expect_err("self").code, "self_vote");
-        assert_eq!(p.cast(ballot("mallory", Choice::Approve), 0).expect_err("outsider").code, "not_a_voter");
+        assert_eq!(
+            p.cast(ballot("architect", Choice::Approve), 0)
+                .expect_err("self")
+                .code,
+            "self_vote"
+        );
+        assert_eq!(
+            p.cast(ballot("mallory", Choice::Approve), 0)
+                .expect_err("outsider")
+                .code,
+            "not_a_voter"
+        );
         p.cast(ballot("guardian", Choice::Approve), 0).expect("ok");
-        assert_eq!(p.cast(ballot("guardian", Choice::Approve), 0).expect_err("twice").code, "duplicate_vote");
-        assert_eq!(p.cast(ballot("steward", Choice::Approve), 1_000).expect_err("late").code, "proposal_closed");
+        assert_eq!(
+            p.cast(ballot("guardian", Choice::Approve), 0)
+                .expect_err("twice")
+                .code,
+            "duplicate_vote"
+        );
+        assert_eq!(
+            p.cast(ballot("steward", Choice::Approve), 1_000)
+                .expect_err("late")
+                .code,
+            "proposal_closed"
+        );
         assert_eq!(p.votes.len(), 1, "refused votes are not counted");
     }
 
     #[test]
     fn requests_validate() {
-        let ok = VoteRequest::parse(br#"{"proposal_id":"p","voter":"v","vote":"reject","reason":"no"}"#, 1024).expect("ok");
+        let ok = VoteRequest::parse(
+            br#"{"proposal_id":"p","voter":"v","vote":"reject","reason":"no"}"#,
+            1024,
+        )
+        .expect("ok");
         assert_eq!(ok.ballot.vote, Choice::Reject);
-        let err = VoteRequest::parse(br#"{"proposal_id":"p","voter":"v","vote":"yes"}"#, 1024).expect_err("bad");
+        let err = VoteRequest::parse(br#"{"proposal_id":"p","voter":"v","vote":"yes"}"#, 1024)
+            .expect_err("bad");
         assert_eq!(err.code, INVALID_VOTE);
-        let err = VoteRequest::parse(br#"{"proposal_id":"p","vote":"approve"}"#, 1024).expect_err("bad");
+        let err =
+            VoteRequest::parse(br#"{"proposal_id":"p","vote":"approve"}"#, 1024).expect_err("bad");
         assert!(err.message.contains("voter"), "{}", err.message);
     }
 }

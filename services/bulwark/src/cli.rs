@@ -1,0 +1,172 @@
+//! The command line (CONTRACT section 6).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// bulwark: the safety and orchestration layer for a fleet of autonomous agents.
+#[derive(Debug, Parser)]
+#[command(name = "bulwark", version, about)]
+pub struct Cli {
+    /// NATS server URL, or a comma-separated list of cluster seed URLs
+    /// [default: the config's nats.url, nats://127.0.0.1:4222].
+    #[arg(long, global = true, env = "BULWARK_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Configuration file [default: ./bulwark.toml when present].
+    #[arg(long, global = true, env = "BULWARK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a local nats-server (unless --nats-url reaches one) and every service; Ctrl-C stops.
+    Up,
+    /// Run one service (for several processes or machines).
+    Serve {
+        /// The service to run.
+        service: ServiceName,
+    },
+    /// Submit intents and read their status.
+    Intent {
+        /// What to do with intents.
+        #[command(subcommand)]
+        action: IntentAction,
+    },
+    /// The human review queue.
+    Review {
+        /// What to do with the queue.
+        #[command(subcommand)]
+        action: ReviewAction,
+    },
+    /// Vote on a unified logic proposal (a tier 3 intent).
+    Vote {
+        /// The proposal (the intent id).
+        proposal_id: String,
+        /// Approve or reject.
+        choice: Choice,
+        /// The voter's name (one of governance.voters.names).
+        #[arg(long)]
+        voter: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// List the open unified logic proposals.
+    Proposals,
+}
+
+impl Command {
+    /// True for the long-running commands (they log at info by default).
+    pub fn is_service(&self) -> bool {
+        matches!(self, Command::Up | Command::Serve { .. })
+    }
+}
+
+/// The services `bulwark serve` can run.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ServiceName {
+    /// Intent governance: tiers, review queue, votes.
+    Governance,
+}
+
+/// Intent subcommands.
+#[derive(Debug, Subcommand)]
+pub enum IntentAction {
+    /// Submit an intent; prints the decision.
+    Submit {
+        /// The intent type (e.g. query_knowledge, self_improve).
+        intent_type: String,
+        /// Who is asking.
+        #[arg(long, default_value = "cli")]
+        actor: String,
+        /// The payload, a JSON object.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Priority 0-9 (9 most urgent).
+        #[arg(long)]
+        priority: Option<u8>,
+        /// Idempotency key; resubmitting it returns the first decision.
+        #[arg(long)]
+        id: Option<String>,
+        /// Mission context flags, e.g. --impact resilience --impact learning (or emergency).
+        #[arg(long = "impact", value_enum)]
+        impacts: Vec<Impact>,
+    },
+    /// Show an intent's status and history.
+    Status {
+        /// The intent id.
+        intent_id: String,
+    },
+}
+
+/// Mission pillars (and emergency) for `--impact`.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Impact {
+    /// resilience_impact
+    Resilience,
+    /// revenue_impact
+    Revenue,
+    /// autonomy_impact
+    Autonomy,
+    /// learning_impact
+    Learning,
+    /// emergency
+    Emergency,
+}
+
+/// Review subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ReviewAction {
+    /// List the review queue.
+    List {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a pending intent (it is queued) or acknowledge a review record.
+    Approve {
+        /// The intent id.
+        intent_id: String,
+        /// Who decides.
+        #[arg(long)]
+        reviewer: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Reject a pending intent (it never runs) or flag a review record.
+    Reject {
+        /// The intent id.
+        intent_id: String,
+        /// Who decides.
+        #[arg(long)]
+        reviewer: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+}
+
+/// A vote.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Choice {
+    /// For.
+    Approve,
+    /// Against.
+    Reject,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,201 @@
+//! The client commands: requests to the services, printed for a person (JSON where the reply is
+//! the contract's JSON, a table for the review queue). A service's error reply becomes one line
+//! on stderr and exit code 1.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bulwark_common::BulwarkConfig;
+use bulwark_common::api::ErrorBody;
+use bulwark_common::connect::{self, Role};
+use bulwark_common::subjects;
+use serde_json::{Value, json};
+
+use crate::cli::{Choice, Command, Impact, IntentAction, ReviewAction};
+use crate::up;
+
+/// Runs `command`.
+pub async fn dispatch(
+    command: Command,
+    cfg: BulwarkConfig,
+    url_given: bool,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Up => up::up(cfg, url_given).await,
+        Command::Serve { service } => up::serve(service, cfg).await,
+        Command::Intent {
+            action:
+                IntentAction::Submit {
+                    intent_type,
+                    actor,
+                    payload,
+                    priority,
+                    id,
+                    impacts,
+                },
+        } => {
+            let payload: Value =
+                serde_json::from_str(&payload).context("--payload is not valid JSON")?;
+            let mut body = json!({"intent_type": intent_type, "actor": actor, "payload": payload});
+            if let Some(p) = priority {
+                body["priority"] = json!(p);
+            }
+            if let Some(id) = id {
+                body["intent_id"] = json!(id);
+            }
+            if !impacts.is_empty() {
+                let ctx: serde_json::Map<String, Value> = impacts
+                    .iter()
+                    .map(|i| {
+                        let key = match i {
+                            Impact::Resilience => "resilience_impact",
+                            Impact::Revenue => "revenue_impact",
+                            Impact::Autonomy => "autonomy_impact",
+                            Impact::Learning => "learning_impact",
+                            Impact::Emergency => "emergency",
+                        };
+                        (key.to_owned(), Value::Bool(true))
+                    })
+                    .collect();
+                body["mission_context"] = Value::Object(ctx);
+            }
+            print_json(&request(&cfg, subjects::INTENT_SUBMIT, &body).await?)
+        }
+        Command::Intent {
+            action: IntentAction::Status { intent_id },
+        } => print_json(
+            &request(
+                &cfg,
+                subjects::INTENT_STATUS,
+                &json!({ "intent_id": intent_id }),
+            )
+            .await?,
+        ),
+        Command::Review {
+            action: ReviewAction::List { json },
+        } => {
+            let reply = request(&cfg, subjects::REVIEW_PENDING, &json!({})).await?;
+            if json {
+                return print_json(&reply);
+            }
+            print_reviews(&reply);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Review {
+            action:
+                ReviewAction::Approve {
+                    intent_id,
+                    reviewer,
+                    reason,
+                },
+        } => decide(&cfg, intent_id, "approve", reviewer, reason).await,
+        Command::Review {
+            action:
+                ReviewAction::Reject {
+                    intent_id,
+                    reviewer,
+                    reason,
+                },
+        } => decide(&cfg, intent_id, "reject", reviewer, reason).await,
+        Command::Vote {
+            proposal_id,
+            choice,
+            voter,
+            reason,
+        } => {
+            let vote = match choice {
+                Choice::Approve => "approve",
+                Choice::Reject => "reject",
+            };
+            let body =
+                json!({"proposal_id": proposal_id, "voter": voter, "vote": vote, "reason": reason});
+            print_json(&request(&cfg, subjects::VOTE, &body).await?)
+        }
+        Command::Proposals => {
+            print_json(&request(&cfg, subjects::PROPOSALS_OPEN, &json!({})).await?)
+        }
+    }
+}
+
+async fn decide(
+    cfg: &BulwarkConfig,
+    intent_id: String,
+    decision: &str,
+    reviewer: String,
+    reason: String,
+) -> anyhow::Result<ExitCode> {
+    let body = json!({"intent_id": intent_id, "decision": decision, "reviewer": reviewer, "reason": reason});
+    print_json(&request(cfg, subjects::REVIEW_DECIDE, &body).await?)
+}
+
+/// Sends `body` to `subject` as the operator and returns the reply; an error reply is an error.
+async fn request(cfg: &BulwarkConfig, subject: &str, body: &Value) -> anyhow::Result<Value> {
+    let (client, _) = connect::connect(&cfg.nats, "bulwark-cli", Role::Cli).await?;
+    let timeout = Duration::from_millis(cfg.nats.request_timeout_ms);
+    let reply = match tokio::time::timeout(
+        timeout,
+        client.request(subject.to_owned(), body.to_string().into()),
+    )
+    .await
+    {
+        Err(_) => bail!(
+            "no reply on {subject} within {} ms: is bulwark running (bulwark up)?",
+            timeout.as_millis()
+        ),
+        Ok(Err(err)) => match err.kind() {
+            async_nats::client::RequestErrorKind::NoResponders => {
+                bail!("nothing serves {subject}: is bulwark running (bulwark up)?")
+            }
+            _ => bail!("request on {subject} failed: {err}"),
+        },
+        Ok(Ok(reply)) => reply,
+    };
+    let value: Value = serde_json::from_slice(&reply.payload)
+        .with_context(|| format!("{subject} replied with something that is not JSON"))?;
+    if let Ok(err) = serde_json::from_value::<ErrorBody>(value.clone()) {
+        bail!("{}: {}", err.error.code, err.error.message);
+    }
+    Ok(value)
+}
+
+fn print_json(value: &Value) -> anyhow::Result<ExitCode> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_reviews(reply: &Value) {
+    let items = reply["items"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        println!("The review queue is empty.");
+        return;
+    }
+    println!(
+        "{:<38} {:<15} {:<9} {:<4} {:<20} {:<16} CREATED",
+        "INTENT", "KIND", "DECIDE?", "TIER", "TYPE", "ACTOR"
+    );
+    for item in &items {
+        let s = |k: &str| item[k].as_str().unwrap_or("-").to_owned();
+        println!(
+            "{:<38} {:<15} {:<9} {:<4} {:<20} {:<16} {}",
+            s("intent_id"),
+            s("kind"),
+            if item["requires_decision"].as_bool().unwrap_or(false) {
+                "yes"
+            } else {
+                "record"
+            },
+            item["autonomy_tier"]
+                .as_u64()
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into()),
+            s("intent_type"),
+            s("actor"),
+            s("created_at"),
+        );
+    }
+    println!(
+        "{} item(s); decide with: bulwark review approve|reject <intent> --reviewer <name>",
+        items.len()
+    );
+}

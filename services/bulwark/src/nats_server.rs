@@ -1,0 +1,97 @@
+//! The local nats-server `bulwark up` starts when none is reachable: found on PATH (2.10 or
+//! newer) or in `.tools/pip/bin` (where `scripts/setup` installs it), run with `nats.conf`,
+//! stopped with SIGTERM when bulwark stops.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+/// A nats-server child process.
+pub struct LocalServer {
+    child: Child,
+}
+
+/// The nats-server binary to use: the configured one, else `nats-server` on PATH, else
+/// `.tools/pip/bin/nats-server` below the current directory or the binary's ancestors.
+pub fn find_binary(configured: &str) -> anyhow::Result<PathBuf> {
+    if !configured.is_empty() {
+        return Ok(PathBuf::from(configured));
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    let mut roots = vec![std::env::current_dir().unwrap_or_default()];
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().map(Path::to_path_buf));
+    }
+    roots
+        .into_iter()
+        .map(|root| root.join(".tools/pip/bin/nats-server"))
+        .find(|p| p.is_file())
+        .context("no nats-server found on PATH or in .tools/pip/bin: run scripts/setup, or pass --nats-url")
+}
+
+impl LocalServer {
+    /// Starts `binary -c conf`, listening on `host:port`, logging to `log`.
+    pub async fn start(
+        binary: &Path,
+        conf: &Path,
+        host: &str,
+        port: u16,
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        if !conf.is_file() {
+            bail!(
+                "nats-server config {} not found (set up.nats_conf, or run from the repository root)",
+                conf.display()
+            );
+        }
+        if let Some(parent) = log.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let log_file =
+            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let mut command = Command::new(binary);
+        command.arg("-c").arg(conf);
+        if (host, port) != ("127.0.0.1", 4222) {
+            command.arg("-a").arg(host).arg("-p").arg(port.to_string());
+        }
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(LocalServer { child })
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Stops the server gracefully (SIGTERM), killing it after `grace`.
+    pub async fn stop(mut self, grace: Duration) {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status()
+                .await;
+        }
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}

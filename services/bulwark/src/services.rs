@@ -1,0 +1,48 @@
+//! The services this binary can run, in-process (`bulwark up`) or alone (`bulwark serve`).
+
+use anyhow::Context;
+use bulwark_common::BulwarkConfig;
+use bulwark_common::connect::{self, Role};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::ServiceName;
+
+impl ServiceName {
+    /// The NATS micro name the service registers under.
+    pub fn micro_name(self) -> &'static str {
+        match self {
+            ServiceName::Governance => bulwark_governance::service::SERVICE_NAME,
+        }
+    }
+
+    /// What a user reaches it by, for the readiness line.
+    pub fn summary(self) -> &'static str {
+        match self {
+            ServiceName::Governance => {
+                "htm.intent.submit, htm.intent.status, governance.review.*, unified_logic.vote"
+            }
+        }
+    }
+
+    /// Every service, in start order.
+    pub fn all() -> &'static [ServiceName] {
+        &[ServiceName::Governance]
+    }
+}
+
+/// Connects as `service` and runs it until `shutdown`.
+pub async fn run(
+    service: ServiceName,
+    cfg: BulwarkConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (client, _stats) = connect::connect(&cfg.nats, service.micro_name(), Role::Service)
+        .await
+        .with_context(|| format!("{} cannot connect", service.micro_name()))?;
+    match service {
+        ServiceName::Governance => bulwark_governance::run(cfg, client.clone(), shutdown).await?,
+    }
+    // Push out what is buffered (last narratives, replies) before the connection drops.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
+    Ok(())
+}

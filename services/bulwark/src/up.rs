@@ -1,0 +1,192 @@
+//! `bulwark up` and `bulwark serve`: run the services until Ctrl-C or SIGTERM.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bulwark_common::BulwarkConfig;
+use bulwark_common::connect::{self, Role};
+use tokio::task::JoinSet;
+
+use crate::cli::ServiceName;
+use crate::nats_server::{self, LocalServer};
+use crate::services;
+
+/// Time services get to finish in-flight work after the stop signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs every service in this process, starting a local nats-server when needed.
+pub async fn up(mut cfg: BulwarkConfig, url_given: bool) -> anyhow::Result<ExitCode> {
+    let shutdown = bulwark_common::shutdown::on_signal();
+    let mut local = None;
+    if reachable(&cfg).await {
+        println!("bulwark: using the NATS server at {}", cfg.nats.url);
+    } else {
+        let first = connect::parse_urls(&cfg.nats.url)?.remove(0);
+        let url: &str = &cfg.nats.url;
+        let (host, port) = host_port(url.split(',').next().unwrap_or(url))?;
+        if url_given && !matches!(host.as_str(), "127.0.0.1" | "localhost") {
+            bail!(
+                "no NATS server answers at {} ({first:?}); start it, or omit --nats-url to run a local one",
+                cfg.nats.url
+            );
+        }
+        let binary = nats_server::find_binary(&cfg.up.nats_server)?;
+        let log = std::path::Path::new("data").join("nats-server.log");
+        println!(
+            "bulwark: starting {} -c {} on {host}:{port} (log: {})",
+            binary.display(),
+            cfg.up.nats_conf.display(),
+            log.display()
+        );
+        let mut server = LocalServer::start(&binary, &cfg.up.nats_conf, &host, port, &log).await?;
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(cfg.up.server_start_timeout_ms);
+        loop {
+            if reachable(&cfg).await {
+                break;
+            }
+            if !server.running() || tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the local nats-server did not come up; see {}",
+                    log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        cfg.nats.url = format!("nats://{host}:{port}");
+        local = Some(server);
+    }
+
+    let mut running = JoinSet::new();
+    for &service in ServiceName::all() {
+        let cfg = cfg.clone();
+        let token = shutdown.clone();
+        running.spawn(async move { (service, services::run(service, cfg, token).await) });
+    }
+    let (probe, _) = connect::connect(&cfg.nats, "bulwark-up", Role::Service).await?;
+    let mut all_ready = true;
+    for &service in ServiceName::all() {
+        if bulwark_common::micro::wait_ready(&probe, service.micro_name(), Duration::from_secs(30))
+            .await
+        {
+            println!(
+                "  ready  {:<20} {}",
+                service.micro_name(),
+                service.summary()
+            );
+        } else {
+            all_ready = false;
+            println!(
+                "  NOT READY {:<17} (no answer to $SRV.PING.{})",
+                service.micro_name(),
+                service.micro_name()
+            );
+        }
+    }
+    if all_ready {
+        println!("bulwark: up on {}; Ctrl-C stops", cfg.nats.url);
+    }
+
+    let mut failed = false;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(done) = running.join_next() => {
+            // A service ended by itself: that is a failure; stop the rest.
+            report(done, &mut failed);
+            failed = true;
+            shutdown.cancel();
+        }
+    }
+    println!("bulwark: stopping");
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while let Some(done) = running.join_next().await {
+            report(done, &mut failed);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        eprintln!("bulwark: services did not stop within {SHUTDOWN_GRACE:?}");
+        failed = true;
+    }
+    drop(probe);
+    if let Some(server) = local {
+        server.stop(Duration::from_secs(10)).await;
+    }
+    println!("bulwark: stopped");
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn report(
+    done: Result<(ServiceName, anyhow::Result<()>), tokio::task::JoinError>,
+    failed: &mut bool,
+) {
+    match done {
+        Ok((_, Ok(()))) => {}
+        Ok((service, Err(err))) => {
+            *failed = true;
+            eprintln!("bulwark: {} failed: {err:#}", service.micro_name());
+        }
+        Err(err) => {
+            *failed = true;
+            eprintln!("bulwark: a service panicked: {err}");
+        }
+    }
+}
+
+/// Runs one service until Ctrl-C or SIGTERM.
+pub async fn serve(service: ServiceName, cfg: BulwarkConfig) -> anyhow::Result<ExitCode> {
+    let shutdown = bulwark_common::shutdown::on_signal();
+    tracing::info!(service = service.micro_name(), url = %cfg.nats.url, "serving");
+    services::run(service, cfg, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn reachable(cfg: &BulwarkConfig) -> bool {
+    let mut quick = cfg.nats.clone();
+    quick.connect_timeout_ms = quick.connect_timeout_ms.min(1_500);
+    connect::connect(&quick, "bulwark-probe", Role::Cli)
+        .await
+        .is_ok()
+}
+
+fn host_port(url: &str) -> anyhow::Result<(String, u16)> {
+    let rest = url.trim().split("://").nth(1).unwrap_or(url.trim());
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    let rest = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .with_context(|| format!("bad port in {url}"))?,
+        ),
+        None => (rest, 4222),
+    };
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn host_and_port_from_urls() {
+        assert_eq!(
+            host_port("nats://127.0.0.1:4222").expect("ok"),
+            ("127.0.0.1".into(), 4222)
+        );
+        assert_eq!(
+            host_port("nats://u:p@localhost:5000").expect("ok"),
+            ("localhost".into(), 5000)
+        );
+        assert_eq!(
+            host_port("localhost").expect("ok"),
+            ("localhost".into(), 4222)
+        );
+        assert!(host_port("nats://h:x").is_err());
+    }
+}
