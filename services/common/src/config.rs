@@ -10,13 +10,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Environment variables with the `BULWARK_` prefix that are CLI flags, not config keys.
-const CLI_ONLY_ENV: &[&str] = &[
-    "BULWARK_NATS_URL",
-    "BULWARK_CONFIG",
-    "BULWARK_LOG",
-    "BULWARK_LOG_FORMAT",
-];
+/// True for environment variables that address a config key: `BULWARK_<SECTION>__<KEY>`.
+/// Variables without the double underscore (`BULWARK_NATS_URL`, `BULWARK_CONFIG`, `BULWARK_LOG`)
+/// belong to the command line and tools, not to this file's keys.
+fn is_config_env(key: &str) -> bool {
+    key.strip_prefix("BULWARK_").is_some_and(|rest| rest.contains("__"))
+}
 
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +50,7 @@ impl BulwarkConfig {
     /// when it exists.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let env: std::collections::HashMap<String, String> = std::env::vars()
-            .filter(|(key, _)| key.starts_with("BULWARK_") && !CLI_ONLY_ENV.contains(&key.as_str()))
+            .filter(|(key, _)| is_config_env(key))
             .collect();
         Self::load_from(file, env)
     }
@@ -375,6 +374,26 @@ mod tests {
         );
         assert_eq!(cfg.governance.voters.names, vec!["a", "b"]);
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn only_sectioned_variables_are_config() {
+        assert!(is_config_env("BULWARK_NATS__URL"));
+        assert!(!is_config_env("BULWARK_NATS_URL"));
+        assert!(!is_config_env("BULWARK_BIN"));
+        assert!(!is_config_env("OTHER__X"));
+    }
+
+    #[test]
+    fn the_repository_bulwark_toml_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bulwark.toml");
+        let from_file = BulwarkConfig::load_from(Some(&path), HashMap::new()).expect("bulwark.toml loads");
+        let defaults = BulwarkConfig::default();
+        assert_eq!(
+            serde_json::to_value(&from_file).expect("json"),
+            serde_json::to_value(&defaults).expect("json"),
+            "bulwark.toml documents exactly the built-in defaults"
+        );
     }
 
     #[test]
