@@ -52,12 +52,25 @@ struct Sizes {
 
 async fn governance(args: &Args) -> anyhow::Result<()> {
     let sizes = if args.smoke {
-        Sizes { throughput_requests: 2_000, in_flight: 64, offered_rate: 1_000, latency_seconds: 1.0 }
+        Sizes {
+            throughput_requests: 2_000,
+            in_flight: 64,
+            offered_rate: 1_000,
+            latency_seconds: 1.0,
+        }
     } else {
-        Sizes { throughput_requests: 100_000, in_flight: 64, offered_rate: 10_000, latency_seconds: 5.0 }
+        Sizes {
+            throughput_requests: 100_000,
+            in_flight: 64,
+            offered_rate: 10_000,
+            latency_seconds: 5.0,
+        }
     };
     let server = NatsServer::start();
-    println!("bench governance: nats-server {} (repository nats.conf, file-backed JetStream in a temp dir)", server.url());
+    println!(
+        "bench governance: nats-server {} (repository nats.conf, file-backed JetStream in a temp dir)",
+        server.url()
+    );
 
     // Raw NATS: an echo responder in a queue group, like a micro endpoint, on its own connection.
     let responder = server.client().await;
@@ -74,7 +87,14 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
     let sample = json!({"intent_type": "query_knowledge", "actor": "bench", "payload": {"q": "x"},
                         "mission_context": {"learning_impact": true}})
     .to_string();
-    let raw = closed_loop(&client, "bench.echo", sizes.throughput_requests, sizes.in_flight, |_| sample.clone().into()).await?;
+    let raw = closed_loop(
+        &client,
+        "bench.echo",
+        sizes.throughput_requests,
+        sizes.in_flight,
+        |_| sample.clone().into(),
+    )
+    .await?;
 
     let _gov = start_governance(server.config()).await;
     let intent = |i: u64| {
@@ -83,21 +103,58 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
         .to_string()
         .into()
     };
-    let gov = closed_loop(&client, subjects::INTENT_SUBMIT, sizes.throughput_requests, sizes.in_flight, intent).await?;
+    let gov = closed_loop(
+        &client,
+        subjects::INTENT_SUBMIT,
+        sizes.throughput_requests,
+        sizes.in_flight,
+        intent,
+    )
+    .await?;
 
     println!();
-    println!("throughput at {} in flight, {} requests each:", sizes.in_flight, sizes.throughput_requests);
-    println!("  {:<44} {:>10.0} req/s", "raw NATS request/reply (echo)", raw);
-    println!("  {:<44} {:>10.0} intents/s", "bulwark decided-and-persisted intents", gov);
-    println!("  {:<44} {:>10.2}   (aim >= 0.40)", "ratio bulwark / raw", gov / raw);
+    println!(
+        "throughput at {} in flight, {} requests each:",
+        sizes.in_flight, sizes.throughput_requests
+    );
+    println!(
+        "  {:<44} {:>10.0} req/s",
+        "raw NATS request/reply (echo)", raw
+    );
+    println!(
+        "  {:<44} {:>10.0} intents/s",
+        "bulwark decided-and-persisted intents", gov
+    );
+    println!(
+        "  {:<44} {:>10.2}   (aim >= 0.40)",
+        "ratio bulwark / raw",
+        gov / raw
+    );
 
     let offset = sizes.throughput_requests;
     let intent_at = move |i: u64| intent(offset + i);
-    let (hist, sent, errors, achieved) =
-        open_loop(&client, subjects::INTENT_SUBMIT, sizes.offered_rate, sizes.latency_seconds, intent_at).await?;
-    let raw_hist = open_loop(&client, "bench.echo", sizes.offered_rate, sizes.latency_seconds, |_| sample.clone().into()).await?.0;
+    let (hist, sent, errors, achieved) = open_loop(
+        &client,
+        subjects::INTENT_SUBMIT,
+        sizes.offered_rate,
+        sizes.latency_seconds,
+        intent_at,
+    )
+    .await?;
+    let raw_hist = open_loop(
+        &client,
+        "bench.echo",
+        sizes.offered_rate,
+        sizes.latency_seconds,
+        |_| sample.clone().into(),
+    )
+    .await?
+    .0;
     println!();
-    println!("latency at {} intents/s offered for {:.0} s ({} sent, {} errors, {:.0}/s achieved):", sizes.offered_rate, sizes.latency_seconds, sent, errors, achieved);
+    println!(
+        "latency at {} intents/s offered for {:.0} s ({} sent, {} errors, {:.0}/s achieved):",
+        sizes.offered_rate, sizes.latency_seconds, sent, errors, achieved
+    );
     print_latency("raw NATS request/reply", &raw_hist);
     print_latency("bulwark submit -> decision", &hist);
     println!("  (aim: p99 <= 2 ms at 10k/s)");
@@ -105,7 +162,10 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
     if let Some(bin) = &args.bulwark_bin {
         let rss = idle_rss(bin, &server).await?;
         println!();
-        println!("`bulwark up` idle resident memory: {:.1} MB  (aim <= 60 MB)", rss as f64 / 1024.0);
+        println!(
+            "`bulwark up` idle resident memory: {:.1} MB  (aim <= 60 MB)",
+            rss as f64 / 1024.0
+        );
     }
     Ok(())
 }
@@ -171,7 +231,9 @@ async fn open_loop(
     let start = Instant::now();
     // Sends in small batches every millisecond so the offered rate holds on a busy machine.
     let per_tick = (rate / 1000).max(1);
-    let mut ticker = tokio::time::interval(Duration::from_millis(1).max(Duration::from_micros(1_000_000 * per_tick / rate)));
+    let mut ticker = tokio::time::interval(
+        Duration::from_millis(1).max(Duration::from_micros(1_000_000 * per_tick / rate)),
+    );
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut sent = 0;
     while sent < total {
@@ -182,7 +244,8 @@ async fn open_loop(
             let tx = tx.clone();
             tokio::spawn(async move {
                 let t0 = Instant::now();
-                let ok = matches!(client.request(subject, payload).await, Ok(r) if r.headers.is_none());
+                let ok =
+                    matches!(client.request(subject, payload).await, Ok(r) if r.headers.is_none());
                 let _ = tx.send(ok.then(|| t0.elapsed().as_micros() as u64));
             });
             sent += 1;
@@ -197,7 +260,12 @@ async fn open_loop(
             None => errors += 1,
         }
     }
-    Ok((hist, sent, errors, sent as f64 / start.elapsed().as_secs_f64()))
+    Ok((
+        hist,
+        sent,
+        errors,
+        sent as f64 / start.elapsed().as_secs_f64(),
+    ))
 }
 
 /// Starts `bulwark up` against `server`, waits until it is ready and idle, and reads its RSS (KiB).

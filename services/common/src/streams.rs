@@ -73,12 +73,10 @@ pub async fn bucket(
             ..Default::default()
         })
         .await
-        .or_else(|create_err| {
-            // Another service may have created it between our get and create.
-            Err(store_error(name, create_err))
-        });
+        .map_err(|create_err| store_error(name, create_err));
     match created {
         Ok(store) => Ok(store),
+        // Another service may have created it between our get and create.
         Err(err) => js.get_key_value(name).await.map_err(|_| err),
     }
 }

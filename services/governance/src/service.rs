@@ -508,7 +508,7 @@ impl Governance {
         reason: Option<String>,
         edit: impl Fn(&mut IntentRecord),
     ) -> Result<(bool, IntentRecord), ApiError> {
-        let outcome = kvx::update(&self.intents, intent_id, |record: &mut IntentRecord| {
+        kvx::update(&self.intents, intent_id, |record: &mut IntentRecord| {
             if record.status != from {
                 return Ok::<_, ApiError>(Change::Keep(false));
             }
@@ -517,8 +517,7 @@ impl Governance {
             Ok(Change::Write(true))
         })
         .await
-        .map_err(store_err)?;
-        outcome
+        .map_err(store_err)?
     }
 
     // ---- human review -------------------------------------------------------------------------
