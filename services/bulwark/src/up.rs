@@ -109,7 +109,7 @@ pub async fn up(mut cfg: BulwarkConfig, url_given: bool) -> anyhow::Result<ExitC
         eprintln!("bulwark: services did not stop within {SHUTDOWN_GRACE:?}");
         failed = true;
     }
-    drop(probe);
+    let _ = tokio::time::timeout(Duration::from_secs(2), probe.drain()).await;
     if let Some(server) = local {
         server.stop(Duration::from_secs(10)).await;
     }
