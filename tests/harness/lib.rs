@@ -316,6 +316,33 @@ pub async fn start_governance(cfg: BulwarkConfig) -> RunningService {
     }
 }
 
+/// Starts the clarity service with `cfg` and waits until it answers `$SRV.PING` (with several
+/// instances running, any one answering counts).
+pub async fn start_clarity(cfg: BulwarkConfig) -> RunningService {
+    let (client, _) = bulwark_common::connect::connect(
+        &cfg.nats,
+        "clarity",
+        bulwark_common::connect::Role::Service,
+    )
+    .await
+    .expect("clarity connects");
+    let token = CancellationToken::new();
+    let run_token = token.clone();
+    let probe = client.clone();
+    let handle = tokio::spawn(async move {
+        bulwark_clarity::run(cfg, client, run_token).await?;
+        Ok(())
+    });
+    assert!(
+        bulwark_common::micro::wait_ready(&probe, "clarity", Duration::from_secs(20)).await,
+        "clarity answers $SRV.PING"
+    );
+    RunningService {
+        token,
+        handle: Some(handle),
+    }
+}
+
 /// Sends a JSON request and returns the reply's JSON and its micro error code header, if any.
 pub async fn request_json(
     client: &async_nats::Client,

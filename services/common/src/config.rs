@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 /// Variables without the double underscore (`BULWARK_NATS_URL`, `BULWARK_CONFIG`, `BULWARK_LOG`)
 /// belong to the command line and tools, not to this file's keys.
 fn is_config_env(key: &str) -> bool {
-    key.strip_prefix("BULWARK_").is_some_and(|rest| rest.contains("__"))
+    key.strip_prefix("BULWARK_")
+        .is_some_and(|rest| rest.contains("__"))
 }
 
 /// Why configuration could not be loaded.
@@ -43,6 +44,8 @@ pub struct BulwarkConfig {
     pub telemetry: TelemetryConfig,
     /// Intent governance: tiers, alignment, review and votes.
     pub governance: GovernanceConfig,
+    /// Clarity: the hash-chained audit of narratives, its retention and queries.
+    pub clarity: ClarityConfig,
 }
 
 impl BulwarkConfig {
@@ -131,6 +134,7 @@ impl BulwarkConfig {
         if self.nats.request_timeout_ms == 0 || self.nats.connect_timeout_ms == 0 {
             return bad("nats timeouts must be positive".into());
         }
+        self.clarity.validate().map_err(ConfigError::Inconsistent)?;
         Ok(())
     }
 }
@@ -333,6 +337,77 @@ impl Default for VotersConfig {
     }
 }
 
+/// Clarity: the hash-chained audit of narratives (`BULWARK_AUDIT`), its retention and queries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClarityConfig {
+    /// Days an audit record is kept; 0 keeps records forever. With a limit, verification starts
+    /// at the oldest record still stored (expired records cannot be told from deleted ones).
+    pub max_age_days: u64,
+    /// Narratives fetched from `BULWARK_NARRATIVES` per pull request.
+    pub fetch_batch: usize,
+    /// Seconds a fetched narrative may stay unacknowledged before JetStream redelivers it (a
+    /// clarity instance that crashed mid-append is retried by another after this long).
+    pub ack_wait_s: f64,
+    /// Seconds within which a narrative appended twice (after a crash, or by two instances) is
+    /// recognised by its id and stored once. Must exceed `ack_wait_s`.
+    pub duplicate_window_s: f64,
+    /// Items a `clarity.query` returns when the request gives no `limit`.
+    pub query_default_limit: usize,
+    /// Largest `limit` a `clarity.query` accepts.
+    pub query_max_limit: usize,
+    /// Newest audit records a `clarity.query` scans at most; older narratives are not found.
+    pub query_max_scan: u64,
+}
+
+impl Default for ClarityConfig {
+    fn default() -> Self {
+        Self {
+            max_age_days: 0,
+            fetch_batch: 64,
+            ack_wait_s: 30.0,
+            duplicate_window_s: 120.0,
+            query_default_limit: 100,
+            query_max_limit: 1_000,
+            query_max_scan: 10_000,
+        }
+    }
+}
+
+impl ClarityConfig {
+    /// Checks ranges and consistency; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.fetch_batch == 0 {
+            return Err("clarity.fetch_batch must be at least 1".into());
+        }
+        if self.ack_wait_s <= 0.0 {
+            return Err(format!(
+                "clarity.ack_wait_s must be positive, got {}",
+                self.ack_wait_s
+            ));
+        }
+        if self.duplicate_window_s <= self.ack_wait_s {
+            return Err(format!(
+                "clarity.duplicate_window_s ({}) must exceed clarity.ack_wait_s ({})",
+                self.duplicate_window_s, self.ack_wait_s
+            ));
+        }
+        if self.max_age_days > 0 && self.duplicate_window_s > self.max_age_days as f64 * 86_400.0 {
+            return Err("clarity.duplicate_window_s must not exceed clarity.max_age_days".into());
+        }
+        if self.query_default_limit == 0 || self.query_default_limit > self.query_max_limit {
+            return Err(format!(
+                "clarity.query_default_limit must be between 1 and clarity.query_max_limit ({}), got {}",
+                self.query_max_limit, self.query_default_limit
+            ));
+        }
+        if self.query_max_scan == 0 {
+            return Err("clarity.query_max_scan must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,7 +462,8 @@ mod tests {
     #[test]
     fn the_repository_bulwark_toml_is_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bulwark.toml");
-        let from_file = BulwarkConfig::load_from(Some(&path), HashMap::new()).expect("bulwark.toml loads");
+        let from_file =
+            BulwarkConfig::load_from(Some(&path), HashMap::new()).expect("bulwark.toml loads");
         let defaults = BulwarkConfig::default();
         assert_eq!(
             serde_json::to_value(&from_file).expect("json"),
@@ -407,6 +483,15 @@ mod tests {
         )]);
         let err = BulwarkConfig::load_from(None, env).expect_err("range");
         assert!(err.to_string().contains("0-4"), "{err}");
+        let env = HashMap::from([(
+            "BULWARK_CLARITY__QUERY_DEFAULT_LIMIT".to_owned(),
+            "5000".to_owned(),
+        )]);
+        let err = BulwarkConfig::load_from(None, env).expect_err("limit over max");
+        assert!(
+            err.to_string().contains("clarity.query_default_limit"),
+            "{err}"
+        );
         let missing =
             BulwarkConfig::load_from(Some(Path::new("/nonexistent/b.toml")), HashMap::new());
         assert!(matches!(missing, Err(ConfigError::Missing(_))));

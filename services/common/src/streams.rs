@@ -8,6 +8,8 @@
 //! | `bulwark_proposals` | KV | open unified logic proposals with their votes and deadline |
 //! | `BULWARK_TASKS` | stream, work queue | approved tasks on `htm.task.queue.<priority>` |
 //! | `BULWARK_NARRATIVES` | stream | every 5W1H narrative on `clarity.narrative.>` |
+//! | `BULWARK_AUDIT` | stream | clarity's hash-chained audit records on `clarity.audit` |
+//! | `bulwark_audit_head` | KV | the newest audit record's `{seq, hash}`, to detect truncation |
 
 use std::time::Duration;
 
@@ -111,4 +113,40 @@ pub async fn narratives(js: &jetstream::Context) -> Result<stream::Stream, Store
     })
     .await
     .map_err(|e| store_error(NARRATIVES_STREAM, e))
+}
+
+/// Stream of clarity's hash-chained audit records.
+pub const AUDIT_STREAM: &str = "BULWARK_AUDIT";
+/// KV bucket holding the head (`{seq, hash}`) of the audit chain.
+pub const AUDIT_HEAD_BUCKET: &str = "bulwark_audit_head";
+
+/// Creates the audit stream when missing, and brings its retention (`max_age`, zero for
+/// forever) and duplicate window up to date when they changed.
+pub async fn audit(
+    js: &jetstream::Context,
+    max_age: Duration,
+    duplicate_window: Duration,
+) -> Result<stream::Stream, StoreError> {
+    let config = stream::Config {
+        name: AUDIT_STREAM.to_owned(),
+        description: Some("bulwark clarity audit: every narrative, hash-chained, in order".into()),
+        subjects: vec![subjects::CLARITY_AUDIT.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age,
+        duplicate_window,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    let stream = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|e| store_error(AUDIT_STREAM, e))?;
+    let current = &stream.cached_info().config;
+    if current.max_age != max_age || current.duplicate_window != duplicate_window {
+        js.update_stream(config)
+            .await
+            .map_err(|e| store_error(AUDIT_STREAM, e))?;
+    }
+    Ok(stream)
 }

@@ -96,6 +96,14 @@ pub fn is_valid_event_type(event_type: &str) -> bool {
         })
 }
 
+/// Clarity query: request `{who?, what?, intent_id?, correlation_id?, since?, limit?}`, reply
+/// `{"items": [...]}` (NATS micro endpoint of service `clarity`).
+pub const CLARITY_QUERY: &str = "clarity.query";
+/// Clarity chain verification: request `{}`, reply `{"ok", "records", "first_bad_seq"}`.
+pub const CLARITY_VERIFY: &str = "clarity.verify";
+/// The hash-chained audit records clarity appends to the `BULWARK_AUDIT` stream (internal).
+pub const CLARITY_AUDIT: &str = "clarity.audit";
+
 #[cfg(test)]
 mod tests {
     use super::*;
