@@ -96,6 +96,23 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
     )
     .await?;
 
+    // Raw JetStream: a publish acknowledged by a file-backed stream, the unit of bulwark's cost
+    // (an accepted tier 2 intent is two such writes plus its narrative).
+    let js = async_nats::jetstream::new(client.clone());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH_RAW".into(),
+        subjects: vec!["bench.raw.>".into()],
+        ..Default::default()
+    })
+    .await?;
+    let raw_js = closed_loop_js(
+        &js,
+        sizes.throughput_requests,
+        sizes.in_flight,
+        sample.clone(),
+    )
+    .await?;
+
     let _gov = start_governance(server.config()).await;
     let intent = |i: u64| {
         json!({"intent_id": format!("bench-{i}"), "intent_type": "query_knowledge", "actor": "bench",
@@ -122,6 +139,10 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
         "raw NATS request/reply (echo)", raw
     );
     println!(
+        "  {:<44} {:>10.0} acks/s",
+        "raw JetStream publish, acknowledged (file)", raw_js
+    );
+    println!(
         "  {:<44} {:>10.0} intents/s",
         "bulwark decided-and-persisted intents", gov
     );
@@ -131,32 +152,32 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
         gov / raw
     );
 
-    let offset = sizes.throughput_requests;
-    let intent_at = move |i: u64| intent(offset + i);
-    let (hist, sent, errors, achieved) = open_loop(
-        &client,
-        subjects::INTENT_SUBMIT,
-        sizes.offered_rate,
-        sizes.latency_seconds,
-        intent_at,
-    )
-    .await?;
-    let raw_hist = open_loop(
-        &client,
-        "bench.echo",
-        sizes.offered_rate,
-        sizes.latency_seconds,
-        |_| sample.clone().into(),
-    )
-    .await?
-    .0;
-    println!();
-    println!(
-        "latency at {} intents/s offered for {:.0} s ({} sent, {} errors, {:.0}/s achieved):",
-        sizes.offered_rate, sizes.latency_seconds, sent, errors, achieved
-    );
-    print_latency("raw NATS request/reply", &raw_hist);
-    print_latency("bulwark submit -> decision", &hist);
+    let mut offset = sizes.throughput_requests;
+    for rate in [sizes.offered_rate, sizes.offered_rate / 2] {
+        let base = offset;
+        let intent_at = move |i: u64| intent(base + i);
+        let (hist, sent, errors, achieved) = open_loop(
+            &client,
+            subjects::INTENT_SUBMIT,
+            rate,
+            sizes.latency_seconds,
+            intent_at,
+        )
+        .await?;
+        offset += sent;
+        let raw_hist = open_loop(&client, "bench.echo", rate, sizes.latency_seconds, |_| {
+            sample.clone().into()
+        })
+        .await?
+        .0;
+        println!();
+        println!(
+            "latency at {rate} intents/s offered for {:.0} s ({sent} sent, {errors} errors, {achieved:.0}/s achieved):",
+            sizes.latency_seconds
+        );
+        print_latency("raw NATS request/reply", &raw_hist);
+        print_latency("bulwark submit -> decision", &hist);
+    }
     println!("  (aim: p99 <= 2 ms at 10k/s)");
 
     if let Some(bin) = &args.bulwark_bin {
@@ -215,6 +236,41 @@ async fn closed_loop(
         bail!("{failed} of {n} requests on {subject} failed");
     }
     Ok(n as f64 / elapsed)
+}
+
+/// Publishes `n` messages to a file-backed stream keeping `in_flight` acks outstanding; returns
+/// acknowledged publishes per second.
+async fn closed_loop_js(
+    js: &async_nats::jetstream::Context,
+    n: u64,
+    in_flight: usize,
+    body: String,
+) -> anyhow::Result<f64> {
+    let permits = Arc::new(Semaphore::new(in_flight));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let permit = permits.clone().acquire_owned().await?;
+        let ack = js
+            .publish(format!("bench.raw.{}", i % 10), body.clone().into())
+            .await?;
+        tasks.spawn(async move {
+            let ok = ack.await.is_ok();
+            drop(permit);
+            ok
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    let mut failed = 0;
+    while let Some(done) = tasks.join_next().await {
+        if !done.unwrap_or(false) {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {n} JetStream publishes were not acknowledged");
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Offers `rate` requests per second for `seconds` whatever the replies do (open loop), and
