@@ -844,3 +844,35 @@ async fn a_foreign_python_client_submits_and_reads_status() {
     assert_eq!(result["error_header"], "400");
     assert_eq!(task_count(&s.js).await, 1);
 }
+
+#[tokio::test]
+async fn telemetry_reports_the_counters() {
+    let s = stack().await;
+    let mut telemetry = s
+        .client
+        .subscribe("telemetry.governance")
+        .await
+        .expect("sub");
+    submit(&s.client, &intent("query_knowledge")).await;
+    submit(&s.client, &intent("self_improve")).await;
+    // Telemetry is published every second in tests; read until a message counts both intents.
+    let figures = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(msg) = telemetry.next().await {
+            let v: Value = serde_json::from_slice(&msg.payload).expect("telemetry is JSON");
+            if v["intents_by_tier"][2] == 1 && v["intents_by_tier"][3] == 1 {
+                return v;
+            }
+        }
+        panic!("telemetry subscription ended");
+    })
+    .await
+    .expect("telemetry with both intents within 10 s");
+    assert_eq!(figures["component"], "governance");
+    assert_eq!(figures["health_status"], "healthy");
+    assert!(
+        figures["timestamp"]
+            .as_str()
+            .expect("timestamp")
+            .ends_with('Z')
+    );
+}

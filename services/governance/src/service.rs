@@ -163,7 +163,17 @@ pub async fn run(
         SERVICE_NAME,
         Duration::from_secs_f64(cfg.telemetry.interval_s.max(0.1)),
         shutdown.clone(),
-        move || telemetry_counters.snapshot(),
+        {
+            // Degraded while requests fail on bulwark's side (JetStream unavailable).
+            let last_internal = AtomicU64::new(0);
+            move || {
+                let mut figures = telemetry_counters.snapshot();
+                let internal = telemetry_counters.internal_errors.load(Ordering::Relaxed);
+                let failing = internal > last_internal.swap(internal, Ordering::Relaxed);
+                figures["health_status"] = json!(if failing { "degraded" } else { "healthy" });
+                figures
+            }
+        },
     );
     tracing::info!("governance serving {}", subjects::INTENT_SUBMIT);
 
