@@ -57,6 +57,14 @@ pub enum Command {
     },
     /// List the open unified logic proposals.
     Proposals,
+    /// Show stored 5W1H narratives (newest last), optionally following new ones.
+    Narratives(crate::narratives::NarrativesArgs),
+    /// The audit chain of narratives.
+    Audit {
+        /// What to do with the chain.
+        #[command(subcommand)]
+        action: crate::narratives::AuditAction,
+    },
 }
 
 impl Command {
@@ -71,6 +79,8 @@ impl Command {
 pub enum ServiceName {
     /// Intent governance: tiers, review queue, votes.
     Governance,
+    /// Clarity: the hash-chained audit of narratives, query and verify.
+    Clarity,
 }
 
 /// Intent subcommands.

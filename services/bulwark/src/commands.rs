@@ -115,6 +115,8 @@ pub async fn dispatch(
         Command::Proposals => {
             print_json(&request(&cfg, subjects::PROPOSALS_OPEN, &json!({})).await?)
         }
+        Command::Narratives(args) => crate::narratives::narratives(&cfg, args).await,
+        Command::Audit { action } => crate::narratives::audit(&cfg, action).await,
     }
 }
 
@@ -130,7 +132,11 @@ async fn decide(
 }
 
 /// Sends `body` to `subject` as the operator and returns the reply; an error reply is an error.
-async fn request(cfg: &BulwarkConfig, subject: &str, body: &Value) -> anyhow::Result<Value> {
+pub(crate) async fn request(
+    cfg: &BulwarkConfig,
+    subject: &str,
+    body: &Value,
+) -> anyhow::Result<Value> {
     let (client, _) = connect::connect(&cfg.nats, "bulwark-cli", Role::Cli).await?;
     let timeout = Duration::from_millis(cfg.nats.request_timeout_ms);
     let reply = match tokio::time::timeout(

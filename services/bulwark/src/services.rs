@@ -12,6 +12,7 @@ impl ServiceName {
     pub fn micro_name(self) -> &'static str {
         match self {
             ServiceName::Governance => bulwark_governance::service::SERVICE_NAME,
+            ServiceName::Clarity => bulwark_clarity::service::SERVICE_NAME,
         }
     }
 
@@ -21,12 +22,13 @@ impl ServiceName {
             ServiceName::Governance => {
                 "htm.intent.submit, htm.intent.status, governance.review.*, unified_logic.vote"
             }
+            ServiceName::Clarity => "clarity.query, clarity.verify (stores clarity.narrative.>)",
         }
     }
 
     /// Every service, in start order.
     pub fn all() -> &'static [ServiceName] {
-        &[ServiceName::Governance]
+        &[ServiceName::Governance, ServiceName::Clarity]
     }
 }
 
@@ -41,6 +43,7 @@ pub async fn run(
         .with_context(|| format!("{} cannot connect", service.micro_name()))?;
     match service {
         ServiceName::Governance => bulwark_governance::run(cfg, client.clone(), shutdown).await?,
+        ServiceName::Clarity => bulwark_clarity::run(cfg, client.clone(), shutdown).await?,
     }
     // Push out what is buffered (last narratives, replies) before the connection drops.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
