@@ -172,15 +172,23 @@ fn a_bad_config_is_a_usage_error() {
 async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
     use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().expect("tmp");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     // The repository's nats.conf with the store and monitoring port moved out of the way.
-    let conf = std::fs::read_to_string(bulwark_tests::repo_root().join("nats.conf")).expect("nats.conf");
+    let conf =
+        std::fs::read_to_string(bulwark_tests::repo_root().join("nats.conf")).expect("nats.conf");
     let conf: String = conf
         .lines()
         .map(|l| {
             let t = l.trim_start();
             if t.starts_with("store_dir:") {
-                format!("  store_dir: {:?}", dir.path().join("js").display().to_string())
+                format!(
+                    "  store_dir: {:?}",
+                    dir.path().join("js").display().to_string()
+                )
             } else if t.starts_with("http:") {
                 "http: 127.0.0.1:-1".to_owned()
             } else {
@@ -190,7 +198,11 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
         .collect::<Vec<_>>()
         .join("\n");
     std::fs::write(dir.path().join("nats.conf"), conf).expect("write conf");
-    std::fs::write(dir.path().join("bulwark.toml"), "[up]\nnats_conf = \"nats.conf\"\n").expect("write config");
+    std::fs::write(
+        dir.path().join("bulwark.toml"),
+        "[up]\nnats_conf = \"nats.conf\"\n",
+    )
+    .expect("write config");
     let url = format!("nats://127.0.0.1:{port}");
     let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
         .args(["up", "--nats-url", &url])
@@ -211,9 +223,15 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
         }
     }
     let transcript = seen.join("\n");
-    assert!(transcript.contains("starting") && transcript.contains("nats-server"), "{transcript}");
+    assert!(
+        transcript.contains("starting") && transcript.contains("nats-server"),
+        "{transcript}"
+    );
     assert!(transcript.contains("ready  governance"), "{transcript}");
-    assert!(transcript.contains(&format!("bulwark: up on {url}")), "{transcript}");
+    assert!(
+        transcript.contains(&format!("bulwark: up on {url}")),
+        "{transcript}"
+    );
 
     // It serves: an intent submitted from the shell is decided.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
@@ -222,25 +240,41 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
         .output()
         .await
         .expect("submit runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout_json(&out)["status"], "queued");
 
     // SIGTERM: clean stop, exit 0, and the nats-server it started is gone.
     let pid = up.id().expect("pid").to_string();
-    let killed = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
     assert!(killed.success());
-    let status = tokio::time::timeout(std::time::Duration::from_secs(30), up.wait()).await.expect("stops").expect("status");
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), up.wait())
+        .await
+        .expect("stops")
+        .expect("status");
     while let Ok(Some(line)) = lines.next_line().await {
         seen.push(line);
     }
     assert!(status.success(), "exit {status:?}: {}", seen.join("\n"));
     assert!(seen.iter().any(|l| l == "bulwark: stopped"));
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "the nats-server it started was stopped");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the nats-server it started was stopped"
+    );
 }
 
 /// PATH with the directory of the nats-server the harness uses in front.
 fn path_with_nats_server() -> String {
     let server = bulwark_tests::nats_server_binary().expect("nats-server");
-    let dir = server.parent().map(|d| d.display().to_string()).unwrap_or_default();
+    let dir = server
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
     format!("{dir}:{}", std::env::var("PATH").unwrap_or_default())
 }
