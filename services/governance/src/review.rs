@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use bulwark_common::api::ApiError;
-use bulwark_common::intent::Intent;
+use bulwark_common::intent::{Intent, IntentRecord};
 
 /// Why an item is in the review queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +87,21 @@ impl ReviewItem {
             reasoning: reasoning.to_vec(),
             created_at: bulwark_common::time::now(),
         }
+    }
+}
+
+impl ReviewItem {
+    /// A review item of `kind` for an intent already recorded, from its first decision.
+    pub fn for_record(record: &IntentRecord, kind: ReviewKind) -> Self {
+        let d = &record.decision;
+        ReviewItem::new(
+            &record.intent,
+            kind,
+            d.autonomy_tier,
+            d.mission_alignment,
+            d.priority,
+            &d.reasoning,
+        )
     }
 }
 

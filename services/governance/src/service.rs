@@ -377,17 +377,8 @@ impl Governance {
     async fn apply_route(&self, record: &IntentRecord, route: &Route) -> Result<(), ApiError> {
         let intent = &record.intent;
         if let Some(kind) = route.review {
-            let item = ReviewItem::new(
-                intent,
-                kind,
-                route.tier.number(),
-                route.alignment,
-                route.priority,
-                &route.reasoning,
-            );
-            kvx::create_or_get(&self.reviews, &intent.intent_id, &item)
-                .await
-                .map_err(|e| self.incomplete(intent, e))?;
+            self.ensure_review(ReviewItem::for_record(record, kind))
+                .await?;
         }
         if route.enqueues() {
             self.enqueue(intent, route.priority, route.tier).await?;
@@ -414,18 +405,8 @@ impl Governance {
                 if let Some(kind) = review_record_kind(tier)
                     && record.review.is_none()
                 {
-                    let d = &record.decision;
-                    let item = ReviewItem::new(
-                        intent,
-                        kind,
-                        d.autonomy_tier,
-                        d.mission_alignment,
-                        d.priority,
-                        &d.reasoning,
-                    );
-                    kvx::create_or_get(&self.reviews, &intent.intent_id, &item)
-                        .await
-                        .map_err(|e| self.incomplete(intent, e))?;
+                    self.ensure_review(ReviewItem::for_record(record, kind))
+                        .await?;
                 }
                 self.enqueue(intent, record.decision.priority, tier).await
             }
@@ -437,22 +418,22 @@ impl Governance {
                 } else {
                     ReviewKind::LowAlignment
                 };
-                let d = &record.decision;
-                let item = ReviewItem::new(
-                    intent,
-                    kind,
-                    d.autonomy_tier,
-                    d.mission_alignment,
-                    d.priority,
-                    &d.reasoning,
-                );
-                kvx::create_or_get(&self.reviews, &intent.intent_id, &item)
+                self.ensure_review(ReviewItem::for_record(record, kind))
                     .await
-                    .map_err(|e| self.incomplete(intent, e))?;
-                Ok(())
             }
             IntentStatus::PendingVote => self.open_proposal(record).await,
             _ => Ok(()),
+        }
+    }
+
+    /// Puts `item` into the review queue unless an item for its intent is already there.
+    async fn ensure_review(&self, item: ReviewItem) -> Result<(), ApiError> {
+        match kvx::create_or_get(&self.reviews, &item.intent_id, &item).await {
+            Ok(_) => Ok(()),
+            Err(err) => Err(ApiError::unavailable(format!(
+                "intent {} was recorded but its review item could not be stored ({err}); resubmit it with the same intent_id to finish",
+                item.intent_id
+            ))),
         }
     }
 
@@ -896,9 +877,7 @@ impl Governance {
                         p.priority,
                         &[p.reasoning.clone(), vec![reason.clone()]].concat(),
                     );
-                    kvx::create_or_get(&self.reviews, &p.intent_id, &item)
-                        .await
-                        .map_err(store_err)?;
+                    self.ensure_review(item).await?;
                 }
                 _ => {}
             }
