@@ -290,25 +290,25 @@ impl Drop for RunningService {
     }
 }
 
-/// Starts the governance service with `cfg` and waits until it answers `$SRV.PING`.
-pub async fn start_governance(cfg: BulwarkConfig) -> RunningService {
-    let (client, _) = bulwark_common::connect::connect(
-        &cfg.nats,
-        "governance",
-        bulwark_common::connect::Role::Service,
-    )
-    .await
-    .expect("governance connects");
+/// Connects as `name`, runs `service` in-process with `cfg`, and waits until it answers
+/// `$SRV.PING.<name>`.
+pub async fn start_service<F, Fut, E>(name: &str, cfg: BulwarkConfig, service: F) -> RunningService
+where
+    F: FnOnce(BulwarkConfig, async_nats::Client, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let (client, _) =
+        bulwark_common::connect::connect(&cfg.nats, name, bulwark_common::connect::Role::Service)
+            .await
+            .unwrap_or_else(|e| panic!("{name} connects: {e}"));
     let token = CancellationToken::new();
-    let run_token = token.clone();
     let probe = client.clone();
-    let handle = tokio::spawn(async move {
-        bulwark_governance::run(cfg, client, run_token).await?;
-        Ok(())
-    });
+    let running = service(cfg, client, token.clone());
+    let handle = tokio::spawn(async move { running.await.map_err(anyhow::Error::from) });
     assert!(
-        bulwark_common::micro::wait_ready(&probe, "governance", Duration::from_secs(20)).await,
-        "governance answers $SRV.PING"
+        bulwark_common::micro::wait_ready(&probe, name, Duration::from_secs(20)).await,
+        "{name} answers $SRV.PING"
     );
     RunningService {
         token,
@@ -316,31 +316,14 @@ pub async fn start_governance(cfg: BulwarkConfig) -> RunningService {
     }
 }
 
-/// Starts the clarity service with `cfg` and waits until it answers `$SRV.PING` (with several
-/// instances running, any one answering counts).
+/// Starts the governance service with `cfg` and waits until it answers `$SRV.PING`.
+pub async fn start_governance(cfg: BulwarkConfig) -> RunningService {
+    start_service("governance", cfg, bulwark_governance::run).await
+}
+
+/// Starts the clarity service with `cfg` and waits until it answers `$SRV.PING`.
 pub async fn start_clarity(cfg: BulwarkConfig) -> RunningService {
-    let (client, _) = bulwark_common::connect::connect(
-        &cfg.nats,
-        "clarity",
-        bulwark_common::connect::Role::Service,
-    )
-    .await
-    .expect("clarity connects");
-    let token = CancellationToken::new();
-    let run_token = token.clone();
-    let probe = client.clone();
-    let handle = tokio::spawn(async move {
-        bulwark_clarity::run(cfg, client, run_token).await?;
-        Ok(())
-    });
-    assert!(
-        bulwark_common::micro::wait_ready(&probe, "clarity", Duration::from_secs(20)).await,
-        "clarity answers $SRV.PING"
-    );
-    RunningService {
-        token,
-        handle: Some(handle),
-    }
+    start_service("clarity", cfg, bulwark_clarity::run).await
 }
 
 /// Sends a JSON request and returns the reply's JSON and its micro error code header, if any.

@@ -153,20 +153,21 @@ pub async fn run(
         timeout,
     });
     let stats_counters = clarity.counters.clone();
+    let endpoints: [(&str, &str, Op); 2] = [
+        ("query", subjects::CLARITY_QUERY, Op::Query),
+        ("verify", subjects::CLARITY_VERIFY, Op::Verify),
+    ];
     let service = client
         .service_builder()
         .description("bulwark clarity: hash-chained audit of 5W1H narratives, query and verify")
         .stats_handler(move |_, _| stats_counters.snapshot())
+        .metadata(bulwark_common::micro::readiness_metadata(endpoints.len()))
         .start(SERVICE_NAME, bulwark_common::micro::VERSION)
         .await
         .map_err(|e| ClarityError::Register(e.to_string()))?;
 
     let tracker = TaskTracker::new();
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
-    let endpoints: [(&str, &str, Op); 2] = [
-        ("query", subjects::CLARITY_QUERY, Op::Query),
-        ("verify", subjects::CLARITY_VERIFY, Op::Verify),
-    ];
     for (name, subject, op) in endpoints {
         let endpoint = service
             .endpoint_builder()
@@ -174,13 +175,16 @@ pub async fn run(
             .add(subject)
             .await
             .map_err(|e| ClarityError::Register(e.to_string()))?;
-        tracker.spawn(serve_endpoint(
-            clarity.clone(),
+        let state = clarity.clone();
+        tracker.spawn(bulwark_common::micro::serve_requests(
             endpoint,
-            op,
             tracker.clone(),
             permits.clone(),
             shutdown.clone(),
+            move |request| {
+                let state = state.clone();
+                async move { state.handle(op, &request).await }
+            },
         ));
     }
     tracker.spawn(consume(clarity.clone(), consumer, shutdown.clone()));
@@ -199,16 +203,7 @@ pub async fn run(
     );
 
     shutdown.cancelled().await;
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("clarity: work still running after {SHUTDOWN_GRACE:?}; stopping anyway");
-    }
-    if let Err(err) = service.stop().await {
-        tracing::debug!(error = %err, "clarity: micro service stop");
-    }
+    bulwark_common::micro::finish(SERVICE_NAME, service, tracker, SHUTDOWN_GRACE).await;
     Ok(())
 }
 
@@ -216,34 +211,6 @@ pub async fn run(
 enum Op {
     Query,
     Verify,
-}
-
-async fn serve_endpoint(
-    clarity: Arc<Clarity>,
-    mut endpoint: async_nats::service::endpoint::Endpoint,
-    op: Op,
-    tracker: TaskTracker,
-    permits: Arc<Semaphore>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let request = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            request = endpoint.next() => match request {
-                Some(request) => request,
-                None => break,
-            },
-        };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        let clarity = clarity.clone();
-        tracker.spawn(async move {
-            clarity.handle(op, &request).await;
-            drop(permit);
-        });
-    }
 }
 
 /// Pulls narratives in batches and appends each to the chain, acknowledging it only once its

@@ -10,9 +10,19 @@ use futures::StreamExt;
 /// Version every service registers with (the workspace version).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Pings `$SRV.PING.<name>` until an instance answers or `timeout` passes; true when one did.
+/// Metadata key under which a service announces how many endpoints it will add.
+pub const ENDPOINTS_METADATA: &str = "endpoints";
+
+/// The metadata a service registers with so that [`wait_ready`] can tell when all its
+/// `endpoints` are subscribed (micro answers `$SRV.PING` before the first endpoint exists).
+pub fn readiness_metadata(endpoints: usize) -> std::collections::HashMap<String, String> {
+    std::collections::HashMap::from([(ENDPOINTS_METADATA.to_owned(), endpoints.to_string())])
+}
+
+/// Asks `$SRV.INFO.<name>` until an instance reports every endpoint it announced, or `timeout`
+/// passes; true when one did.
 pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> bool {
-    let subject = format!("$SRV.PING.{name}");
+    let subject = format!("$SRV.INFO.{name}");
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
         let attempt = tokio::time::timeout(
@@ -20,10 +30,19 @@ pub async fn wait_ready(client: &Client, name: &str, timeout: Duration) -> bool 
             client.request(subject.clone(), "".into()),
         )
         .await;
-        if let Ok(Ok(_)) = attempt {
-            return true;
+        if let Ok(Ok(reply)) = attempt
+            && let Ok(info) = serde_json::from_slice::<serde_json::Value>(&reply.payload)
+        {
+            let have = info["endpoints"].as_array().map_or(0, Vec::len);
+            let want = info["metadata"][ENDPOINTS_METADATA]
+                .as_str()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1);
+            if have >= want {
+                return true;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     false
 }
@@ -57,4 +76,55 @@ pub async fn ping_all(
         }
     }
     found
+}
+
+/// Serves the requests of `endpoint` until `shutdown` or until the endpoint closes: each request
+/// runs `handle` in its own task on `tracker`, at most as many at once as `permits` allows, so a
+/// slow request does not hold up the next. A failing request is the handler's to answer; it
+/// never ends this loop.
+pub async fn serve_requests<F, Fut>(
+    mut endpoint: async_nats::service::endpoint::Endpoint,
+    tracker: tokio_util::task::TaskTracker,
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    shutdown: tokio_util::sync::CancellationToken,
+    handle: F,
+) where
+    F: Fn(async_nats::service::Request) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let request = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            request = endpoint.next() => match request {
+                Some(request) => request,
+                None => break,
+            },
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let work = handle(request);
+        tracker.spawn(async move {
+            work.await;
+            drop(permit);
+        });
+    }
+}
+
+/// Ends a service after its shutdown signal: stops taking work, gives the tasks on `tracker`
+/// `grace` to finish, then deregisters the micro service.
+pub async fn finish(
+    name: &str,
+    service: async_nats::service::Service,
+    tracker: tokio_util::task::TaskTracker,
+    grace: Duration,
+) {
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("{name}: work still running after {grace:?}; stopping anyway");
+    }
+    if let Err(err) = service.stop().await {
+        tracing::debug!(error = %err, "{name}: micro service stop");
+    }
 }

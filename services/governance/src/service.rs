@@ -12,7 +12,6 @@ use std::time::Duration;
 use async_nats::Client;
 use async_nats::jetstream::{self, kv, message::PublishMessage};
 use async_nats::service::{Request, ServiceExt};
-use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -118,16 +117,6 @@ pub async fn run(
     });
 
     let stats_counters = gov.counters.clone();
-    let service = client
-        .service_builder()
-        .description("bulwark intent governance: autonomy tiers, human review, unified logic votes")
-        .stats_handler(move |_, _| stats_counters.snapshot())
-        .start(SERVICE_NAME, bulwark_common::micro::VERSION)
-        .await
-        .map_err(|e| GovernanceError::Register(e.to_string()))?;
-
-    let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
     let endpoints: [(&str, &str, Op); 6] = [
         ("submit", subjects::INTENT_SUBMIT, Op::Submit),
         ("status", subjects::INTENT_STATUS, Op::Status),
@@ -140,6 +129,17 @@ pub async fn run(
         ("vote", subjects::VOTE, Op::Vote),
         ("proposals", subjects::PROPOSALS_OPEN, Op::Proposals),
     ];
+    let service = client
+        .service_builder()
+        .description("bulwark intent governance: autonomy tiers, human review, unified logic votes")
+        .stats_handler(move |_, _| stats_counters.snapshot())
+        .metadata(bulwark_common::micro::readiness_metadata(endpoints.len()))
+        .start(SERVICE_NAME, bulwark_common::micro::VERSION)
+        .await
+        .map_err(|e| GovernanceError::Register(e.to_string()))?;
+
+    let tracker = TaskTracker::new();
+    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
     for (name, subject, op) in endpoints {
         let endpoint = service
             .endpoint_builder()
@@ -147,13 +147,16 @@ pub async fn run(
             .add(subject)
             .await
             .map_err(|e| GovernanceError::Register(e.to_string()))?;
-        tracker.spawn(serve_endpoint(
-            gov.clone(),
+        let state = gov.clone();
+        tracker.spawn(bulwark_common::micro::serve_requests(
             endpoint,
-            op,
             tracker.clone(),
             permits.clone(),
             shutdown.clone(),
+            move |request| {
+                let state = state.clone();
+                async move { state.handle(op, &request).await }
+            },
         ));
     }
     tracker.spawn(sweep_votes(gov.clone(), shutdown.clone()));
@@ -178,18 +181,7 @@ pub async fn run(
     tracing::info!("governance serving {}", subjects::INTENT_SUBMIT);
 
     shutdown.cancelled().await;
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "governance: requests still running after {SHUTDOWN_GRACE:?}; stopping anyway"
-        );
-    }
-    if let Err(err) = service.stop().await {
-        tracing::debug!(error = %err, "governance: micro service stop");
-    }
+    bulwark_common::micro::finish(SERVICE_NAME, service, tracker, SHUTDOWN_GRACE).await;
     Ok(())
 }
 
@@ -206,34 +198,6 @@ enum Op {
     ReviewDecide,
     Vote,
     Proposals,
-}
-
-async fn serve_endpoint(
-    gov: Arc<Governance>,
-    mut endpoint: async_nats::service::endpoint::Endpoint,
-    op: Op,
-    tracker: TaskTracker,
-    permits: Arc<Semaphore>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let request = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            request = endpoint.next() => match request {
-                Some(request) => request,
-                None => break,
-            },
-        };
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            break;
-        };
-        let gov = gov.clone();
-        tracker.spawn(async move {
-            gov.handle(op, &request).await;
-            drop(permit);
-        });
-    }
 }
 
 /// The governance state shared by every request.
