@@ -19,10 +19,9 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, AckKind, kv};
-use async_nats::service::{Request, ServiceExt};
+use async_nats::service::Request;
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -60,7 +59,7 @@ pub enum ClarityError {
     #[error("could not create the {CONSUMER} consumer on BULWARK_NARRATIVES: {0}")]
     Consumer(String),
     /// Registration with NATS micro failed.
-    #[error("could not register NATS micro service {SERVICE_NAME}: {0}")]
+    #[error("{0}")]
     Register(String),
 }
 
@@ -153,40 +152,28 @@ pub async fn run(
         timeout,
     });
     let stats_counters = clarity.counters.clone();
-    let endpoints: [(&str, &str, Op); 2] = [
+    let endpoints: [bulwark_common::micro::EndpointSpec<Op>; 2] = [
         ("query", subjects::CLARITY_QUERY, Op::Query),
         ("verify", subjects::CLARITY_VERIFY, Op::Verify),
     ];
-    let service = client
-        .service_builder()
-        .description("bulwark clarity: hash-chained audit of 5W1H narratives, query and verify")
-        .stats_handler(move |_, _| stats_counters.snapshot())
-        .metadata(bulwark_common::micro::readiness_metadata(endpoints.len()))
-        .start(SERVICE_NAME, bulwark_common::micro::VERSION)
-        .await
-        .map_err(|e| ClarityError::Register(e.to_string()))?;
-
     let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
-    for (name, subject, op) in endpoints {
-        let endpoint = service
-            .endpoint_builder()
-            .name(name)
-            .add(subject)
-            .await
-            .map_err(|e| ClarityError::Register(e.to_string()))?;
-        let state = clarity.clone();
-        tracker.spawn(bulwark_common::micro::serve_requests(
-            endpoint,
-            tracker.clone(),
-            permits.clone(),
-            shutdown.clone(),
-            move |request| {
-                let state = state.clone();
-                async move { state.handle(op, &request).await }
-            },
-        ));
-    }
+    let state = clarity.clone();
+    let service = bulwark_common::micro::register(
+        &client,
+        SERVICE_NAME,
+        "bulwark clarity: hash-chained audit of 5W1H narratives, query and verify",
+        move || stats_counters.snapshot(),
+        &endpoints,
+        &tracker,
+        &shutdown,
+        MAX_CONCURRENT_REQUESTS,
+        move |op, request| {
+            let state = state.clone();
+            async move { state.handle(op, &request).await }
+        },
+    )
+    .await
+    .map_err(ClarityError::Register)?;
     tracker.spawn(consume(clarity.clone(), consumer, shutdown.clone()));
     let telemetry_counters = clarity.counters.clone();
     telemetry::spawn(

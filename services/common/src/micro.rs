@@ -128,3 +128,56 @@ pub async fn finish(
         tracing::debug!(error = %err, "{name}: micro service stop");
     }
 }
+
+/// One endpoint of a service: its micro name, its subject, and what the service calls it.
+pub type EndpointSpec<Op> = (&'static str, &'static str, Op);
+
+/// Registers service `name` with NATS micro (with `snapshot` as its `$SRV.STATS` data and the
+/// readiness metadata), adds every endpoint in the default queue group, and serves each with
+/// `handle(op, request)` on `tracker` (at most `max_concurrent` requests at once) until
+/// `shutdown`. Returns the service, to be passed to [`finish`].
+#[allow(clippy::too_many_arguments)]
+pub async fn register<Op, F, Fut>(
+    client: &Client,
+    name: &str,
+    description: &str,
+    snapshot: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    endpoints: &[EndpointSpec<Op>],
+    tracker: &tokio_util::task::TaskTracker,
+    shutdown: &tokio_util::sync::CancellationToken,
+    max_concurrent: usize,
+    handle: F,
+) -> Result<async_nats::service::Service, String>
+where
+    Op: Copy + Send + 'static,
+    F: Fn(Op, async_nats::service::Request) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use async_nats::service::ServiceExt;
+    let service = client
+        .service_builder()
+        .description(description)
+        .stats_handler(move |_, _| snapshot())
+        .metadata(readiness_metadata(endpoints.len()))
+        .start(name, VERSION)
+        .await
+        .map_err(|e| format!("could not register NATS micro service {name}: {e}"))?;
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(max_concurrent));
+    for &(endpoint_name, subject, op) in endpoints {
+        let endpoint = service
+            .endpoint_builder()
+            .name(endpoint_name)
+            .add(subject)
+            .await
+            .map_err(|e| format!("could not add endpoint {subject} to {name}: {e}"))?;
+        let handle = handle.clone();
+        tracker.spawn(serve_requests(
+            endpoint,
+            tracker.clone(),
+            permits.clone(),
+            shutdown.clone(),
+            move |request| handle(op, request),
+        ));
+    }
+    Ok(service)
+}

@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use async_nats::Client;
 use async_nats::jetstream::{self, kv, message::PublishMessage};
-use async_nats::service::{Request, ServiceExt};
+use async_nats::service::Request;
 use serde_json::{Value, json};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -46,7 +45,7 @@ pub enum GovernanceError {
     #[error(transparent)]
     Store(#[from] streams::StoreError),
     /// Registration with NATS micro failed.
-    #[error("could not register NATS micro service {SERVICE_NAME}: {0}")]
+    #[error("{0}")]
     Register(String),
 }
 
@@ -117,7 +116,7 @@ pub async fn run(
     });
 
     let stats_counters = gov.counters.clone();
-    let endpoints: [(&str, &str, Op); 6] = [
+    let endpoints: [bulwark_common::micro::EndpointSpec<Op>; 6] = [
         ("submit", subjects::INTENT_SUBMIT, Op::Submit),
         ("status", subjects::INTENT_STATUS, Op::Status),
         (
@@ -129,36 +128,24 @@ pub async fn run(
         ("vote", subjects::VOTE, Op::Vote),
         ("proposals", subjects::PROPOSALS_OPEN, Op::Proposals),
     ];
-    let service = client
-        .service_builder()
-        .description("bulwark intent governance: autonomy tiers, human review, unified logic votes")
-        .stats_handler(move |_, _| stats_counters.snapshot())
-        .metadata(bulwark_common::micro::readiness_metadata(endpoints.len()))
-        .start(SERVICE_NAME, bulwark_common::micro::VERSION)
-        .await
-        .map_err(|e| GovernanceError::Register(e.to_string()))?;
-
     let tracker = TaskTracker::new();
-    let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
-    for (name, subject, op) in endpoints {
-        let endpoint = service
-            .endpoint_builder()
-            .name(name)
-            .add(subject)
-            .await
-            .map_err(|e| GovernanceError::Register(e.to_string()))?;
-        let state = gov.clone();
-        tracker.spawn(bulwark_common::micro::serve_requests(
-            endpoint,
-            tracker.clone(),
-            permits.clone(),
-            shutdown.clone(),
-            move |request| {
-                let state = state.clone();
-                async move { state.handle(op, &request).await }
-            },
-        ));
-    }
+    let state = gov.clone();
+    let service = bulwark_common::micro::register(
+        &client,
+        SERVICE_NAME,
+        "bulwark intent governance: autonomy tiers, human review, unified logic votes",
+        move || stats_counters.snapshot(),
+        &endpoints,
+        &tracker,
+        &shutdown,
+        MAX_CONCURRENT_REQUESTS,
+        move |op, request| {
+            let state = state.clone();
+            async move { state.handle(op, &request).await }
+        },
+    )
+    .await
+    .map_err(GovernanceError::Register)?;
     tracker.spawn(sweep_votes(gov.clone(), shutdown.clone()));
     let telemetry_counters = gov.counters.clone();
     telemetry::spawn(
