@@ -3,7 +3,6 @@
 //! ratio. Benchmarks, not tests: nothing here asserts a time.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -87,12 +86,12 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
     let sample = json!({"intent_type": "query_knowledge", "actor": "bench", "payload": {"q": "x"},
                         "mission_context": {"learning_impact": true}})
     .to_string();
+    let echo_body = sample.clone();
     let raw = closed_loop(
-        &client,
-        "bench.echo",
+        "echo requests",
         sizes.throughput_requests,
         sizes.in_flight,
-        |_| sample.clone().into(),
+        request_op(&client, "bench.echo", move |_| echo_body.clone().into()),
     )
     .await?;
 
@@ -105,11 +104,23 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
         ..Default::default()
     })
     .await?;
-    let raw_js = closed_loop_js(
-        &js,
+    let raw_js = closed_loop(
+        "JetStream publishes",
         sizes.throughput_requests,
         sizes.in_flight,
-        sample.clone(),
+        |i| {
+            let js = js.clone();
+            let body = sample.clone();
+            async move {
+                match js
+                    .publish(format!("bench.raw.{}", i % 10), body.into())
+                    .await
+                {
+                    Ok(ack) => ack.await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        },
     )
     .await?;
 
@@ -121,11 +132,10 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
         .into()
     };
     let gov = closed_loop(
-        &client,
-        subjects::INTENT_SUBMIT,
+        "intent submissions",
         sizes.throughput_requests,
         sizes.in_flight,
-        intent,
+        request_op(&client, subjects::INTENT_SUBMIT, intent),
     )
     .await?;
 
@@ -203,59 +213,25 @@ fn print_latency(label: &str, hist: &Histogram<u64>) {
     );
 }
 
-/// Sends `n` requests keeping `in_flight` outstanding; returns completed requests per second.
-async fn closed_loop(
-    client: &async_nats::Client,
-    subject: &'static str,
+/// Runs `n` operations keeping `in_flight` outstanding; returns completed operations per second.
+/// `op(i)` is the i-th operation; it resolves to whether it succeeded.
+async fn closed_loop<Fut>(
+    what: &str,
     n: u64,
     in_flight: usize,
-    body: impl Fn(u64) -> bytes::Bytes,
-) -> anyhow::Result<f64> {
-    let permits = Arc::new(Semaphore::new(in_flight));
-    let failures = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let permit = permits.clone().acquire_owned().await?;
-        let client = client.clone();
-        let payload = body(i);
-        let failures = failures.clone();
-        tasks.spawn(async move {
-            let reply = client.request(subject, payload).await;
-            if reply.map(|r| r.headers.is_some()).unwrap_or(true) {
-                failures.fetch_add(1, Ordering::Relaxed);
-            }
-            drop(permit);
-        });
-        while tasks.try_join_next().is_some() {}
-    }
-    while tasks.join_next().await.is_some() {}
-    let elapsed = start.elapsed().as_secs_f64();
-    let failed = failures.load(Ordering::Relaxed);
-    if failed > 0 {
-        bail!("{failed} of {n} requests on {subject} failed");
-    }
-    Ok(n as f64 / elapsed)
-}
-
-/// Publishes `n` messages to a file-backed stream keeping `in_flight` acks outstanding; returns
-/// acknowledged publishes per second.
-async fn closed_loop_js(
-    js: &async_nats::jetstream::Context,
-    n: u64,
-    in_flight: usize,
-    body: String,
-) -> anyhow::Result<f64> {
+    op: impl Fn(u64) -> Fut,
+) -> anyhow::Result<f64>
+where
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(in_flight));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let permit = permits.clone().acquire_owned().await?;
-        let ack = js
-            .publish(format!("bench.raw.{}", i % 10), body.clone().into())
-            .await?;
+        let work = op(i);
         tasks.spawn(async move {
-            let ok = ack.await.is_ok();
+            let ok = work.await;
             drop(permit);
             ok
         });
@@ -268,9 +244,25 @@ async fn closed_loop_js(
         }
     }
     if failed > 0 {
-        bail!("{failed} of {n} JetStream publishes were not acknowledged");
+        bail!("{failed} of {n} {what} failed");
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The i-th request of a closed loop: succeeds when answered without an error header.
+fn request_op(
+    client: &async_nats::Client,
+    subject: &'static str,
+    body: impl Fn(u64) -> bytes::Bytes,
+) -> impl Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
+    let client = client.clone();
+    move |i| {
+        let client = client.clone();
+        let payload = body(i);
+        Box::pin(async move {
+            matches!(client.request(subject, payload).await, Ok(r) if r.headers.is_none())
+        })
+    }
 }
 
 /// Offers `rate` requests per second for `seconds` whatever the replies do (open loop), and

@@ -33,24 +33,10 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// Finds the nats-server binary.
+/// Finds the nats-server binary (see [`bulwark_common::nats_server::find_binary`]).
 pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
-    if let Ok(path) = std::env::var("NATS_SERVER") {
-        return Ok(PathBuf::from(path));
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join("nats-server");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    let local = repo_root().join(".tools/pip/bin/nats-server");
-    if local.exists() {
-        return Ok(local);
-    }
-    bail!("no nats-server found: run scripts/setup (it installs one into .tools/)")
+    bulwark_common::nats_server::find_binary("")
+        .context("no nats-server found: run scripts/setup (it installs one into .tools/)")
 }
 
 /// A nats-server process for one test.

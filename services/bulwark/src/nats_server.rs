@@ -13,29 +13,11 @@ pub struct LocalServer {
     child: Child,
 }
 
-/// The nats-server binary to use: the configured one, else `nats-server` on PATH, else
-/// `.tools/pip/bin/nats-server` below the current directory or the binary's ancestors.
+/// The nats-server binary to use (see [`bulwark_common::nats_server::find_binary`]).
 pub fn find_binary(configured: &str) -> anyhow::Result<PathBuf> {
-    if !configured.is_empty() {
-        return Ok(PathBuf::from(configured));
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let candidate = dir.join("nats-server");
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    let mut roots = vec![std::env::current_dir().unwrap_or_default()];
-    if let Ok(exe) = std::env::current_exe() {
-        roots.extend(exe.ancestors().map(Path::to_path_buf));
-    }
-    roots
-        .into_iter()
-        .map(|root| root.join(".tools/pip/bin/nats-server"))
-        .find(|p| p.is_file())
-        .context("no nats-server found on PATH or in .tools/pip/bin: run scripts/setup, or pass --nats-url")
+    bulwark_common::nats_server::find_binary(configured).context(
+        "no nats-server found on PATH or in .tools/pip/bin: run scripts/setup, or pass --nats-url",
+    )
 }
 
 impl LocalServer {

@@ -7,6 +7,7 @@
 //! - [`intent`]: intents, autonomy tiers, statuses and the durable intent record.
 //! - [`narrative`]: 5W1H narratives and the publisher every service explains itself with.
 //! - [`api`]: JSON replies and the NATS micro error convention.
+//! - [`nats_server`]: finding the nats-server binary (`bulwark up`, tests).
 //! - [`micro`]: NATS micro versioning, readiness and discovery.
 //! - [`connect`]: connecting with timeouts, reconnects and an event callback that surfaces errors.
 //! - [`config`]: `bulwark.toml`, overridable by `BULWARK_...` environment variables.
@@ -25,6 +26,7 @@ pub mod kv;
 pub mod logging;
 pub mod micro;
 pub mod narrative;
+pub mod nats_server;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

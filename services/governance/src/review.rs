@@ -28,6 +28,17 @@ pub enum ReviewKind {
 }
 
 impl ReviewKind {
+    /// The snake_case name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewKind::Approval => "approval",
+            ReviewKind::LowAlignment => "low_alignment",
+            ReviewKind::VoteTimeout => "vote_timeout",
+            ReviewKind::PostExecution => "post_execution",
+            ReviewKind::PostHoc => "post_hoc",
+        }
+    }
+
     /// True when the intent waits for this decision.
     pub fn requires_decision(self) -> bool {
         matches!(
@@ -179,6 +190,19 @@ impl ReviewDecision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kind_names_match_the_wire() {
+        for kind in [
+            ReviewKind::Approval,
+            ReviewKind::LowAlignment,
+            ReviewKind::VoteTimeout,
+            ReviewKind::PostExecution,
+            ReviewKind::PostHoc,
+        ] {
+            assert_eq!(serde_json::to_value(kind).expect("json"), kind.as_str());
+        }
+    }
 
     #[test]
     fn decisions_validate() {

@@ -19,7 +19,8 @@ use tokio_util::task::TaskTracker;
 use bulwark_common::api::{self, ApiError};
 use bulwark_common::config::{BulwarkConfig, GovernanceConfig};
 use bulwark_common::intent::{
-    Decision, Intent, IntentRecord, IntentStatus, ReviewOutcome, StatusChange, Task, Tier,
+    Decision, Intent, IntentRecord, IntentStatus, ReviewOutcome, StatusChange, StatusReply, Task,
+    Tier,
 };
 use bulwark_common::kv::{self as kvx, Change, KvError};
 use bulwark_common::narrative::Narrator;
@@ -27,7 +28,7 @@ use bulwark_common::{ids, streams, subjects, telemetry, time};
 
 use crate::review::{ReviewDecision, ReviewItem, ReviewKind, Verdict};
 use crate::routing::{self, Route};
-use crate::vote::{Proposal, ProposalState, VoteRequest};
+use crate::vote::{Proposal, ProposalState, Tally, VoteRequest};
 
 /// Name under which the service registers (CONTRACT section 5).
 pub const SERVICE_NAME: &str = "governance";
@@ -213,34 +214,19 @@ impl Governance {
     async fn handle(&self, op: Op, request: &Request) {
         let body = &request.message.payload;
         match op {
-            Op::Submit => {
-                let result = self.submit(body).await;
-                self.count_failure(&result);
-                api::respond(request, result).await;
-            }
-            Op::Status => {
-                let result = self.status(body).await;
-                api::respond(request, result).await;
-            }
-            Op::ReviewPending => {
-                let result = self.pending_reviews().await;
-                api::respond(request, result).await;
-            }
-            Op::ReviewDecide => {
-                let result = self.decide(body).await;
-                self.count_failure(&result);
-                api::respond(request, result).await;
-            }
-            Op::Vote => {
-                let result = self.vote(body).await;
-                self.count_failure(&result);
-                api::respond(request, result).await;
-            }
-            Op::Proposals => {
-                let result = self.open_proposals().await;
-                api::respond(request, result).await;
-            }
+            Op::Submit => self.reply(request, self.submit(body).await).await,
+            Op::Status => self.reply(request, self.status(body).await).await,
+            Op::ReviewPending => self.reply(request, self.pending_reviews().await).await,
+            Op::ReviewDecide => self.reply(request, self.decide(body).await).await,
+            Op::Vote => self.reply(request, self.vote(body).await).await,
+            Op::Proposals => self.reply(request, self.open_proposals().await).await,
         }
+    }
+
+    /// Counts a failed request and answers it.
+    async fn reply<T: serde::Serialize>(&self, request: &Request, result: Result<T, ApiError>) {
+        self.count_failure(&result);
+        api::respond(request, result).await;
     }
 
     fn count_failure<T>(&self, result: &Result<T, ApiError>) {
@@ -411,14 +397,14 @@ impl Governance {
 
     // ---- status -------------------------------------------------------------------------------
 
-    async fn status(&self, body: &[u8]) -> Result<Value, ApiError> {
+    async fn status(&self, body: &[u8]) -> Result<StatusReply, ApiError> {
         #[derive(serde::Deserialize)]
         struct StatusRequest {
             intent_id: String,
         }
         let req: StatusRequest = api::decode(body, "invalid_request", self.cfg.max_intent_bytes)?;
         let record = self.record(&req.intent_id).await?;
-        Ok(serde_json::to_value(record.status_reply()).unwrap_or(Value::Null))
+        Ok(record.status_reply())
     }
 
     async fn record(&self, intent_id: &str) -> Result<IntentRecord, ApiError> {
@@ -478,7 +464,7 @@ impl Governance {
         Ok(json!({ "items": items }))
     }
 
-    async fn decide(&self, body: &[u8]) -> Result<Value, ApiError> {
+    async fn decide(&self, body: &[u8]) -> Result<StatusReply, ApiError> {
         let decision = match ReviewDecision::parse(body, self.cfg.max_intent_bytes) {
             Ok(d) => d,
             Err(err) => {
@@ -495,7 +481,7 @@ impl Governance {
         result
     }
 
-    async fn apply_decision(&self, d: &ReviewDecision) -> Result<Value, ApiError> {
+    async fn apply_decision(&self, d: &ReviewDecision) -> Result<StatusReply, ApiError> {
         let id = &d.intent_id;
         let item = if kv_key_ok(id) {
             kvx::read::<ReviewItem>(&self.reviews, id)
@@ -522,10 +508,7 @@ impl Governance {
             decision: verdict_word.to_owned(),
             reviewer: d.reviewer.clone(),
             reason: d.reason.clone(),
-            kind: serde_json::to_value(item.kind)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
+            kind: item.kind.as_str().to_owned(),
             at: time::now(),
         };
         let reason = if d.reason.is_empty() {
@@ -629,7 +612,7 @@ impl Governance {
                             "status": record.status, "intent_type": record.intent.intent_type}),
             );
         self.narrator.publish(n).await;
-        Ok(serde_json::to_value(record.status_reply()).unwrap_or(Value::Null))
+        Ok(record.status_reply())
     }
 
     async fn delete_review(&self, id: &str) {
@@ -694,7 +677,7 @@ impl Governance {
         Ok(json!({ "items": items }))
     }
 
-    async fn vote(&self, body: &[u8]) -> Result<Value, ApiError> {
+    async fn vote(&self, body: &[u8]) -> Result<Tally, ApiError> {
         let result = self.cast(body).await;
         if let Err(err) = &result
             && err.status < 500
@@ -704,7 +687,7 @@ impl Governance {
         result
     }
 
-    async fn cast(&self, body: &[u8]) -> Result<Value, ApiError> {
+    async fn cast(&self, body: &[u8]) -> Result<Tally, ApiError> {
         let req = VoteRequest::parse(body, self.cfg.max_intent_bytes)?;
         let id = req.proposal_id.clone();
         let unknown = || async {
@@ -759,7 +742,7 @@ impl Governance {
         if state != ProposalState::Open {
             self.finalize(&proposal).await?;
         }
-        Ok(serde_json::to_value(proposal.tally()).unwrap_or(Value::Null))
+        Ok(proposal.tally())
     }
 
     /// Applies a closed proposal to its intent (idempotently) and removes it.
