@@ -312,6 +312,16 @@ pub async fn start_clarity(cfg: BulwarkConfig) -> RunningService {
     start_service("clarity", cfg, bulwark_clarity::run).await
 }
 
+/// Starts the storm guard with `cfg` and waits until it answers `$SRV.INFO`.
+pub async fn start_storm_guard(cfg: BulwarkConfig) -> RunningService {
+    start_service("storm_guard", cfg, bulwark_storm_guard::run).await
+}
+
+/// Starts the event policy engine with `cfg` and waits until it answers `$SRV.INFO`.
+pub async fn start_event_policy(cfg: BulwarkConfig) -> RunningService {
+    start_service("event_policy_engine", cfg, bulwark_event_policy::run).await
+}
+
 /// Sends a JSON request and returns the reply's JSON and its micro error code header, if any.
 pub async fn request_json(
     client: &async_nats::Client,

@@ -46,6 +46,8 @@ pub struct BulwarkConfig {
     pub governance: GovernanceConfig,
     /// Clarity: the hash-chained audit of narratives, its retention and queries.
     pub clarity: ClarityConfig,
+    /// The trigger mesh: envelope limits, storm guard, circuit breaker, cascade limits, policies.
+    pub mesh: MeshConfig,
 }
 
 impl BulwarkConfig {
@@ -135,6 +137,7 @@ impl BulwarkConfig {
             return bad("nats timeouts must be positive".into());
         }
         self.clarity.validate().map_err(ConfigError::Inconsistent)?;
+        self.mesh.validate().map_err(ConfigError::Inconsistent)?;
         Ok(())
     }
 }
@@ -403,6 +406,125 @@ impl ClarityConfig {
         }
         if self.query_max_scan == 0 {
             return Err("clarity.query_max_scan must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The trigger mesh (stream `BULWARK_MESH`): envelope limits, the storm guard, the circuit
+/// breaker, the event policy engine's cascade limits and its rule files, and the mesh consumer
+/// every service builds on. Seed figures in the comments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// Largest mesh event accepted, in bytes; a bigger one is dead-lettered.
+    pub max_event_bytes: usize,
+    /// Days a mesh event is kept in `BULWARK_MESH`; 0 keeps events forever.
+    pub max_age_days: u64,
+    /// A type whose rate over `storm_window_s` exceeds this many events per second is a storm
+    /// (seed: 100). Mesh consumers also pace each type to this rate (GCRA), deferring the excess.
+    pub storm_threshold: u64,
+    /// Length of the sliding window a type's rate is measured over, in seconds (seed: 1).
+    pub storm_window_s: f64,
+    /// The breaker opens when all types together exceed this many events in `breaker_window_s`
+    /// (seed: 500).
+    pub breaker_threshold: u64,
+    /// The breaker's sliding window, in seconds (seed: 10).
+    pub breaker_window_s: f64,
+    /// Seconds an open breaker waits before it lets a probe through (half-open) (seed: 60).
+    pub cooldown_s: f64,
+    /// Seconds the breaker stays half-open: it closes after this long if the rate stayed normal,
+    /// and reopens at once when the rate crosses the threshold again.
+    pub half_open_s: f64,
+    /// Held events each mesh consumer may process while the breaker is half-open (the bounded
+    /// probe); the rest waits for the breaker to close.
+    pub half_open_probe: u64,
+    /// No event deeper than this is ever produced by a rule (seed: 10).
+    pub cascade_depth_limit: u64,
+    /// Events (and intents) rules may produce per `correlation_id` (seed: 1000).
+    pub fanout_limit: u64,
+    /// Directory of the event policy engine's rule files (`*.toml`), relative to the working
+    /// directory. A missing directory means no rules; a file with errors stops the engine.
+    pub policies_dir: std::path::PathBuf,
+    /// Events fetched from `BULWARK_MESH` per pull request by a mesh consumer.
+    pub fetch_batch: usize,
+    /// Seconds a fetched event may stay unacknowledged before JetStream redelivers it.
+    pub ack_wait_s: f64,
+    /// Events a mesh consumer may hold unacknowledged (fetched, deferred by the rate limit or
+    /// in processing) before JetStream stops delivering more.
+    pub max_ack_pending: i64,
+    /// Seconds within which an event published twice with the same id (a redelivered parent's
+    /// children, a dead letter written by two consumers) is stored once.
+    pub duplicate_window_s: f64,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 64 * 1024,
+            max_age_days: 7,
+            storm_threshold: 100,
+            storm_window_s: 1.0,
+            breaker_threshold: 500,
+            breaker_window_s: 10.0,
+            cooldown_s: 60.0,
+            half_open_s: 10.0,
+            half_open_probe: 50,
+            cascade_depth_limit: 10,
+            fanout_limit: 1_000,
+            policies_dir: std::path::PathBuf::from("policies"),
+            fetch_batch: 256,
+            ack_wait_s: 30.0,
+            max_ack_pending: 10_000,
+            duplicate_window_s: 120.0,
+        }
+    }
+}
+
+impl MeshConfig {
+    /// Checks ranges and consistency; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("storm_window_s", self.storm_window_s),
+            ("breaker_window_s", self.breaker_window_s),
+            ("cooldown_s", self.cooldown_s),
+            ("half_open_s", self.half_open_s),
+            ("ack_wait_s", self.ack_wait_s),
+            ("duplicate_window_s", self.duplicate_window_s),
+        ];
+        for (key, value) in positive {
+            if !(value > 0.0 && value.is_finite()) {
+                return Err(format!("mesh.{key} must be a positive number, got {value}"));
+            }
+        }
+        let at_least_one = [
+            ("max_event_bytes", self.max_event_bytes as u64),
+            ("storm_threshold", self.storm_threshold),
+            ("breaker_threshold", self.breaker_threshold),
+            ("cascade_depth_limit", self.cascade_depth_limit),
+            ("fanout_limit", self.fanout_limit),
+            ("fetch_batch", self.fetch_batch as u64),
+        ];
+        for (key, value) in at_least_one {
+            if value == 0 {
+                return Err(format!("mesh.{key} must be at least 1"));
+            }
+        }
+        if self.cascade_depth_limit > crate::envelope::MAX_DEPTH {
+            return Err(format!(
+                "mesh.cascade_depth_limit must be at most {}, got {}",
+                crate::envelope::MAX_DEPTH,
+                self.cascade_depth_limit
+            ));
+        }
+        if self.max_ack_pending < 1 {
+            return Err("mesh.max_ack_pending must be at least 1".into());
+        }
+        if self.duplicate_window_s <= self.ack_wait_s {
+            return Err(format!(
+                "mesh.duplicate_window_s ({}) must exceed mesh.ack_wait_s ({})",
+                self.duplicate_window_s, self.ack_wait_s
+            ));
         }
         Ok(())
     }

@@ -36,6 +36,43 @@ pub struct MeshEvent {
     pub depth: u64,
     /// Event-specific data.
     pub payload: Value,
+    /// `(event_type, source)` of every ancestor, root first (bulwark's addition: the event
+    /// policy engine detects cycles with it). Empty for a root; absent from the JSON then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lineage: Vec<(String, String)>,
+}
+
+/// The id and time normalisation gives an event that has none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assigned {
+    /// The `event_id` to use.
+    pub event_id: String,
+    /// The `timestamp` to use.
+    pub timestamp: String,
+}
+
+impl Assigned {
+    /// A fresh UUIDv7 and the current time (an event being published).
+    pub fn fresh() -> Assigned {
+        Assigned {
+            event_id: crate::ids::new_id(),
+            timestamp: crate::time::now(),
+        }
+    }
+
+    /// The id and time of the event stored at `stream_seq` at `stored_ms` (milliseconds since
+    /// the epoch): a UUIDv7 built from both, so every consumer of the stream assigns the same id
+    /// to the same partial event.
+    pub fn stored(stream_seq: u64, stored_ms: i64) -> Assigned {
+        let mut tail = [0u8; 10];
+        tail[2..].copy_from_slice(&stream_seq.to_be_bytes());
+        let id =
+            uuid::Builder::from_unix_timestamp_millis(stored_ms.max(0) as u64, &tail).into_uuid();
+        Assigned {
+            event_id: id.to_string(),
+            timestamp: crate::time::format_ms(stored_ms),
+        }
+    }
 }
 
 impl MeshEvent {
@@ -54,6 +91,7 @@ impl MeshEvent {
             causation_id: None,
             depth: 0,
             payload,
+            lineage: Vec::new(),
         }
     }
 
@@ -63,6 +101,10 @@ impl MeshEvent {
         child.correlation_id = self.correlation_id.clone();
         child.causation_id = Some(self.event_id.clone());
         child.depth = self.depth + 1;
+        child.lineage = self.lineage.clone();
+        child
+            .lineage
+            .push((self.event_type.clone(), self.source.clone()));
         child
     }
 
@@ -70,6 +112,17 @@ impl MeshEvent {
     /// Missing ids, time and depth are filled in; a missing `event_type` is taken from the
     /// subject. Returns the reason when the body cannot be an envelope.
     pub fn normalise(subject: &str, body: &[u8], max_bytes: usize) -> Result<MeshEvent, String> {
+        Self::normalise_assigning(subject, body, max_bytes, Assigned::fresh)
+    }
+
+    /// Like [`normalise`](Self::normalise), with `assign` giving the id and time of an event
+    /// that lacks them (see [`Assigned::stored`]).
+    pub fn normalise_assigning(
+        subject: &str,
+        body: &[u8],
+        max_bytes: usize,
+        assign: impl FnOnce() -> Assigned,
+    ) -> Result<MeshEvent, String> {
         if body.len() > max_bytes {
             return Err(format!(
                 "event is {} bytes, over the limit of {max_bytes}",
@@ -92,13 +145,20 @@ impl MeshEvent {
             ));
         }
         let source = opt_string(&mut obj, "source")?.unwrap_or_else(|| "unknown".to_owned());
-        let event_id = opt_string(&mut obj, "event_id")?.unwrap_or_else(crate::ids::new_id);
-        let timestamp = match opt_string(&mut obj, "timestamp")? {
+        let given_id = opt_string(&mut obj, "event_id")?;
+        let given_time = opt_string(&mut obj, "timestamp")?;
+        let assigned = (given_id.is_none() || given_time.is_none()).then(assign);
+        let event_id = given_id
+            .or_else(|| assigned.as_ref().map(|a| a.event_id.clone()))
+            .unwrap_or_else(crate::ids::new_id);
+        let timestamp = match given_time {
             Some(ts) if crate::time::parse_ms(&ts).is_none() => {
                 return Err(format!("timestamp {ts:?} is not RFC 3339"));
             }
             Some(ts) => ts,
-            None => crate::time::now(),
+            None => assigned
+                .map(|a| a.timestamp)
+                .unwrap_or_else(crate::time::now),
         };
         let depth = match obj.remove("depth") {
             None | Some(Value::Null) => 0,
@@ -130,6 +190,10 @@ impl MeshEvent {
                 ));
             }
         };
+        let lineage = match obj.remove("lineage") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(v) => lineage(v)?,
+        };
         Ok(MeshEvent {
             event_id,
             event_type,
@@ -142,8 +206,31 @@ impl MeshEvent {
             causation_id,
             depth,
             payload,
+            lineage,
         })
     }
+}
+
+fn lineage(value: Value) -> Result<Vec<(String, String)>, String> {
+    let Value::Array(items) = value else {
+        return Err(format!(
+            "lineage must be an array, got {}",
+            crate::api::json_kind(&value)
+        ));
+    };
+    if items.len() as u64 > MAX_DEPTH {
+        return Err(format!("lineage has more than {MAX_DEPTH} entries"));
+    }
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::Array(pair) => match <[Value; 2]>::try_from(pair) {
+                Ok([Value::String(t), Value::String(s)]) => Ok((t, s)),
+                _ => Err("lineage entries must be [event_type, source] string pairs".to_owned()),
+            },
+            _ => Err("lineage entries must be [event_type, source] string pairs".to_owned()),
+        })
+        .collect()
 }
 
 fn opt_string(obj: &mut Map<String, Value>, key: &str) -> Result<Option<String>, String> {
@@ -170,12 +257,40 @@ mod tests {
         assert_eq!(e.depth, 0);
         assert_eq!(e.correlation_id, e.event_id);
         assert!(e.causation_id.is_none());
-        let child = e.child("z", "rule", Value::Null);
+        let child = e.child("z", "rule", Value::Object(Map::new()));
         assert_eq!(
             (child.depth, child.causation_id.as_deref()),
             (1, Some(e.event_id.as_str()))
         );
         assert_eq!(child.correlation_id, e.correlation_id);
+        assert_eq!(child.lineage, vec![("x.y".to_owned(), "me".to_owned())]);
+        let text = serde_json::to_vec(&child).expect("json");
+        assert_eq!(
+            MeshEvent::normalise("mesh.z", &text, 4096).expect("round trip"),
+            child
+        );
+    }
+
+    #[test]
+    fn stored_partial_events_get_the_same_id_everywhere() {
+        let body = br#"{"source":"me"}"#;
+        let a = MeshEvent::normalise_assigning("mesh.a", body, 1024, || {
+            Assigned::stored(42, 1_795_687_500_123)
+        })
+        .expect("ok");
+        let b = MeshEvent::normalise_assigning("mesh.a", body, 1024, || {
+            Assigned::stored(42, 1_795_687_500_123)
+        })
+        .expect("ok");
+        assert_eq!(a, b);
+        assert_eq!(a.timestamp, "2026-11-26T10:05:00.123Z");
+        assert_eq!(
+            uuid::Uuid::parse_str(&a.event_id)
+                .expect("uuid")
+                .get_version_num(),
+            7
+        );
+        assert_ne!(a.event_id, Assigned::stored(43, 1_795_687_500_123).event_id);
     }
 
     #[test]
@@ -188,6 +303,7 @@ mod tests {
             (br#"{"source": 5}"#, "source must be a string"),
             (br#"{"event_type": "Bad Type"}"#, "is not dot-separated"),
             (br#"{"payload": "x"}"#, "payload must be a JSON object"),
+            (br#"{"lineage": [["a", 1]]}"#, "lineage entries"),
         ] {
             let err = MeshEvent::normalise("mesh.a", body, 1024).expect_err("malformed");
             assert!(err.contains(reason), "{err} lacks {reason}");

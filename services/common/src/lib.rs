@@ -5,6 +5,7 @@
 //! - [`streams`]: the JetStream streams and KV buckets that make accepted work durable.
 //! - [`envelope`]: the trigger mesh event envelope (CONTRACT section 1) and its normalisation.
 //! - [`intent`]: intents, autonomy tiers, statuses and the durable intent record.
+//! - [`mesh`]: the mesh consumer (normalise, dead-letter, obey the breaker, pace per type).
 //! - [`narrative`]: 5W1H narratives and the publisher every service explains itself with.
 //! - [`api`]: JSON replies and the NATS micro error convention.
 //! - [`nats_server`]: finding the nats-server binary (`bulwark up`, tests).
@@ -24,6 +25,7 @@ pub mod ids;
 pub mod intent;
 pub mod kv;
 pub mod logging;
+pub mod mesh;
 pub mod micro;
 pub mod narrative;
 pub mod nats_server;

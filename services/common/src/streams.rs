@@ -10,6 +10,8 @@
 //! | `BULWARK_NARRATIVES` | stream | every 5W1H narrative on `clarity.narrative.>` |
 //! | `BULWARK_AUDIT` | stream | clarity's hash-chained audit records on `clarity.audit` |
 //! | `bulwark_audit_head` | KV | the newest audit record's `{seq, hash}`, to detect truncation |
+//! | `BULWARK_MESH` | stream | every trigger mesh event on `mesh.>` |
+//! | `bulwark_breaker` | KV | the mesh circuit breaker's state, shared by storm guard replicas and mesh consumers |
 
 use std::time::Duration;
 
@@ -147,6 +149,44 @@ pub async fn audit(
         js.update_stream(config)
             .await
             .map_err(|e| store_error(AUDIT_STREAM, e))?;
+    }
+    Ok(stream)
+}
+
+/// Stream capturing every trigger mesh event, `mesh.>`.
+pub const MESH_STREAM: &str = "BULWARK_MESH";
+/// KV bucket holding the mesh circuit breaker's state (key [`BREAKER_KEY`]).
+pub const BREAKER_BUCKET: &str = "bulwark_breaker";
+/// Key of the mesh-wide breaker in [`BREAKER_BUCKET`].
+pub const BREAKER_KEY: &str = "mesh";
+
+/// Creates the mesh stream when missing, and brings its retention (`max_age`, zero for
+/// forever) and duplicate window up to date when they changed.
+pub async fn mesh(
+    js: &jetstream::Context,
+    max_age: Duration,
+    duplicate_window: Duration,
+) -> Result<stream::Stream, StoreError> {
+    let config = stream::Config {
+        name: MESH_STREAM.to_owned(),
+        description: Some("bulwark trigger mesh: every mesh.> event, in order".into()),
+        subjects: vec![subjects::MESH_ALL.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age,
+        duplicate_window,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    let stream = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|e| store_error(MESH_STREAM, e))?;
+    let current = &stream.cached_info().config;
+    if current.max_age != max_age || current.duplicate_window != duplicate_window {
+        js.update_stream(config)
+            .await
+            .map_err(|e| store_error(MESH_STREAM, e))?;
     }
     Ok(stream)
 }

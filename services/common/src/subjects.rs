@@ -104,6 +104,28 @@ pub const CLARITY_VERIFY: &str = "clarity.verify";
 /// The hash-chained audit records clarity appends to the `BULWARK_AUDIT` stream (internal).
 pub const CLARITY_AUDIT: &str = "clarity.audit";
 
+/// The breaker opened: `{scope, event_count, threshold, window_s, cooldown_s}` (CONTRACT section 1).
+pub const MESH_BREAKER_OPENED: &str = "mesh.breaker.opened";
+/// The breaker went half-open (same fields as [`MESH_BREAKER_OPENED`]).
+pub const MESH_BREAKER_HALF_OPEN: &str = "mesh.breaker.half_open";
+/// The breaker closed (same fields as [`MESH_BREAKER_OPENED`]).
+pub const MESH_BREAKER_CLOSED: &str = "mesh.breaker.closed";
+/// Throttle advisories of the storm guard, naming the flooding `source` and the rate it may use
+/// (bulwark's addition to the contract).
+pub const MESH_THROTTLE: &str = "mesh.advisory.throttle";
+/// Mesh events that pass an open breaker: emergencies, breaker transitions, critical alerts.
+pub const MESH_CRITICAL: [&str; 3] = [
+    "mesh.event.emergency",
+    "mesh.breaker.>",
+    "mesh.layer2.critical_alert",
+];
+/// Storm guard status: request `{}`, reply the breaker and the current storms (micro service
+/// `storm_guard`).
+pub const STORM_GUARD_STATUS: &str = "storm_guard.status";
+/// Event policy engine rules: request `{}`, reply the loaded rules (micro service
+/// `event_policy_engine`).
+pub const EVENT_POLICY_RULES: &str = "event_policy.rules";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,805 @@
+//! The mesh consumer every service that reacts to trigger mesh events builds on, and the circuit
+//! breaker record it obeys.
+//!
+//! A [`MeshConsumer`] reads the `BULWARK_MESH` stream (every `mesh.>` event) through two durable
+//! pull consumers: `<name>` for everything and `<name>_critical` for the events that pass an
+//! open breaker ([`subjects::MESH_CRITICAL`]: emergencies, breaker transitions, critical
+//! alerts). For each event it:
+//! - **normalises** it ([`MeshEvent::normalise_assigning`] with ids derived from the stream
+//!   sequence, so every consumer sees the same `event_id` for a partial event);
+//! - **dead-letters** a malformed one: a `mesh.deadletter` event with the reason, stored once
+//!   however many consumers find it (`Nats-Msg-Id` = `deadletter:<stream_seq>`), counted and
+//!   narrated;
+//! - **honours the breaker** (KV bucket `bulwark_breaker`, watched): while it is open the main
+//!   consumer fetches nothing, so non-critical events stay stored and are processed in stream
+//!   order once it closes; half-open it processes at most `mesh.half_open_probe` of them;
+//! - **paces each event type** to `mesh.storm_threshold` per second with GCRA ([`Pacer`]): an
+//!   event over the rate is not dropped but deferred (negatively acknowledged with the delay
+//!   of its reserved slot) and processed when its slot comes;
+//! - hands the event to the service's handler and acknowledges it only after the handler
+//!   succeeded (a failure is negatively acknowledged and redelivered).
+//!
+//! # Subjects
+//! Consumes `mesh.>` (stream `BULWARK_MESH`) and the `bulwark_breaker` KV bucket. Produces
+//! `mesh.deadletter` and `clarity.narrative.<who>` (`mesh_event_dead_lettered`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{self, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, AckKind, kv};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MeshConfig;
+use crate::envelope::{Assigned, MeshEvent};
+use crate::narrative::Narrator;
+use crate::{streams, subjects};
+
+/// How long one pull request waits for events; also the longest a shutdown waits for it.
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+/// Delay before a failed event is redelivered.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Bytes of a malformed body kept in its dead letter.
+const DEADLETTER_EXCERPT: usize = 1024;
+
+/// The state of the mesh circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    /// Events flow.
+    #[default]
+    Closed,
+    /// Non-critical events are held back.
+    Open,
+    /// A bounded probe of held events is let through.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// `closed`, `open` or `half_open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// The breaker as stored in the `bulwark_breaker` bucket (key `mesh`): what every storm guard
+/// replica and every mesh consumer agrees on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct BreakerRecord {
+    /// Current state.
+    pub state: BreakerState,
+    /// When the current state began, milliseconds since the epoch (0: never changed).
+    pub since_ms: i64,
+    /// Events counted in the window when the breaker last opened.
+    pub event_count: u64,
+    /// Times the breaker opened so far.
+    pub opened_count: u64,
+    /// The storm guard instance that made the last transition.
+    #[serde(default)]
+    pub updated_by: String,
+}
+
+/// Why a mesh consumer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    /// A stream or bucket could not be made ready.
+    #[error(transparent)]
+    Store(#[from] streams::StoreError),
+    /// A durable consumer could not be created.
+    #[error("could not create the mesh consumer {name}: {reason}")]
+    Consumer {
+        /// The consumer.
+        name: String,
+        /// The server's explanation.
+        reason: String,
+    },
+}
+
+/// What the handler learns about an event besides its envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery {
+    /// Its sequence in `BULWARK_MESH`.
+    pub stream_seq: u64,
+    /// True when it came through the critical consumer (it passes an open breaker).
+    pub critical: bool,
+    /// The breaker state the consumer believed in when it handed the event over.
+    pub breaker: BreakerState,
+}
+
+/// Counters of a mesh consumer.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Events handled successfully.
+    pub processed: AtomicU64,
+    /// Of those, critical events.
+    pub critical_processed: AtomicU64,
+    /// Malformed events dead-lettered by this consumer.
+    pub dead_lettered: AtomicU64,
+    /// Times an event was deferred by the per-type rate limit.
+    pub deferred: AtomicU64,
+    /// Times the consumer stopped fetching because the breaker was open (or the probe spent).
+    pub holds: AtomicU64,
+    /// Handler failures (each event is redelivered).
+    pub failures: AtomicU64,
+}
+
+impl ConsumerStats {
+    /// The counters as JSON.
+    pub fn snapshot(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "processed": get(&self.processed),
+            "critical_processed": get(&self.critical_processed),
+            "dead_lettered": get(&self.dead_lettered),
+            "deferred": get(&self.deferred),
+            "holds": get(&self.holds),
+            "failures": get(&self.failures),
+        })
+    }
+}
+
+/// True when `subject` is one of [`subjects::MESH_CRITICAL`].
+pub fn is_critical(subject: &str) -> bool {
+    subjects::MESH_CRITICAL
+        .iter()
+        .any(|pattern| subject_matches(pattern, subject))
+}
+
+/// True when the NATS subject `subject` matches `pattern` (`*` one token, `>` the rest).
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for p in pattern.split('.') {
+        match (p, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
+// ---- pacing -------------------------------------------------------------------------------------
+
+/// What [`Pacer::offer`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// Process it now.
+    Now,
+    /// Its slot is this many milliseconds away; offer it again then.
+    Later(u64),
+}
+
+/// Per-key GCRA (the generic cell rate algorithm) with reservations: each key may pass `rate`
+/// events per second with a burst of one second's worth; an event over the rate reserves the
+/// next free slot and is told how long to wait, so deferred events keep their order and none
+/// is dropped. Pure: the caller passes the time (milliseconds on any monotonic clock).
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    interval_ms: f64,
+    tolerance_ms: f64,
+    /// Theoretical arrival time per key.
+    tat: HashMap<String, f64>,
+    /// Slot reserved per deferred event (by stream sequence).
+    reserved: HashMap<u64, f64>,
+}
+
+/// Keys and reservations kept before idle ones are pruned.
+const PACER_PRUNE_AT: usize = 10_000;
+
+impl Pacer {
+    /// A pacer letting `rate` events per second through per key (at least 1).
+    pub fn new(rate: u64) -> Self {
+        let rate = rate.max(1) as f64;
+        let interval_ms = 1000.0 / rate;
+        Self {
+            interval_ms,
+            tolerance_ms: interval_ms * (rate - 1.0),
+            tat: HashMap::new(),
+            reserved: HashMap::new(),
+        }
+    }
+
+    /// Offers event `seq` of `key` at `now_ms`.
+    pub fn offer(&mut self, key: &str, seq: u64, now_ms: u64) -> Pace {
+        let now = now_ms as f64;
+        if let Some(&due) = self.reserved.get(&seq) {
+            if now >= due {
+                self.reserved.remove(&seq);
+                return Pace::Now;
+            }
+            return Pace::Later((due - now).ceil() as u64);
+        }
+        if self.tat.len() > PACER_PRUNE_AT {
+            self.tat.retain(|_, tat| *tat > now);
+        }
+        if self.reserved.len() > PACER_PRUNE_AT {
+            // Reservations of events another instance processed are never claimed.
+            let stale = now - 600_000.0;
+            self.reserved.retain(|_, due| *due > stale);
+        }
+        let tat = self.tat.get(key).copied().unwrap_or(now).max(now);
+        self.tat.insert(key.to_owned(), tat + self.interval_ms);
+        if tat - now <= self.tolerance_ms {
+            return Pace::Now;
+        }
+        let due = tat - self.tolerance_ms;
+        self.reserved.insert(seq, due);
+        Pace::Later((due - now).ceil() as u64)
+    }
+}
+
+// ---- the consumer -------------------------------------------------------------------------------
+
+/// A service's reader of the trigger mesh (see the module documentation).
+pub struct MeshConsumer {
+    name: String,
+    js: jetstream::Context,
+    cfg: MeshConfig,
+    narrator: Narrator,
+    stats: Arc<ConsumerStats>,
+    main: PullConsumer,
+    critical: PullConsumer,
+    breaker: watch::Receiver<BreakerRecord>,
+}
+
+impl MeshConsumer {
+    /// Makes the mesh stream, the breaker bucket and the durable consumers `name` and
+    /// `<name>_critical` ready, and starts watching the breaker (until `shutdown`).
+    pub async fn start(
+        js: jetstream::Context,
+        cfg: &MeshConfig,
+        name: &str,
+        narrator: Narrator,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, MeshError> {
+        let stream = mesh_stream(&js, cfg).await?;
+        let bucket = breaker_bucket(&js).await?;
+        let durable = |durable: String, description: String, filters: Vec<String>| {
+            let stream = stream.clone();
+            let cfg = cfg.clone();
+            async move {
+                stream
+                    .get_or_create_consumer(
+                        &durable,
+                        consumer::pull::Config {
+                            durable_name: Some(durable.clone()),
+                            description: Some(description),
+                            ack_policy: AckPolicy::Explicit,
+                            ack_wait: Duration::from_secs_f64(cfg.ack_wait_s),
+                            max_ack_pending: cfg.max_ack_pending,
+                            deliver_policy: DeliverPolicy::All,
+                            filter_subjects: filters,
+                            ..Default::default()
+                        },
+                    )
+                    .await
+                    .map_err(|e| MeshError::Consumer {
+                        name: durable,
+                        reason: e.to_string(),
+                    })
+            }
+        };
+        let main = durable(
+            name.to_owned(),
+            format!("{name}: every mesh event, held while the breaker is open"),
+            Vec::new(),
+        )
+        .await?;
+        let critical = durable(
+            format!("{name}_critical"),
+            format!("{name}: mesh events that pass an open breaker"),
+            subjects::MESH_CRITICAL
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        )
+        .await?;
+        Ok(Self {
+            name: name.to_owned(),
+            js,
+            cfg: cfg.clone(),
+            narrator,
+            stats: Arc::new(ConsumerStats::default()),
+            main,
+            critical,
+            breaker: watch_breaker(bucket, shutdown.clone()),
+        })
+    }
+
+    /// Counters of this consumer.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.stats.clone()
+    }
+
+    /// The breaker as this consumer currently sees it.
+    pub fn breaker(&self) -> watch::Receiver<BreakerRecord> {
+        self.breaker.clone()
+    }
+
+    /// Hands every event to `handler` until `shutdown`; the event is acknowledged when the
+    /// handler returns `Ok`, redelivered after an `Err` (the reason is logged and counted).
+    pub async fn run<F, Fut>(self, shutdown: CancellationToken, handler: F)
+    where
+        F: Fn(MeshEvent, Delivery) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let this = Arc::new(self);
+        let critical = tokio::spawn(
+            this.clone()
+                .critical_loop(shutdown.clone(), handler.clone()),
+        );
+        this.main_loop(shutdown, handler).await;
+        let _ = critical.await;
+    }
+
+    async fn critical_loop<F, Fut>(self: Arc<Self>, shutdown: CancellationToken, handler: F)
+    where
+        F: Fn(MeshEvent, Delivery) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let Some(mut batch) = self
+                .fetch(
+                    &self.critical,
+                    self.cfg.fetch_batch,
+                    &mut backoff,
+                    &shutdown,
+                )
+                .await
+            else {
+                continue;
+            };
+            while let Some(Ok(msg)) = batch.next().await {
+                let breaker = self.breaker.borrow().state;
+                self.deliver(&msg, true, breaker, &handler).await;
+            }
+        }
+    }
+
+    async fn main_loop<F, Fut>(&self, shutdown: CancellationToken, handler: F)
+    where
+        F: Fn(MeshEvent, Delivery) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let mut breaker = self.breaker.clone();
+        let mut pacer = Pacer::new(self.cfg.storm_threshold);
+        let clock = tokio::time::Instant::now();
+        let mut probe = Probe::default();
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            // Wait while the breaker holds events back.
+            let record = breaker.borrow_and_update().clone();
+            let allowed = probe.allowance(&record, self.cfg.half_open_probe, self.cfg.fetch_batch);
+            if allowed == 0 {
+                self.stats.holds.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(consumer = %self.name, state = record.state.as_str(), "mesh consumer holding events");
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break,
+                    changed = breaker.changed() => if changed.is_err() { break },
+                }
+                continue;
+            }
+            let Some(mut batch) = self
+                .fetch(&self.main, allowed, &mut backoff, &shutdown)
+                .await
+            else {
+                continue;
+            };
+            while let Some(Ok(msg)) = batch.next().await {
+                if is_critical(&msg.subject) {
+                    // The critical consumer handles it, whatever the breaker.
+                    ack(&msg).await;
+                    continue;
+                }
+                let record = breaker.borrow().clone();
+                if probe.allowance(&record, self.cfg.half_open_probe, 1) == 0 {
+                    // The breaker opened mid-batch: give it back, to come again in order.
+                    nak(&msg, None).await;
+                    continue;
+                }
+                let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                let key = msg
+                    .subject
+                    .strip_prefix("mesh.")
+                    .unwrap_or(&msg.subject)
+                    .to_owned();
+                let now = clock.elapsed().as_millis() as u64;
+                if let Pace::Later(ms) = pacer.offer(&key, seq, now) {
+                    self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                    nak(&msg, Some(Duration::from_millis(ms.max(1)))).await;
+                    continue;
+                }
+                if record.state == BreakerState::HalfOpen {
+                    probe.spend();
+                }
+                self.deliver(&msg, false, record.state, &handler).await;
+            }
+        }
+    }
+
+    async fn fetch(
+        &self,
+        consumer: &PullConsumer,
+        max: usize,
+        backoff: &mut Duration,
+        shutdown: &CancellationToken,
+    ) -> Option<consumer::pull::Batch> {
+        let batch = consumer
+            .batch()
+            .max_messages(max)
+            .expires(FETCH_WAIT)
+            .messages()
+            .await;
+        match batch {
+            Ok(batch) => {
+                *backoff = Duration::from_millis(100);
+                Some(batch)
+            }
+            Err(err) => {
+                tracing::warn!(consumer = %self.name, error = %err, "cannot pull mesh events; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(*backoff) => {}
+                }
+                *backoff = (*backoff * 2).min(Duration::from_secs(5));
+                None
+            }
+        }
+    }
+
+    /// Normalises `msg` and hands it to `handler` (or dead-letters it), then acknowledges.
+    async fn deliver<F, Fut>(
+        &self,
+        msg: &jetstream::Message,
+        critical: bool,
+        breaker: BreakerState,
+        handler: &F,
+    ) where
+        F: Fn(MeshEvent, Delivery) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let (seq, stored_ms) = match msg.info() {
+            Ok(info) => (
+                info.stream_sequence,
+                (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
+            ),
+            Err(_) => (0, crate::time::now_ms()),
+        };
+        let event = MeshEvent::normalise_assigning(
+            &msg.subject,
+            &msg.payload,
+            self.cfg.max_event_bytes,
+            || Assigned::stored(seq, stored_ms),
+        );
+        let event = match event {
+            Ok(event) => event,
+            Err(reason) => {
+                match self
+                    .dead_letter(&msg.subject, &msg.payload, seq, &reason)
+                    .await
+                {
+                    Ok(()) => ack(msg).await,
+                    Err(err) => {
+                        tracing::warn!(consumer = %self.name, error = %err, "dead letter not stored; the event will be redelivered");
+                        nak(msg, Some(RETRY_DELAY)).await;
+                    }
+                }
+                return;
+            }
+        };
+        let delivery = Delivery {
+            stream_seq: seq,
+            critical,
+            breaker,
+        };
+        let event_id = event.event_id.clone();
+        match handler(event, delivery).await {
+            Ok(()) => {
+                self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                if critical {
+                    self.stats
+                        .critical_processed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                ack(msg).await;
+            }
+            Err(reason) => {
+                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(consumer = %self.name, event_id = %event_id, %reason, "mesh event not handled; it will be redelivered");
+                nak(msg, Some(RETRY_DELAY)).await;
+            }
+        }
+    }
+
+    /// Writes the dead letter of the malformed event at `seq` (once, whoever finds it first),
+    /// counts and narrates it.
+    async fn dead_letter(
+        &self,
+        subject: &str,
+        body: &[u8],
+        seq: u64,
+        reason: &str,
+    ) -> Result<(), String> {
+        let stored = dead_letter_event(&self.name, subject, body, seq, reason);
+        let publish = PublishMessage::build()
+            .payload(crate::api::to_bytes(&stored))
+            .message_id(format!("deadletter:{seq}"));
+        let ack = self
+            .js
+            .send_publish(subjects::MESH_DEADLETTER, publish)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        if ack.duplicate {
+            return Ok(());
+        }
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(consumer = %self.name, %subject, seq, %reason, "mesh event dead-lettered");
+        let narrative = self
+            .narrator
+            .narrative("mesh_event_dead_lettered", "mesh envelope normalisation")
+            .why(format!(
+                "event on {subject} (stream sequence {seq}) is malformed: {reason}"
+            ))
+            .why(format!(
+                "written to {} with the reason",
+                subjects::MESH_DEADLETTER
+            ))
+            .context(
+                json!({"subject": subject, "stream_seq": seq, "reason": reason,
+                            "bytes": body.len(), "dead_letter_id": stored.event_id}),
+            );
+        self.narrator.publish(narrative).await;
+        Ok(())
+    }
+}
+
+/// The `mesh.deadletter` event for a malformed body: a root envelope whose payload holds the
+/// reason, the original subject and stream sequence, and the start of the body.
+pub fn dead_letter_event(
+    who: &str,
+    subject: &str,
+    body: &[u8],
+    seq: u64,
+    reason: &str,
+) -> MeshEvent {
+    let excerpt = String::from_utf8_lossy(&body[..body.len().min(DEADLETTER_EXCERPT)]).into_owned();
+    MeshEvent::root(
+        "deadletter",
+        who,
+        json!({"reason": reason, "subject": subject, "stream_seq": seq, "bytes": body.len(),
+               "body": excerpt}),
+    )
+}
+
+/// Probe accounting of one consumer during one half-open episode.
+#[derive(Debug, Default)]
+struct Probe {
+    episode: i64,
+    used: u64,
+}
+
+impl Probe {
+    /// Events the consumer may fetch now under `record` (0: hold).
+    fn allowance(&mut self, record: &BreakerRecord, probe: u64, batch: usize) -> usize {
+        match record.state {
+            BreakerState::Closed => batch,
+            BreakerState::Open => 0,
+            BreakerState::HalfOpen => {
+                if self.episode != record.since_ms {
+                    self.episode = record.since_ms;
+                    self.used = 0;
+                }
+                (probe.saturating_sub(self.used) as usize).min(batch)
+            }
+        }
+    }
+
+    fn spend(&mut self) {
+        self.used += 1;
+    }
+}
+
+async fn ack(msg: &jetstream::Message) {
+    if let Err(err) = msg.ack().await {
+        tracing::debug!(error = %err, "mesh ack not sent; the event may be redelivered");
+    }
+}
+
+async fn nak(msg: &jetstream::Message, delay: Option<Duration>) {
+    if let Err(err) = msg.ack_with(AckKind::Nak(delay)).await {
+        tracing::debug!(error = %err, "mesh nak not sent; redelivery after ack_wait");
+    }
+}
+
+/// Creates (or updates) the mesh stream with the retention of `cfg`.
+pub async fn mesh_stream(
+    js: &jetstream::Context,
+    cfg: &MeshConfig,
+) -> Result<jetstream::stream::Stream, streams::StoreError> {
+    streams::mesh(
+        js,
+        Duration::from_secs(cfg.max_age_days.saturating_mul(86_400)),
+        Duration::from_secs_f64(cfg.duplicate_window_s),
+    )
+    .await
+}
+
+/// Opens the breaker bucket, creating it when missing.
+pub async fn breaker_bucket(js: &jetstream::Context) -> Result<kv::Store, streams::StoreError> {
+    streams::bucket(
+        js,
+        streams::BREAKER_BUCKET,
+        "bulwark mesh circuit breaker state",
+    )
+    .await
+}
+
+/// Follows the breaker's KV entry until `shutdown`; a missing entry reads as closed. The watch
+/// is re-established after an error.
+pub fn watch_breaker(
+    bucket: kv::Store,
+    shutdown: CancellationToken,
+) -> watch::Receiver<BreakerRecord> {
+    let (tx, rx) = watch::channel(BreakerRecord::default());
+    tokio::spawn(async move {
+        while !shutdown.is_cancelled() {
+            let mut entries = match bucket.watch_with_history(streams::BREAKER_KEY).await {
+                Ok(entries) => entries,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot watch the breaker; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let entry = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    entry = entries.next() => entry,
+                };
+                match entry {
+                    Some(Ok(entry)) => {
+                        let record = if entry.operation == kv::Operation::Put {
+                            serde_json::from_slice(&entry.value).unwrap_or_else(|err| {
+                                tracing::warn!(error = %err, "breaker entry unreadable; treating it as open");
+                                BreakerRecord { state: BreakerState::Open, ..Default::default() }
+                            })
+                        } else {
+                            BreakerRecord::default()
+                        };
+                        tx.send_replace(record);
+                    }
+                    Some(Err(err)) => {
+                        tracing::debug!(error = %err, "breaker watch error");
+                    }
+                    None => break,
+                }
+            }
+        }
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn subjects_match_like_nats() {
+        assert!(subject_matches("mesh.>", "mesh.a.b"));
+        assert!(!subject_matches("mesh.>", "mesh"));
+        assert!(subject_matches("mesh.*.x", "mesh.a.x"));
+        assert!(!subject_matches("mesh.*.x", "mesh.a.b.x"));
+        assert!(subject_matches("mesh.a", "mesh.a"));
+        assert!(!subject_matches("mesh.a", "mesh.a.b"));
+        assert!(is_critical("mesh.event.emergency"));
+        assert!(is_critical("mesh.breaker.opened"));
+        assert!(!is_critical("mesh.event.incident"));
+    }
+
+    #[test]
+    fn pacer_defers_the_excess_in_order() {
+        let mut pacer = Pacer::new(10);
+        let mut later = Vec::new();
+        for seq in 0..25 {
+            match pacer.offer("flood", seq, 0) {
+                Pace::Now => assert!(seq < 10, "burst of one second"),
+                Pace::Later(ms) => later.push((seq, ms)),
+            }
+        }
+        assert_eq!(later.len(), 15);
+        assert!(
+            later.windows(2).all(|w| w[0].1 <= w[1].1),
+            "slots keep order"
+        );
+        assert_eq!(
+            pacer.offer("other", 100, 0),
+            Pace::Now,
+            "keys are independent"
+        );
+        let (seq, ms) = later[0];
+        assert_eq!(pacer.offer("flood", seq, ms - 1), Pace::Later(1));
+        assert_eq!(pacer.offer("flood", seq, ms), Pace::Now);
+    }
+
+    #[test]
+    fn half_open_probe_is_bounded_per_episode() {
+        let mut probe = Probe::default();
+        let open = BreakerRecord {
+            state: BreakerState::Open,
+            ..Default::default()
+        };
+        assert_eq!(probe.allowance(&open, 5, 64), 0);
+        let half = BreakerRecord {
+            state: BreakerState::HalfOpen,
+            since_ms: 7,
+            ..Default::default()
+        };
+        assert_eq!(probe.allowance(&half, 5, 64), 5);
+        for _ in 0..5 {
+            probe.spend();
+        }
+        assert_eq!(probe.allowance(&half, 5, 64), 0);
+        let again = BreakerRecord {
+            since_ms: 9,
+            ..half
+        };
+        assert_eq!(
+            probe.allowance(&again, 5, 64),
+            5,
+            "a new episode has a new probe"
+        );
+        assert_eq!(probe.allowance(&BreakerRecord::default(), 5, 64), 64);
+    }
+
+    proptest! {
+        /// Whatever the arrivals, no key passes more than its burst plus its rate over any
+        /// stretch of time, and every deferred event passes when offered at its slot.
+        #[test]
+        fn pacer_never_exceeds_the_rate_and_loses_nothing(
+            rate in 1u64..50,
+            gaps in proptest::collection::vec(0u64..40, 1..300),
+        ) {
+            let mut pacer = Pacer::new(rate);
+            let mut now = 0;
+            let mut passed = Vec::new();
+            let mut pending = Vec::new();
+            for (seq, gap) in gaps.iter().enumerate() {
+                now += gap;
+                match pacer.offer("k", seq as u64, now) {
+                    Pace::Now => passed.push(now),
+                    Pace::Later(ms) => pending.push((seq as u64, now + ms)),
+                }
+            }
+            for (seq, due) in &pending {
+                prop_assert_eq!(pacer.offer("k", *seq, *due), Pace::Now);
+                passed.push(*due);
+            }
+            passed.sort_unstable();
+            prop_assert_eq!(passed.len(), gaps.len());
+            for (i, start) in passed.iter().enumerate() {
+                let within = passed[i..].iter().take_while(|t| **t < start + 1000).count() as u64;
+                prop_assert!(within <= 2 * rate, "{} events within one second at rate {}", within, rate);
+            }
+        }
+    }
+}

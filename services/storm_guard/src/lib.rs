@@ -1,0 +1,38 @@
+//! The storm guard: measures the trigger mesh and trips its circuit breaker.
+//!
+//! Every `mesh.>` event is counted as it arrives (core NATS, so detection adds no storage
+//! round trip): per event type over a sliding `mesh.storm_window_s`, and all types together
+//! over `mesh.breaker_window_s`. The event that takes a type above `mesh.storm_threshold` per
+//! second starts a storm: one incident naming the playbook `trigger_storm_mitigation` with the
+//! rate, one throttle advisory naming the flooding source, one narrative, however long the
+//! storm lasts. The event that takes the total above `mesh.breaker_threshold` opens the breaker;
+//! the breaker's state lives in the KV bucket `bulwark_breaker`, so mesh consumers hold events
+//! back while it is open, replicas agree on it and a restart keeps it. The safeguards' own
+//! events (incidents, emergencies, breaker transitions, advisories, dead letters) are not
+//! counted, so enforcement cannot feed itself.
+//!
+//! # Subjects
+//! Consumes:
+//! - `mesh.>` (core NATS subscription, every event).
+//! - `storm_guard.status` (NATS micro service `storm_guard`): `{}`, replied with the breaker
+//!   record, the storms in progress and the counters.
+//!
+//! Produces (through JetStream, into `BULWARK_MESH`):
+//! - `mesh.event.incident`: storms, `{trigger_id, playbook: "trigger_storm_mitigation",
+//!   severity, event_type, rate_per_second, source, threshold}`.
+//! - `mesh.advisory.throttle`: `{source, event_type, rate_per_second, limit_per_second}`.
+//! - `mesh.breaker.opened|half_open|closed`: `{scope, event_count, threshold, window_s,
+//!   cooldown_s}`, and `mesh.event.emergency` on opening.
+//! - `clarity.narrative.storm_guard`: every storm and transition, with its numbers.
+//! - `telemetry.storm_guard`: counters every `telemetry.interval_s`.
+//!
+//! # Modules
+//! - [`storm`]: per-type sliding windows (pure).
+//! - [`breaker`]: the breaker state machine (pure).
+//! - [`service`]: the subscription, the KV record and the announcements around them.
+
+pub mod breaker;
+pub mod service;
+pub mod storm;
+
+pub use service::{Counters, StormGuardError, run};

@@ -1,0 +1,616 @@
+//! The storm guard's I/O: the `mesh.>` subscription feeding [`crate::storm`] and
+//! [`crate::breaker`], the breaker record in KV, and the announcements (incidents, advisories,
+//! breaker events, narratives), thin around the pure modules.
+//!
+//! The subscription loop never waits for I/O: what it decides goes, in order, to one
+//! announcer task. A breaker transition is announced only by the instance whose
+//! compare-and-set on the `bulwark_breaker` entry succeeds; the others adopt the stored record
+//! (they watch the entry), so replicas agree and each transition is announced once.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::Client;
+use async_nats::jetstream::{self, kv, message::PublishMessage};
+use async_nats::service::Request;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use bulwark_common::api::{self, ApiError};
+use bulwark_common::config::{BulwarkConfig, MeshConfig};
+use bulwark_common::envelope::MeshEvent;
+use bulwark_common::kv::{self as kvx, Change};
+use bulwark_common::mesh::{self, BreakerRecord, BreakerState};
+use bulwark_common::narrative::Narrator;
+use bulwark_common::{ids, streams, subjects, telemetry, time};
+
+use crate::breaker::{Breaker, BreakerConfig, Transition};
+use crate::storm::{StormDetector, StormEnd, StormStart};
+
+/// Name under which the service registers (CONTRACT section 5).
+pub const SERVICE_NAME: &str = "storm_guard";
+/// Playbook named by storm incidents (seed).
+pub const STORM_PLAYBOOK: &str = "trigger_storm_mitigation";
+/// Playbook named by the emergency of an opening breaker (seed).
+pub const BREAKER_PLAYBOOK: &str = "trigger_mesh_circuit_breaker";
+/// The safeguards' own subjects: never counted, so enforcement cannot feed itself.
+const OWN_SUBJECTS: [&str; 5] = [
+    "mesh.deadletter",
+    "mesh.event.incident",
+    "mesh.event.emergency",
+    "mesh.breaker.>",
+    "mesh.advisory.>",
+];
+/// Time given to in-flight work at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StormGuardError {
+    /// A stream or bucket could not be made ready.
+    #[error(transparent)]
+    Store(#[from] streams::StoreError),
+    /// The breaker record could not be read or created.
+    #[error("breaker record: {0}")]
+    Breaker(#[from] kvx::KvError),
+    /// The `mesh.>` subscription failed.
+    #[error("cannot subscribe to mesh.>: {0}")]
+    Subscribe(String),
+    /// Registration with NATS micro failed.
+    #[error("{0}")]
+    Register(String),
+}
+
+/// What the service counts; reported in telemetry and `$SRV.STATS`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Every message received on `mesh.>`.
+    pub events_seen: AtomicU64,
+    /// Of those, the safeguards' own events (not counted towards rates).
+    pub own_events: AtomicU64,
+    /// Events whose body could not be read (counted, source `unknown`; consumers dead-letter them).
+    pub malformed: AtomicU64,
+    /// Storms detected.
+    pub storms: AtomicU64,
+    /// Breaker transitions this instance made and announced.
+    pub transitions: AtomicU64,
+    /// Times the breaker opened (announced by this instance).
+    pub breaker_opened: AtomicU64,
+    /// Transitions another replica made first (adopted, not announced).
+    pub transitions_adopted: AtomicU64,
+    /// Announcements JetStream did not acknowledge.
+    pub publish_failures: AtomicU64,
+}
+
+impl Counters {
+    /// The counters as JSON.
+    pub fn snapshot(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "events_seen": get(&self.events_seen),
+            "own_events": get(&self.own_events),
+            "malformed": get(&self.malformed),
+            "storms": get(&self.storms),
+            "transitions": get(&self.transitions),
+            "breaker_opened": get(&self.breaker_opened),
+            "transitions_adopted": get(&self.transitions_adopted),
+            "publish_failures": get(&self.publish_failures),
+        })
+    }
+}
+
+/// The pure state, shared by the subscription loop, the ticker and the status endpoint.
+struct Guard {
+    storms: StormDetector,
+    breaker: Breaker,
+}
+
+/// What the subscription loop and the ticker hand to the announcer.
+enum Announcement {
+    Storm(StormStart),
+    StormEnded(StormEnd),
+    Transition(Transition, BreakerRecord),
+}
+
+/// Milliseconds since the epoch from a monotonic clock (cheap enough for every event).
+#[derive(Clone, Copy)]
+struct Clock {
+    base_ms: i64,
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            base_ms: time::now_ms(),
+            start: tokio::time::Instant::now(),
+        }
+    }
+    fn now_ms(&self) -> i64 {
+        self.base_ms + self.start.elapsed().as_millis() as i64
+    }
+}
+
+struct StormGuard {
+    js: jetstream::Context,
+    bucket: kv::Store,
+    cfg: MeshConfig,
+    narrator: Narrator,
+    instance: String,
+    counters: Arc<Counters>,
+    guard: Arc<Mutex<Guard>>,
+}
+
+/// Runs the storm guard until `shutdown` is cancelled.
+pub async fn run(
+    cfg: BulwarkConfig,
+    client: Client,
+    shutdown: CancellationToken,
+) -> Result<(), StormGuardError> {
+    let timeout = Duration::from_millis(cfg.nats.request_timeout_ms);
+    let js = streams::context(client.clone(), timeout);
+    streams::narratives(&js).await?;
+    mesh::mesh_stream(&js, &cfg.mesh).await?;
+    let bucket = mesh::breaker_bucket(&js).await?;
+    let m = &cfg.mesh;
+    let mut breaker = Breaker::new(BreakerConfig {
+        threshold: m.breaker_threshold,
+        window_ms: (m.breaker_window_s * 1000.0) as i64,
+        cooldown_ms: (m.cooldown_s * 1000.0) as i64,
+        half_open_ms: (m.half_open_s * 1000.0) as i64,
+    });
+    let stored =
+        match kvx::create_or_get(&bucket, streams::BREAKER_KEY, &BreakerRecord::default()).await? {
+            Some(existing) => existing.value,
+            None => BreakerRecord::default(),
+        };
+    if breaker.restore(&stored) {
+        tracing::info!(state = stored.state.as_str(), since = %time::format_ms(stored.since_ms), "storm guard: breaker state restored");
+    }
+    let instance = format!(
+        "{SERVICE_NAME}@{}/{}/{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
+        std::process::id(),
+        &ids::new_id()[32..]
+    );
+    let guard = Arc::new(Mutex::new(Guard {
+        storms: StormDetector::new(m.storm_threshold, (m.storm_window_s * 1000.0) as i64),
+        breaker,
+    }));
+    let sg = Arc::new(StormGuard {
+        narrator: Narrator::new(js.clone(), SERVICE_NAME, &instance),
+        js,
+        bucket: bucket.clone(),
+        cfg: cfg.mesh.clone(),
+        instance,
+        counters: Arc::new(Counters::default()),
+        guard,
+    });
+    let subscription = client
+        .subscribe(subjects::MESH_ALL)
+        .await
+        .map_err(|e| StormGuardError::Subscribe(e.to_string()))?;
+
+    let tracker = TaskTracker::new();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let clock = Clock::new();
+    tracker.spawn(ingest(
+        sg.clone(),
+        subscription,
+        tx.clone(),
+        clock,
+        shutdown.clone(),
+    ));
+    tracker.spawn(tick(sg.clone(), tx, clock, shutdown.clone()));
+    tracker.spawn(announce(sg.clone(), rx));
+    tracker.spawn(adopt(
+        sg.clone(),
+        mesh::watch_breaker(bucket, shutdown.clone()),
+        shutdown.clone(),
+    ));
+
+    let stats = sg.clone();
+    let endpoints: [bulwark_common::micro::EndpointSpec<()>; 1] =
+        [("status", subjects::STORM_GUARD_STATUS, ())];
+    let state = sg.clone();
+    let service = bulwark_common::micro::register(
+        &client,
+        SERVICE_NAME,
+        "bulwark storm guard: per-type storm detection and the mesh circuit breaker",
+        move || stats.snapshot(),
+        &endpoints,
+        &tracker,
+        &shutdown,
+        16,
+        move |(), request: Request| {
+            let state = state.clone();
+            async move {
+                let status: Result<Value, ApiError> = Ok(state.status());
+                api::respond(&request, status).await;
+            }
+        },
+    )
+    .await
+    .map_err(StormGuardError::Register)?;
+    let telemetry_state = sg.clone();
+    telemetry::spawn(
+        client.clone(),
+        SERVICE_NAME,
+        Duration::from_secs_f64(cfg.telemetry.interval_s.max(0.1)),
+        shutdown.clone(),
+        move || telemetry_state.snapshot(),
+    );
+    tracing::info!("storm guard watching {}", subjects::MESH_ALL);
+
+    shutdown.cancelled().await;
+    bulwark_common::micro::finish(SERVICE_NAME, service, tracker, SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct SourceOnly<'a> {
+    #[serde(borrow, default)]
+    source: Option<Cow<'a, str>>,
+}
+
+/// Counts every mesh event as it arrives; decisions go to the announcer.
+async fn ingest(
+    sg: Arc<StormGuard>,
+    mut subscription: async_nats::Subscriber,
+    tx: mpsc::UnboundedSender<Announcement>,
+    clock: Clock,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            msg = subscription.next() => match msg {
+                Some(msg) => msg,
+                None => break,
+            },
+        };
+        sg.counters.events_seen.fetch_add(1, Ordering::Relaxed);
+        let subject = msg.subject.as_str();
+        if OWN_SUBJECTS
+            .iter()
+            .any(|own| mesh::subject_matches(own, subject))
+        {
+            sg.counters.own_events.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let event_type = subject.strip_prefix("mesh.").unwrap_or(subject);
+        let parsed = serde_json::from_slice::<SourceOnly>(&msg.payload);
+        let source = match &parsed {
+            Ok(SourceOnly { source: Some(s) }) if !s.is_empty() => s.as_ref(),
+            Ok(_) => "unknown",
+            Err(_) => {
+                sg.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                "unknown"
+            }
+        };
+        let now = clock.now_ms();
+        let (storm, transition) = {
+            let mut guard = sg.lock();
+            let storm = guard.storms.observe(event_type, source, now);
+            let transition = guard
+                .breaker
+                .observe(now)
+                .map(|t| (t, guard.breaker.record(&sg.instance)));
+            (storm, transition)
+        };
+        if let Some(storm) = storm {
+            let _ = tx.send(Announcement::Storm(storm));
+        }
+        if let Some((t, record)) = transition {
+            let _ = tx.send(Announcement::Transition(t, record));
+        }
+    }
+    subscription.unsubscribe().await.ok();
+}
+
+/// Applies the time-based changes: breaker cooldown and probe, storms that ended.
+async fn tick(
+    sg: Arc<StormGuard>,
+    tx: mpsc::UnboundedSender<Announcement>,
+    clock: Clock,
+    shutdown: CancellationToken,
+) {
+    let shortest = sg
+        .cfg
+        .cooldown_s
+        .min(sg.cfg.half_open_s)
+        .min(sg.cfg.storm_window_s);
+    let period = Duration::from_secs_f64((shortest / 10.0).clamp(0.01, 0.1));
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let now = clock.now_ms();
+        let (ended, transition) = {
+            let mut guard = sg.lock();
+            let ended = guard.storms.sweep(now);
+            let transition = guard
+                .breaker
+                .tick(now)
+                .map(|t| (t, guard.breaker.record(&sg.instance)));
+            (ended, transition)
+        };
+        for end in ended {
+            let _ = tx.send(Announcement::StormEnded(end));
+        }
+        if let Some((t, record)) = transition {
+            let _ = tx.send(Announcement::Transition(t, record));
+        }
+    }
+}
+
+/// Adopts the breaker record when another replica (or an operator) changed it.
+async fn adopt(
+    sg: Arc<StormGuard>,
+    mut breaker: tokio::sync::watch::Receiver<BreakerRecord>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            changed = breaker.changed() => if changed.is_err() { break },
+        }
+        let record = breaker.borrow_and_update().clone();
+        if sg.lock().breaker.restore(&record) {
+            tracing::info!(state = record.state.as_str(), by = %record.updated_by, "storm guard: adopted the stored breaker state");
+        }
+    }
+}
+
+/// Announces storms and transitions, in the order they were decided.
+async fn announce(sg: Arc<StormGuard>, mut rx: mpsc::UnboundedReceiver<Announcement>) {
+    while let Some(announcement) = rx.recv().await {
+        match announcement {
+            Announcement::Storm(storm) => sg.announce_storm(storm).await,
+            Announcement::StormEnded(end) => sg.announce_storm_end(end).await,
+            Announcement::Transition(t, record) => sg.announce_transition(t, record).await,
+        }
+    }
+}
+
+impl StormGuard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Guard> {
+        self.guard
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn snapshot(&self) -> Value {
+        let mut figures = self.counters.snapshot();
+        let guard = self.lock();
+        figures["breaker_state"] = json!(guard.breaker.state().as_str());
+        figures["active_storms"] = json!(guard.storms.active().len());
+        figures["health_status"] = json!(match guard.breaker.state() {
+            BreakerState::Closed => "healthy",
+            BreakerState::HalfOpen => "degraded",
+            BreakerState::Open => "critical",
+        });
+        figures
+    }
+
+    fn status(&self) -> Value {
+        let guard = self.lock();
+        let record = guard.breaker.record(&self.instance);
+        json!({
+            "breaker": {
+                "state": record.state,
+                "since": time::format_ms(record.since_ms),
+                "event_count": record.event_count,
+                "opened_count": record.opened_count,
+                "threshold": self.cfg.breaker_threshold,
+                "window_s": self.cfg.breaker_window_s,
+                "cooldown_s": self.cfg.cooldown_s,
+                "half_open_s": self.cfg.half_open_s,
+            },
+            "storms": guard.storms.active(),
+            "storm_threshold": self.cfg.storm_threshold,
+            "counters": self.counters.snapshot(),
+        })
+    }
+
+    /// Publishes `event` into the mesh stream, deduplicated by `msg_id`; false when not stored.
+    async fn publish(&self, event: &MeshEvent, msg_id: String) -> bool {
+        let publish = PublishMessage::build()
+            .payload(api::to_bytes(event))
+            .message_id(msg_id);
+        let stored = match self
+            .js
+            .send_publish(subjects::mesh(&event.event_type), publish)
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(err) => Err(err.to_string()),
+        };
+        if let Err(err) = &stored {
+            self.counters
+                .publish_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %err, event_type = %event.event_type, "storm guard: announcement not stored");
+        }
+        stored.is_ok()
+    }
+
+    async fn announce_storm(&self, storm: StormStart) {
+        self.counters.storms.fetch_add(1, Ordering::Relaxed);
+        let window_ms = (self.cfg.storm_window_s * 1000.0).max(1.0) as i64;
+        let bucket = storm.at_ms / window_ms;
+        let trigger_id = ids::new_id();
+        let incident = MeshEvent::root(
+            "event.incident",
+            SERVICE_NAME,
+            json!({"trigger_id": trigger_id, "playbook": STORM_PLAYBOOK, "severity": "high",
+                   "event_type": storm.event_type, "rate_per_second": storm.rate_per_second,
+                   "threshold": self.cfg.storm_threshold, "window_s": self.cfg.storm_window_s,
+                   "source": storm.top_source, "source_count": storm.top_source_count}),
+        );
+        self.publish(&incident, format!("storm:{}:{bucket}", storm.event_type))
+            .await;
+        let advisory = MeshEvent::root(
+            "advisory.throttle",
+            SERVICE_NAME,
+            json!({"trigger_id": trigger_id, "source": storm.top_source, "event_type": storm.event_type,
+                   "rate_per_second": storm.rate_per_second,
+                   "limit_per_second": self.cfg.storm_threshold}),
+        );
+        self.publish(&advisory, format!("throttle:{}:{bucket}", storm.event_type))
+            .await;
+        let n = self
+            .narrator
+            .narrative(
+                "storm_detected",
+                "sliding per-type rate window, checked on every event",
+            )
+            .why(format!(
+                "{} events of {} in the last {} s: {:.0}/s, above the threshold of {}/s",
+                storm.count,
+                storm.event_type,
+                self.cfg.storm_window_s,
+                storm.rate_per_second,
+                self.cfg.storm_threshold
+            ))
+            .why(format!(
+                "{} published {} of them; throttle advisory sent, consumers pace {} to {}/s",
+                storm.top_source,
+                storm.top_source_count,
+                storm.event_type,
+                self.cfg.storm_threshold
+            ))
+            .why(format!("incident names playbook {STORM_PLAYBOOK}"))
+            .context(
+                json!({"event_type": storm.event_type, "rate_per_second": storm.rate_per_second,
+                            "count": storm.count, "threshold": self.cfg.storm_threshold,
+                            "source": storm.top_source, "trigger_id": trigger_id,
+                            "incident_id": incident.event_id}),
+            );
+        self.narrator.publish(n).await;
+    }
+
+    async fn announce_storm_end(&self, end: StormEnd) {
+        let n = self
+            .narrator
+            .narrative("storm_ended", "sliding per-type rate window")
+            .why(format!(
+                "{} stayed at or below {}/s for {} s; peak {} events in one window",
+                end.event_type, self.cfg.storm_threshold, self.cfg.storm_window_s, end.peak_count
+            ))
+            .context(
+                json!({"event_type": end.event_type, "started": time::format_ms(end.started_ms),
+                            "peak_count": end.peak_count}),
+            );
+        self.narrator.publish(n).await;
+    }
+
+    async fn announce_transition(&self, t: Transition, record: BreakerRecord) {
+        // Only the instance that moves the stored record announces the transition.
+        let written = kvx::update(
+            &self.bucket,
+            streams::BREAKER_KEY,
+            |stored: &mut BreakerRecord| {
+                if stored.state != t.from || stored.since_ms >= record.since_ms {
+                    return Ok::<_, std::convert::Infallible>(Change::Keep(false));
+                }
+                *stored = record.clone();
+                Ok(Change::Write(true))
+            },
+        )
+        .await;
+        match written {
+            Ok(Ok((true, _))) => {}
+            Ok(Ok((false, stored))) => {
+                self.counters
+                    .transitions_adopted
+                    .fetch_add(1, Ordering::Relaxed);
+                self.lock().breaker.restore(&stored);
+                return;
+            }
+            Ok(Err(never)) => match never {},
+            Err(err) => {
+                // Announce anyway: holding events back must not depend on KV being up, and the
+                // next transition will store the state.
+                tracing::warn!(error = %err, "storm guard: breaker state not stored");
+            }
+        }
+        self.counters.transitions.fetch_add(1, Ordering::Relaxed);
+        let (subject_type, what) = match t.to {
+            BreakerState::Open => ("breaker.opened", "breaker_opened"),
+            BreakerState::HalfOpen => ("breaker.half_open", "breaker_half_open"),
+            BreakerState::Closed => ("breaker.closed", "breaker_closed"),
+        };
+        let figures = json!({"scope": "mesh", "event_count": t.event_count,
+                             "threshold": self.cfg.breaker_threshold,
+                             "window_s": self.cfg.breaker_window_s, "cooldown_s": self.cfg.cooldown_s,
+                             "half_open_s": self.cfg.half_open_s, "from": t.from, "to": t.to,
+                             "opened_count": record.opened_count});
+        let event = MeshEvent::root(subject_type, SERVICE_NAME, figures.clone());
+        self.publish(&event, format!("{subject_type}:{}", t.at_ms))
+            .await;
+        let mut why = Vec::new();
+        match (t.from, t.to) {
+            (BreakerState::Closed, BreakerState::Open) => {
+                self.counters.breaker_opened.fetch_add(1, Ordering::Relaxed);
+                why.push(format!(
+                    "{} events of all types in the last {} s, above the threshold of {}",
+                    t.event_count, self.cfg.breaker_window_s, self.cfg.breaker_threshold
+                ));
+            }
+            (BreakerState::HalfOpen, BreakerState::Open) => {
+                self.counters.breaker_opened.fetch_add(1, Ordering::Relaxed);
+                why.push(format!(
+                    "{} events while half-open, above the probe limit: the rate is still abnormal",
+                    t.event_count
+                ));
+            }
+            (_, BreakerState::HalfOpen) => why.push(format!(
+                "open for the cooldown of {} s; mesh consumers may process a probe of {} held events each",
+                self.cfg.cooldown_s, self.cfg.half_open_probe
+            )),
+            _ => why.push(format!(
+                "{} events in the {} s half-open probe, within the limit: the rate is normal",
+                t.event_count, self.cfg.half_open_s
+            )),
+        }
+        if t.to == BreakerState::Open {
+            why.push(format!(
+                "non-critical mesh events are held (stored, processed in order after closing) for at least {} s",
+                self.cfg.cooldown_s
+            ));
+            let emergency = MeshEvent::root(
+                "event.emergency",
+                SERVICE_NAME,
+                json!({"trigger_id": event.event_id, "playbook": BREAKER_PLAYBOOK,
+                       "severity": "critical", "event_count": t.event_count, "circuit_open": true,
+                       "threshold": self.cfg.breaker_threshold, "window_s": self.cfg.breaker_window_s}),
+            );
+            self.publish(&emergency, format!("emergency:{}", t.at_ms))
+                .await;
+        } else if t.to == BreakerState::Closed {
+            why.push("held mesh events are released, in order".to_owned());
+        }
+        let n = self
+            .narrator
+            .narrative(
+                what,
+                "mesh circuit breaker state machine, state in KV bucket bulwark_breaker",
+            )
+            .whys(why)
+            .context(figures);
+        self.narrator.publish(n).await;
+    }
+}
