@@ -14,6 +14,8 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+mod mesh;
+
 #[derive(Debug, Parser)]
 #[command(about = "bulwark benchmarks, each next to raw NATS in the same run")]
 struct Args {
@@ -31,6 +33,8 @@ struct Args {
 enum Bench {
     /// Intent intake: raw request/reply vs decided-and-persisted intents.
     Governance,
+    /// Trigger mesh: raw subscribe-and-parse vs storm guard ingest, breaker trip latency, rules/s.
+    Mesh,
 }
 
 #[tokio::main]
@@ -39,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.bench {
         Bench::Governance => governance(&args).await,
+        Bench::Mesh => mesh::run(args.smoke).await,
     }
 }
 

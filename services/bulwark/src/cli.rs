@@ -81,6 +81,12 @@ pub enum ServiceName {
     Governance,
     /// Clarity: the hash-chained audit of narratives, query and verify.
     Clarity,
+    /// Storm guard: per-type storm detection and the mesh circuit breaker.
+    #[value(name = "storm_guard")]
+    StormGuard,
+    /// The event policy engine: policy rules over mesh events, cascade limits.
+    #[value(name = "event_policy_engine")]
+    EventPolicyEngine,
 }
 
 /// Intent subcommands.

@@ -13,6 +13,8 @@ impl ServiceName {
         match self {
             ServiceName::Governance => bulwark_governance::service::SERVICE_NAME,
             ServiceName::Clarity => bulwark_clarity::service::SERVICE_NAME,
+            ServiceName::StormGuard => bulwark_storm_guard::service::SERVICE_NAME,
+            ServiceName::EventPolicyEngine => bulwark_event_policy::service::SERVICE_NAME,
         }
     }
 
@@ -23,12 +25,21 @@ impl ServiceName {
                 "htm.intent.submit, htm.intent.status, governance.review.*, unified_logic.vote"
             }
             ServiceName::Clarity => "clarity.query, clarity.verify (stores clarity.narrative.>)",
+            ServiceName::StormGuard => "storm_guard.status; watches mesh.>, trips mesh.breaker.*",
+            ServiceName::EventPolicyEngine => {
+                "event_policy.rules; policy rules over mesh.> (policies/*.toml)"
+            }
         }
     }
 
     /// Every service, in start order.
     pub fn all() -> &'static [ServiceName] {
-        &[ServiceName::Governance, ServiceName::Clarity]
+        &[
+            ServiceName::Governance,
+            ServiceName::Clarity,
+            ServiceName::StormGuard,
+            ServiceName::EventPolicyEngine,
+        ]
     }
 }
 
@@ -44,6 +55,10 @@ pub async fn run(
     match service {
         ServiceName::Governance => bulwark_governance::run(cfg, client.clone(), shutdown).await?,
         ServiceName::Clarity => bulwark_clarity::run(cfg, client.clone(), shutdown).await?,
+        ServiceName::StormGuard => bulwark_storm_guard::run(cfg, client.clone(), shutdown).await?,
+        ServiceName::EventPolicyEngine => {
+            bulwark_event_policy::run(cfg, client.clone(), shutdown).await?
+        }
     }
     // Push out what is buffered (last narratives, replies) before the connection drops.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
