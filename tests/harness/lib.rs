@@ -322,6 +322,53 @@ pub async fn start_event_policy(cfg: BulwarkConfig) -> RunningService {
     start_service("event_policy_engine", cfg, bulwark_event_policy::run).await
 }
 
+/// Starts the scheduler with `cfg` and waits until it answers `$SRV.INFO`.
+pub async fn start_scheduler(cfg: BulwarkConfig) -> RunningService {
+    start_service("scheduler", cfg, bulwark_scheduler::run).await
+}
+
+/// Starts worker `worker_id` with the built-in handlers and waits until it serves its task
+/// subject. Several workers share the micro name `htm_worker`, so readiness is checked on the
+/// worker's own subject.
+pub async fn start_worker(cfg: BulwarkConfig, worker_id: &str) -> RunningService {
+    let id = worker_id.to_owned();
+    let handlers = bulwark_worker::Handlers::builtin(cfg.worker.max_work_ms);
+    let (client, _) = bulwark_common::connect::connect(
+        &cfg.nats,
+        worker_id,
+        bulwark_common::connect::Role::Service,
+    )
+    .await
+    .expect("worker connects");
+    let token = CancellationToken::new();
+    let probe = client.clone();
+    let running = bulwark_worker::run_worker(cfg, client, token.clone(), id, handlers);
+    let handle = tokio::spawn(async move { running.await.map_err(anyhow::Error::from) });
+    let subject = bulwark_common::subjects::worker_task(worker_id);
+    eventually(
+        Duration::from_secs(20),
+        "the worker's task endpoint",
+        || {
+            let probe = probe.clone();
+            let subject = subject.clone();
+            async move {
+                // An empty body is refused as invalid: any reply proves the endpoint is subscribed.
+                let reply = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    probe.request(subject, "".into()),
+                )
+                .await;
+                matches!(reply, Ok(Ok(_))).then_some(())
+            }
+        },
+    )
+    .await;
+    RunningService {
+        token,
+        handle: Some(handle),
+    }
+}
+
 /// Sends a JSON request and returns the reply's JSON and its micro error code header, if any.
 pub async fn request_json(
     client: &async_nats::Client,

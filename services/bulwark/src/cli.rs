@@ -24,7 +24,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Start a local nats-server (unless --nats-url reaches one) and every service; Ctrl-C stops.
-    Up,
+    Up {
+        /// HTM workers to run in this process [default: the config's worker.count, 3].
+        #[arg(long)]
+        workers: Option<usize>,
+    },
     /// Run one service (for several processes or machines).
     Serve {
         /// The service to run.
@@ -70,7 +74,7 @@ pub enum Command {
 impl Command {
     /// True for the long-running commands (they log at info by default).
     pub fn is_service(&self) -> bool {
-        matches!(self, Command::Up | Command::Serve { .. })
+        matches!(self, Command::Up { .. } | Command::Serve { .. })
     }
 }
 
@@ -87,6 +91,11 @@ pub enum ServiceName {
     /// The event policy engine: policy rules over mesh events, cascade limits.
     #[value(name = "event_policy_engine")]
     EventPolicyEngine,
+    /// The HTM scheduler: dispatch, worker watchdog, shedding, pause/resume.
+    Scheduler,
+    /// One HTM worker with a generated id (run several for more capacity).
+    #[value(name = "htm_worker")]
+    HtmWorker,
 }
 
 /// Intent subcommands.

@@ -22,7 +22,7 @@ pub async fn dispatch(
     url_given: bool,
 ) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Up => up::up(cfg, url_given).await,
+        Command::Up { workers } => up::up(cfg, url_given, workers).await,
         Command::Serve { service } => up::serve(service, cfg).await,
         Command::Intent {
             action:

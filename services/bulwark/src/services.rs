@@ -15,6 +15,8 @@ impl ServiceName {
             ServiceName::Clarity => bulwark_clarity::service::SERVICE_NAME,
             ServiceName::StormGuard => bulwark_storm_guard::service::SERVICE_NAME,
             ServiceName::EventPolicyEngine => bulwark_event_policy::service::SERVICE_NAME,
+            ServiceName::Scheduler => bulwark_scheduler::SERVICE_NAME,
+            ServiceName::HtmWorker => bulwark_worker::SERVICE_NAME,
         }
     }
 
@@ -29,16 +31,23 @@ impl ServiceName {
             ServiceName::EventPolicyEngine => {
                 "event_policy.rules; policy rules over mesh.> (policies/*.toml)"
             }
+            ServiceName::Scheduler => {
+                "htm.task.queue.* -> workers; htm.task.result, scheduler.pause|resume|shed|replay, htm.readiness"
+            }
+            ServiceName::HtmWorker => {
+                "htm.worker.<id>.task, heartbeats on htm.worker.heartbeat.<id>"
+            }
         }
     }
 
-    /// Every service, in start order.
+    /// Every service `bulwark up` starts, in start order (workers are started by count).
     pub fn all() -> &'static [ServiceName] {
         &[
             ServiceName::Governance,
             ServiceName::Clarity,
             ServiceName::StormGuard,
             ServiceName::EventPolicyEngine,
+            ServiceName::Scheduler,
         ]
     }
 }
@@ -59,6 +68,8 @@ pub async fn run(
         ServiceName::EventPolicyEngine => {
             bulwark_event_policy::run(cfg, client.clone(), shutdown).await?
         }
+        ServiceName::Scheduler => bulwark_scheduler::run(cfg, client.clone(), shutdown).await?,
+        ServiceName::HtmWorker => bulwark_worker::run(cfg, client.clone(), shutdown).await?,
     }
     // Push out what is buffered (last narratives, replies) before the connection drops.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;

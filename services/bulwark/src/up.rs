@@ -5,8 +5,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bulwark_common::BulwarkConfig;
+use bulwark_common::Narrator;
 use bulwark_common::connect::{self, Role};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServiceName;
 use crate::nats_server::{self, LocalServer};
@@ -16,7 +18,11 @@ use crate::services;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs every service in this process, starting a local nats-server when needed.
-pub async fn up(mut cfg: BulwarkConfig, url_given: bool) -> anyhow::Result<ExitCode> {
+pub async fn up(
+    mut cfg: BulwarkConfig,
+    url_given: bool,
+    workers: Option<usize>,
+) -> anyhow::Result<ExitCode> {
     let shutdown = bulwark_common::shutdown::on_signal();
     let mut local = None;
     if reachable(&cfg).await {
@@ -84,6 +90,33 @@ pub async fn up(mut cfg: BulwarkConfig, url_given: bool) -> anyhow::Result<ExitC
             );
         }
     }
+    // Workers, each under a supervisor that respawns it when it dies.
+    let worker_count = workers.unwrap_or(cfg.worker.count);
+    let narrator = Narrator::new(
+        bulwark_common::streams::context(
+            probe.clone(),
+            Duration::from_millis(cfg.nats.request_timeout_ms),
+        ),
+        "supervisor",
+        &format!("bulwark-up/{}", std::process::id()),
+    );
+    let mut supervisors = JoinSet::new();
+    for i in 1..=worker_count {
+        supervisors.spawn(supervise_worker(
+            cfg.clone(),
+            format!("worker-{i}"),
+            shutdown.clone(),
+            narrator.clone(),
+        ));
+    }
+    if worker_count > 0 {
+        let seen = wait_for_workers(&probe, worker_count).await;
+        println!(
+            "  ready  {:<20} {seen} of {worker_count} worker(s) heartbeating",
+            "htm_worker"
+        );
+        all_ready &= seen >= worker_count;
+    }
     if all_ready {
         println!("bulwark: up on {}; Ctrl-C stops", cfg.nats.url);
     }
@@ -99,6 +132,7 @@ pub async fn up(mut cfg: BulwarkConfig, url_given: bool) -> anyhow::Result<ExitC
         }
     }
     println!("bulwark: stopping");
+    while supervisors.join_next().await.is_some() {}
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while let Some(done) = running.join_next().await {
             report(done, &mut failed);
@@ -119,6 +153,71 @@ pub async fn up(mut cfg: BulwarkConfig, url_given: bool) -> anyhow::Result<ExitC
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Runs worker `id` until `shutdown`, respawning it (with a narrative) whenever it ends early.
+async fn supervise_worker(
+    cfg: BulwarkConfig,
+    id: String,
+    shutdown: CancellationToken,
+    narrator: Narrator,
+) {
+    let mut restarts = 0u64;
+    loop {
+        let run_cfg = cfg.clone();
+        let run_id = id.clone();
+        let token = shutdown.clone();
+        let ended = tokio::spawn(async move {
+            let (client, _) = connect::connect(&run_cfg.nats, &run_id, Role::Service).await?;
+            let handlers = bulwark_worker::Handlers::builtin(run_cfg.worker.max_work_ms);
+            bulwark_worker::run_worker(run_cfg, client, token, run_id, handlers).await?;
+            anyhow::Ok(())
+        })
+        .await;
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let why = match ended {
+            Ok(Ok(())) => "it stopped by itself".to_owned(),
+            Ok(Err(err)) => format!("it failed: {err:#}"),
+            Err(err) => format!("it crashed: {err}"),
+        };
+        restarts += 1;
+        eprintln!("bulwark: {id} ended ({why}); respawning");
+        let n = narrator
+            .narrative("worker_respawned", "bulwark up supervisor")
+            .why(format!("{id} ended: {why}"))
+            .why(format!("respawned after 1 s (restart {restarts})"))
+            .context(serde_json::json!({"worker_id": id, "restarts": restarts}));
+        narrator.publish(n).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Waits up to 30 s for `count` workers to heartbeat; returns how many did.
+async fn wait_for_workers(client: &async_nats::Client, count: usize) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = 0;
+    while tokio::time::Instant::now() < deadline {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.request(bulwark_common::subjects::HTM_READINESS, "{}".into()),
+        )
+        .await;
+        if let Ok(Ok(msg)) = reply
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+        {
+            seen = v["healthy_workers"].as_u64().unwrap_or(0) as usize;
+            if seen >= count {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    seen
 }
 
 fn report(

@@ -48,6 +48,10 @@ pub struct BulwarkConfig {
     pub clarity: ClarityConfig,
     /// The trigger mesh: envelope limits, storm guard, circuit breaker, cascade limits, policies.
     pub mesh: MeshConfig,
+    /// The scheduler: dispatch, worker watchdog, queue guards, shedding, SLA.
+    pub scheduler: SchedulerConfig,
+    /// HTM workers.
+    pub worker: WorkerConfig,
 }
 
 impl BulwarkConfig {
@@ -94,6 +98,10 @@ impl BulwarkConfig {
     /// Checks what serde cannot: ranges and consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Inconsistent(msg));
+        self.scheduler
+            .validate()
+            .map_err(ConfigError::Inconsistent)?;
+        self.worker.validate().map_err(ConfigError::Inconsistent)?;
         let g = &self.governance;
         if g.default_tier > 4 {
             return bad(format!(
@@ -406,6 +414,140 @@ impl ClarityConfig {
         }
         if self.query_max_scan == 0 {
             return Err("clarity.query_max_scan must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// The scheduler (seed figures in the comments).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// HTM is ready with at least this many healthy workers (seed: 3).
+    pub min_workers: usize,
+    /// A worker silent this long is declared dead and its tasks reassigned (seed: 30 s).
+    pub heartbeat_timeout_s: f64,
+    /// Attempts of a task before it fails for good and goes to the dead-letter stream.
+    pub max_attempts: u32,
+    /// How long a dispatched task may stay unacknowledged in the queue before JetStream
+    /// redelivers it (the scheduler then re-checks it; it never runs twice).
+    pub ack_wait_s: f64,
+    /// Time a worker has to accept an assignment before it goes to another worker.
+    pub dispatch_timeout_ms: u64,
+    /// Tasks dispatched and not yet reported, at most (JetStream `max_ack_pending`).
+    pub max_in_flight: usize,
+    /// Scheduler queue depth that raises a warning (seed: 500).
+    pub queue_warn: u64,
+    /// Scheduler queue depth that raises a critical incident naming
+    /// `scheduler_load_shedding` (seed: 2000).
+    pub queue_critical: u64,
+    /// HTM queue depth warning (seed: 1000).
+    pub htm_queue_warn: u64,
+    /// HTM queue depth critical (seed: 5000).
+    pub htm_queue_critical: u64,
+    /// Queued-to-completed latency above this is an SLA breach (seed: 1000 ms).
+    pub sla_ms: u64,
+    /// Shedding takes only tasks below this priority (seed: 5); at most 5.
+    pub shed_below_priority: u8,
+    /// Shedding takes only tasks older than this (seed: 10 min).
+    pub shed_older_than_s: f64,
+    /// Shedding takes at most this many tasks per run (seed: 100).
+    pub shed_max: usize,
+    /// Seconds between two watchdog sweeps (dead workers, queue guards).
+    pub check_interval_s: f64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            min_workers: 3,
+            heartbeat_timeout_s: 30.0,
+            max_attempts: 3,
+            ack_wait_s: 60.0,
+            dispatch_timeout_ms: 2_000,
+            max_in_flight: 10_000,
+            queue_warn: 500,
+            queue_critical: 2_000,
+            htm_queue_warn: 1_000,
+            htm_queue_critical: 5_000,
+            sla_ms: 1_000,
+            shed_below_priority: 5,
+            shed_older_than_s: 600.0,
+            shed_max: 100,
+            check_interval_s: 1.0,
+        }
+    }
+}
+
+impl SchedulerConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.max_attempts == 0 {
+            return Err("scheduler.max_attempts must be at least 1".into());
+        }
+        if self.shed_below_priority > 5 {
+            return Err(format!(
+                "scheduler.shed_below_priority must be 0-5 (high-priority tasks are never shed), got {}",
+                self.shed_below_priority
+            ));
+        }
+        if self.queue_warn > self.queue_critical || self.htm_queue_warn > self.htm_queue_critical {
+            return Err("scheduler queue warn thresholds must not exceed the critical ones".into());
+        }
+        for (name, v) in [
+            ("heartbeat_timeout_s", self.heartbeat_timeout_s),
+            ("ack_wait_s", self.ack_wait_s),
+            ("check_interval_s", self.check_interval_s),
+        ] {
+            if v.is_nan() || v <= 0.0 {
+                return Err(format!("scheduler.{name} must be positive, got {v}"));
+            }
+        }
+        if self.max_in_flight == 0 || self.dispatch_timeout_ms == 0 {
+            return Err("scheduler.max_in_flight and dispatch_timeout_ms must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// HTM workers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Workers `bulwark up` starts (`--workers` overrides).
+    pub count: usize,
+    /// Tasks one worker runs at once.
+    pub capacity: u32,
+    /// Seconds between two heartbeats (must be well below `scheduler.heartbeat_timeout_s`).
+    pub heartbeat_interval_s: f64,
+    /// Longest simulated work a task may ask for with `payload.work_ms`.
+    pub max_work_ms: u64,
+    /// How long a worker keeps retrying a report the scheduler does not answer.
+    pub report_retry_s: f64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            count: 3,
+            capacity: 8,
+            heartbeat_interval_s: 10.0,
+            max_work_ms: 600_000,
+            report_retry_s: 120.0,
+        }
+    }
+}
+
+impl WorkerConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.capacity == 0 {
+            return Err("worker.capacity must be at least 1".into());
+        }
+        if self.heartbeat_interval_s.is_nan()
+            || self.heartbeat_interval_s <= 0.0
+            || self.report_retry_s.is_nan()
+            || self.report_retry_s <= 0.0
+        {
+            return Err("worker.heartbeat_interval_s and report_retry_s must be positive".into());
         }
         Ok(())
     }

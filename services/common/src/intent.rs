@@ -368,6 +368,9 @@ pub struct IntentRecord {
     /// The human review of this intent, once a reviewer decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review: Option<ReviewOutcome>,
+    /// The task's current (or last) assignment to a worker, once dispatched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assignment: Option<crate::htm::AssignmentRecord>,
 }
 
 /// A reviewer's recorded decision on an intent.
@@ -408,6 +411,8 @@ impl IntentRecord {
             result: self.result.clone(),
             error: self.error.clone(),
             review: self.review.clone(),
+            worker_id: self.assignment.as_ref().map(|a| a.worker_id.clone()),
+            attempts: self.assignment.as_ref().map(|a| a.attempt),
         }
     }
 }
@@ -434,6 +439,12 @@ pub struct StatusReply {
     /// The human review, once decided.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review: Option<ReviewOutcome>,
+    /// The worker of the current or last attempt, once dispatched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    /// Attempts made so far, once dispatched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
 }
 
 /// A unit of work in the task queue: one approved intent on its way to a worker.

@@ -4,6 +4,7 @@
 //! - [`subjects`]: every NATS subject bulwark consumes or produces, as constants and builders.
 //! - [`streams`]: the JetStream streams and KV buckets that make accepted work durable.
 //! - [`envelope`]: the trigger mesh event envelope (CONTRACT section 1) and its normalisation.
+//! - [`htm`]: the worker protocol: heartbeats, assignments, task reports.
 //! - [`intent`]: intents, autonomy tiers, statuses and the durable intent record.
 //! - [`mesh`]: the mesh consumer (normalise, dead-letter, obey the breaker, pace per type).
 //! - [`narrative`]: 5W1H narratives and the publisher every service explains itself with.
@@ -21,6 +22,7 @@ pub mod api;
 pub mod config;
 pub mod connect;
 pub mod envelope;
+pub mod htm;
 pub mod ids;
 pub mod intent;
 pub mod kv;

@@ -8,6 +8,8 @@
 //! | `bulwark_proposals` | KV | open unified logic proposals with their votes and deadline |
 //! | `BULWARK_TASKS` | stream, work queue | approved tasks on `htm.task.queue.<priority>` |
 //! | `BULWARK_NARRATIVES` | stream | every 5W1H narrative on `clarity.narrative.>` |
+//! | `BULWARK_TASKS_PARKED` | stream, work queue | shed tasks on `htm.task.parked.<priority>`, replayable |
+//! | `BULWARK_TASKS_DEAD` | stream | tasks failed after their last attempt, on `htm.task.dead` |
 //! | `BULWARK_AUDIT` | stream | clarity's hash-chained audit records on `clarity.audit` |
 //! | `bulwark_audit_head` | KV | the newest audit record's `{seq, hash}`, to detect truncation |
 //! | `BULWARK_MESH` | stream | every trigger mesh event on `mesh.>` |
@@ -151,6 +153,43 @@ pub async fn audit(
             .map_err(|e| store_error(AUDIT_STREAM, e))?;
     }
     Ok(stream)
+}
+
+/// Stream of parked (shed) tasks, replayable into the queue.
+pub const TASKS_PARKED_STREAM: &str = "BULWARK_TASKS_PARKED";
+/// Stream of tasks that failed after their last attempt.
+pub const TASKS_DEAD_STREAM: &str = "BULWARK_TASKS_DEAD";
+
+/// Creates the parked-task stream (a work queue: replay removes what it brings back).
+pub async fn tasks_parked(js: &jetstream::Context) -> Result<stream::Stream, StoreError> {
+    js.get_or_create_stream(stream::Config {
+        name: TASKS_PARKED_STREAM.to_owned(),
+        description: Some("bulwark shed tasks, parked until replayed".into()),
+        subjects: vec![subjects::TASK_PARKED_ALL.to_owned()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| store_error(TASKS_PARKED_STREAM, e))
+}
+
+/// Creates the dead-task stream (kept until an operator removes them).
+pub async fn tasks_dead(js: &jetstream::Context) -> Result<stream::Stream, StoreError> {
+    js.get_or_create_stream(stream::Config {
+        name: TASKS_DEAD_STREAM.to_owned(),
+        description: Some(
+            "bulwark tasks that failed after their last attempt, with history".into(),
+        ),
+        subjects: vec![subjects::TASK_DEAD.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| store_error(TASKS_DEAD_STREAM, e))
 }
 
 /// Stream capturing every trigger mesh event, `mesh.>`.

@@ -126,6 +126,46 @@ pub const STORM_GUARD_STATUS: &str = "storm_guard.status";
 /// `event_policy_engine`).
 pub const EVENT_POLICY_RULES: &str = "event_policy.rules";
 
+/// Prefix of worker heartbeats, `htm.worker.heartbeat.<worker_id>` (CONTRACT section 3).
+pub const WORKER_HEARTBEAT_PREFIX: &str = "htm.worker.heartbeat";
+/// Wildcard covering every worker heartbeat.
+pub const WORKER_HEARTBEAT_ALL: &str = "htm.worker.heartbeat.*";
+
+/// Subject of the heartbeat of `worker_id`.
+pub fn worker_heartbeat(worker_id: &str) -> String {
+    format!("{WORKER_HEARTBEAT_PREFIX}.{}", subject_token(worker_id))
+}
+
+/// Subject on which `worker_id` takes assignments (request/reply).
+pub fn worker_task(worker_id: &str) -> String {
+    format!("htm.worker.{}.task", subject_token(worker_id))
+}
+
+/// Workers report task outcomes here (request/reply, served by the scheduler).
+pub const TASK_RESULT: &str = "htm.task.result";
+/// Prefix of the parked (shed) tasks, `htm.task.parked.<priority>`.
+pub const TASK_PARKED_PREFIX: &str = "htm.task.parked";
+/// Wildcard covering the parked tasks.
+pub const TASK_PARKED_ALL: &str = "htm.task.parked.*";
+
+/// Subject of a parked task of `priority`.
+pub fn task_parked(priority: u8) -> String {
+    format!("{TASK_PARKED_PREFIX}.{priority}")
+}
+
+/// Tasks that failed after their last attempt, with their history.
+pub const TASK_DEAD: &str = "htm.task.dead";
+/// Scheduler: stop dispatching (request `{}`).
+pub const SCHEDULER_PAUSE: &str = "scheduler.pause";
+/// Scheduler: dispatch again (request `{}`).
+pub const SCHEDULER_RESUME: &str = "scheduler.resume";
+/// Scheduler: park low-priority old tasks, `{"max"?, "below_priority"?, "older_than_s"?}`.
+pub const SCHEDULER_SHED: &str = "scheduler.shed";
+/// Scheduler: bring parked tasks back into the queue, `{"max"?}`.
+pub const SCHEDULER_REPLAY: &str = "scheduler.replay";
+/// HTM and scheduler readiness (request `{}`).
+pub const HTM_READINESS: &str = "htm.readiness";
+
 #[cfg(test)]
 mod tests {
     use super::*;

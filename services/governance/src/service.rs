@@ -265,6 +265,7 @@ impl Governance {
             result: None,
             error: None,
             review: None,
+            assignment: None,
         };
         if let Some(existing) = kvx::create_or_get(&self.intents, &intent.intent_id, &record)
             .await

@@ -1,0 +1,1561 @@
+//! The scheduler's I/O around [`crate::pool`], [`crate::guards`] and [`crate::sla`]: the
+//! dispatch loop, worker reports, the worker watchdog, queue guards, shedding and replay, pause
+//! and resume, readiness and telemetry.
+//!
+//! State shared by the loops lives behind one mutex that is never held across an await. The
+//! authority on a task is its intent record in `bulwark_intents`: every transition is a
+//! compare-and-set that checks the status and the assignment's fence, so two schedulers, a
+//! redelivered message or a late report can never move a task twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, kv, message::PublishMessage};
+use async_nats::service::Request;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use bulwark_common::api::{self, ApiError};
+use bulwark_common::config::{BulwarkConfig, SchedulerConfig};
+use bulwark_common::envelope::MeshEvent;
+use bulwark_common::htm::{Assignment, AssignmentRecord, Heartbeat, Outcome, TaskReport};
+use bulwark_common::intent::{IntentRecord, IntentStatus, Task};
+use bulwark_common::kv::{self as kvx, Change, KvError};
+use bulwark_common::micro::{self, EndpointSpec};
+use bulwark_common::narrative::Narrator;
+use bulwark_common::{ids, streams, subjects, telemetry, time};
+
+use crate::guards::{Guard, Level};
+use crate::pool::Pool;
+use crate::sla::Latency;
+
+/// Name under which the service registers (CONTRACT section 5).
+pub const SERVICE_NAME: &str = "scheduler";
+/// Requests handled at once.
+const MAX_CONCURRENT_REQUESTS: usize = 1024;
+/// Time given to in-flight work at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Most messages fetched from one priority at a time.
+const FETCH_BATCH: usize = 256;
+/// Longest the dispatch loop sleeps without a wake-up.
+const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Delay before a task nobody could take is offered again.
+const RETRY_DELAY: Duration = Duration::from_secs(1);
+/// Largest report or command body.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// Why the scheduler could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// A stream, consumer or bucket could not be made ready.
+    #[error(transparent)]
+    Store(#[from] streams::StoreError),
+    /// A consumer could not be created.
+    #[error("task queue consumer: {0}")]
+    Consumer(String),
+    /// Registration with NATS micro or a subscription failed.
+    #[error("{0}")]
+    Register(String),
+}
+
+/// What the scheduler counts.
+#[derive(Debug, Default)]
+struct Counters {
+    dispatched: AtomicU64,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    reassigned: AtomicU64,
+    shed: AtomicU64,
+    replayed: AtomicU64,
+    stale_reports: AtomicU64,
+    malformed: AtomicU64,
+    dead_workers: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "dispatched": get(&self.dispatched), "completed": get(&self.completed), "failed": get(&self.failed),
+            "reassigned": get(&self.reassigned), "shed": get(&self.shed), "replayed": get(&self.replayed),
+            "stale_reports": get(&self.stale_reports), "malformed": get(&self.malformed),
+            "dead_workers": get(&self.dead_workers), "errors": get(&self.errors),
+        })
+    }
+}
+
+/// A task handed to a worker and not yet reported finished.
+struct InFlight {
+    /// The queue message, acknowledged when the task finishes (absent for a task adopted from a
+    /// report after a restart: its redelivery is acknowledged when it comes).
+    msg: Option<jetstream::Message>,
+    worker_id: String,
+}
+
+struct State {
+    pool: Pool,
+    in_flight: HashMap<String, InFlight>,
+    paused: bool,
+    latency: Latency,
+    scheduler_guard: Guard,
+    htm_guard: Guard,
+    queue_depth: u64,
+    last_dispatched: u64,
+    last_completed: u64,
+    last_roll: Instant,
+}
+
+struct Scheduler {
+    cfg: SchedulerConfig,
+    js: jetstream::Context,
+    client: Client,
+    intents: kv::Store,
+    narrator: Narrator,
+    consumers: Vec<PullConsumer>,
+    parked: PullConsumer,
+    state: std::sync::Mutex<State>,
+    counters: Counters,
+    wake: Notify,
+    timeout: Duration,
+    /// Serialises shedding and replay (they move tasks between streams in batches).
+    maintenance: tokio::sync::Mutex<()>,
+}
+
+/// Runs the scheduler until `shutdown` is cancelled.
+pub async fn run(
+    cfg: BulwarkConfig,
+    client: Client,
+    shutdown: CancellationToken,
+) -> Result<(), SchedulerError> {
+    let timeout = Duration::from_millis(cfg.nats.request_timeout_ms);
+    let sc = cfg.scheduler.clone();
+    let js = streams::context(client.clone(), timeout);
+    let tasks = streams::tasks(&js).await?;
+    let parked_stream = streams::tasks_parked(&js).await?;
+    streams::tasks_dead(&js).await?;
+    streams::narratives(&js).await?;
+    let intents = streams::bucket(&js, streams::INTENTS_BUCKET, "bulwark intent records").await?;
+    let mut consumers = Vec::new();
+    for priority in 0..=9u8 {
+        let name = format!("scheduler-p{priority}");
+        let consumer = tasks
+            .get_or_create_consumer(
+                &name,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    description: Some(format!("bulwark scheduler, priority {priority}")),
+                    filter_subject: subjects::task_queue(priority),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs_f64(sc.ack_wait_s),
+                    max_ack_pending: i64::try_from(sc.max_in_flight).unwrap_or(i64::MAX),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| SchedulerError::Consumer(e.to_string()))?;
+        consumers.push(consumer);
+    }
+    let parked = parked_stream
+        .get_or_create_consumer(
+            "scheduler-replay",
+            jetstream::consumer::pull::Config {
+                durable_name: Some("scheduler-replay".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| SchedulerError::Consumer(e.to_string()))?;
+
+    let scheduler = Arc::new(Scheduler {
+        narrator: Narrator::new(
+            js.clone(),
+            SERVICE_NAME,
+            &format!("{SERVICE_NAME}/{}", std::process::id()),
+        ),
+        state: std::sync::Mutex::new(State {
+            pool: Pool::default(),
+            in_flight: HashMap::new(),
+            paused: false,
+            latency: Latency::new(sc.sla_ms),
+            scheduler_guard: Guard::new(sc.queue_warn, sc.queue_critical),
+            htm_guard: Guard::new(sc.htm_queue_warn, sc.htm_queue_critical),
+            queue_depth: 0,
+            last_dispatched: 0,
+            last_completed: 0,
+            last_roll: Instant::now(),
+        }),
+        cfg: sc,
+        js,
+        client: client.clone(),
+        intents,
+        consumers,
+        parked,
+        counters: Counters::default(),
+        wake: Notify::new(),
+        timeout,
+        maintenance: tokio::sync::Mutex::new(()),
+    });
+
+    let tracker = TaskTracker::new();
+    // Heartbeats feed the pool; new tasks wake the dispatch loop.
+    let heartbeats = client
+        .subscribe(subjects::WORKER_HEARTBEAT_ALL)
+        .await
+        .map_err(|e| SchedulerError::Register(format!("heartbeat subscription: {e}")))?;
+    tracker.spawn(read_heartbeats(
+        scheduler.clone(),
+        heartbeats,
+        shutdown.clone(),
+    ));
+    let arrivals = client
+        .subscribe(subjects::TASK_QUEUE_ALL)
+        .await
+        .map_err(|e| SchedulerError::Register(format!("queue subscription: {e}")))?;
+    tracker.spawn(wake_on_arrivals(
+        scheduler.clone(),
+        arrivals,
+        shutdown.clone(),
+    ));
+    tracker.spawn(dispatch_loop(
+        scheduler.clone(),
+        tracker.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(watchdog(
+        scheduler.clone(),
+        tracker.clone(),
+        tasks,
+        shutdown.clone(),
+    ));
+
+    let endpoints: [EndpointSpec<Op>; 6] = [
+        ("result", subjects::TASK_RESULT, Op::Result),
+        ("pause", subjects::SCHEDULER_PAUSE, Op::Pause),
+        ("resume", subjects::SCHEDULER_RESUME, Op::Resume),
+        ("shed", subjects::SCHEDULER_SHED, Op::Shed),
+        ("replay", subjects::SCHEDULER_REPLAY, Op::Replay),
+        ("readiness", subjects::HTM_READINESS, Op::Readiness),
+    ];
+    let stats = scheduler.clone();
+    let state = scheduler.clone();
+    let service = micro::register(
+        &client,
+        SERVICE_NAME,
+        "bulwark HTM scheduler: priority dispatch, worker watchdog, shedding, pause/resume",
+        move || stats.counters.snapshot(),
+        &endpoints,
+        &tracker,
+        &shutdown,
+        MAX_CONCURRENT_REQUESTS,
+        move |op, request| {
+            let state = state.clone();
+            async move { state.handle(op, &request).await }
+        },
+    )
+    .await
+    .map_err(SchedulerError::Register)?;
+
+    let interval = Duration::from_secs_f64(cfg.telemetry.interval_s.max(0.1));
+    let figures = scheduler.clone();
+    telemetry::spawn(
+        client.clone(),
+        SERVICE_NAME,
+        interval,
+        shutdown.clone(),
+        move || figures.scheduler_telemetry(),
+    );
+    let figures = scheduler.clone();
+    telemetry::spawn(
+        client.clone(),
+        "htm_orchestrator",
+        interval,
+        shutdown.clone(),
+        move || figures.htm_telemetry(),
+    );
+    tracing::info!("scheduler dispatching from {}", subjects::TASK_QUEUE_ALL);
+
+    shutdown.cancelled().await;
+    micro::finish(SERVICE_NAME, service, tracker, SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Result,
+    Pause,
+    Resume,
+    Shed,
+    Replay,
+    Readiness,
+}
+
+async fn read_heartbeats(
+    s: Arc<Scheduler>,
+    mut sub: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            msg = sub.next() => match msg { Some(m) => m, None => break },
+        };
+        match serde_json::from_slice::<Heartbeat>(&msg.payload) {
+            Ok(hb)
+                if subjects::worker_heartbeat(&hb.worker_id) == msg.subject.as_str()
+                    && hb.capacity > 0 =>
+            {
+                s.lock().pool.heartbeat(&hb, Instant::now());
+                s.wake.notify_one();
+            }
+            Ok(hb) => {
+                let reason = format!(
+                    "heartbeat of {:?} on {} names another worker or has capacity 0",
+                    hb.worker_id, msg.subject
+                );
+                s.dead_letter(&msg.subject, &msg.payload, &reason).await;
+            }
+            Err(err) => {
+                s.dead_letter(
+                    &msg.subject,
+                    &msg.payload,
+                    &format!("malformed heartbeat: {err}"),
+                )
+                .await
+            }
+        }
+    }
+}
+
+async fn wake_on_arrivals(
+    s: Arc<Scheduler>,
+    mut sub: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            msg = sub.next() => if msg.is_none() { break },
+        }
+        s.wake.notify_one();
+    }
+}
+
+/// Fetches tasks, highest priority first, as long as workers have free slots.
+async fn dispatch_loop(s: Arc<Scheduler>, tracker: TaskTracker, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = s.wake.notified() => {}
+            _ = tokio::time::sleep(IDLE_POLL) => {}
+        }
+        if s.lock().paused {
+            continue;
+        }
+        'priorities: for priority in (0..=9u8).rev() {
+            loop {
+                let free = s.lock().pool.free_slots() as usize;
+                if free == 0 {
+                    break 'priorities;
+                }
+                let want = free.min(FETCH_BATCH);
+                let fetched = match s.consumers[usize::from(priority)]
+                    .fetch()
+                    .max_messages(want)
+                    .messages()
+                    .await
+                {
+                    Ok(batch) => batch,
+                    Err(err) => {
+                        tracing::warn!(priority, error = %err, "task queue fetch failed");
+                        break 'priorities;
+                    }
+                };
+                let messages: Vec<jetstream::Message> =
+                    fetched.filter_map(|m| async { m.ok() }).collect().await;
+                let got = messages.len();
+                for msg in messages {
+                    s.clone().accept_delivery(msg, &tracker);
+                }
+                if got < want {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Declares silent workers dead, reassigns their tasks, and watches the queue depth.
+async fn watchdog(
+    s: Arc<Scheduler>,
+    tracker: TaskTracker,
+    mut tasks: jetstream::stream::Stream,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(s.cfg.check_interval_s));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        let timeout = Duration::from_secs_f64(s.cfg.heartbeat_timeout_s);
+        let (dead, orphans) = {
+            let mut st = s.lock();
+            let dead = st.pool.remove_dead(Instant::now(), timeout);
+            let orphans: Vec<(String, String)> = st
+                .in_flight
+                .iter()
+                .filter(|(_, f)| dead.contains(&f.worker_id))
+                .map(|(id, f)| (id.clone(), f.worker_id.clone()))
+                .collect();
+            (dead, orphans)
+        };
+        for worker in &dead {
+            s.counters.dead_workers.fetch_add(1, Ordering::Relaxed);
+            let held: Vec<&String> = orphans
+                .iter()
+                .filter(|(_, w)| w == worker)
+                .map(|(t, _)| t)
+                .collect();
+            s.incident(
+                "htm_worker_recovery",
+                "high",
+                json!({"worker_id": worker, "in_flight": held.len(),
+                "heartbeat_timeout_s": s.cfg.heartbeat_timeout_s}),
+            )
+            .await;
+            let n = s
+                .narrator
+                .narrative("worker_declared_dead", "worker watchdog: heartbeat timeout")
+                .why(format!(
+                    "{worker} sent no heartbeat for over {:.1} s",
+                    s.cfg.heartbeat_timeout_s
+                ))
+                .why(format!("{} task(s) it held are reassigned", held.len()))
+                .context(json!({"worker_id": worker, "tasks": held}));
+            s.narrator.publish(n).await;
+        }
+        for (task_id, worker) in orphans {
+            let s2 = s.clone();
+            tracker.spawn(async move {
+                let why = format!("{worker} was declared dead");
+                s2.reassign_and_deliver(&task_id, Some(&worker), true, &why)
+                    .await;
+            });
+        }
+        match tasks.info().await {
+            Ok(info) => {
+                let in_flight = s.lock().in_flight.len() as u64;
+                let depth = info.state.messages.saturating_sub(in_flight);
+                s.observe_depth(depth).await;
+            }
+            Err(err) => tracing::debug!(error = %err, "task stream info unavailable"),
+        }
+    }
+}
+
+impl Scheduler {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock means a panic while holding it; the state is still usable.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn handle(&self, op: Op, request: &Request) {
+        let body = &request.message.payload;
+        match op {
+            Op::Result => api::respond(request, self.report(body).await).await,
+            Op::Pause => api::respond(request, self.set_paused(true).await).await,
+            Op::Resume => api::respond(request, self.set_paused(false).await).await,
+            Op::Shed => api::respond(request, self.shed(body).await).await,
+            Op::Replay => api::respond(request, self.replay(body).await).await,
+            Op::Readiness => api::respond(request, Ok::<_, ApiError>(self.readiness())).await,
+        }
+    }
+
+    // ---- dispatch -----------------------------------------------------------------------------
+
+    /// Takes a delivered queue message: reserves a worker slot and hands the rest to a task.
+    fn accept_delivery(self: Arc<Self>, msg: jetstream::Message, tracker: &TaskTracker) {
+        let task: Task = match serde_json::from_slice(&msg.payload) {
+            Ok(task) => task,
+            Err(err) => {
+                let s = self.clone();
+                tracker.spawn(async move {
+                    s.dead_letter(
+                        &msg.subject,
+                        &msg.payload,
+                        &format!("malformed task: {err}"),
+                    )
+                    .await;
+                    ack(&msg).await;
+                });
+                return;
+            }
+        };
+        let choice = {
+            let mut st = self.lock();
+            if let Some(flight) = st.in_flight.get_mut(&task.task_id) {
+                // Redelivered after ack_wait while its worker still runs it: keep the newer handle.
+                flight.msg = Some(msg);
+                return;
+            }
+            st.pool.choose(None)
+        };
+        let s = self.clone();
+        tracker.spawn(async move {
+            match choice {
+                Some(choice) => {
+                    s.dispatch(task, msg, choice.worker_id, choice.reasons)
+                        .await
+                }
+                None => nak(&msg, RETRY_DELAY).await,
+            }
+        });
+    }
+
+    async fn dispatch(
+        &self,
+        task: Task,
+        msg: jetstream::Message,
+        worker_id: String,
+        reasons: Vec<String>,
+    ) {
+        let record = match kvx::read::<IntentRecord>(&self.intents, &task.intent_id).await {
+            Ok(Some(record)) => record.value,
+            Ok(None) => {
+                self.lock().pool.release(&worker_id, None);
+                self.dead_letter(
+                    &msg.subject,
+                    &msg.payload,
+                    "task names an intent that does not exist",
+                )
+                .await;
+                ack(&msg).await;
+                return;
+            }
+            Err(err) => {
+                self.lock().pool.release(&worker_id, None);
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(task_id = %task.task_id, error = %err, "intent store unavailable; task retried");
+                nak(&msg, RETRY_DELAY).await;
+                return;
+            }
+        };
+        match record.status {
+            IntentStatus::Queued => {}
+            IntentStatus::Dispatched | IntentStatus::Running => {
+                // Redelivered after a scheduler restart: its worker may still be running it.
+                self.lock().pool.release(&worker_id, None);
+                self.adopt(task, msg, record).await;
+                return;
+            }
+            IntentStatus::PendingReview | IntentStatus::PendingVote => {
+                self.lock().pool.release(&worker_id, None);
+                self.dead_letter(
+                    &msg.subject,
+                    &msg.payload,
+                    "task for an intent that is not approved",
+                )
+                .await;
+                ack(&msg).await;
+                return;
+            }
+            // Finished, rejected or shed: this copy is a duplicate; it never runs twice.
+            _ => {
+                self.lock().pool.release(&worker_id, None);
+                ack(&msg).await;
+                return;
+            }
+        }
+        let now = time::now();
+        let assigned = worker_id.clone();
+        let moved = kvx::update(&self.intents, &task.intent_id, |r: &mut IntentRecord| {
+            if r.status != IntentStatus::Queued {
+                return Ok::<_, ()>(Change::Keep(None));
+            }
+            let fence = r.assignment.as_ref().map_or(0, |a| a.fence) + 1;
+            let attempt = r.assignment.as_ref().map_or(0, |a| a.attempt) + 1;
+            r.assignment = Some(AssignmentRecord {
+                worker_id: assigned.clone(),
+                fence,
+                attempt,
+                dispatched_at: now.clone(),
+            });
+            r.transition(IntentStatus::Dispatched, Some(assigned.clone()), None);
+            Ok(Change::Write(Some((fence, attempt))))
+        })
+        .await;
+        let (fence, attempt) = match moved {
+            Ok(Ok((Some(fa), _))) => fa,
+            Ok(_) | Err(KvError::NotFound(_)) => {
+                // Someone else moved it first; this copy is not ours to run.
+                self.lock().pool.release(&worker_id, None);
+                ack(&msg).await;
+                return;
+            }
+            Err(err) => {
+                self.lock().pool.release(&worker_id, None);
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(task_id = %task.task_id, error = %err, "dispatch not recorded; task retried");
+                nak(&msg, RETRY_DELAY).await;
+                return;
+            }
+        };
+        let depth = {
+            let mut st = self.lock();
+            st.in_flight.insert(
+                task.task_id.clone(),
+                InFlight {
+                    msg: Some(msg),
+                    worker_id: worker_id.clone(),
+                },
+            );
+            st.queue_depth
+        };
+        self.counters.dispatched.fetch_add(1, Ordering::Relaxed);
+        self.mesh_task(
+            "task.dispatched",
+            &task,
+            Some(&worker_id),
+            json!({"attempt": attempt, "fence": fence}),
+        )
+        .await;
+        let n = self
+            .narrator
+            .narrative("task_dispatched", "least-loaded healthy worker (slots in use, CPU, recent failures)")
+            .whys(reasons)
+            .why(format!("priority {} task, queue depth {depth}", task.priority))
+            .intent(&task.intent_id, &task.correlation_id)
+            .context(json!({"task_id": task.task_id, "worker_id": worker_id, "attempt": attempt, "fence": fence,
+                            "priority": task.priority, "queue_depth": depth}));
+        self.narrator.publish(n).await;
+        self.deliver(Handover {
+            task,
+            worker_id,
+            fence,
+            attempt,
+        })
+        .await;
+    }
+
+    /// Takes back a dispatched task seen again after a restart: it stays with its worker
+    /// (which must prove alive with a heartbeat within the timeout) under its current fence.
+    async fn adopt(&self, task: Task, msg: jetstream::Message, record: IntentRecord) {
+        let Some(a) = record.assignment else {
+            ack(&msg).await;
+            return;
+        };
+        let mut st = self.lock();
+        if let Some(flight) = st.in_flight.get_mut(&task.task_id) {
+            flight.msg = Some(msg);
+            return;
+        }
+        st.pool.adopt(&a.worker_id, Instant::now());
+        st.in_flight.insert(
+            task.task_id.clone(),
+            InFlight {
+                msg: Some(msg),
+                worker_id: a.worker_id,
+            },
+        );
+    }
+
+    /// Hands an assignment over. A worker that does not accept in time is suspended (no new
+    /// work until its next heartbeat) and the task moves on to another worker, until one
+    /// accepts or none is left (then it goes back to the queue).
+    async fn deliver(&self, mut handover: Handover) {
+        loop {
+            let Handover {
+                task,
+                worker_id,
+                fence,
+                attempt,
+            } = handover;
+            let task_id = task.task_id.clone();
+            let assignment = Assignment {
+                task,
+                worker_id: worker_id.clone(),
+                fence,
+                attempt,
+            };
+            let request = self.client.request(
+                subjects::worker_task(&worker_id),
+                api::to_bytes(&assignment),
+            );
+            let refused = match tokio::time::timeout(
+                Duration::from_millis(self.cfg.dispatch_timeout_ms),
+                request,
+            )
+            .await
+            {
+                Ok(Ok(reply)) if reply.headers.is_none() => return,
+                Ok(Ok(reply)) => format!(
+                    "{worker_id} refused it: {}",
+                    String::from_utf8_lossy(&reply.payload)
+                ),
+                Ok(Err(err)) => format!("{worker_id} did not take it: {err}"),
+                Err(_) => format!(
+                    "{worker_id} did not accept within {} ms",
+                    self.cfg.dispatch_timeout_ms
+                ),
+            };
+            self.lock().pool.suspend(&worker_id);
+            match self
+                .reassign(&task_id, Some(&worker_id), false, &refused)
+                .await
+            {
+                Some(next) => handover = next,
+                None => return,
+            }
+        }
+    }
+
+    /// Reassigns and hands the task over.
+    async fn reassign_and_deliver(
+        &self,
+        task_id: &str,
+        from: Option<&str>,
+        count_attempt: bool,
+        why: &str,
+    ) {
+        if let Some(handover) = self.reassign(task_id, from, count_attempt, why).await {
+            self.deliver(handover).await;
+        }
+    }
+
+    /// Moves a dispatched task to another worker under a new fence. `count_attempt`: the old
+    /// worker may have run it (it died or failed), so this is a new attempt.
+    async fn reassign(
+        &self,
+        task_id: &str,
+        from: Option<&str>,
+        count_attempt: bool,
+        why: &str,
+    ) -> Option<Handover> {
+        let choice = {
+            let mut st = self.lock();
+            if let Some(from) = from
+                && let Some(flight) = st.in_flight.get(task_id)
+                && flight.worker_id == from
+            {
+                st.pool.release(from, None);
+            }
+            st.pool.choose(from)
+        };
+        let max = self.cfg.max_attempts;
+        let target = choice.as_ref().map(|c| c.worker_id.clone());
+        let now = time::now();
+        let updated = kvx::update(&self.intents, task_id, |r: &mut IntentRecord| {
+            if !matches!(r.status, IntentStatus::Dispatched | IntentStatus::Running) {
+                return Ok::<_, ()>(Change::Keep(Reassigned::Gone));
+            }
+            let Some(prev) = r.assignment.clone() else {
+                return Ok(Change::Keep(Reassigned::Gone));
+            };
+            if from.is_some_and(|f| f != prev.worker_id) {
+                return Ok(Change::Keep(Reassigned::Gone));
+            }
+            let attempt = prev.attempt + u32::from(count_attempt);
+            if attempt > max {
+                return Ok(Change::Keep(Reassigned::Exhausted));
+            }
+            match &target {
+                Some(worker) => {
+                    let fence = prev.fence + 1;
+                    r.assignment = Some(AssignmentRecord {
+                        worker_id: worker.clone(),
+                        fence,
+                        attempt,
+                        dispatched_at: now.clone(),
+                    });
+                    r.transition(
+                        IntentStatus::Dispatched,
+                        Some(worker.clone()),
+                        Some(format!("reassigned: {why}")),
+                    );
+                    Ok(Change::Write(Reassigned::To { fence, attempt }))
+                }
+                None => {
+                    r.transition(
+                        IntentStatus::Queued,
+                        None,
+                        Some(format!("{why}; no worker free, back to the queue")),
+                    );
+                    Ok(Change::Write(Reassigned::Requeued))
+                }
+            }
+        })
+        .await;
+        let (outcome, record) = match updated {
+            Ok(Ok((outcome, record))) => (outcome, Some(record)),
+            Ok(Err(())) | Err(KvError::NotFound(_)) => (Reassigned::Gone, None),
+            Err(err) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(task_id, error = %err, "reassignment not recorded; the watchdog retries");
+                if let Some(c) = &choice {
+                    self.lock().pool.release(&c.worker_id, None);
+                }
+                return None;
+            }
+        };
+        let Some(record) = record else {
+            if let Some(c) = &choice {
+                self.lock().pool.release(&c.worker_id, None);
+            }
+            return None;
+        };
+        let task = Task::for_intent(&record.intent, record.decision.priority, tier_of(&record));
+        match outcome {
+            Reassigned::Gone => {
+                if let Some(c) = &choice {
+                    self.lock().pool.release(&c.worker_id, None);
+                }
+                None
+            }
+            Reassigned::Exhausted => {
+                if let Some(c) = &choice {
+                    self.lock().pool.release(&c.worker_id, None);
+                }
+                self.fail_for_good(task_id, &format!("{why}; no attempts left ({max} allowed)"))
+                    .await;
+                None
+            }
+            Reassigned::Requeued => {
+                let msg = self.lock().in_flight.remove(task_id).and_then(|f| f.msg);
+                if let Some(msg) = msg {
+                    nak(&msg, RETRY_DELAY).await;
+                }
+                None
+            }
+            Reassigned::To { fence, attempt } => {
+                let worker = target.unwrap_or_default();
+                if let Some(flight) = self.lock().in_flight.get_mut(task_id) {
+                    flight.worker_id = worker.clone();
+                }
+                self.counters.reassigned.fetch_add(1, Ordering::Relaxed);
+                self.mesh_task(
+                    "task.reassigned",
+                    &task,
+                    Some(&worker),
+                    json!({"from": from, "attempt": attempt, "fence": fence, "reason": why}),
+                )
+                .await;
+                let n = self
+                    .narrator
+                    .narrative("task_reassigned", "fenced reassignment to the least-loaded healthy worker")
+                    .why(why.to_owned())
+                    .whys(choice.map(|c| c.reasons).unwrap_or_default())
+                    .why(format!("attempt {attempt} of {max}, fence {fence}: reports under older fences are refused"))
+                    .intent(&task.intent_id, &task.correlation_id)
+                    .context(json!({"task_id": task_id, "from": from, "to": worker, "attempt": attempt, "fence": fence}));
+                self.narrator.publish(n).await;
+                Some(Handover {
+                    task,
+                    worker_id: worker,
+                    fence,
+                    attempt,
+                })
+            }
+        }
+    }
+
+    /// Fails a task after its last attempt: status failed, dead-letter record, queue message
+    /// acknowledged.
+    async fn fail_for_good(&self, task_id: &str, error: &str) {
+        let failed = kvx::update(&self.intents, task_id, |r: &mut IntentRecord| {
+            if !matches!(
+                r.status,
+                IntentStatus::Dispatched | IntentStatus::Running | IntentStatus::Queued
+            ) {
+                return Ok::<_, ()>(Change::Keep(false));
+            }
+            r.transition(IntentStatus::Failed, None, Some(error.to_owned()));
+            r.error = Some(error.to_owned());
+            Ok(Change::Write(true))
+        })
+        .await;
+        let Ok(Ok((true, record))) = failed else {
+            return;
+        };
+        let flight = self.lock().in_flight.remove(task_id);
+        let task = Task::for_intent(&record.intent, record.decision.priority, tier_of(&record));
+        let dead = json!({"task": task, "error": error, "history": record.history, "assignment": record.assignment,
+                          "failed_at": time::now()});
+        let stored = self
+            .js
+            .send_publish(
+                subjects::TASK_DEAD,
+                PublishMessage::build()
+                    .payload(api::to_bytes(&dead))
+                    .message_id(format!("{task_id}:dead")),
+            )
+            .await;
+        match stored {
+            Ok(ack_future) => {
+                if let Err(err) = ack_future.await {
+                    tracing::error!(task_id, error = %err, record = %dead, "dead-letter record not stored");
+                }
+            }
+            Err(err) => {
+                tracing::error!(task_id, error = %err, record = %dead, "dead-letter record not sent")
+            }
+        }
+        if let Some(msg) = flight.and_then(|f| f.msg) {
+            ack(&msg).await;
+        }
+        self.counters.failed.fetch_add(1, Ordering::Relaxed);
+        self.mesh_task(
+            "task.failed",
+            &task,
+            None,
+            json!({"error": error, "dead_letter": subjects::TASK_DEAD}),
+        )
+        .await;
+        let n = self
+            .narrator
+            .narrative("task_failed", "attempt limit, then dead-letter stream")
+            .why(error.to_owned())
+            .why(format!(
+                "kept with its history in {}",
+                streams::TASKS_DEAD_STREAM
+            ))
+            .intent(&task.intent_id, &task.correlation_id)
+            .context(json!({"task_id": task_id, "attempts": record.assignment.map(|a| a.attempt)}));
+        self.narrator.publish(n).await;
+    }
+
+    // ---- worker reports -----------------------------------------------------------------------
+
+    async fn report(&self, body: &[u8]) -> Result<Value, ApiError> {
+        let report: TaskReport = match api::decode(body, "invalid_report", MAX_BODY) {
+            Ok(r) => r,
+            Err(err) => {
+                self.dead_letter(subjects::TASK_RESULT, body, &err.message)
+                    .await;
+                return Err(err);
+            }
+        };
+        let fence = report.fence;
+        let worker = report.worker_id.clone();
+        let outcome = report.outcome;
+        let applied = kvx::update(&self.intents, &report.task_id, |r: &mut IntentRecord| {
+            let current = r
+                .assignment
+                .as_ref()
+                .filter(|a| a.fence == fence && a.worker_id == worker);
+            if current.is_none()
+                || !matches!(r.status, IntentStatus::Dispatched | IntentStatus::Running)
+            {
+                return Err(r.status);
+            }
+            match outcome {
+                Outcome::Started if r.status == IntentStatus::Dispatched => {
+                    r.transition(IntentStatus::Running, Some(worker.clone()), None);
+                    Ok(Change::Write(()))
+                }
+                Outcome::Started => Ok(Change::Keep(())),
+                Outcome::Completed => {
+                    r.transition(IntentStatus::Completed, Some(worker.clone()), None);
+                    r.result = report.result.clone();
+                    Ok(Change::Write(()))
+                }
+                // A failure is decided below (retry or fail for good); the record moves there.
+                Outcome::Failed => Ok(Change::Keep(())),
+            }
+        })
+        .await;
+        let record = match applied {
+            Ok(Ok(((), record))) => record,
+            Ok(Err(status)) => {
+                self.counters.stale_reports.fetch_add(1, Ordering::Relaxed);
+                let n = self
+                    .narrator
+                    .narrative("report_refused", "fencing token check")
+                    .why(format!(
+                        "{worker} reported {outcome:?} under fence {fence}, which is not the task's current assignment (status {})",
+                        status.as_str()
+                    ).to_lowercase())
+                    .context(json!({"task_id": report.task_id, "worker_id": worker, "fence": fence}));
+                self.narrator.publish(n).await;
+                return Err(ApiError::conflict(
+                    "stale_assignment",
+                    format!(
+                        "task {} is no longer assigned to {worker} under fence {fence}; drop it",
+                        report.task_id
+                    ),
+                ));
+            }
+            Err(KvError::NotFound(_)) => {
+                return Err(ApiError::not_found(
+                    "unknown_task",
+                    format!("no task {:?}", report.task_id),
+                ));
+            }
+            Err(err) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                return Err(ApiError::unavailable(format!(
+                    "intent store unavailable: {err}; retry the report"
+                )));
+            }
+        };
+        let task = Task::for_intent(&record.intent, record.decision.priority, tier_of(&record));
+        match outcome {
+            Outcome::Started => {}
+            Outcome::Completed => {
+                let queued_ms = record
+                    .history
+                    .iter()
+                    .rev()
+                    .find(|h| h.status == IntentStatus::Queued)
+                    .and_then(|h| time::parse_ms(&h.at));
+                let latency_ms = queued_ms.map(|q| (time::now_ms() - q).max(0) as u64);
+                let flight = {
+                    let mut st = self.lock();
+                    st.pool.release(&worker, Some(true));
+                    if let Some(ms) = latency_ms {
+                        st.latency.record(ms);
+                    }
+                    st.in_flight.remove(&report.task_id)
+                };
+                if let Some(msg) = flight.and_then(|f| f.msg) {
+                    ack(&msg).await;
+                }
+                self.counters.completed.fetch_add(1, Ordering::Relaxed);
+                self.wake.notify_one();
+                self.mesh_task(
+                    "task.completed",
+                    &task,
+                    Some(&worker),
+                    json!({"latency_ms": latency_ms}),
+                )
+                .await;
+            }
+            Outcome::Failed => {
+                let error = report
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the handler failed without a message".into());
+                self.lock().pool.release(&worker, Some(false));
+                let attempt = record.assignment.as_ref().map_or(1, |a| a.attempt);
+                if report.retryable && attempt < self.cfg.max_attempts {
+                    // The worker's slot is released above (with the failure remembered), so the
+                    // in-flight entry stops naming it and `reassign` does not release it again.
+                    if let Some(flight) = self.lock().in_flight.get_mut(&report.task_id) {
+                        flight.worker_id.clear();
+                    }
+                    let why = format!("{worker} failed attempt {attempt}: {error}");
+                    self.reassign_and_deliver(&report.task_id, Some(&worker), true, &why)
+                        .await;
+                } else {
+                    let why = if report.retryable {
+                        format!(
+                            "{worker} failed attempt {attempt} of {}: {error}",
+                            self.cfg.max_attempts
+                        )
+                    } else {
+                        format!("{worker} failed it and another attempt cannot succeed: {error}")
+                    };
+                    self.fail_for_good(&report.task_id, &why).await;
+                }
+                self.wake.notify_one();
+            }
+        }
+        Ok(json!({"accepted": true, "task_id": report.task_id}))
+    }
+
+    // ---- pause, shed, replay ------------------------------------------------------------------
+
+    async fn set_paused(&self, paused: bool) -> Result<Value, ApiError> {
+        let (changed, depth) = {
+            let mut st = self.lock();
+            let changed = st.paused != paused;
+            st.paused = paused;
+            (changed, st.queue_depth)
+        };
+        if changed {
+            let (what, why) = if paused {
+                (
+                    "scheduler_paused",
+                    "an operator or a playbook paused dispatch; tasks wait durably in the queue",
+                )
+            } else {
+                (
+                    "scheduler_resumed",
+                    "dispatch resumed; every waiting task will be processed",
+                )
+            };
+            let n = self
+                .narrator
+                .narrative(what, "scheduler.pause / scheduler.resume")
+                .why(why)
+                .why(format!("queue depth {depth}"));
+            self.narrator.publish(n).await;
+            self.wake.notify_one();
+        }
+        Ok(json!({"paused": paused, "changed": changed, "queue_depth": depth}))
+    }
+
+    async fn shed(&self, body: &[u8]) -> Result<Value, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct ShedRequest {
+            max: Option<usize>,
+            below_priority: Option<u8>,
+            older_than_s: Option<f64>,
+        }
+        let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            body
+        };
+        let req: ShedRequest = api::decode(body, "invalid_shed", MAX_BODY)?;
+        let below = req.below_priority.unwrap_or(self.cfg.shed_below_priority);
+        if below > self.cfg.shed_below_priority {
+            return Err(ApiError::bad_request(
+                "invalid_shed",
+                format!(
+                    "below_priority {below} would shed tasks of priority {} or more; the limit is {} (high-priority tasks are never shed)",
+                    self.cfg.shed_below_priority, self.cfg.shed_below_priority
+                ),
+            ));
+        }
+        let max = req.max.unwrap_or(self.cfg.shed_max);
+        let older_than_s = req.older_than_s.unwrap_or(self.cfg.shed_older_than_s);
+        if older_than_s.is_nan() || older_than_s < 0.0 {
+            return Err(ApiError::bad_request(
+                "invalid_shed",
+                "older_than_s must be 0 or more",
+            ));
+        }
+        let _busy = self.maintenance.lock().await;
+        let min_age_ms = (older_than_s * 1000.0) as i64;
+        let now_ms = time::now_ms();
+        let mut shed = Vec::new();
+        let mut examined = 0;
+        'priorities: for priority in 0..below {
+            loop {
+                if shed.len() >= max {
+                    break 'priorities;
+                }
+                let batch = match self.consumers[usize::from(priority)]
+                    .fetch()
+                    .max_messages(64)
+                    .messages()
+                    .await
+                {
+                    Ok(b) => b,
+                    Err(err) => {
+                        return Err(ApiError::unavailable(format!(
+                            "task queue fetch failed: {err}"
+                        )));
+                    }
+                };
+                let messages: Vec<jetstream::Message> =
+                    batch.filter_map(|m| async { m.ok() }).collect().await;
+                if messages.is_empty() {
+                    break;
+                }
+                let mut younger_seen = false;
+                for msg in messages {
+                    examined += 1;
+                    let task: Option<Task> = serde_json::from_slice(&msg.payload).ok();
+                    let eligible = task.as_ref().is_some_and(|t| {
+                        time::parse_ms(&t.queued_at).is_some_and(|q| now_ms - q >= min_age_ms)
+                            && t.priority < below
+                    });
+                    let in_flight = task
+                        .as_ref()
+                        .is_some_and(|t| self.lock().in_flight.contains_key(&t.task_id));
+                    match task {
+                        Some(task) if eligible && !in_flight && shed.len() < max => {
+                            if self.park(&task, &msg).await {
+                                shed.push(task.task_id.clone());
+                            } else {
+                                nak(&msg, Duration::ZERO).await;
+                            }
+                        }
+                        _ => {
+                            younger_seen |= !eligible;
+                            nak(&msg, Duration::ZERO).await;
+                        }
+                    }
+                }
+                if younger_seen {
+                    // FIFO within a priority: everything after a too-young task is younger.
+                    break;
+                }
+            }
+        }
+        self.counters
+            .shed
+            .fetch_add(shed.len() as u64, Ordering::Relaxed);
+        let depth = self.lock().queue_depth;
+        let n = self
+            .narrator
+            .narrative("tasks_shed", "load shedding: priority below the limit and older than the age, into the replayable park")
+            .why(format!("shed {} task(s) of priority < {below} older than {older_than_s:.0} s (at most {max})", shed.len()))
+            .why(format!("examined {examined}; queue depth {depth}; critical and high-priority work is kept"))
+            .why(format!("parked in {}; scheduler.replay brings them back", streams::TASKS_PARKED_STREAM))
+            .context(json!({"shed": shed.len(), "examined": examined, "below_priority": below,
+                            "older_than_s": older_than_s, "max": max, "task_ids": shed}));
+        self.narrator.publish(n).await;
+        self.wake.notify_one();
+        Ok(
+            json!({"shed": shed.len(), "examined": examined, "below_priority": below, "older_than_s": older_than_s,
+                  "max": max, "task_ids": shed}),
+        )
+    }
+
+    /// Moves one queued task into the park: stored there first, then its intent marked shed,
+    /// then its queue message acknowledged. False when it was not queued any more.
+    async fn park(&self, task: &Task, msg: &jetstream::Message) -> bool {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let stored = self
+            .js
+            .send_publish(
+                subjects::task_parked(task.priority),
+                PublishMessage::build()
+                    .payload(msg.payload.clone())
+                    .message_id(format!("{}:park:{seq}", task.task_id)),
+            )
+            .await;
+        let stored = match stored {
+            Ok(ack_future) => ack_future.await.is_ok(),
+            Err(_) => false,
+        };
+        if !stored {
+            return false;
+        }
+        let moved = kvx::update(&self.intents, &task.intent_id, |r: &mut IntentRecord| {
+            if r.status != IntentStatus::Queued {
+                return Ok::<_, ()>(Change::Keep(false));
+            }
+            r.transition(
+                IntentStatus::Shed,
+                None,
+                Some("queue_overflow_protection".into()),
+            );
+            Ok(Change::Write(true))
+        })
+        .await;
+        ack(msg).await;
+        if !matches!(moved, Ok(Ok((true, _)))) {
+            // Not queued any more (dispatched elsewhere, finished): the parked copy is inert;
+            // replay will find it is not shed and drop it.
+            return false;
+        }
+        self.mesh_task(
+            "task.shed",
+            task,
+            None,
+            json!({"reason": "queue_overflow_protection", "parked": streams::TASKS_PARKED_STREAM}),
+        )
+        .await;
+        true
+    }
+
+    async fn replay(&self, body: &[u8]) -> Result<Value, ApiError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct ReplayRequest {
+            max: Option<usize>,
+        }
+        let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            body
+        };
+        let req: ReplayRequest = api::decode(body, "invalid_replay", MAX_BODY)?;
+        let max = req.max.unwrap_or(usize::MAX);
+        let _busy = self.maintenance.lock().await;
+        let mut replayed = Vec::new();
+        while replayed.len() < max {
+            let want = (max - replayed.len()).min(64);
+            let batch = match self.parked.fetch().max_messages(want).messages().await {
+                Ok(b) => b,
+                Err(err) => return Err(ApiError::unavailable(format!("park fetch failed: {err}"))),
+            };
+            let messages: Vec<jetstream::Message> =
+                batch.filter_map(|m| async { m.ok() }).collect().await;
+            if messages.is_empty() {
+                break;
+            }
+            for msg in messages {
+                let Ok(task) = serde_json::from_slice::<Task>(&msg.payload) else {
+                    self.dead_letter(&msg.subject, &msg.payload, "malformed parked task")
+                        .await;
+                    ack(&msg).await;
+                    continue;
+                };
+                let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                let back = self
+                    .js
+                    .send_publish(
+                        subjects::task_queue(task.priority),
+                        PublishMessage::build()
+                            .payload(msg.payload.clone())
+                            .message_id(format!("{}:replay:{seq}", task.task_id)),
+                    )
+                    .await;
+                let stored = match back {
+                    Ok(ack_future) => ack_future.await.is_ok(),
+                    Err(_) => false,
+                };
+                if !stored {
+                    nak(&msg, RETRY_DELAY).await;
+                    return Err(ApiError::unavailable(
+                        "task queue did not take a replayed task; retry",
+                    ));
+                }
+                let _ = kvx::update(&self.intents, &task.intent_id, |r: &mut IntentRecord| {
+                    if r.status != IntentStatus::Shed {
+                        return Ok::<_, ()>(Change::Keep(()));
+                    }
+                    r.transition(
+                        IntentStatus::Queued,
+                        None,
+                        Some("replayed from the park".into()),
+                    );
+                    Ok(Change::Write(()))
+                })
+                .await;
+                ack(&msg).await;
+                replayed.push(task.task_id);
+            }
+        }
+        self.counters
+            .replayed
+            .fetch_add(replayed.len() as u64, Ordering::Relaxed);
+        let n = self
+            .narrator
+            .narrative("tasks_replayed", "replay from the park into the task queue")
+            .why(format!(
+                "{} parked task(s) returned to the queue",
+                replayed.len()
+            ))
+            .context(json!({"replayed": replayed.len(), "task_ids": replayed}));
+        self.narrator.publish(n).await;
+        self.wake.notify_one();
+        Ok(json!({"replayed": replayed.len(), "task_ids": replayed}))
+    }
+
+    // ---- readiness, guards, telemetry ---------------------------------------------------------
+
+    fn readiness(&self) -> Value {
+        let st = self.lock();
+        let healthy = st.pool.healthy();
+        let mut reasons = Vec::new();
+        if healthy < self.cfg.min_workers {
+            reasons.push(format!(
+                "{healthy} healthy worker(s), at least {} required",
+                self.cfg.min_workers
+            ));
+        }
+        let critical = st.htm_guard.level() == Level::Critical;
+        if critical {
+            reasons.push(format!("queue depth {} is critical", st.queue_depth));
+        }
+        json!({
+            "htm_ready": reasons.is_empty(),
+            "scheduler_ready": true,
+            "healthy_workers": healthy,
+            "min_workers": self.cfg.min_workers,
+            "queue_bound": true,
+            "queue_depth": st.queue_depth,
+            "in_flight": st.in_flight.len(),
+            "paused": st.paused,
+            "workers": st.pool.describe_all(),
+            "reasons": reasons,
+        })
+    }
+
+    async fn observe_depth(&self, depth: u64) {
+        let (sched, htm) = {
+            let mut st = self.lock();
+            st.queue_depth = depth;
+            (
+                st.scheduler_guard.observe(depth),
+                st.htm_guard.observe(depth),
+            )
+        };
+        if let Some(level) = sched {
+            let threshold = self.lock().scheduler_guard.threshold(level);
+            if level == Level::Critical {
+                self.incident(
+                    "scheduler_load_shedding",
+                    "critical",
+                    json!({"queue_depth": depth, "threshold": threshold}),
+                )
+                .await;
+            }
+            let n = self
+                .narrator
+                .narrative("queue_guard", "scheduler queue depth thresholds")
+                .why(format!("queue depth {depth} is now {} (threshold {threshold})", level.as_str()))
+                .context(json!({"queue_depth": depth, "level": level.as_str(), "warn": self.cfg.queue_warn,
+                                "critical": self.cfg.queue_critical}));
+            self.narrator.publish(n).await;
+        }
+        if let Some(level) = htm
+            && level == Level::Critical
+        {
+            self.incident("scheduler_load_shedding", "critical", json!({"queue_depth": depth, "threshold": self.cfg.htm_queue_critical, "component": "htm_orchestrator"}))
+                .await;
+        }
+    }
+
+    fn scheduler_telemetry(&self) -> Value {
+        let mut st = self.lock();
+        let dispatched = self.counters.dispatched.load(Ordering::Relaxed);
+        let elapsed = st.last_roll.elapsed().as_secs_f64().max(0.001);
+        let rate = (dispatched - st.last_dispatched) as f64 / elapsed;
+        st.last_dispatched = dispatched;
+        let health = match st.scheduler_guard.level() {
+            Level::Critical => "critical",
+            Level::Warning => "degraded",
+            Level::Normal => "healthy",
+        };
+        json!({"queue_depth": st.queue_depth, "dispatch_rate": rate, "task_backlog": st.queue_depth + st.in_flight.len() as u64,
+               "in_flight": st.in_flight.len(), "paused": st.paused, "health_status": health, "counters": self.counters.snapshot()})
+    }
+
+    fn htm_telemetry(&self) -> Value {
+        let mut st = self.lock();
+        let completed = self.counters.completed.load(Ordering::Relaxed);
+        let elapsed = st.last_roll.elapsed().as_secs_f64().max(0.001);
+        let tps = (completed - st.last_completed) as f64 / elapsed;
+        st.last_completed = completed;
+        st.last_roll = Instant::now();
+        let (p50, p99, _) = st.latency.roll();
+        let healthy = st.pool.healthy();
+        let health = if healthy == 0 || st.htm_guard.level() == Level::Critical {
+            "critical"
+        } else if healthy < self.cfg.min_workers || st.htm_guard.level() == Level::Warning {
+            "degraded"
+        } else {
+            "healthy"
+        };
+        json!({"queue_depth": st.queue_depth, "active_workers": healthy, "tasks_per_second": tps,
+               "sla_breaches": st.latency.breaches, "p50_ms": p50, "p99_ms": p99, "health_status": health})
+    }
+
+    // ---- outputs ------------------------------------------------------------------------------
+
+    async fn mesh_task(
+        &self,
+        event_type: &str,
+        task: &Task,
+        worker_id: Option<&str>,
+        extra: Value,
+    ) {
+        let mut payload = json!({"task_id": task.task_id, "intent_id": task.intent_id, "intent_type": task.intent_type,
+                                 "priority": task.priority});
+        if let Some(w) = worker_id {
+            payload["worker_id"] = json!(w);
+        }
+        if let (Value::Object(p), Value::Object(e)) = (&mut payload, extra) {
+            p.extend(e);
+        }
+        let mut event = MeshEvent::root(event_type, SERVICE_NAME, payload);
+        event.correlation_id = task.correlation_id.clone();
+        event.resource = Some(format!("task/{}", task.task_id));
+        event.subsystem = Some("htm".into());
+        event.actor = worker_id.map(str::to_owned);
+        self.publish(subjects::mesh(event_type), api::to_bytes(&event))
+            .await;
+    }
+
+    async fn incident(&self, playbook: &str, severity: &str, extra: Value) {
+        let mut payload =
+            json!({"trigger_id": ids::new_id(), "playbook": playbook, "severity": severity});
+        if let (Value::Object(p), Value::Object(e)) = (&mut payload, extra) {
+            p.extend(e);
+        }
+        let event = MeshEvent::root("event.incident", SERVICE_NAME, payload);
+        self.publish(subjects::MESH_INCIDENT.to_owned(), api::to_bytes(&event))
+            .await;
+    }
+
+    /// Records bad input on `mesh.deadletter` with the reason, and counts it.
+    async fn dead_letter(&self, subject: &str, body: &[u8], reason: &str) {
+        self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(subject, reason, "dead-lettered");
+        let excerpt = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+        let event = MeshEvent::root(
+            "deadletter",
+            SERVICE_NAME,
+            json!({"reason": reason, "subject": subject, "body_bytes": body.len(), "body_excerpt": excerpt}),
+        );
+        self.publish(subjects::MESH_DEADLETTER.to_owned(), api::to_bytes(&event))
+            .await;
+    }
+
+    async fn publish(&self, subject: String, body: bytes::Bytes) {
+        if let Err(err) =
+            tokio::time::timeout(self.timeout, self.client.publish(subject.clone(), body))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            tracing::debug!(subject, error = %err, "not published");
+        }
+    }
+}
+
+/// An assignment ready to be handed to its worker.
+struct Handover {
+    task: Task,
+    worker_id: String,
+    fence: u64,
+    attempt: u32,
+}
+
+/// The outcome of a reassignment attempt on the intent record.
+enum Reassigned {
+    /// The task is no longer dispatched to the worker it was taken from.
+    Gone,
+    /// No attempts left.
+    Exhausted,
+    /// No worker free: back to the queue.
+    Requeued,
+    /// Moved to another worker.
+    To { fence: u64, attempt: u32 },
+}
+
+fn tier_of(record: &IntentRecord) -> bulwark_common::intent::Tier {
+    bulwark_common::intent::Tier::from_number(record.decision.autonomy_tier)
+        .unwrap_or(bulwark_common::intent::Tier::HumanRequired)
+}
+
+async fn ack(msg: &jetstream::Message) {
+    if let Err(err) = msg.ack().await {
+        tracing::debug!(error = %err, "queue acknowledgement failed; the message will be redelivered and dropped");
+    }
+}
+
+async fn nak(msg: &jetstream::Message, delay: Duration) {
+    let kind = if delay.is_zero() {
+        AckKind::Nak(None)
+    } else {
+        AckKind::Nak(Some(delay))
+    };
+    if let Err(err) = msg.ack_with(kind).await {
+        tracing::debug!(error = %err, "negative acknowledgement failed; the message will be redelivered");
+    }
+}

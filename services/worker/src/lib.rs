@@ -1,0 +1,21 @@
+//! An HTM worker: takes assignments from the scheduler, runs them through its handlers, and
+//! reports the outcome under the assignment's fencing token (the protocol is in
+//! [`bulwark_common::htm`] and docs/worker-protocol.md, so a worker in any language can join).
+//!
+//! # Subjects
+//! Consumes: `htm.worker.<worker_id>.task` (NATS micro service `htm_worker`, endpoint `task`).
+//! Produces: `htm.worker.heartbeat.<worker_id>` every `worker.heartbeat_interval_s`;
+//! `htm.task.result` reports (request/reply, retried until the scheduler answers).
+//!
+//! Everything a worker runs lives in the future [`run_worker`] returns: dropping it (a crash)
+//! stops its heartbeats and its tasks at once, as a killed process would.
+//!
+//! # Modules
+//! - [`handlers`]: the handler trait and the built-in simulated work for the seed's types.
+//! - [`service`]: the assignment endpoint, execution, reports and heartbeats.
+
+pub mod handlers;
+pub mod service;
+
+pub use handlers::{Handler, HandlerError, Handlers};
+pub use service::{SERVICE_NAME, WorkerError, run, run_worker};

@@ -1,0 +1,312 @@
+//! The worker's I/O: the assignment endpoint, task execution with fenced reports, heartbeats.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use async_nats::service::ServiceExt;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use bulwark_common::api::{self, ApiError};
+use bulwark_common::config::{BulwarkConfig, WorkerConfig};
+use bulwark_common::htm::{Assignment, Heartbeat, Outcome, TaskReport};
+use bulwark_common::{ids, subjects};
+
+use crate::handlers::Handlers;
+
+/// Name under which workers register (CONTRACT section 5).
+pub const SERVICE_NAME: &str = "htm_worker";
+/// Time given to running tasks at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Largest accepted assignment.
+const MAX_ASSIGNMENT: usize = 1024 * 1024;
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Registration with NATS micro failed.
+    #[error("could not register worker {worker_id}: {reason}")]
+    Register {
+        /// The worker.
+        worker_id: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A worker's counters.
+#[derive(Debug, Default)]
+struct Counters {
+    in_flight: AtomicU32,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    dropped_stale: AtomicU64,
+    refused: AtomicU64,
+}
+
+struct Worker {
+    id: String,
+    cfg: WorkerConfig,
+    client: Client,
+    handlers: Handlers,
+    counters: Counters,
+    timeout: Duration,
+}
+
+/// Runs one worker with a generated id (`worker-<8 hex>`) and the built-in handlers.
+pub async fn run(
+    cfg: BulwarkConfig,
+    client: Client,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let id = format!("worker-{}", &ids::new_id().replace('-', "")[24..]);
+    let handlers = Handlers::builtin(cfg.worker.max_work_ms);
+    run_worker(cfg, client, shutdown, id, handlers).await
+}
+
+/// Runs worker `worker_id` with `handlers` until `shutdown`; running tasks get a grace period.
+pub async fn run_worker(
+    cfg: BulwarkConfig,
+    client: Client,
+    shutdown: CancellationToken,
+    worker_id: String,
+    handlers: Handlers,
+) -> Result<(), WorkerError> {
+    let worker = Arc::new(Worker {
+        id: worker_id.clone(),
+        cfg: cfg.worker.clone(),
+        client: client.clone(),
+        handlers,
+        counters: Counters::default(),
+        timeout: Duration::from_millis(cfg.nats.request_timeout_ms),
+    });
+    let register_error = |e: &dyn std::fmt::Display| WorkerError::Register {
+        worker_id: worker_id.clone(),
+        reason: e.to_string(),
+    };
+    let stats = worker.clone();
+    let service = client
+        .service_builder()
+        .description("bulwark HTM worker: executes tasks by intent_type and reports under the assignment's fence")
+        .stats_handler(move |_, _| stats.figures())
+        .metadata(bulwark_common::micro::readiness_metadata(1))
+        .start(SERVICE_NAME, bulwark_common::micro::VERSION)
+        .await
+        .map_err(|e| register_error(&e))?;
+    let mut endpoint = service
+        .endpoint_builder()
+        .name("task")
+        .add(subjects::worker_task(&worker_id))
+        .await
+        .map_err(|e| register_error(&e))?;
+
+    // Everything runs inside this future: dropping it (a crash) ends all of it.
+    let mut work = JoinSet::new();
+    work.spawn(heartbeats(worker.clone(), shutdown.clone()));
+    loop {
+        let request = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(_) = work.join_next(), if !work.is_empty() => continue,
+            request = endpoint.next() => match request { Some(r) => r, None => break },
+        };
+        match worker.accept(&request.message.payload) {
+            Ok(assignment) => {
+                api::respond(
+                    &request,
+                    Ok::<_, ApiError>(json!({"accepted": true, "worker_id": worker.id})),
+                )
+                .await;
+                work.spawn(worker.clone().execute(assignment));
+            }
+            Err(err) => {
+                worker.counters.refused.fetch_add(1, Ordering::Relaxed);
+                api::respond(&request, Err::<Value, _>(err)).await;
+            }
+        }
+    }
+    drop(endpoint);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        // Heartbeats end with the token; tasks finish and report.
+        while work.join_next().await.is_some() {}
+    })
+    .await;
+    let _ = service.stop().await;
+    Ok(())
+}
+
+impl Worker {
+    fn figures(&self) -> Value {
+        json!({"worker_id": self.id, "in_flight": self.counters.in_flight.load(Ordering::Relaxed),
+               "capacity": self.cfg.capacity, "completed": self.counters.completed.load(Ordering::Relaxed),
+               "failed": self.counters.failed.load(Ordering::Relaxed),
+               "dropped_stale": self.counters.dropped_stale.load(Ordering::Relaxed),
+               "refused": self.counters.refused.load(Ordering::Relaxed)})
+    }
+
+    /// Validates an assignment and takes a slot for it.
+    fn accept(&self, body: &[u8]) -> Result<Assignment, ApiError> {
+        let assignment: Assignment = api::decode(body, "invalid_assignment", MAX_ASSIGNMENT)?;
+        if assignment.worker_id != self.id {
+            return Err(ApiError::bad_request(
+                "invalid_assignment",
+                format!(
+                    "assignment is for {:?}, this is {}",
+                    assignment.worker_id, self.id
+                ),
+            ));
+        }
+        let taken =
+            self.counters
+                .in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.cfg.capacity).then_some(n + 1)
+                });
+        if taken.is_err() {
+            return Err(ApiError::unavailable(format!(
+                "{} is full ({} tasks running)",
+                self.id, self.cfg.capacity
+            )));
+        }
+        Ok(assignment)
+    }
+
+    async fn execute(self: Arc<Self>, assignment: Assignment) {
+        let Assignment { task, fence, .. } = assignment;
+        if self
+            .report(&task.task_id, fence, Outcome::Started, None, None, true)
+            .await
+        {
+            let (outcome, result, error, retryable) = match self.handlers.run(&self.id, &task).await
+            {
+                Ok(result) => (Outcome::Completed, Some(result), None, true),
+                Err(err) => (Outcome::Failed, None, Some(err.message), err.retryable),
+            };
+            if self
+                .report(&task.task_id, fence, outcome, result, error, retryable)
+                .await
+            {
+                let counter = if outcome == Outcome::Completed {
+                    &self.counters.completed
+                } else {
+                    &self.counters.failed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.counters.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Sends a report until the scheduler answers (or `report_retry_s` passes). False when the
+    /// task must be dropped: its assignment is stale, or nobody took the report.
+    async fn report(
+        &self,
+        task_id: &str,
+        fence: u64,
+        outcome: Outcome,
+        result: Option<Value>,
+        error: Option<String>,
+        retryable: bool,
+    ) -> bool {
+        let report = TaskReport {
+            task_id: task_id.to_owned(),
+            worker_id: self.id.clone(),
+            fence,
+            outcome,
+            result,
+            error,
+            retryable,
+        };
+        let body = api::to_bytes(&report);
+        let deadline = Instant::now() + Duration::from_secs_f64(self.cfg.report_retry_s);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let reply = tokio::time::timeout(
+                self.timeout,
+                self.client.request(subjects::TASK_RESULT, body.clone()),
+            )
+            .await;
+            if let Ok(Ok(reply)) = reply {
+                let code = reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(api::SERVICE_ERROR_CODE))
+                    .map(|v| v.to_string());
+                match code.as_deref() {
+                    None => return true,
+                    Some("409") | Some("404") | Some("400") => {
+                        self.counters.dropped_stale.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(worker = %self.id, task_id, fence, "report refused ({}); task dropped",
+                            String::from_utf8_lossy(&reply.payload));
+                        return false;
+                    }
+                    Some(_) => {}
+                }
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(worker = %self.id, task_id, ?outcome, "scheduler did not take the report; the task will be reassigned");
+                return false;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// Publishes the heartbeat every interval, with this process's real CPU and memory.
+async fn heartbeats(worker: Arc<Worker>, shutdown: CancellationToken) {
+    use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+    let pid = Pid::from_u32(std::process::id());
+    let mut system = System::new();
+    let started = Instant::now();
+    let subject = subjects::worker_heartbeat(&worker.id);
+    let mut ticker =
+        tokio::time::interval(Duration::from_secs_f64(worker.cfg.heartbeat_interval_s));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        system.refresh_processes_specifics(
+            ProcessesToUpdate::Some(&[pid]),
+            true,
+            ProcessRefreshKind::nothing().with_cpu().with_memory(),
+        );
+        let (cpu_percent, memory_mb) = system
+            .process(pid)
+            .map(|p| {
+                (
+                    f64::from(p.cpu_usage()),
+                    p.memory() as f64 / (1024.0 * 1024.0),
+                )
+            })
+            .unwrap_or((0.0, 0.0));
+        let hb = Heartbeat {
+            worker_id: worker.id.clone(),
+            cpu_percent,
+            memory_mb,
+            in_flight: worker.counters.in_flight.load(Ordering::Relaxed),
+            capacity: worker.cfg.capacity,
+            tasks_completed: worker.counters.completed.load(Ordering::Relaxed),
+            tasks_failed: worker.counters.failed.load(Ordering::Relaxed),
+            uptime_seconds: started.elapsed().as_secs_f64(),
+            timestamp: bulwark_common::time::now(),
+        };
+        let sent = bulwark_common::connect::publish_flushed(
+            &worker.client,
+            subject.clone(),
+            api::to_bytes(&hb),
+            worker.timeout,
+        )
+        .await;
+        if let Err(err) = sent {
+            tracing::debug!(worker = %worker.id, error = %err, "heartbeat not sent");
+        }
+    }
+}
