@@ -411,7 +411,7 @@ async fn clarity_stopped_or_crashed_mid_stream_loses_nothing() {
         s.narrate(&narrative("flow", "step", "i", &now(), n)).await;
     }
     s.await_records(90).await;
-    second.crash();
+    second.crash().await;
     for n in 161..=200 {
         s.narrate(&narrative("flow", "step", "i", &now(), n)).await;
     }

@@ -683,7 +683,7 @@ async fn a_governance_restart_keeps_reviews_votes_and_idempotency() {
     )
     .await;
 
-    s.gov.take().expect("running").crash();
+    s.gov.take().expect("running").crash().await;
     // Also restart the broker: what was acknowledged must be on disk.
     s.server.restart();
     let gov = start_governance(s.server.config()).await;

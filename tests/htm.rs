@@ -78,11 +78,17 @@ async fn record(js: &jetstream::Context, id: &str) -> IntentRecord {
 }
 
 async fn wait_status(client: &async_nats::Client, id: &str, want: &str, limit: Duration) -> Value {
-    eventually(limit, &format!("{id} to be {want}"), || async {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
         let st = status(client, id).await;
-        (st["status"] == want).then_some(st)
-    })
-    .await
+        if st["status"] == want {
+            return st;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {id} to be {want}; last status: {st}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Collects every message on `subject` until dropped; read with `drain_json`.
@@ -109,6 +115,25 @@ async fn start_workers(cfg: &BulwarkConfig, prefix: &str, n: usize) -> Vec<Runni
         workers.push(start_worker(cfg.clone(), &format!("{prefix}{i}")).await);
     }
     workers
+}
+
+/// Completed handler runs and stale (refused) reports, summed over every worker's `$SRV.STATS`.
+async fn worker_totals(client: &async_nats::Client) -> (u64, u64) {
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await.expect("sub");
+    client
+        .publish_with_reply("$SRV.STATS.htm_worker", inbox, "".into())
+        .await
+        .expect("pub");
+    let (mut ran, mut stale) = (0, 0);
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(500), replies.next()).await
+    {
+        let stats: Value = serde_json::from_slice(&msg.payload).expect("stats");
+        let data = &stats["endpoints"][0]["data"];
+        ran += data["completed"].as_u64().unwrap_or(0);
+        stale += data["dropped_stale"].as_u64().unwrap_or(0);
+    }
+    (ran, stale)
 }
 
 async fn readiness(client: &async_nats::Client) -> Value {
@@ -231,7 +256,7 @@ async fn a_worker_killed_mid_task_loses_it_to_another_and_its_late_result_is_ref
         .assignment
         .expect("assigned");
     assert_eq!((before.worker_id.as_str(), before.fence), ("victim", 1));
-    victim.crash();
+    victim.crash().await;
     let _rescuer = start_worker(h.cfg.clone(), "rescuer").await;
     let st = wait_status(&h.client, "survivor", "completed", Duration::from_secs(20)).await;
     assert_eq!(st["result"]["handled_by"], "rescuer");
@@ -465,7 +490,10 @@ async fn shedding_parks_only_eligible_tasks_and_replay_brings_them_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scheduler_restarted_under_load_loses_and_duplicates_nothing() {
-    let h = htm_with(|_| {}).await;
+    // A worker is declared dead only after 5 s of silence: on two busy cores a 1 s timeout can
+    // suspect a live worker, whose task then (correctly) runs again elsewhere; that is the
+    // watchdog's trade-off, tested on its own, not what this test is about.
+    let h = htm_with(|c| c.scheduler.heartbeat_timeout_s = 5.0).await;
     let mut completed = collect(&h.client, "mesh.task.completed").await;
     let sched = start_scheduler(h.cfg.clone()).await;
     let _w: Vec<RunningService> = start_workers(&h.cfg, "r", 3).await;
@@ -488,7 +516,7 @@ async fn a_scheduler_restarted_under_load_loses_and_duplicates_nothing() {
         (status(&h.client, "load-40").await["status"] == "completed").then_some(())
     })
     .await;
-    sched.crash();
+    sched.crash().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _sched2 = start_scheduler(h.cfg.clone()).await;
     submitter.await.expect("submitter");
@@ -501,18 +529,45 @@ async fn a_scheduler_restarted_under_load_loses_and_duplicates_nothing() {
         )
         .await;
     }
-    // The ledger: every task completed exactly once.
-    let mut ledger: HashMap<String, usize> = HashMap::new();
+    // The ledger, from durable state: every task completed, each exactly once in its history.
+    for i in 0..total {
+        let r = record(&h.js, &format!("load-{i}")).await;
+        let completions = r
+            .history
+            .iter()
+            .filter(|c| c.status == bulwark_common::intent::IntentStatus::Completed)
+            .count();
+        assert_eq!(completions, 1, "load-{i}: {:?}", r.history);
+    }
+    // And from the workers: 300 handler runs reported, none refused as stale (nothing ran twice).
+    let (ran, stale) = worker_totals(&h.client).await;
+    let mut moved = Vec::new();
+    for i in 0..total {
+        let r = record(&h.js, &format!("load-{i}")).await;
+        if r.history
+            .iter()
+            .filter(|c| c.status == bulwark_common::intent::IntentStatus::Dispatched)
+            .count()
+            > 1
+        {
+            moved.push(r.history);
+        }
+    }
+    assert_eq!(
+        (ran, stale),
+        (total as u64, 0),
+        "handler runs completed and stale reports; moved: {moved:?}"
+    );
+    // Mesh events are published after the durable change: a crash may lose one, never double it.
+    let mut seen: HashMap<String, usize> = HashMap::new();
     for e in drain_json(&mut completed).await {
-        *ledger
+        *seen
             .entry(e["payload"]["task_id"].as_str().expect("id").to_owned())
             .or_default() += 1;
     }
-    assert_eq!(ledger.len(), total, "lost = 0");
     assert!(
-        ledger.values().all(|n| *n == 1),
-        "duplicates = 0: {:?}",
-        ledger.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+        seen.values().all(|n| *n == 1),
+        "no task announced twice: {seen:?}"
     );
     // The queue ends empty: every message was acknowledged once its task finished.
     eventually(Duration::from_secs(30), "empty task queue", || async {

@@ -245,61 +245,116 @@ impl Drop for NatsServer {
     }
 }
 
-/// A bulwark service running in-process; cancelled and awaited on [`stop`](Self::stop) or drop.
+/// A bulwark service running in-process on a runtime of its own, so that a crash can take
+/// everything of it down at once: its tasks, its connection, its subscriptions.
 pub struct RunningService {
     /// Cancels the service.
     pub token: CancellationToken,
-    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    runtime: Option<tokio::runtime::Runtime>,
+    done: Option<tokio::sync::oneshot::Receiver<anyhow::Result<()>>>,
 }
 
 impl RunningService {
     /// Cancels the service and waits for it to finish; returns its result.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.token.cancel();
-        match self.handle.take() {
-            Some(handle) => handle.await?,
+        let result = match self.done.take() {
+            Some(done) => done
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the service's runtime ended first"))),
             None => Ok(()),
+        };
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
+        result
     }
 
-    /// Aborts the service's task at once, like a crash (no shutdown work).
-    pub fn crash(mut self) {
-        if let Some(handle) = self.handle.take() {
-            handle.abort();
+    /// Kills the service like a crashed process: its runtime is shut down, so no shutdown work
+    /// runs and its connection closes (endpoints, `$SRV` discovery and subscriptions vanish).
+    pub async fn crash(mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
+        // Let the server notice the closed socket before the test goes on.
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 impl Drop for RunningService {
     fn drop(&mut self) {
         self.token.cancel();
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
     }
 }
 
-/// Connects as `name`, runs `service` in-process with `cfg`, and waits until it answers
-/// `$SRV.PING.<name>`.
-pub async fn start_service<F, Fut, E>(name: &str, cfg: BulwarkConfig, service: F) -> RunningService
+/// Connects as `name` and runs `service` with `cfg` on a runtime of its own; no readiness wait.
+pub fn spawn_service<F, Fut, E>(name: &str, cfg: BulwarkConfig, service: F) -> RunningService
 where
-    F: FnOnce(BulwarkConfig, async_nats::Client, CancellationToken) -> Fut,
+    F: FnOnce(BulwarkConfig, async_nats::Client, CancellationToken) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let (client, _) =
-        bulwark_common::connect::connect(&cfg.nats, name, bulwark_common::connect::Role::Service)
-            .await
-            .unwrap_or_else(|e| panic!("{name} connects: {e}"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(format!("svc-{name}"))
+        .enable_all()
+        .build()
+        .expect("a runtime for the service");
     let token = CancellationToken::new();
-    let probe = client.clone();
-    let running = service(cfg, client, token.clone());
-    let handle = tokio::spawn(async move { running.await.map_err(anyhow::Error::from) });
-    assert!(
-        bulwark_common::micro::wait_ready(&probe, name, Duration::from_secs(20)).await,
-        "{name} answers $SRV.PING"
-    );
+    let (tx, done) = tokio::sync::oneshot::channel();
+    let name = name.to_owned();
+    let run_token = token.clone();
+    runtime.spawn(async move {
+        let result = async {
+            let (client, _) = bulwark_common::connect::connect(
+                &cfg.nats,
+                &name,
+                bulwark_common::connect::Role::Service,
+            )
+            .await?;
+            service(cfg, client.clone(), run_token).await?;
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+            anyhow::Ok(())
+        }
+        .await;
+        let _ = tx.send(result);
+    });
     RunningService {
         token,
-        handle: Some(handle),
+        runtime: Some(runtime),
+        done: Some(done),
     }
+}
+
+/// Runs `service` as [`spawn_service`] does and waits until every endpoint it announced is
+/// subscribed (`$SRV.INFO.<name>`).
+pub async fn start_service<F, Fut, E>(name: &str, cfg: BulwarkConfig, service: F) -> RunningService
+where
+    F: FnOnce(BulwarkConfig, async_nats::Client, CancellationToken) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let probe = probe_client(&cfg).await;
+    let running = spawn_service(name, cfg, service);
+    assert!(
+        bulwark_common::micro::wait_ready(&probe, name, Duration::from_secs(20)).await,
+        "{name} answers $SRV.INFO with all its endpoints"
+    );
+    running
+}
+
+async fn probe_client(cfg: &BulwarkConfig) -> async_nats::Client {
+    bulwark_common::connect::connect(
+        &cfg.nats,
+        "harness-probe",
+        bulwark_common::connect::Role::Service,
+    )
+    .await
+    .expect("probe connects")
+    .0
 }
 
 /// Starts the governance service with `cfg` and waits until it answers `$SRV.PING`.
@@ -331,19 +386,12 @@ pub async fn start_scheduler(cfg: BulwarkConfig) -> RunningService {
 /// subject. Several workers share the micro name `htm_worker`, so readiness is checked on the
 /// worker's own subject.
 pub async fn start_worker(cfg: BulwarkConfig, worker_id: &str) -> RunningService {
+    let probe = probe_client(&cfg).await;
     let id = worker_id.to_owned();
     let handlers = bulwark_worker::Handlers::builtin(cfg.worker.max_work_ms);
-    let (client, _) = bulwark_common::connect::connect(
-        &cfg.nats,
-        worker_id,
-        bulwark_common::connect::Role::Service,
-    )
-    .await
-    .expect("worker connects");
-    let token = CancellationToken::new();
-    let probe = client.clone();
-    let running = bulwark_worker::run_worker(cfg, client, token.clone(), id, handlers);
-    let handle = tokio::spawn(async move { running.await.map_err(anyhow::Error::from) });
+    let running = spawn_service(worker_id, cfg, move |cfg, client, token| {
+        bulwark_worker::run_worker(cfg, client, token, id, handlers)
+    });
     let subject = bulwark_common::subjects::worker_task(worker_id);
     eventually(
         Duration::from_secs(20),
@@ -363,10 +411,7 @@ pub async fn start_worker(cfg: BulwarkConfig, worker_id: &str) -> RunningService
         },
     )
     .await;
-    RunningService {
-        token,
-        handle: Some(handle),
-    }
+    running
 }
 
 /// Sends a JSON request and returns the reply's JSON and its micro error code header, if any.

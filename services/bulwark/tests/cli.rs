@@ -211,9 +211,16 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
         .env("PATH", path_with_nats_server())
         .current_dir(dir.path())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("bulwark up starts");
+    let mut stderr = up.stderr.take().expect("stderr");
+    let errors = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+        text
+    });
     let mut lines = tokio::io::BufReader::new(up.stdout.take().expect("stdout")).lines();
     let mut seen = Vec::new();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -261,7 +268,12 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
     while let Ok(Some(line)) = lines.next_line().await {
         seen.push(line);
     }
-    assert!(status.success(), "exit {status:?}: {}", seen.join("\n"));
+    let errors = errors.await.unwrap_or_default();
+    assert!(
+        status.success(),
+        "exit {status:?}: {}\nstderr:\n{errors}",
+        seen.join("\n")
+    );
     assert!(seen.iter().any(|l| l == "bulwark: stopped"));
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),

@@ -15,6 +15,8 @@ const RECENT: usize = 5;
 pub struct WorkerState {
     /// Tasks the scheduler handed it that are not reported finished.
     pub assigned: u32,
+    /// Tasks running by its last heartbeat (may include work from a previous scheduler).
+    pub reported: u32,
     /// Tasks it runs at once, from its heartbeat.
     pub capacity: u32,
     /// CPU percent, from its heartbeat.
@@ -50,12 +52,14 @@ impl Pool {
             .entry(hb.worker_id.clone())
             .or_insert_with(|| WorkerState {
                 assigned: 0,
+                reported: hb.in_flight,
                 capacity: hb.capacity,
                 cpu_percent: hb.cpu_percent,
                 last_seen: now,
                 recent: VecDeque::new(),
                 unconfirmed: false,
             });
+        w.reported = hb.in_flight;
         w.capacity = hb.capacity;
         w.cpu_percent = hb.cpu_percent;
         w.last_seen = now;
@@ -70,6 +74,7 @@ impl Pool {
             .entry(worker_id.to_owned())
             .or_insert_with(|| WorkerState {
                 assigned: 0,
+                reported: 0,
                 capacity: 1,
                 cpu_percent: 0.0,
                 last_seen: now,
@@ -115,7 +120,7 @@ impl Pool {
         self.workers
             .values()
             .filter(|w| !w.unconfirmed)
-            .map(|w| w.capacity.saturating_sub(w.assigned))
+            .map(|w| w.capacity.saturating_sub(w.busy()))
             .sum()
     }
 
@@ -135,7 +140,7 @@ impl Pool {
         let mut ranked: Vec<(f64, &String, &WorkerState)> = self
             .workers
             .iter()
-            .filter(|(_, w)| !w.unconfirmed && w.assigned < w.capacity)
+            .filter(|(_, w)| !w.unconfirmed && w.busy() < w.capacity)
             .map(|(id, w)| (score(w), id, w))
             .collect();
         ranked.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)));
@@ -184,8 +189,16 @@ impl Pool {
     }
 }
 
+impl WorkerState {
+    /// Slots in use: what the scheduler handed out, or what the worker reports running if that
+    /// is more (tasks of a previous scheduler, or of another replica).
+    pub fn busy(&self) -> u32 {
+        self.assigned.max(self.reported)
+    }
+}
+
 fn score(w: &WorkerState) -> f64 {
-    let load = f64::from(w.assigned) / f64::from(w.capacity.max(1));
+    let load = f64::from(w.busy()) / f64::from(w.capacity.max(1));
     let failures = w.recent.iter().filter(|ok| !**ok).count() as f64;
     load + (w.cpu_percent / 100.0).clamp(0.0, 1.0) * 0.5 + failures * 0.2
 }
@@ -201,7 +214,9 @@ fn describe(id: &str, w: &WorkerState) -> String {
     };
     format!(
         "{id}: {}/{} in flight, CPU {:.0}%, {history}",
-        w.assigned, w.capacity, w.cpu_percent
+        w.busy(),
+        w.capacity,
+        w.cpu_percent
     )
 }
 
@@ -283,8 +298,9 @@ mod tests {
             "its heartbeat restores it"
         );
         pool.adopt("ghost", now);
-        assert!(
-            pool.choose(None).is_none(),
+        assert_eq!(
+            pool.choose(None).map(|c| c.worker_id),
+            Some("w2".to_owned()),
             "an adopted worker takes no new work before its heartbeat"
         );
         let later = now + Duration::from_secs(31);

@@ -98,6 +98,10 @@ struct InFlight {
     /// report after a restart: its redelivery is acknowledged when it comes).
     msg: Option<jetstream::Message>,
     worker_id: String,
+    /// Fence of the current assignment.
+    fence: u64,
+    /// Attempt of the current assignment.
+    attempt: u32,
 }
 
 struct State {
@@ -511,8 +515,19 @@ impl Scheduler {
         let choice = {
             let mut st = self.lock();
             if let Some(flight) = st.in_flight.get_mut(&task.task_id) {
-                // Redelivered after ack_wait while its worker still runs it: keep the newer handle.
+                // Redelivered after ack_wait while its worker still has it: keep the newer
+                // handle and send the assignment again, in case the first one never arrived
+                // (a worker that has it accepts without running it twice).
                 flight.msg = Some(msg);
+                let handover = Handover {
+                    task,
+                    worker_id: flight.worker_id.clone(),
+                    fence: flight.fence,
+                    attempt: flight.attempt,
+                };
+                drop(st);
+                let s = self.clone();
+                tracker.spawn(async move { s.deliver(handover).await });
                 return;
             }
             st.pool.choose(None)
@@ -624,6 +639,8 @@ impl Scheduler {
                 InFlight {
                     msg: Some(msg),
                     worker_id: worker_id.clone(),
+                    fence,
+                    attempt,
                 },
             );
             st.queue_depth
@@ -654,31 +671,45 @@ impl Scheduler {
         .await;
     }
 
-    /// Takes back a dispatched task seen again after a restart: it stays with its worker
-    /// (which must prove alive with a heartbeat within the timeout) under its current fence.
+    /// Takes back a dispatched task seen again after a restart: it stays with its worker under
+    /// its current fence, and the assignment is sent again.
     async fn adopt(&self, task: Task, msg: jetstream::Message, record: IntentRecord) {
         let Some(a) = record.assignment else {
             ack(&msg).await;
             return;
         };
-        let mut st = self.lock();
-        if let Some(flight) = st.in_flight.get_mut(&task.task_id) {
-            flight.msg = Some(msg);
-            return;
+        {
+            let mut st = self.lock();
+            if let Some(flight) = st.in_flight.get_mut(&task.task_id) {
+                flight.msg = Some(msg);
+                return;
+            }
+            st.pool.adopt(&a.worker_id, Instant::now());
+            st.in_flight.insert(
+                task.task_id.clone(),
+                InFlight {
+                    msg: Some(msg),
+                    worker_id: a.worker_id.clone(),
+                    fence: a.fence,
+                    attempt: a.attempt,
+                },
+            );
         }
-        st.pool.adopt(&a.worker_id, Instant::now());
-        st.in_flight.insert(
-            task.task_id.clone(),
-            InFlight {
-                msg: Some(msg),
-                worker_id: a.worker_id,
-            },
-        );
+        // The previous scheduler may have died before the assignment reached the worker: send
+        // it again under the same fence. A worker already running it accepts without starting
+        // it twice; a dead worker does not answer and the task moves on.
+        self.deliver(Handover {
+            task,
+            worker_id: a.worker_id,
+            fence: a.fence,
+            attempt: a.attempt,
+        })
+        .await;
     }
 
-    /// Hands an assignment over. A worker that does not accept in time is suspended (no new
-    /// work until its next heartbeat) and the task moves on to another worker, until one
-    /// accepts or none is left (then it goes back to the queue).
+    /// Hands an assignment over. A worker that refuses it (full) or does not listen is
+    /// suspended (no new work until its next heartbeat) and the task moves on to another worker,
+    /// until one accepts or none is left (then it goes back to the queue).
     async fn deliver(&self, mut handover: Handover) {
         loop {
             let Handover {
@@ -709,11 +740,22 @@ impl Scheduler {
                     "{worker_id} refused it: {}",
                     String::from_utf8_lossy(&reply.payload)
                 ),
-                Ok(Err(err)) => format!("{worker_id} did not take it: {err}"),
-                Err(_) => format!(
-                    "{worker_id} did not accept within {} ms",
-                    self.cfg.dispatch_timeout_ms
-                ),
+                Ok(Err(err))
+                    if err.kind() == async_nats::client::RequestErrorKind::NoResponders =>
+                {
+                    format!("{worker_id} is not listening for tasks")
+                }
+                // No answer in time: the worker may have taken it. Reassigning now could run it
+                // twice, so it stays; a dead worker is caught by the heartbeat watchdog, and a lost
+                // assignment is sent again when the queue redelivers the task after ack_wait.
+                Ok(Err(_)) | Err(_) => {
+                    tracing::info!(
+                        task_id,
+                        worker_id,
+                        "assignment not confirmed in time; kept with the worker"
+                    );
+                    return;
+                }
             };
             self.lock().pool.suspend(&worker_id);
             match self
@@ -847,6 +889,8 @@ impl Scheduler {
                 let worker = target.unwrap_or_default();
                 if let Some(flight) = self.lock().in_flight.get_mut(task_id) {
                     flight.worker_id = worker.clone();
+                    flight.fence = fence;
+                    flight.attempt = attempt;
                 }
                 self.counters.reassigned.fetch_add(1, Ordering::Relaxed);
                 self.mesh_task(
@@ -958,30 +1002,39 @@ impl Scheduler {
             let current = r
                 .assignment
                 .as_ref()
-                .filter(|a| a.fence == fence && a.worker_id == worker);
-            if current.is_none()
-                || !matches!(r.status, IntentStatus::Dispatched | IntentStatus::Running)
-            {
+                .is_some_and(|a| a.fence == fence && a.worker_id == worker);
+            if !current {
                 return Err(r.status);
             }
-            match outcome {
-                Outcome::Started if r.status == IntentStatus::Dispatched => {
+            match (outcome, r.status) {
+                (Outcome::Started, IntentStatus::Dispatched) => {
                     r.transition(IntentStatus::Running, Some(worker.clone()), None);
-                    Ok(Change::Write(()))
+                    Ok(Change::Write(Report::Fresh))
                 }
-                Outcome::Started => Ok(Change::Keep(())),
-                Outcome::Completed => {
+                (Outcome::Completed, IntentStatus::Dispatched | IntentStatus::Running) => {
                     r.transition(IntentStatus::Completed, Some(worker.clone()), None);
                     r.result = report.result.clone();
-                    Ok(Change::Write(()))
+                    Ok(Change::Write(Report::Fresh))
                 }
                 // A failure is decided below (retry or fail for good); the record moves there.
-                Outcome::Failed => Ok(Change::Keep(())),
+                (Outcome::Failed, IntentStatus::Dispatched | IntentStatus::Running) => {
+                    Ok(Change::Keep(Report::Fresh))
+                }
+                // The same report again, because its answer was lost (a scheduler died after
+                // recording it): acknowledged, nothing done twice.
+                (Outcome::Started, IntentStatus::Running | IntentStatus::Completed)
+                | (Outcome::Completed, IntentStatus::Completed) => {
+                    Ok(Change::Keep(Report::Repeated))
+                }
+                (_, status) => Err(status),
             }
         })
         .await;
+        if let Ok(Ok((Report::Repeated, _))) = &applied {
+            return Ok(json!({"accepted": true, "task_id": report.task_id, "repeated": true}));
+        }
         let record = match applied {
-            Ok(Ok(((), record))) => record,
+            Ok(Ok((_, record))) => record,
             Ok(Err(status)) => {
                 self.counters.stale_reports.fetch_add(1, Ordering::Relaxed);
                 let n = self
@@ -1516,6 +1569,14 @@ impl Scheduler {
             tracing::debug!(subject, error = %err, "not published");
         }
     }
+}
+
+/// Whether a worker report is new or a repeat of one already recorded.
+enum Report {
+    /// First time: apply its effects.
+    Fresh,
+    /// Already recorded: acknowledge only.
+    Repeated,
 }
 
 /// An assignment ready to be handed to its worker.

@@ -50,11 +50,49 @@ struct Counters {
 
 struct Worker {
     id: String,
+    /// Tasks taken and not yet finished, by task id with their fence.
+    running: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// The last assignments finished, so one sent again is not run twice.
+    finished: std::sync::Mutex<Recent>,
     cfg: WorkerConfig,
     client: Client,
     handlers: Handlers,
     counters: Counters,
     timeout: Duration,
+}
+
+/// The most recent finished assignments (task id, fence), bounded.
+#[derive(Default)]
+struct Recent {
+    order: std::collections::VecDeque<(String, u64)>,
+    set: std::collections::HashSet<(String, u64)>,
+}
+
+impl Recent {
+    const CAPACITY: usize = 4096;
+
+    fn insert(&mut self, key: (String, u64)) {
+        if self.set.insert(key.clone()) {
+            self.order.push_back(key);
+            while self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, key: &(String, u64)) -> bool {
+        self.set.contains(key)
+    }
+}
+
+/// What [`Worker::accept`] decided.
+enum Taken {
+    /// A new task: run it.
+    New(Box<Assignment>),
+    /// Already running (or finished) under this fence: nothing to start.
+    AlreadyRunning,
 }
 
 /// Runs one worker with a generated id (`worker-<8 hex>`) and the built-in handlers.
@@ -78,6 +116,8 @@ pub async fn run_worker(
 ) -> Result<(), WorkerError> {
     let worker = Arc::new(Worker {
         id: worker_id.clone(),
+        running: std::sync::Mutex::new(std::collections::HashMap::new()),
+        finished: std::sync::Mutex::new(Recent::default()),
         cfg: cfg.worker.clone(),
         client: client.clone(),
         handlers,
@@ -115,13 +155,15 @@ pub async fn run_worker(
             request = endpoint.next() => match request { Some(r) => r, None => break },
         };
         match worker.accept(&request.message.payload) {
-            Ok(assignment) => {
-                api::respond(
-                    &request,
-                    Ok::<_, ApiError>(json!({"accepted": true, "worker_id": worker.id})),
-                )
-                .await;
-                work.spawn(worker.clone().execute(assignment));
+            Ok(Taken::New(Box::new(assignment))) => {
+                let accepted = json!({"accepted": true, "worker_id": worker.id});
+                api::respond(&request, Ok::<_, ApiError>(accepted)).await;
+                work.spawn(worker.clone().execute(*assignment));
+            }
+            Ok(Taken::AlreadyRunning) => {
+                let accepted =
+                    json!({"accepted": true, "worker_id": worker.id, "already_running": true});
+                api::respond(&request, Ok::<_, ApiError>(accepted)).await;
             }
             Err(err) => {
                 worker.counters.refused.fetch_add(1, Ordering::Relaxed);
@@ -148,8 +190,9 @@ impl Worker {
                "refused": self.counters.refused.load(Ordering::Relaxed)})
     }
 
-    /// Validates an assignment and takes a slot for it.
-    fn accept(&self, body: &[u8]) -> Result<Assignment, ApiError> {
+    /// Validates an assignment and takes a slot for it; an assignment it already runs (sent
+    /// again by a restarted scheduler) is accepted without running twice.
+    fn accept(&self, body: &[u8]) -> Result<Taken, ApiError> {
         let assignment: Assignment = api::decode(body, "invalid_assignment", MAX_ASSIGNMENT)?;
         if assignment.worker_id != self.id {
             return Err(ApiError::bad_request(
@@ -159,6 +202,17 @@ impl Worker {
                     assignment.worker_id, self.id
                 ),
             ));
+        }
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (assignment.task.task_id.clone(), assignment.fence);
+        if running.get(&key.0) == Some(&key.1)
+            || self
+                .finished
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&key)
+        {
+            return Ok(Taken::AlreadyRunning);
         }
         let taken =
             self.counters
@@ -172,7 +226,8 @@ impl Worker {
                 self.id, self.cfg.capacity
             )));
         }
-        Ok(assignment)
+        running.insert(assignment.task.task_id.clone(), assignment.fence);
+        Ok(Taken::New(Box::new(assignment)))
     }
 
     async fn execute(self: Arc<Self>, assignment: Assignment) {
@@ -198,6 +253,14 @@ impl Worker {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
         }
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&task.task_id);
+        self.finished
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((task.task_id.clone(), fence));
         self.counters.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
