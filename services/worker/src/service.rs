@@ -155,7 +155,7 @@ pub async fn run_worker(
             request = endpoint.next() => match request { Some(r) => r, None => break },
         };
         match worker.accept(&request.message.payload) {
-            Ok(Taken::New(Box::new(assignment))) => {
+            Ok(Taken::New(assignment)) => {
                 let accepted = json!({"accepted": true, "worker_id": worker.id});
                 api::respond(&request, Ok::<_, ApiError>(accepted)).await;
                 work.spawn(worker.clone().execute(*assignment));
