@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 mod mesh;
+mod pipeline;
 
 #[derive(Debug, Parser)]
 #[command(about = "bulwark benchmarks, each next to raw NATS in the same run")]
@@ -35,6 +36,8 @@ enum Bench {
     Governance,
     /// Trigger mesh: raw subscribe-and-parse vs storm guard ingest, breaker trip latency, rules/s.
     Mesh,
+    /// HTM: submit to completed on three workers vs raw JetStream publish-to-consume.
+    Pipeline,
 }
 
 #[tokio::main]
@@ -44,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     match args.bench {
         Bench::Governance => governance(&args).await,
         Bench::Mesh => mesh::run(args.smoke).await,
+        Bench::Pipeline => pipeline::run(args.smoke).await,
     }
 }
 

@@ -1,0 +1,220 @@
+//! `scripts/bench pipeline`: tier 2 intents with the no-op handler, from submission to
+//! completion on three workers, next to raw JetStream publish-to-consume on the same machine in
+//! the same run.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use bulwark_common::subjects;
+use bulwark_tests::{NatsServer, start_governance, start_scheduler, start_worker};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, Semaphore};
+
+/// Runs the pipeline benchmark; `smoke` keeps it to a few seconds.
+pub async fn run(smoke: bool) -> anyhow::Result<()> {
+    let (n, rate, seconds) = if smoke {
+        (1_000u64, 200u64, 1.0)
+    } else {
+        (30_000, 5_000, 5.0)
+    };
+    let server = NatsServer::start();
+    println!(
+        "bench pipeline: nats-server {} (repository nats.conf, file-backed JetStream), 3 workers, no-op handler",
+        server.url()
+    );
+    let client = server.client().await;
+
+    // Raw JetStream: publish (acknowledged) into a work queue and consume with acks.
+    let js = async_nats::jetstream::new(client.clone());
+    let stream = js
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: "BENCH_PIPE".into(),
+            subjects: vec!["bench.pipe".into()],
+            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+            ..Default::default()
+        })
+        .await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("bench".into()),
+            ..Default::default()
+        })
+        .await?;
+    let start = Instant::now();
+    let consume = tokio::spawn(async move {
+        let mut done = 0u64;
+        let mut messages = consumer.messages().await?;
+        while done < n {
+            match messages.next().await {
+                Some(Ok(msg)) => {
+                    msg.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    done += 1;
+                }
+                Some(Err(err)) => bail!("consume failed: {err}"),
+                None => bail!("consumer ended"),
+            }
+        }
+        anyhow::Ok(())
+    });
+    let permits = Arc::new(Semaphore::new(64));
+    let body = json!({"task_id": "x", "payload": {}}).to_string();
+    for _ in 0..n {
+        let permit = permits.clone().acquire_owned().await?;
+        let ack = js.publish("bench.pipe", body.clone().into()).await?;
+        tokio::spawn(async move {
+            let _ = ack.await;
+            drop(permit);
+        });
+    }
+    consume.await??;
+    let raw = n as f64 / start.elapsed().as_secs_f64();
+
+    // bulwark: governance, scheduler, three workers.
+    let mut cfg = server.config();
+    cfg.worker.capacity = 64;
+    cfg.worker.heartbeat_interval_s = 1.0;
+    let _gov = start_governance(cfg.clone()).await;
+    let _sched = start_scheduler(cfg.clone()).await;
+    let mut workers = Vec::new();
+    for i in 0..3 {
+        workers.push(start_worker(cfg.clone(), &format!("bench-w{i}")).await);
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let completed = Completions::watch(&client).await?;
+
+    let start = Instant::now();
+    let permits = Arc::new(Semaphore::new(64));
+    for i in 0..n {
+        let permit = permits.clone().acquire_owned().await?;
+        let client = client.clone();
+        tokio::spawn(async move {
+            let _ = client
+                .request(subjects::INTENT_SUBMIT, intent(&format!("sat-{i}")))
+                .await;
+            drop(permit);
+        });
+    }
+    completed
+        .wait_for("sat-", n, Duration::from_secs(300))
+        .await?;
+    let bulwark = n as f64 / start.elapsed().as_secs_f64();
+
+    println!();
+    println!("saturation, {n} tasks, 64 submissions in flight:");
+    println!(
+        "  {:<48} {:>9.0} msg/s",
+        "raw JetStream publish -> consume -> ack", raw
+    );
+    println!(
+        "  {:<48} {:>9.0} intents/s",
+        "bulwark submit -> decided -> dispatched -> completed", bulwark
+    );
+    println!(
+        "  {:<48} {:>9.2}   (aim: >= 10k intents/s end to end)",
+        "ratio bulwark / raw",
+        bulwark / raw
+    );
+
+    // Latency at a fixed offered rate: submission to the completion event.
+    let total = (rate as f64 * seconds) as u64;
+    let submitted: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let per_tick = (rate / 1000).max(1);
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 * per_tick / rate));
+    let mut sent = 0;
+    let offered_start = Instant::now();
+    while sent < total {
+        ticker.tick().await;
+        for _ in 0..per_tick.min(total - sent) {
+            let id = format!("lat-{sent}");
+            submitted.lock().await.insert(id.clone(), Instant::now());
+            let client = client.clone();
+            tokio::spawn(async move {
+                let _ = client.request(subjects::INTENT_SUBMIT, intent(&id)).await;
+            });
+            sent += 1;
+        }
+    }
+    let achieved = sent as f64 / offered_start.elapsed().as_secs_f64();
+    completed
+        .wait_for("lat-", total, Duration::from_secs(300))
+        .await?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    let done = completed.times.lock().await;
+    for (id, t0) in submitted.lock().await.iter() {
+        if let Some(t1) = done.get(id) {
+            hist.record(t1.saturating_duration_since(*t0).as_micros().max(1) as u64)?;
+        }
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    println!();
+    println!(
+        "latency submit -> completed at {rate}/s offered for {seconds:.0} s ({achieved:.0}/s achieved, {} completed):",
+        hist.len()
+    );
+    println!(
+        "  p50 {:>8.2} ms   p99 {:>8.2} ms   max {:>8.2} ms   (aim: p99 <= 25 ms at 5k/s)",
+        ms(0.5),
+        ms(0.99),
+        hist.max() as f64 / 1000.0
+    );
+    if std::env::var_os("BENCH_TRACE").is_some() {
+        let (st, _) = bulwark_tests::request_json(&client, subjects::INTENT_STATUS, json!({"intent_id": "lat-50"}).to_string()).await;
+        println!("{}", st["history"]);
+    }
+    Ok(())
+}
+
+fn intent(id: &str) -> bytes::Bytes {
+    json!({"intent_id": id, "intent_type": "query_knowledge", "actor": "bench", "payload": {},
+           "mission_context": {"learning_impact": true}})
+    .to_string()
+    .into()
+}
+
+/// Completion times of tasks, from `mesh.task.completed`.
+struct Completions {
+    times: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+impl Completions {
+    async fn watch(client: &async_nats::Client) -> anyhow::Result<Self> {
+        let mut sub = client.subscribe("mesh.task.completed").await?;
+        let times: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let sink = times.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                if let Ok(v) = serde_json::from_slice::<Value>(&msg.payload)
+                    && let Some(id) = v["payload"]["task_id"].as_str()
+                {
+                    sink.lock().await.insert(id.to_owned(), Instant::now());
+                }
+            }
+        });
+        client.flush().await?;
+        Ok(Completions { times })
+    }
+
+    async fn wait_for(&self, prefix: &str, n: u64, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let seen = self
+                .times
+                .lock()
+                .await
+                .keys()
+                .filter(|k| k.starts_with(prefix))
+                .count() as u64;
+            if seen >= n {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("only {seen} of {n} {prefix}* tasks completed within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
