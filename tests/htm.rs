@@ -708,3 +708,32 @@ async fn a_worker_written_in_python_completes_tasks() {
         .expect("status");
     assert!(exit.success(), "python worker exited with {exit}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_tasks_count_as_sla_breaches_in_htm_telemetry() {
+    let h = htm_with(|c| c.scheduler.sla_ms = 100).await;
+    let mut telemetry = collect(&h.client, "telemetry.htm_orchestrator").await;
+    let _sched = start_scheduler(h.cfg.clone()).await;
+    let _w = start_worker(h.cfg.clone(), "slow").await;
+    submit(&h.client, "quick", 5, json!({})).await;
+    submit(&h.client, "sluggish", 5, json!({"work_ms": 300})).await;
+    wait_status(&h.client, "quick", "completed", Duration::from_secs(10)).await;
+    wait_status(&h.client, "sluggish", "completed", Duration::from_secs(10)).await;
+    let figures = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(msg) = telemetry.next().await {
+            let v: Value = serde_json::from_slice(&msg.payload).expect("JSON");
+            if v["sla_breaches"].as_u64() >= Some(1) {
+                return v;
+            }
+        }
+        panic!("telemetry ended");
+    })
+    .await
+    .expect("telemetry counting the slow task's SLA breach");
+    assert_eq!(figures["component"], "htm_orchestrator");
+    assert_eq!(figures["active_workers"], 1);
+    assert_eq!(
+        figures["health_status"], "degraded",
+        "1 worker of the 3 required"
+    );
+}

@@ -582,3 +582,54 @@ async fn a_rule_file_with_errors_stops_the_engine() {
     assert!(err.contains(&format!("{}:1:", file.display())), "{err}");
     assert!(err.contains("field \"nowhere\""), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_named_by_a_throttle_advisory_slows_down_and_loses_nothing() {
+    use bulwark_common::envelope::MeshEvent;
+    use bulwark_common::mesh_publisher::MeshPublisher;
+    let s = stack("").await;
+    let mut cfg = s.config();
+    cfg.mesh.storm_threshold = 50;
+    cfg.mesh.breaker_threshold = 1_000_000;
+    let _guard = start_storm_guard(cfg).await;
+    let publisher = MeshPublisher::new(
+        s.client.clone(),
+        s.js.clone(),
+        "flooder",
+        Duration::from_secs(2),
+    )
+    .await
+    .expect("publisher");
+    let total = 300;
+    for i in 0..total {
+        let event = MeshEvent::root("test.spam", "flooder", json!({"n": i}));
+        publisher.publish(&event).await.expect("stored");
+    }
+    let stats = publisher.stats();
+    let advisories = stats.advisories.load(std::sync::atomic::Ordering::Relaxed);
+    let delayed = stats.delayed.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        advisories >= 1,
+        "the storm guard's advisory named the flooder"
+    );
+    assert!(
+        delayed >= 1,
+        "the publisher held events back after the advisory ({delayed} delayed)"
+    );
+    // Nothing was dropped: every event is stored in the mesh stream.
+    let mesh =
+        s.js.get_stream(bulwark_common::streams::MESH_STREAM)
+            .await
+            .expect("mesh stream");
+    let info = mesh
+        .info_with_subjects("mesh.test.spam")
+        .await
+        .expect("info");
+    let subjects: std::collections::HashMap<String, usize> = info
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
+    assert_eq!(subjects.get("mesh.test.spam").copied(), Some(total));
+}

@@ -6,6 +6,7 @@
 //! - [`envelope`]: the trigger mesh event envelope (CONTRACT section 1) and its normalisation.
 //! - [`htm`]: the worker protocol: heartbeats, assignments, task reports.
 //! - [`intent`]: intents, autonomy tiers, statuses and the durable intent record.
+//! - [`mesh_publisher`]: publishing mesh events durably, honouring throttle advisories.
 //! - [`mesh`]: the mesh consumer (normalise, dead-letter, obey the breaker, pace per type).
 //! - [`narrative`]: 5W1H narratives and the publisher every service explains itself with.
 //! - [`api`]: JSON replies and the NATS micro error convention.
@@ -28,6 +29,7 @@ pub mod intent;
 pub mod kv;
 pub mod logging;
 pub mod mesh;
+pub mod mesh_publisher;
 pub mod micro;
 pub mod narrative;
 pub mod nats_server;
