@@ -161,10 +161,6 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         ms(0.99),
         hist.max() as f64 / 1000.0
     );
-    if std::env::var_os("BENCH_TRACE").is_some() {
-        let (st, _) = bulwark_tests::request_json(&client, subjects::INTENT_STATUS, json!({"intent_id": "lat-50"}).to_string()).await;
-        println!("{}", st["history"]);
-    }
     Ok(())
 }
 
