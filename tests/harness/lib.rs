@@ -372,6 +372,11 @@ pub async fn start_storm_guard(cfg: BulwarkConfig) -> RunningService {
     start_service("storm_guard", cfg, bulwark_storm_guard::run).await
 }
 
+/// Starts the Layer 2 watchdog with `cfg` and waits until it answers `$SRV.INFO`.
+pub async fn start_watchdog(cfg: BulwarkConfig) -> RunningService {
+    start_service("watchdog", cfg, bulwark_watchdog::run).await
+}
+
 /// Starts the event policy engine with `cfg` and waits until it answers `$SRV.INFO`.
 pub async fn start_event_policy(cfg: BulwarkConfig) -> RunningService {
     start_service("event_policy_engine", cfg, bulwark_event_policy::run).await

@@ -69,6 +69,13 @@ pub enum Command {
         #[command(subcommand)]
         action: crate::narratives::AuditAction,
     },
+    /// The watchdog's Layer 2 report as a table; exit 0 when healthy, 1 when degraded, critical
+    /// or the watchdog does not answer.
+    Status {
+        /// Print the raw report (CONTRACT section 5).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 impl Command {
@@ -96,6 +103,8 @@ pub enum ServiceName {
     /// One HTM worker with a generated id (run several for more capacity).
     #[value(name = "htm_worker")]
     HtmWorker,
+    /// The Layer 2 watchdog: health report and alerts from telemetry, pings and readiness.
+    Watchdog,
 }
 
 /// Intent subcommands.

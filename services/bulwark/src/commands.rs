@@ -117,6 +117,7 @@ pub async fn dispatch(
         }
         Command::Narratives(args) => crate::narratives::narratives(&cfg, args).await,
         Command::Audit { action } => crate::narratives::audit(&cfg, action).await,
+        Command::Status { json } => crate::status::status(&cfg, json).await,
     }
 }
 

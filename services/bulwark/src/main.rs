@@ -7,6 +7,7 @@ mod commands;
 mod narratives;
 mod nats_server;
 mod services;
+mod status;
 mod up;
 
 use std::process::ExitCode;

@@ -17,6 +17,7 @@ impl ServiceName {
             ServiceName::EventPolicyEngine => bulwark_event_policy::service::SERVICE_NAME,
             ServiceName::Scheduler => bulwark_scheduler::SERVICE_NAME,
             ServiceName::HtmWorker => bulwark_worker::SERVICE_NAME,
+            ServiceName::Watchdog => bulwark_watchdog::SERVICE_NAME,
         }
     }
 
@@ -37,6 +38,7 @@ impl ServiceName {
             ServiceName::HtmWorker => {
                 "htm.worker.<id>.task, heartbeats on htm.worker.heartbeat.<id>"
             }
+            ServiceName::Watchdog => "watchdog.report; alerts on mesh.layer2.<severity>_alert",
         }
     }
 
@@ -48,6 +50,7 @@ impl ServiceName {
             ServiceName::StormGuard,
             ServiceName::EventPolicyEngine,
             ServiceName::Scheduler,
+            ServiceName::Watchdog,
         ]
     }
 }
@@ -70,6 +73,7 @@ pub async fn run(
         }
         ServiceName::Scheduler => bulwark_scheduler::run(cfg, client.clone(), shutdown).await?,
         ServiceName::HtmWorker => bulwark_worker::run(cfg, client.clone(), shutdown).await?,
+        ServiceName::Watchdog => bulwark_watchdog::run(cfg, client.clone(), shutdown).await?,
     }
     // Push out what is buffered (last narratives, replies) before the connection drops.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;

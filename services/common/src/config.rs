@@ -50,6 +50,8 @@ pub struct BulwarkConfig {
     pub mesh: MeshConfig,
     /// The scheduler: dispatch, worker watchdog, queue guards, shedding, SLA.
     pub scheduler: SchedulerConfig,
+    /// The Layer 2 watchdog: sweeps, heartbeat timeout, re-alerting, dispatch rate.
+    pub watchdog: WatchdogConfig,
     /// HTM workers.
     pub worker: WorkerConfig,
 }
@@ -88,6 +90,7 @@ impl BulwarkConfig {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("governance.voters.names")
+                .with_list_parse_key("watchdog.required_services")
                 .source(Some(env)),
         );
         let cfg: BulwarkConfig = builder.build()?.try_deserialize()?;
@@ -146,6 +149,9 @@ impl BulwarkConfig {
         }
         self.clarity.validate().map_err(ConfigError::Inconsistent)?;
         self.mesh.validate().map_err(ConfigError::Inconsistent)?;
+        self.watchdog
+            .validate()
+            .map_err(ConfigError::Inconsistent)?;
         Ok(())
     }
 }
@@ -432,9 +438,12 @@ pub struct SchedulerConfig {
     /// How long a dispatched task may stay unacknowledged in the queue before JetStream
     /// redelivers it (the scheduler then re-checks it; it never runs twice).
     pub ack_wait_s: f64,
-    /// Time a worker has to accept an assignment before it goes to another worker.
+    /// Time a worker has to confirm an assignment. A refusal or an absent worker moves the task
+    /// on; no answer in time keeps it with the worker (it may have taken it) until the queue
+    /// redelivers it after `ack_wait_s` and the assignment is sent again.
     pub dispatch_timeout_ms: u64,
-    /// Tasks dispatched and not yet reported, at most (JetStream `max_ack_pending`).
+    /// Tasks dispatched and not yet reported, at most, per priority (JetStream
+    /// `max_ack_pending` of each of the ten priority consumers).
     pub max_in_flight: usize,
     /// Scheduler queue depth that raises a warning (seed: 500).
     pub queue_warn: u64,
@@ -666,6 +675,83 @@ impl MeshConfig {
             return Err(format!(
                 "mesh.duplicate_window_s ({}) must exceed mesh.ack_wait_s ({})",
                 self.duplicate_window_s, self.ack_wait_s
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The Layer 2 watchdog (seed: a sweep every 15 s). The HTM queue thresholds it alerts on are
+/// the scheduler's `htm_queue_warn` / `htm_queue_critical` (one figure, one place).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogConfig {
+    /// Seconds between two sweeps: pings, readiness, conditions, alerts (seed: 15).
+    pub check_interval_s: f64,
+    /// A component whose `telemetry.<component>` is older than this many telemetry intervals
+    /// (`telemetry.interval_s`) is presumed dead: its heartbeat is missing (seed: 3).
+    pub heartbeat_timeout_multiple: f64,
+    /// Seconds before an alert whose condition still holds is sent again (never more often).
+    pub realert_interval_s: f64,
+    /// Milliseconds a sweep waits for `$SRV.PING` answers and the `htm.readiness` reply; must be
+    /// shorter than `check_interval_s`.
+    pub ping_timeout_ms: u64,
+    /// Tasks per second the scheduler must at least dispatch while tasks wait (seed: 1).
+    pub min_dispatch_rate: f64,
+    /// Services that must answer `$SRV.PING` (alerted when they do not, even if never seen).
+    /// Any other service is watched once it has been seen.
+    pub required_services: Vec<String>,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        Self {
+            check_interval_s: 15.0,
+            heartbeat_timeout_multiple: 3.0,
+            realert_interval_s: 300.0,
+            ping_timeout_ms: 1_000,
+            min_dispatch_rate: 1.0,
+            required_services: vec![
+                "governance".into(),
+                "scheduler".into(),
+                "storm_guard".into(),
+                "event_policy_engine".into(),
+            ],
+        }
+    }
+}
+
+impl WatchdogConfig {
+    /// Checks ranges and consistency; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("check_interval_s", self.check_interval_s),
+            ("realert_interval_s", self.realert_interval_s),
+        ] {
+            if value.is_nan() || value <= 0.0 || value.is_infinite() {
+                return Err(format!(
+                    "watchdog.{key} must be a positive number, got {value}"
+                ));
+            }
+        }
+        if self.heartbeat_timeout_multiple.is_nan() || self.heartbeat_timeout_multiple < 1.0 {
+            return Err(format!(
+                "watchdog.heartbeat_timeout_multiple must be at least 1, got {}",
+                self.heartbeat_timeout_multiple
+            ));
+        }
+        if self.ping_timeout_ms == 0
+            || self.ping_timeout_ms as f64 >= self.check_interval_s * 1000.0
+        {
+            return Err(format!(
+                "watchdog.ping_timeout_ms must be positive and below watchdog.check_interval_s, got {}",
+                self.ping_timeout_ms
+            ));
+        }
+        if self.min_dispatch_rate.is_nan() || self.min_dispatch_rate < 0.0 {
+            return Err(format!(
+                "watchdog.min_dispatch_rate must be 0 or more, got {}",
+                self.min_dispatch_rate
             ));
         }
         Ok(())

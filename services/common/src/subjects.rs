@@ -166,6 +166,22 @@ pub const SCHEDULER_REPLAY: &str = "scheduler.replay";
 /// HTM and scheduler readiness (request `{}`).
 pub const HTM_READINESS: &str = "htm.readiness";
 
+/// The watchdog's Layer 2 report: request `{}`, reply `{overall_health, all_ready, components}`
+/// (CONTRACT section 5; NATS micro service `watchdog`).
+pub const WATCHDOG_REPORT: &str = "watchdog.report";
+/// The watchdog's own telemetry (overall health, active conditions, alerts sent).
+pub const TELEMETRY_LAYER2: &str = "telemetry.layer2";
+/// Wildcard covering every component's telemetry.
+pub const TELEMETRY_ALL: &str = "telemetry.>";
+/// Prefix of Layer 2 alerts, `mesh.layer2.<severity>_alert` (CONTRACT section 1).
+pub const LAYER2_ALERT_PREFIX: &str = "mesh.layer2";
+
+/// Event type of a Layer 2 alert of `severity` (`warning`, `high`, `critical`):
+/// `layer2.<severity>_alert`, published on `mesh.layer2.<severity>_alert`.
+pub fn layer2_alert_type(severity: &str) -> String {
+    format!("layer2.{}_alert", subject_token(severity))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

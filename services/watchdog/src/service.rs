@@ -1,0 +1,305 @@
+//! The watchdog's I/O around [`crate::health`]: the `telemetry.>` subscription, the sweep
+//! (`$SRV.PING`, `htm.readiness`, rules, alerts), the `watchdog.report` endpoint and the
+//! announcements (`mesh.layer2.<severity>_alert`, narratives, `telemetry.layer2`).
+//!
+//! The state lives behind one mutex that is never held across an await.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use bulwark_common::api::{self, ApiError};
+use bulwark_common::config::BulwarkConfig;
+use bulwark_common::envelope::MeshEvent;
+use bulwark_common::mesh_publisher::{MeshPublisher, PublishError};
+use bulwark_common::micro::{self, EndpointSpec};
+use bulwark_common::narrative::Narrator;
+use bulwark_common::{streams, subjects, telemetry, time};
+
+use crate::health::{Alert, AlertState, Rules, Watch};
+
+/// Name under which the service registers (CONTRACT section 5).
+pub const SERVICE_NAME: &str = "watchdog";
+/// Requests handled at once.
+const MAX_CONCURRENT_REQUESTS: usize = 64;
+/// Time given to in-flight work at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How long a throttle advisory naming the watchdog holds.
+const THROTTLE_FOR: Duration = Duration::from_secs(10);
+
+/// Why the watchdog could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WatchdogError {
+    /// The narrative or mesh stream could not be made ready.
+    #[error(transparent)]
+    Store(#[from] streams::StoreError),
+    /// The mesh publisher could not follow throttle advisories.
+    #[error(transparent)]
+    Publisher(#[from] PublishError),
+    /// Registration with NATS micro or a subscription failed.
+    #[error("{0}")]
+    Register(String),
+}
+
+struct Watchdog {
+    client: Client,
+    watch: Mutex<Watch>,
+    narrator: Narrator,
+    publisher: MeshPublisher,
+    ping_timeout: Duration,
+    /// Alerts that could not be stored on the mesh (logged with their content).
+    alert_failures: std::sync::atomic::AtomicU64,
+}
+
+impl Watchdog {
+    fn lock(&self) -> MutexGuard<'_, Watch> {
+        self.watch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The rules of `cfg`: the `[watchdog]` section, the telemetry interval and the scheduler's HTM
+/// queue thresholds.
+pub fn rules(cfg: &BulwarkConfig) -> Rules {
+    let w = &cfg.watchdog;
+    Rules {
+        heartbeat_timeout: Duration::from_secs_f64(
+            cfg.telemetry.interval_s.max(0.1) * w.heartbeat_timeout_multiple,
+        ),
+        realert_interval: Duration::from_secs_f64(w.realert_interval_s),
+        htm_queue_warn: cfg.scheduler.htm_queue_warn,
+        htm_queue_critical: cfg.scheduler.htm_queue_critical,
+        min_dispatch_rate: w.min_dispatch_rate,
+        required: w.required_services.clone(),
+    }
+}
+
+/// Runs the watchdog until `shutdown` is cancelled.
+pub async fn run(
+    cfg: BulwarkConfig,
+    client: Client,
+    shutdown: CancellationToken,
+) -> Result<(), WatchdogError> {
+    let timeout = Duration::from_millis(cfg.nats.request_timeout_ms);
+    let js = streams::context(client.clone(), timeout);
+    streams::narratives(&js).await?;
+    bulwark_common::mesh::mesh_stream(&js, &cfg.mesh).await?;
+    let publisher =
+        MeshPublisher::new(client.clone(), js.clone(), SERVICE_NAME, THROTTLE_FOR).await?;
+    let watchdog = Arc::new(Watchdog {
+        client: client.clone(),
+        watch: Mutex::new(Watch::new(rules(&cfg), Instant::now())),
+        narrator: Narrator::new(
+            js.clone(),
+            SERVICE_NAME,
+            &format!("{SERVICE_NAME}/{}", std::process::id()),
+        ),
+        publisher,
+        ping_timeout: Duration::from_millis(cfg.watchdog.ping_timeout_ms),
+        alert_failures: Default::default(),
+    });
+
+    let tracker = TaskTracker::new();
+    let telemetry_sub = client
+        .subscribe(subjects::TELEMETRY_ALL)
+        .await
+        .map_err(|e| WatchdogError::Register(format!("telemetry subscription: {e}")))?;
+    tracker.spawn(read_telemetry(
+        watchdog.clone(),
+        telemetry_sub,
+        shutdown.clone(),
+    ));
+    // One sweep before the report is served, so no report speaks before a ping went out.
+    sweep(&watchdog).await;
+    tracker.spawn(sweep_loop(
+        watchdog.clone(),
+        Duration::from_secs_f64(cfg.watchdog.check_interval_s),
+        shutdown.clone(),
+    ));
+
+    let endpoints: [EndpointSpec<()>; 1] = [("report", subjects::WATCHDOG_REPORT, ())];
+    let stats = watchdog.clone();
+    let state = watchdog.clone();
+    let service = micro::register(
+        &client,
+        SERVICE_NAME,
+        "bulwark Layer 2 watchdog: telemetry, pings and readiness into alerts and watchdog.report",
+        move || stats.lock().telemetry(Instant::now()),
+        &endpoints,
+        &tracker,
+        &shutdown,
+        MAX_CONCURRENT_REQUESTS,
+        move |(), request| {
+            let state = state.clone();
+            async move {
+                let report: Result<Value, ApiError> = Ok(state.lock().report(Instant::now()));
+                api::respond(&request, report).await;
+            }
+        },
+    )
+    .await
+    .map_err(WatchdogError::Register)?;
+
+    let figures = watchdog.clone();
+    telemetry::spawn(
+        client.clone(),
+        crate::health::LAYER2,
+        Duration::from_secs_f64(cfg.telemetry.interval_s.max(0.1)),
+        shutdown.clone(),
+        move || {
+            let mut t = figures.lock().telemetry(Instant::now());
+            t["alert_failures"] = json!(
+                figures
+                    .alert_failures
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            );
+            t
+        },
+    );
+    tracing::info!(
+        "watchdog sweeping every {} s; report on {}",
+        cfg.watchdog.check_interval_s,
+        subjects::WATCHDOG_REPORT
+    );
+
+    shutdown.cancelled().await;
+    micro::finish(SERVICE_NAME, service, tracker, SHUTDOWN_GRACE).await;
+    Ok(())
+}
+
+async fn read_telemetry(
+    w: Arc<Watchdog>,
+    mut sub: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            msg = sub.next() => match msg { Some(m) => m, None => break },
+        };
+        let Some(component) = msg
+            .subject
+            .as_str()
+            .strip_prefix(subjects::TELEMETRY_PREFIX)
+            .and_then(|rest| rest.strip_prefix('.'))
+        else {
+            continue;
+        };
+        match serde_json::from_slice::<Value>(&msg.payload) {
+            Ok(figures) => w
+                .lock()
+                .observe_telemetry(component, figures, Instant::now()),
+            Err(err) => {
+                tracing::debug!(subject = %msg.subject, error = %err, "telemetry that is not JSON ignored")
+            }
+        }
+    }
+}
+
+async fn sweep_loop(w: Arc<Watchdog>, every: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        sweep(&w).await;
+    }
+}
+
+/// Pings, asks for readiness, applies the rules and announces the alerts.
+async fn sweep(w: &Watchdog) {
+    let (answering, readiness) = tokio::join!(ping(w), readiness(w));
+    let alerts = w.lock().sweep(&answering, readiness, Instant::now());
+    for alert in alerts {
+        announce(w, &alert).await;
+    }
+}
+
+/// Instances answering `$SRV.PING`, by service name.
+async fn ping(w: &Watchdog) -> BTreeMap<String, usize> {
+    let mut answering = BTreeMap::new();
+    for info in micro::ping_all(&w.client, None, w.ping_timeout).await {
+        if let Some(name) = info["name"].as_str() {
+            *answering.entry(name.to_owned()).or_insert(0) += 1;
+        }
+    }
+    answering
+}
+
+/// The scheduler's `htm.readiness` reply, if it answers in time.
+async fn readiness(w: &Watchdog) -> Option<Value> {
+    let reply = tokio::time::timeout(
+        w.ping_timeout,
+        w.client
+            .request(subjects::HTM_READINESS, "{}".as_bytes().to_vec().into()),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    serde_json::from_slice::<Value>(&reply.payload)
+        .ok()
+        .filter(|v| v.get("error").is_none())
+}
+
+/// Publishes `alert` on `mesh.layer2.<severity>_alert` and narrates it. A recovery goes out on
+/// the subject of the alert it ends (with `state: "recovered"`), so a consumer of one severity
+/// sees the whole lifecycle.
+async fn announce(w: &Watchdog, alert: &Alert) {
+    let c = &alert.condition;
+    let severity = c.severity.as_str();
+    let event_type = subjects::layer2_alert_type(severity);
+    let payload = json!({
+        "component": c.component, "severity": severity, "reason": c.reason,
+        "health": alert.health.as_str(), "condition": c.name, "state": alert.state.as_str(),
+        "held_for_s": (alert.held_for.as_secs_f64() * 10.0).round() / 10.0,
+    });
+    let mut event = MeshEvent::root(&event_type, SERVICE_NAME, payload.clone());
+    event.subsystem = Some("layer2".into());
+    event.resource = Some(format!("component/{}", c.component));
+    let at = time::now();
+    w.lock().note_sent(alert, &at);
+    match alert.state {
+        AlertState::Recovered => {
+            tracing::info!(component = %c.component, condition = c.name, "layer 2 recovered")
+        }
+        _ => {
+            tracing::warn!(component = %c.component, condition = c.name, severity, reason = %c.reason, "layer 2 alert")
+        }
+    }
+    if let Err(err) = w.publisher.publish(&event).await {
+        w.alert_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(error = %err, payload = %payload, "layer 2 alert not stored");
+    }
+    let what = match alert.state {
+        AlertState::Raised => "layer2_alert_raised",
+        AlertState::Repeated => "layer2_alert_repeated",
+        AlertState::Recovered => "layer2_alert_recovered",
+    };
+    let why = match alert.state {
+        AlertState::Recovered => format!(
+            "{} {} cleared after {:.1} s (was {severity}: {})",
+            c.component,
+            c.name,
+            alert.held_for.as_secs_f64(),
+            c.reason
+        ),
+        _ => format!("{} {}: {}", c.component, c.name, c.reason),
+    };
+    let n = w
+        .narrator
+        .narrative(what, "layer 2 watchdog sweep: telemetry, $SRV.PING and htm.readiness against the seed thresholds")
+        .why(why)
+        .why(format!("overall health is now {}", alert.health.as_str()))
+        .context(json!({"event_id": event.event_id, "alert": payload}));
+    w.narrator.publish(n).await;
+}
