@@ -290,3 +290,38 @@ fn path_with_nats_server() -> String {
         .unwrap_or_default();
     format!("{dir}:{}", std::env::var("PATH").unwrap_or_default())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_prints_the_watchdog_report_and_exits_1_unless_healthy() {
+    let server = NatsServer::start();
+    let mut cfg = server.config();
+    cfg.watchdog.check_interval_s = 0.3;
+    cfg.watchdog.ping_timeout_ms = 100;
+    // The watchdog alone: the required services do not answer, so Layer 2 is critical.
+    let _watchdog = bulwark_tests::start_watchdog(cfg).await;
+    let s = Some(&server);
+    let out = bulwark(s, &["status", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = stdout_json(&out);
+    assert_eq!(report["overall_health"], "critical", "{report:#}");
+    assert_eq!(report["all_ready"], false);
+    assert!(report["components"]["scheduler"].is_object(), "{report:#}");
+    let out = bulwark(s, &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.starts_with("Layer 2: CRITICAL, NOT all ready"),
+        "{table}"
+    );
+    assert!(table.contains("heartbeat_missing"), "{table}");
+    assert!(!table.contains('\x1b'), "no colour off a terminal: {table}");
+    // Nothing answers: one line on stderr, exit 1.
+    let out = bulwark(None, &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+}

@@ -356,8 +356,13 @@ impl Watch {
         (now.saturating_duration_since(t.at) <= self.rules.heartbeat_timeout).then_some(&t.figures)
     }
 
+    /// Instances of `name` that answered the last ping; None before the first sweep. A service
+    /// absent from the answers (never seen included) answered with 0.
     fn answering(&self, name: &str) -> Option<usize> {
-        self.views.get(name).and_then(|v| v.instances)
+        if self.sweeps == 0 {
+            return None;
+        }
+        Some(self.views.get(name).and_then(|v| v.instances).unwrap_or(0))
     }
 
     /// Every condition that holds at `now`.
@@ -1018,6 +1023,17 @@ mod tests {
             "required services that never showed up"
         );
         assert!(alerts[3].condition.reason.contains("mesh consumer"));
+    }
+
+    #[test]
+    fn a_required_service_never_seen_is_not_answering() {
+        let t0 = Instant::now();
+        let mut w = Watch::new(rules(), t0);
+        assert_eq!(w.report(t0)["all_ready"], false);
+        w.sweep(&BTreeMap::new(), None, t0 + S);
+        let report = w.report(t0 + S);
+        assert_eq!(report["overall_health"], "critical", "{report:#}");
+        assert_eq!(report["components"][SCHEDULER]["responding"], false);
     }
 
     #[test]
