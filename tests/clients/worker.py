@@ -1,4 +1,4 @@
-"""A foreign HTM worker in Python (nats-py), following docs/worker-protocol.md.
+"""A foreign HTM worker in Python (nats-py), following docs/htm.md (the worker protocol).
 
 Usage: python3 worker.py NATS_URL WORKER_ID TASKS
 Connects as the `worker` identity of nats.conf, heartbeats every 0.2 s, takes assignments on

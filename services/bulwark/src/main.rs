@@ -4,6 +4,7 @@
 
 mod cli;
 mod commands;
+mod metrics;
 mod narratives;
 mod nats_server;
 mod services;

@@ -70,7 +70,8 @@ pub async fn up(
         let token = shutdown.clone();
         running.spawn(async move { (service, services::run(service, cfg, token).await) });
     }
-    let (probe, _) = connect::connect(&cfg.nats, "bulwark-up", Role::Service).await?;
+    let (probe, _probe_stats) = connect::connect(&cfg.nats, "bulwark-up", Role::Service).await?;
+    start_metrics(&cfg, probe.clone(), shutdown.clone()).await;
     let mut all_ready = true;
     for &service in ServiceName::all() {
         if bulwark_common::micro::wait_ready(&probe, service.micro_name(), Duration::from_secs(30))
@@ -241,8 +242,26 @@ fn report(
 pub async fn serve(service: ServiceName, cfg: BulwarkConfig) -> anyhow::Result<ExitCode> {
     let shutdown = bulwark_common::shutdown::on_signal();
     tracing::info!(service = service.micro_name(), url = %cfg.nats.url, "serving");
+    if !cfg.metrics.listen.is_empty() {
+        let (client, _) = connect::connect(&cfg.nats, "bulwark-metrics", Role::Service).await?;
+        start_metrics(&cfg, client, shutdown.clone()).await;
+    }
     services::run(service, cfg, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the `/metrics` endpoint; a port already taken (say, by another `bulwark serve` on this
+/// machine) is reported and skipped, not fatal.
+async fn start_metrics(
+    cfg: &BulwarkConfig,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) {
+    match crate::metrics::serve(&cfg.metrics.listen, client, shutdown).await {
+        Ok(Some(addr)) => println!("  metrics  http://{addr}/metrics"),
+        Ok(None) => {}
+        Err(err) => eprintln!("bulwark: {err:#}; continuing without /metrics (set metrics.listen)"),
+    }
 }
 
 async fn reachable(cfg: &BulwarkConfig) -> bool {

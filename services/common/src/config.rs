@@ -54,6 +54,24 @@ pub struct BulwarkConfig {
     pub watchdog: WatchdogConfig,
     /// HTM workers.
     pub worker: WorkerConfig,
+    /// The Prometheus `/metrics` endpoint of `bulwark up` and `bulwark serve`.
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus `/metrics` endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address to serve `/metrics` on (loopback by default); empty disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
 }
 
 impl BulwarkConfig {

@@ -43,6 +43,24 @@ pub struct ConnectionStats {
     pub disconnects: AtomicU64,
 }
 
+/// Every connection of this process with its counters, for the metrics endpoint.
+static CONNECTIONS: std::sync::Mutex<Vec<(String, std::sync::Weak<ConnectionStats>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn register(name: &str, stats: &Arc<ConnectionStats>) {
+    let mut all = CONNECTIONS.lock().unwrap_or_else(|p| p.into_inner());
+    all.retain(|(_, weak)| weak.strong_count() > 0);
+    all.push((name.to_owned(), Arc::downgrade(stats)));
+}
+
+/// The live connections of this process: `(client name, counters)`.
+pub fn connections() -> Vec<(String, Arc<ConnectionStats>)> {
+    let all = CONNECTIONS.lock().unwrap_or_else(|p| p.into_inner());
+    all.iter()
+        .filter_map(|(name, weak)| weak.upgrade().map(|s| (name.clone(), s)))
+        .collect()
+}
+
 /// Who is connecting: decides the credentials and whether to wait for a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -82,6 +100,7 @@ pub async fn connect(
 ) -> Result<(Client, Arc<ConnectionStats>), ConnectError> {
     let addrs = parse_urls(&cfg.url)?;
     let stats = Arc::new(ConnectionStats::default());
+    register(name, &stats);
     let (user, password) = match role {
         Role::Service => (&cfg.user, &cfg.password),
         Role::Cli => (&cfg.cli_user, &cfg.cli_password),

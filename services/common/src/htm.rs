@@ -1,4 +1,4 @@
-//! The HTM worker protocol (docs/worker-protocol.md): what the scheduler sends a worker, what a
+//! The HTM worker protocol (docs/htm.md (the worker protocol)): what the scheduler sends a worker, what a
 //! worker reports back, and its heartbeat (CONTRACT section 3). Any process that speaks these
 //! JSON messages on these subjects is a worker, whatever its language.
 //!

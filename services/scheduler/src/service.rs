@@ -115,6 +115,8 @@ struct State {
     last_dispatched: u64,
     last_completed: u64,
     last_roll: Instant,
+    /// When `telemetry.scheduler` last measured the dispatch rate.
+    last_dispatch_roll: Instant,
 }
 
 struct Scheduler {
@@ -197,6 +199,7 @@ pub async fn run(
             last_dispatched: 0,
             last_completed: 0,
             last_roll: Instant::now(),
+            last_dispatch_roll: Instant::now(),
         }),
         cfg: sc,
         js,
@@ -834,6 +837,11 @@ impl Scheduler {
                     Ok(Change::Write(Reassigned::To { fence, attempt }))
                 }
                 None => {
+                    // The next dispatch counts one attempt more than this record says: leave
+                    // the count where the next attempt should start (a refusal used none).
+                    if let Some(a) = r.assignment.as_mut() {
+                        a.attempt = attempt - 1;
+                    }
                     r.transition(
                         IntentStatus::Queued,
                         None,
@@ -1476,7 +1484,8 @@ impl Scheduler {
     fn scheduler_telemetry(&self) -> Value {
         let mut st = self.lock();
         let dispatched = self.counters.dispatched.load(Ordering::Relaxed);
-        let elapsed = st.last_roll.elapsed().as_secs_f64().max(0.001);
+        let elapsed = st.last_dispatch_roll.elapsed().as_secs_f64().max(0.001);
+        st.last_dispatch_roll = Instant::now();
         let rate = (dispatched - st.last_dispatched) as f64 / elapsed;
         st.last_dispatched = dispatched;
         let health = match st.scheduler_guard.level() {

@@ -1,6 +1,6 @@
 //! An HTM worker: takes assignments from the scheduler, runs them through its handlers, and
 //! reports the outcome under the assignment's fencing token (the protocol is in
-//! [`bulwark_common::htm`] and docs/worker-protocol.md, so a worker in any language can join).
+//! [`bulwark_common::htm`] and docs/htm.md (the worker protocol), so a worker in any language can join).
 //!
 //! # Subjects
 //! Consumes: `htm.worker.<worker_id>.task` (NATS micro service `htm_worker`, endpoint `task`).

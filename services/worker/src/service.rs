@@ -87,6 +87,17 @@ impl Recent {
     }
 }
 
+/// How a report ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reported {
+    /// The scheduler recorded it.
+    Accepted,
+    /// The scheduler refused it (stale assignment, unknown task): the task is not ours.
+    Refused,
+    /// Nobody answered within `report_retry_s`.
+    GaveUp,
+}
+
 /// What [`Worker::accept`] decided.
 enum Taken {
     /// A new task: run it.
@@ -232,19 +243,19 @@ impl Worker {
 
     async fn execute(self: Arc<Self>, assignment: Assignment) {
         let Assignment { task, fence, .. } = assignment;
-        if self
+        let mut last = self
             .report(&task.task_id, fence, Outcome::Started, None, None, true)
-            .await
-        {
+            .await;
+        if last == Reported::Accepted {
             let (outcome, result, error, retryable) = match self.handlers.run(&self.id, &task).await
             {
                 Ok(result) => (Outcome::Completed, Some(result), None, true),
                 Err(err) => (Outcome::Failed, None, Some(err.message), err.retryable),
             };
-            if self
+            last = self
                 .report(&task.task_id, fence, outcome, result, error, retryable)
-                .await
-            {
+                .await;
+            if last == Reported::Accepted {
                 let counter = if outcome == Outcome::Completed {
                     &self.counters.completed
                 } else {
@@ -257,15 +268,18 @@ impl Worker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&task.task_id);
-        self.finished
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert((task.task_id.clone(), fence));
+        // Remembered as finished unless the scheduler never heard of it: then the assignment,
+        // sent again when the queue redelivers the task, runs again and reports.
+        if last != Reported::GaveUp {
+            self.finished
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((task.task_id.clone(), fence));
+        }
         self.counters.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Sends a report until the scheduler answers (or `report_retry_s` passes). False when the
-    /// task must be dropped: its assignment is stale, or nobody took the report.
+    /// Sends a report until the scheduler answers or `report_retry_s` passes.
     async fn report(
         &self,
         task_id: &str,
@@ -274,7 +288,7 @@ impl Worker {
         result: Option<Value>,
         error: Option<String>,
         retryable: bool,
-    ) -> bool {
+    ) -> Reported {
         let report = TaskReport {
             task_id: task_id.to_owned(),
             worker_id: self.id.clone(),
@@ -300,19 +314,19 @@ impl Worker {
                     .and_then(|h| h.get(api::SERVICE_ERROR_CODE))
                     .map(|v| v.to_string());
                 match code.as_deref() {
-                    None => return true,
+                    None => return Reported::Accepted,
                     Some("409") | Some("404") | Some("400") => {
                         self.counters.dropped_stale.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(worker = %self.id, task_id, fence, "report refused ({}); task dropped",
                             String::from_utf8_lossy(&reply.payload));
-                        return false;
+                        return Reported::Refused;
                     }
                     Some(_) => {}
                 }
             }
             if Instant::now() > deadline {
-                tracing::warn!(worker = %self.id, task_id, ?outcome, "scheduler did not take the report; the task will be reassigned");
-                return false;
+                tracing::warn!(worker = %self.id, task_id, ?outcome, "scheduler did not take the report; the task runs again when its assignment is resent");
+                return Reported::GaveUp;
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
