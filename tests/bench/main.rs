@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
+mod clarity;
 mod mesh;
 mod pipeline;
 
@@ -38,6 +39,8 @@ enum Bench {
     Mesh,
     /// HTM: submit to completed on three workers vs raw JetStream publish-to-consume.
     Pipeline,
+    /// Clarity: narratives chained per second vs raw JetStream publish; verify time.
+    Clarity,
 }
 
 #[tokio::main]
@@ -48,6 +51,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Governance => governance(&args).await,
         Bench::Mesh => mesh::run(args.smoke).await,
         Bench::Pipeline => pipeline::run(args.smoke).await,
+        Bench::Clarity => clarity::run(args.smoke).await,
     }
 }
 
