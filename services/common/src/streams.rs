@@ -87,36 +87,75 @@ pub async fn bucket(
     }
 }
 
-/// Creates the task queue stream when missing.
-pub async fn tasks(js: &jetstream::Context) -> Result<stream::Stream, StoreError> {
-    js.get_or_create_stream(stream::Config {
-        name: TASKS_STREAM.to_owned(),
-        description: Some("bulwark task queue: approved intents waiting for a worker".into()),
-        subjects: vec![subjects::TASK_QUEUE_ALL.to_owned()],
-        retention: stream::RetentionPolicy::WorkQueue,
+/// What distinguishes one of bulwark's streams; everything else (file storage, one replica) is
+/// the same for all of them.
+struct Spec {
+    name: &'static str,
+    description: &'static str,
+    subject: &'static str,
+    retention: stream::RetentionPolicy,
+    /// Zero keeps messages until retention removes them otherwise.
+    max_age: Duration,
+    duplicate_window: Duration,
+}
+
+/// Creates the stream of `spec` when missing, and brings its age limit and duplicate window up
+/// to date when the configuration changed them.
+async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, StoreError> {
+    let config = stream::Config {
+        name: spec.name.to_owned(),
+        description: Some(spec.description.to_owned()),
+        subjects: vec![spec.subject.to_owned()],
+        retention: spec.retention,
         storage: stream::StorageType::File,
-        duplicate_window: Duration::from_secs(120),
+        max_age: spec.max_age,
+        duplicate_window: spec.duplicate_window,
         num_replicas: 1,
         ..Default::default()
-    })
+    };
+    let stream = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|e| store_error(spec.name, e))?;
+    let current = &stream.cached_info().config;
+    if current.max_age != spec.max_age || current.duplicate_window != spec.duplicate_window {
+        js.update_stream(config)
+            .await
+            .map_err(|e| store_error(spec.name, e))?;
+    }
+    Ok(stream)
+}
+
+/// Creates the task queue stream when missing.
+pub async fn tasks(js: &jetstream::Context) -> Result<stream::Stream, StoreError> {
+    ensure(
+        js,
+        Spec {
+            name: TASKS_STREAM,
+            description: "bulwark task queue: approved intents waiting for a worker",
+            subject: subjects::TASK_QUEUE_ALL,
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_age: Duration::ZERO,
+            duplicate_window: Duration::from_secs(120),
+        },
+    )
     .await
-    .map_err(|e| store_error(TASKS_STREAM, e))
 }
 
 /// Creates the narrative stream when missing.
 pub async fn narratives(js: &jetstream::Context) -> Result<stream::Stream, StoreError> {
-    js.get_or_create_stream(stream::Config {
-        name: NARRATIVES_STREAM.to_owned(),
-        description: Some("bulwark 5W1H narratives, in order".into()),
-        subjects: vec![subjects::NARRATIVE_ALL.to_owned()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        duplicate_window: Duration::from_secs(120),
-        num_replicas: 1,
-        ..Default::default()
-    })
+    ensure(
+        js,
+        Spec {
+            name: NARRATIVES_STREAM,
+            description: "bulwark 5W1H narratives, in order",
+            subject: subjects::NARRATIVE_ALL,
+            retention: stream::RetentionPolicy::Limits,
+            max_age: Duration::ZERO,
+            duplicate_window: Duration::from_secs(120),
+        },
+    )
     .await
-    .map_err(|e| store_error(NARRATIVES_STREAM, e))
 }
 
 /// Stream of clarity's hash-chained audit records.
@@ -131,28 +170,18 @@ pub async fn audit(
     max_age: Duration,
     duplicate_window: Duration,
 ) -> Result<stream::Stream, StoreError> {
-    let config = stream::Config {
-        name: AUDIT_STREAM.to_owned(),
-        description: Some("bulwark clarity audit: every narrative, hash-chained, in order".into()),
-        subjects: vec![subjects::CLARITY_AUDIT.to_owned()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        max_age,
-        duplicate_window,
-        num_replicas: 1,
-        ..Default::default()
-    };
-    let stream = js
-        .get_or_create_stream(config.clone())
-        .await
-        .map_err(|e| store_error(AUDIT_STREAM, e))?;
-    let current = &stream.cached_info().config;
-    if current.max_age != max_age || current.duplicate_window != duplicate_window {
-        js.update_stream(config)
-            .await
-            .map_err(|e| store_error(AUDIT_STREAM, e))?;
-    }
-    Ok(stream)
+    ensure(
+        js,
+        Spec {
+            name: AUDIT_STREAM,
+            description: "bulwark clarity audit: every narrative, hash-chained, in order",
+            subject: subjects::CLARITY_AUDIT,
+            retention: stream::RetentionPolicy::Limits,
+            max_age,
+            duplicate_window,
+        },
+    )
+    .await
 }
 
 /// Stream of parked (shed) tasks, replayable into the queue.
@@ -162,34 +191,34 @@ pub const TASKS_DEAD_STREAM: &str = "BULWARK_TASKS_DEAD";
 
 /// Creates the parked-task stream (a work queue: replay removes what it brings back).
 pub async fn tasks_parked(js: &jetstream::Context) -> Result<stream::Stream, StoreError> {
-    js.get_or_create_stream(stream::Config {
-        name: TASKS_PARKED_STREAM.to_owned(),
-        description: Some("bulwark shed tasks, parked until replayed".into()),
-        subjects: vec![subjects::TASK_PARKED_ALL.to_owned()],
-        retention: stream::RetentionPolicy::WorkQueue,
-        storage: stream::StorageType::File,
-        num_replicas: 1,
-        ..Default::default()
-    })
+    ensure(
+        js,
+        Spec {
+            name: TASKS_PARKED_STREAM,
+            description: "bulwark shed tasks, parked until replayed",
+            subject: subjects::TASK_PARKED_ALL,
+            retention: stream::RetentionPolicy::WorkQueue,
+            max_age: Duration::ZERO,
+            duplicate_window: Duration::from_secs(120),
+        },
+    )
     .await
-    .map_err(|e| store_error(TASKS_PARKED_STREAM, e))
 }
 
 /// Creates the dead-task stream (kept until an operator removes them).
 pub async fn tasks_dead(js: &jetstream::Context) -> Result<stream::Stream, StoreError> {
-    js.get_or_create_stream(stream::Config {
-        name: TASKS_DEAD_STREAM.to_owned(),
-        description: Some(
-            "bulwark tasks that failed after their last attempt, with history".into(),
-        ),
-        subjects: vec![subjects::TASK_DEAD.to_owned()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        num_replicas: 1,
-        ..Default::default()
-    })
+    ensure(
+        js,
+        Spec {
+            name: TASKS_DEAD_STREAM,
+            description: "bulwark tasks that failed after their last attempt, with history",
+            subject: subjects::TASK_DEAD,
+            retention: stream::RetentionPolicy::Limits,
+            max_age: Duration::ZERO,
+            duplicate_window: Duration::from_secs(120),
+        },
+    )
     .await
-    .map_err(|e| store_error(TASKS_DEAD_STREAM, e))
 }
 
 /// Stream capturing every trigger mesh event, `mesh.>`.
@@ -206,26 +235,16 @@ pub async fn mesh(
     max_age: Duration,
     duplicate_window: Duration,
 ) -> Result<stream::Stream, StoreError> {
-    let config = stream::Config {
-        name: MESH_STREAM.to_owned(),
-        description: Some("bulwark trigger mesh: every mesh.> event, in order".into()),
-        subjects: vec![subjects::MESH_ALL.to_owned()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        max_age,
-        duplicate_window,
-        num_replicas: 1,
-        ..Default::default()
-    };
-    let stream = js
-        .get_or_create_stream(config.clone())
-        .await
-        .map_err(|e| store_error(MESH_STREAM, e))?;
-    let current = &stream.cached_info().config;
-    if current.max_age != max_age || current.duplicate_window != duplicate_window {
-        js.update_stream(config)
-            .await
-            .map_err(|e| store_error(MESH_STREAM, e))?;
-    }
-    Ok(stream)
+    ensure(
+        js,
+        Spec {
+            name: MESH_STREAM,
+            description: "bulwark trigger mesh: every mesh.> event, in order",
+            subject: subjects::MESH_ALL,
+            retention: stream::RetentionPolicy::Limits,
+            max_age,
+            duplicate_window,
+        },
+    )
+    .await
 }

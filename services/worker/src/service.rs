@@ -252,6 +252,9 @@ impl Worker {
                 Ok(result) => (Outcome::Completed, Some(result), None, true),
                 Err(err) => (Outcome::Failed, None, Some(err.message), err.retryable),
             };
+            // The work is done: free the slot before reporting, so the scheduler (which frees
+            // its count when it records the report) never finds this worker still full.
+            self.counters.in_flight.fetch_sub(1, Ordering::AcqRel);
             last = self
                 .report(&task.task_id, fence, outcome, result, error, retryable)
                 .await;
@@ -263,6 +266,8 @@ impl Worker {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
+        } else {
+            self.counters.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         self.running
             .lock()
@@ -276,7 +281,6 @@ impl Worker {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert((task.task_id.clone(), fence));
         }
-        self.counters.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Sends a report until the scheduler answers or `report_retry_s` passes.
