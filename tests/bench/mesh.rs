@@ -28,13 +28,15 @@ fn sample(i: u64) -> bytes::Bytes {
 }
 
 /// Publishes `n` events on `subject` in chunks, waiting after each until `seen()` caught up
-/// (within one chunk); returns events per second from first publish to last seen.
+/// (within one chunk); returns events per second from first publish to last seen, and how many
+/// were never seen (core NATS drops events for a subscriber that falls behind; a benchmark
+/// reports that instead of failing on it).
 async fn sustained<F, Fut>(
     client: &async_nats::Client,
     subject: &str,
     n: u64,
     seen: F,
-) -> anyhow::Result<f64>
+) -> anyhow::Result<(f64, u64)>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = u64>,
@@ -48,22 +50,35 @@ where
             sent += 1;
         }
         client.flush().await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while seen().await - base + CHUNK < sent {
-            if Instant::now() > deadline {
-                bail!("reader fell behind: {} of {sent}", seen().await - base);
-            }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while seen().await - base + CHUNK < sent && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen().await - base < n {
-        if Instant::now() > deadline {
-            bail!("reader lost events: {} of {n}", seen().await - base);
-        }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = seen().await - base;
+    let mut last_change = Instant::now();
+    while last < n && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_micros(200)).await;
+        let now_seen = seen().await - base;
+        if now_seen != last {
+            last = now_seen;
+            last_change = Instant::now();
+        }
     }
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    let received = last.min(n);
+    let end = if received < n {
+        last_change
+    } else {
+        Instant::now()
+    };
+    if received == 0 {
+        bail!("nothing of {n} events was seen on {subject}");
+    }
+    Ok((
+        received as f64 / end.duration_since(start).as_secs_f64(),
+        n - received,
+    ))
 }
 
 async fn stat(client: &async_nats::Client, service: &str, key: &str) -> u64 {
@@ -101,7 +116,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
             }
         }
     });
-    let raw = sustained(&client, "mesh.bench.load", events, || {
+    let (raw, raw_lost) = sustained(&client, "mesh.bench.load", events, || {
         let c = raw_seen.clone();
         async move { c.load(Ordering::Relaxed) }
     })
@@ -113,7 +128,7 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     ingest_cfg.mesh.storm_threshold = u64::MAX / 4;
     ingest_cfg.mesh.breaker_threshold = u64::MAX / 4;
     let guard = start_storm_guard(ingest_cfg).await;
-    let guard_rate = sustained(&client, "mesh.bench.load", events, || {
+    let (guard_rate, guard_lost) = sustained(&client, "mesh.bench.load", events, || {
         stat(&client, "storm_guard", "events_seen")
     })
     .await?;
@@ -210,11 +225,11 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
     println!();
     println!("mesh ingest, {events} events of ~250 bytes each:");
     println!(
-        "  {:<48} {:>10.0} events/s",
+        "  {:<48} {:>10.0} events/s   ({raw_lost} not seen)",
         "raw core NATS subscribe-and-parse", raw
     );
     println!(
-        "  {:<48} {:>10.0} events/s",
+        "  {:<48} {:>10.0} events/s   ({guard_lost} not seen)",
         "storm guard sustained ingest", guard_rate
     );
     println!(
