@@ -737,3 +737,102 @@ async fn slow_tasks_count_as_sla_breaches_in_htm_telemetry() {
         "1 worker of the 3 required"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_respawns_a_crashed_worker_but_a_hung_one_waits_for_a_respawn_request() {
+    let htm = htm_with(|cfg| cfg.worker.respawn_delay_s = 0.2).await;
+    let _scheduler = start_scheduler(htm.cfg.clone()).await;
+    let _pool = start_pool(htm.cfg.clone(), &["p-1", "p-2", "p-3"]).await;
+    let healthy = |n: u64| {
+        let client = htm.client.clone();
+        move || {
+            let client = client.clone();
+            async move { (readiness(&client).await["healthy_workers"] == n).then_some(()) }
+        }
+    };
+    eventually(Duration::from_secs(20), "3 healthy workers", healthy(3)).await;
+
+    // Bad requests are answered, not ignored.
+    let (reply, code) = request_json(
+        &htm.client,
+        subjects::POOL_KILL,
+        r#"{"worker_id": "p-1", "mode": "explode"}"#,
+    )
+    .await;
+    assert_eq!(code.as_deref(), Some("400"), "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("explode"),
+        "{reply}"
+    );
+    let (reply, code) = request_json(
+        &htm.client,
+        subjects::POOL_KILL,
+        r#"{"worker_id": "nobody", "mode": "crash"}"#,
+    )
+    .await;
+    assert_eq!(code.as_deref(), Some("404"), "{reply}");
+
+    // A crash: the supervisor brings the worker back by itself.
+    let (reply, code) = request_json(
+        &htm.client,
+        subjects::POOL_KILL,
+        r#"{"worker_id": "p-1", "mode": "crash"}"#,
+    )
+    .await;
+    assert_eq!(code, None, "{reply}");
+    eventually(
+        Duration::from_secs(20),
+        "p-1 respawned by the supervisor",
+        || {
+            let client = htm.client.clone();
+            async move {
+                let (status, _) = request_json(&client, subjects::POOL_STATUS, "{}").await;
+                let p1 = status["workers"]
+                    .as_array()?
+                    .iter()
+                    .find(|w| w["worker_id"] == "p-1")?
+                    .clone();
+                (p1["state"] == "running" && p1["restarts"] == 1).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // A hang: the scheduler declares it dead, the pool leaves it dead.
+    let (reply, code) = request_json(
+        &htm.client,
+        subjects::POOL_KILL,
+        r#"{"worker_id": "p-2", "mode": "hang"}"#,
+    )
+    .await;
+    assert_eq!(code, None, "{reply}");
+    eventually(Duration::from_secs(20), "p-2 declared dead", healthy(2)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (status, _) = request_json(&htm.client, subjects::POOL_STATUS, "{}").await;
+    assert_eq!(status["running"], 2, "{status}");
+    assert_eq!(readiness(&htm.client).await["healthy_workers"], 2);
+
+    // A respawn request brings every dead worker back.
+    let (reply, code) = request_json(&htm.client, subjects::POOL_RESPAWN, "{}").await;
+    assert_eq!(code, None, "{reply}");
+    assert_eq!(reply["respawned"], json!(["p-2"]), "{reply}");
+    eventually(
+        Duration::from_secs(20),
+        "3 healthy workers again",
+        healthy(3),
+    )
+    .await;
+
+    // And the pool's work really runs on them.
+    submit(&htm.client, "pool-task", 5, json!({})).await;
+    wait_status(
+        &htm.client,
+        "pool-task",
+        "completed",
+        Duration::from_secs(30),
+    )
+    .await;
+}

@@ -419,6 +419,42 @@ pub async fn start_worker(cfg: BulwarkConfig, worker_id: &str) -> RunningService
     running
 }
 
+/// Starts a worker pool (`htm_pool`) running the workers `ids`, and waits until the pool serves
+/// its endpoints and every worker heartbeats at the scheduler (when one runs) or serves its task
+/// subject.
+pub async fn start_pool(cfg: BulwarkConfig, ids: &[&str]) -> RunningService {
+    let probe = probe_client(&cfg).await;
+    let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
+    let subjects: Vec<String> = ids
+        .iter()
+        .map(|id| bulwark_common::subjects::worker_task(id))
+        .collect();
+    let running = start_service("htm_pool", cfg, move |cfg, client, token| {
+        bulwark_worker::pool::run_pool(cfg, client, token, ids)
+    })
+    .await;
+    for subject in subjects {
+        eventually(
+            Duration::from_secs(20),
+            "a pool worker's task endpoint",
+            || {
+                let probe = probe.clone();
+                let subject = subject.clone();
+                async move {
+                    let reply = tokio::time::timeout(
+                        Duration::from_millis(500),
+                        probe.request(subject, "".into()),
+                    )
+                    .await;
+                    matches!(reply, Ok(Ok(_))).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+    running
+}
+
 /// Sends a JSON request and returns the reply's JSON and its micro error code header, if any.
 pub async fn request_json(
     client: &async_nats::Client,

@@ -103,6 +103,9 @@ pub enum ServiceName {
     /// One HTM worker with a generated id (run several for more capacity).
     #[value(name = "htm_worker")]
     HtmWorker,
+    /// A pool of `worker.count` HTM workers under a supervisor that respawns them.
+    #[value(name = "htm_pool")]
+    HtmPool,
     /// The Layer 2 watchdog: health report and alerts from telemetry, pings and readiness.
     Watchdog,
 }

@@ -17,6 +17,7 @@ impl ServiceName {
             ServiceName::EventPolicyEngine => bulwark_event_policy::service::SERVICE_NAME,
             ServiceName::Scheduler => bulwark_scheduler::SERVICE_NAME,
             ServiceName::HtmWorker => bulwark_worker::SERVICE_NAME,
+            ServiceName::HtmPool => bulwark_worker::pool::SERVICE_NAME,
             ServiceName::Watchdog => bulwark_watchdog::SERVICE_NAME,
         }
     }
@@ -37,6 +38,9 @@ impl ServiceName {
             }
             ServiceName::HtmWorker => {
                 "htm.worker.<id>.task, heartbeats on htm.worker.heartbeat.<id>"
+            }
+            ServiceName::HtmPool => {
+                "htm.pool.status|kill|respawn; keeps worker.count workers alive"
             }
             ServiceName::Watchdog => "watchdog.report; alerts on mesh.layer2.<severity>_alert",
         }
@@ -73,6 +77,14 @@ pub async fn run(
         }
         ServiceName::Scheduler => bulwark_scheduler::run(cfg, client.clone(), shutdown).await?,
         ServiceName::HtmWorker => bulwark_worker::run(cfg, client.clone(), shutdown).await?,
+        ServiceName::HtmPool => {
+            // Ids unique per process, so pools on several machines do not collide.
+            let prefix = &bulwark_common::ids::new_id().replace('-', "")[24..];
+            let ids = (1..=cfg.worker.count)
+                .map(|i| format!("pool-{prefix}-w{i}"))
+                .collect();
+            bulwark_worker::pool::run_pool(cfg, client.clone(), shutdown, ids).await?
+        }
         ServiceName::Watchdog => bulwark_watchdog::run(cfg, client.clone(), shutdown).await?,
     }
     // Push out what is buffered (last narratives, replies) before the connection drops.

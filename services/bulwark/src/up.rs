@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bulwark_common::BulwarkConfig;
-use bulwark_common::Narrator;
 use bulwark_common::connect::{self, Role};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -91,25 +90,17 @@ pub async fn up(
             );
         }
     }
-    // Workers, each under a supervisor that respawns it when it dies.
+    // Workers, in the pool that respawns them when they die (NATS micro service `htm_pool`).
     let worker_count = workers.unwrap_or(cfg.worker.count);
-    let narrator = Narrator::new(
-        bulwark_common::streams::context(
-            probe.clone(),
-            Duration::from_millis(cfg.nats.request_timeout_ms),
-        ),
-        "supervisor",
-        &format!("bulwark-up/{}", std::process::id()),
-    );
-    let mut supervisors = JoinSet::new();
-    for i in 1..=worker_count {
-        supervisors.spawn(supervise_worker(
-            cfg.clone(),
-            format!("worker-{i}"),
-            shutdown.clone(),
-            narrator.clone(),
-        ));
-    }
+    let pool_ids: Vec<String> = (1..=worker_count).map(|i| format!("worker-{i}")).collect();
+    let pool = {
+        let (client, _) = connect::connect(&cfg.nats, "htm_pool", Role::Service).await?;
+        let pool_cfg = cfg.clone();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            bulwark_worker::pool::run_pool(pool_cfg, client, token, pool_ids).await
+        })
+    };
     if worker_count > 0 {
         let seen = wait_for_workers(&probe, worker_count).await;
         println!(
@@ -133,7 +124,11 @@ pub async fn up(
         }
     }
     println!("bulwark: stopping");
-    while supervisors.join_next().await.is_some() {}
+    match pool.await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => eprintln!("bulwark: worker pool: {err}"),
+        Err(err) => eprintln!("bulwark: worker pool crashed: {err}"),
+    }
     let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
         while let Some(done) = running.join_next().await {
             report(done, &mut failed);
@@ -154,48 +149,6 @@ pub async fn up(
     } else {
         ExitCode::SUCCESS
     })
-}
-
-/// Runs worker `id` until `shutdown`, respawning it (with a narrative) whenever it ends early.
-async fn supervise_worker(
-    cfg: BulwarkConfig,
-    id: String,
-    shutdown: CancellationToken,
-    narrator: Narrator,
-) {
-    let mut restarts = 0u64;
-    loop {
-        let run_cfg = cfg.clone();
-        let run_id = id.clone();
-        let token = shutdown.clone();
-        let ended = tokio::spawn(async move {
-            let (client, _) = connect::connect(&run_cfg.nats, &run_id, Role::Service).await?;
-            let handlers = bulwark_worker::Handlers::builtin(run_cfg.worker.max_work_ms);
-            bulwark_worker::run_worker(run_cfg, client, token, run_id, handlers).await?;
-            anyhow::Ok(())
-        })
-        .await;
-        if shutdown.is_cancelled() {
-            break;
-        }
-        let why = match ended {
-            Ok(Ok(())) => "it stopped by itself".to_owned(),
-            Ok(Err(err)) => format!("it failed: {err:#}"),
-            Err(err) => format!("it crashed: {err}"),
-        };
-        restarts += 1;
-        eprintln!("bulwark: {id} ended ({why}); respawning");
-        let n = narrator
-            .narrative("worker_respawned", "bulwark up supervisor")
-            .why(format!("{id} ended: {why}"))
-            .why(format!("respawned after 1 s (restart {restarts})"))
-            .context(serde_json::json!({"worker_id": id, "restarts": restarts}));
-        narrator.publish(n).await;
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-    }
 }
 
 /// Waits up to 30 s for `count` workers to heartbeat; returns how many did.

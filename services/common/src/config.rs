@@ -550,6 +550,8 @@ pub struct WorkerConfig {
     pub max_work_ms: u64,
     /// How long a worker keeps retrying a report the scheduler does not answer.
     pub report_retry_s: f64,
+    /// Seconds the pool waits before respawning a worker that ended.
+    pub respawn_delay_s: f64,
 }
 
 impl Default for WorkerConfig {
@@ -560,6 +562,7 @@ impl Default for WorkerConfig {
             heartbeat_interval_s: 10.0,
             max_work_ms: 600_000,
             report_retry_s: 120.0,
+            respawn_delay_s: 1.0,
         }
     }
 }
@@ -575,6 +578,9 @@ impl WorkerConfig {
             || self.report_retry_s <= 0.0
         {
             return Err("worker.heartbeat_interval_s and report_retry_s must be positive".into());
+        }
+        if self.respawn_delay_s.is_nan() || self.respawn_delay_s < 0.0 {
+            return Err("worker.respawn_delay_s must be 0 or more".into());
         }
         Ok(())
     }

@@ -182,6 +182,35 @@ pub fn layer2_alert_type(severity: &str) -> String {
     format!("layer2.{}_alert", subject_token(severity))
 }
 
+/// Worker pool: the workers and their states (request `{}`; NATS micro service `htm_pool`).
+pub const POOL_STATUS: &str = "htm.pool.status";
+/// Worker pool: kill a worker, `{"worker_id", "mode": "crash"|"hang"}` (fault injection).
+pub const POOL_KILL: &str = "htm.pool.kill";
+/// Worker pool: respawn a worker, `{"worker_id"?}` (every dead one when absent).
+pub const POOL_RESPAWN: &str = "htm.pool.respawn";
+
+/// Storm guard: open the breaker by hand, `{"reason", "cooldown_s"?}`.
+pub const STORM_GUARD_BREAKER_OPEN: &str = "storm_guard.breaker.open";
+/// Storm guard: close the breaker by hand, `{"reason"}`.
+pub const STORM_GUARD_BREAKER_CLOSE: &str = "storm_guard.breaker.close";
+/// Storm guard: limit one event type's delivery rate, `{"event_type", "limit_per_second", "for_s"}`.
+pub const STORM_GUARD_LIMIT: &str = "storm_guard.limit";
+/// Storm guard: throttle one publisher, `{"source", "event_type"?, "limit_per_second", "for_s"}`.
+pub const STORM_GUARD_THROTTLE: &str = "storm_guard.throttle";
+/// Storm guard: event rates by type and by source over the storm window (request `{}`).
+pub const STORM_GUARD_RATES: &str = "storm_guard.rates";
+
+/// Playbooks: start a run by hand, `{"playbook", "params"?, "dry_run"?}` (NATS micro service
+/// `playbooks`).
+pub const PLAYBOOK_RUN: &str = "playbook.run";
+/// Playbooks: every loaded playbook with its metadata and last run (request `{}`).
+pub const PLAYBOOK_LIST: &str = "playbook.list";
+/// Playbooks: compile every file again and report the errors (request `{}`).
+pub const PLAYBOOK_CHECK: &str = "playbook.check";
+/// Prefix of playbook run events, `mesh.playbook.started|step|completed|failed` (CONTRACT
+/// section 1).
+pub const PLAYBOOK_EVENT_PREFIX: &str = "playbook";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,8 +13,11 @@
 //! # Modules
 //! - [`handlers`]: the handler trait and the built-in simulated work for the seed's types.
 //! - [`service`]: the assignment endpoint, execution, reports and heartbeats.
+//! - [`pool`]: the supervisor keeping `worker.count` workers alive (`htm_pool`: status, kill,
+//!   respawn).
 
 pub mod handlers;
+pub mod pool;
 pub mod service;
 
 pub use handlers::{Handler, HandlerError, Handlers};
