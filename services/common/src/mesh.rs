@@ -13,14 +13,16 @@
 //! - **honours the breaker** (KV bucket `bulwark_breaker`, watched): while it is open the main
 //!   consumer fetches nothing, so non-critical events stay stored and are processed in stream
 //!   order once it closes; half-open it processes at most `mesh.half_open_probe` of them;
-//! - **paces each event type** to `mesh.storm_threshold` per second with GCRA ([`Pacer`]): an
-//!   event over the rate is not dropped but deferred (negatively acknowledged with the delay
-//!   of its reserved slot) and processed when its slot comes;
+//! - **paces each event type** to `mesh.storm_threshold` per second with GCRA ([`Pacer`]), or
+//!   to the lower limit an operator or a playbook set for it (KV bucket `bulwark_mesh_limits`,
+//!   watched, [`RateLimit`]): an event over the rate is not dropped but deferred (negatively
+//!   acknowledged with the delay of its reserved slot) and processed when its slot comes;
 //! - hands the event to the service's handler and acknowledges it only after the handler
 //!   succeeded (a failure is negatively acknowledged and redelivered).
 //!
 //! # Subjects
-//! Consumes `mesh.>` (stream `BULWARK_MESH`) and the `bulwark_breaker` KV bucket. Produces
+//! Consumes `mesh.>` (stream `BULWARK_MESH`) and the `bulwark_breaker` and
+//! `bulwark_mesh_limits` KV buckets. Produces
 //! `mesh.deadletter` and `clarity.narrative.<who>` (`mesh_event_dead_lettered`).
 
 use std::collections::HashMap;
@@ -132,6 +134,8 @@ pub struct ConsumerStats {
     pub holds: AtomicU64,
     /// Handler failures (each event is redelivered).
     pub failures: AtomicU64,
+    /// Events offered under a rate limit from `bulwark_mesh_limits`.
+    pub limited: AtomicU64,
 }
 
 impl ConsumerStats {
@@ -145,6 +149,7 @@ impl ConsumerStats {
             "deferred": get(&self.deferred),
             "holds": get(&self.holds),
             "failures": get(&self.failures),
+            "limited": get(&self.limited),
         })
     }
 }
@@ -213,6 +218,19 @@ impl Pacer {
 
     /// Offers event `seq` of `key` at `now_ms`.
     pub fn offer(&mut self, key: &str, seq: u64, now_ms: u64) -> Pace {
+        self.offer_at_rate(key, seq, now_ms, None)
+    }
+
+    /// Offers event `seq` of `key` at `now_ms`, paced to `rate` per second instead of the
+    /// pacer's own rate when one is given (a limit set for this key).
+    pub fn offer_at_rate(&mut self, key: &str, seq: u64, now_ms: u64, rate: Option<u64>) -> Pace {
+        let (interval_ms, tolerance_ms) = match rate {
+            Some(rate) => {
+                let rate = rate.max(1) as f64;
+                (1000.0 / rate, 1000.0 / rate * (rate - 1.0))
+            }
+            None => (self.interval_ms, self.tolerance_ms),
+        };
         let now = now_ms as f64;
         if let Some(&due) = self.reserved.get(&seq) {
             if now >= due {
@@ -230,11 +248,11 @@ impl Pacer {
             self.reserved.retain(|_, due| *due > stale);
         }
         let tat = self.tat.get(key).copied().unwrap_or(now).max(now);
-        self.tat.insert(key.to_owned(), tat + self.interval_ms);
-        if tat - now <= self.tolerance_ms {
+        self.tat.insert(key.to_owned(), tat + interval_ms);
+        if tat - now <= tolerance_ms {
             return Pace::Now;
         }
-        let due = tat - self.tolerance_ms;
+        let due = tat - tolerance_ms;
         self.reserved.insert(seq, due);
         Pace::Later((due - now).ceil() as u64)
     }
@@ -252,6 +270,7 @@ pub struct MeshConsumer {
     main: PullConsumer,
     critical: PullConsumer,
     breaker: watch::Receiver<BreakerRecord>,
+    limits: watch::Receiver<Arc<HashMap<String, RateLimit>>>,
 }
 
 impl MeshConsumer {
@@ -266,6 +285,7 @@ impl MeshConsumer {
     ) -> Result<Self, MeshError> {
         let stream = mesh_stream(&js, cfg).await?;
         let bucket = breaker_bucket(&js).await?;
+        let limits = limits_bucket(&js).await?;
         let durable = |durable: String, description: String, filters: Vec<String>| {
             let stream = stream.clone();
             let cfg = cfg.clone();
@@ -315,6 +335,7 @@ impl MeshConsumer {
             main,
             critical,
             breaker: watch_breaker(bucket, shutdown.clone()),
+            limits: watch_limits(limits, shutdown.clone()),
         })
     }
 
@@ -418,7 +439,16 @@ impl MeshConsumer {
                     .unwrap_or(&msg.subject)
                     .to_owned();
                 let now = clock.elapsed().as_millis() as u64;
-                if let Pace::Later(ms) = pacer.offer(&key, seq, now) {
+                let limit = self
+                    .limits
+                    .borrow()
+                    .get(&key)
+                    .filter(|l| l.until_ms > crate::time::now_ms())
+                    .map(|l| l.limit_per_second.min(self.cfg.storm_threshold));
+                if limit.is_some() {
+                    self.stats.limited.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Pace::Later(ms) = pacer.offer_at_rate(&key, seq, now, limit) {
                     self.stats.deferred.fetch_add(1, Ordering::Relaxed);
                     nak(&msg, Some(Duration::from_millis(ms.max(1)))).await;
                     continue;
@@ -648,6 +678,83 @@ pub async fn breaker_bucket(js: &jetstream::Context) -> Result<kv::Store, stream
         "bulwark mesh circuit breaker state",
     )
     .await
+}
+
+/// A limit on one event type's delivery rate, set by `storm_guard.limit` (an operator or a
+/// playbook) and obeyed by every mesh consumer until `until_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RateLimit {
+    /// The limited type.
+    pub event_type: String,
+    /// Events of the type delivered per second, at most.
+    pub limit_per_second: u64,
+    /// When the limit lapses, milliseconds since the epoch.
+    pub until_ms: i64,
+    /// Who set it (a playbook run, an operator).
+    pub set_by: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Opens the rate-limit bucket, creating it when missing.
+pub async fn limits_bucket(js: &jetstream::Context) -> Result<kv::Store, streams::StoreError> {
+    streams::bucket(
+        js,
+        streams::LIMITS_BUCKET,
+        "bulwark per-event-type rate limits the mesh consumers obey",
+    )
+    .await
+}
+
+/// Follows every limit in the bucket until `shutdown` (re-established after an error); an
+/// unreadable entry is ignored with a warning.
+pub fn watch_limits(
+    bucket: kv::Store,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Arc<HashMap<String, RateLimit>>> {
+    let (tx, rx) = watch::channel(Arc::new(HashMap::new()));
+    tokio::spawn(async move {
+        while !shutdown.is_cancelled() {
+            let mut entries = match bucket.watch_all_from_revision(1).await {
+                Ok(entries) => entries,
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot watch the rate limits; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                let entry = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    entry = entries.next() => entry,
+                };
+                match entry {
+                    Some(Ok(entry)) => {
+                        let mut limits = HashMap::clone(&tx.borrow());
+                        if entry.operation == kv::Operation::Put {
+                            match serde_json::from_slice::<RateLimit>(&entry.value) {
+                                Ok(limit) => {
+                                    limits.insert(entry.key.clone(), limit);
+                                }
+                                Err(err) => {
+                                    tracing::warn!(key = %entry.key, error = %err, "rate limit entry unreadable; ignored");
+                                }
+                            }
+                        } else {
+                            limits.remove(&entry.key);
+                        }
+                        tx.send_replace(Arc::new(limits));
+                    }
+                    Some(Err(err)) => tracing::debug!(error = %err, "rate limit watch error"),
+                    None => break,
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// Follows the breaker's KV entry until `shutdown`; a missing entry reads as closed. The watch

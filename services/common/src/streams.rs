@@ -14,7 +14,13 @@
 //! | `bulwark_audit_head` | KV | the newest audit record's `{seq, hash}`, to detect truncation |
 //! | `BULWARK_MESH` | stream | every trigger mesh event on `mesh.>` |
 //! | `bulwark_breaker` | KV | the mesh circuit breaker's state, shared by storm guard replicas and mesh consumers |
+//! | `bulwark_leases` | KV | leader leases of single-actor duties, with their fencing tokens ([`crate::lease`]) |
+//!
+//! **Replication.** Every stream and bucket is created with [`replicas`] copies: the configured
+//! `nats.replicas`, or when that is 0, 1 on a single server and 3 (at most the cluster's size) on
+//! a NATS cluster. A stream found with another count is scaled to it.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
@@ -31,6 +37,33 @@ pub const PROPOSALS_BUCKET: &str = "bulwark_proposals";
 pub const TASKS_STREAM: &str = "BULWARK_TASKS";
 /// Stream of narratives.
 pub const NARRATIVES_STREAM: &str = "BULWARK_NARRATIVES";
+
+/// KV bucket of leader leases.
+pub const LEASES_BUCKET: &str = "bulwark_leases";
+
+/// The configured replica count (`nats.replicas`); 0 chooses from the server.
+static CONFIGURED_REPLICAS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the replica count of the streams and buckets this process creates (`nats.replicas`;
+/// 0 chooses from the server the connection reached). [`crate::connect::connect`] calls it.
+pub fn set_replicas(replicas: usize) {
+    CONFIGURED_REPLICAS.store(replicas, Ordering::Relaxed);
+}
+
+/// Replicas for a stream or bucket: the configured count, else 1 on a single server and 3 (or
+/// the cluster's size when smaller) on a cluster. The cluster's size is the number of client
+/// URLs the server advertises.
+pub fn replicas(js: &jetstream::Context) -> usize {
+    let configured = CONFIGURED_REPLICAS.load(Ordering::Relaxed);
+    if configured > 0 {
+        return configured;
+    }
+    let info = js.client().server_info();
+    if info.cluster.is_none() {
+        return 1;
+    }
+    info.connect_urls.len().clamp(1, 3)
+}
 
 /// Why a stream or bucket could not be made ready.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +99,9 @@ pub async fn bucket(
     name: &str,
     description: &str,
 ) -> Result<kv::Store, StoreError> {
+    let replicas = replicas(js);
     if let Ok(store) = js.get_key_value(name).await {
+        scale(js, &format!("KV_{name}"), replicas).await?;
         return Ok(store);
     }
     let created = js
@@ -75,7 +110,7 @@ pub async fn bucket(
             description: description.to_owned(),
             history: 1,
             storage: jetstream::stream::StorageType::File,
-            num_replicas: 1,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await
@@ -87,8 +122,33 @@ pub async fn bucket(
     }
 }
 
-/// What distinguishes one of bulwark's streams; everything else (file storage, one replica) is
-/// the same for all of them.
+/// Scales stream `name` (a bucket's stream `KV_<bucket>` included) to `replicas` copies when it
+/// has another count.
+async fn scale(js: &jetstream::Context, name: &str, replicas: usize) -> Result<(), StoreError> {
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .map_err(|e| store_error(name, e))?;
+    let info = stream.info().await.map_err(|e| store_error(name, e))?;
+    if info.config.num_replicas == replicas {
+        return Ok(());
+    }
+    let mut config = info.config.clone();
+    tracing::info!(
+        stream = name,
+        from = config.num_replicas,
+        to = replicas,
+        "scaling stream replicas"
+    );
+    config.num_replicas = replicas;
+    js.update_stream(config)
+        .await
+        .map_err(|e| store_error(name, e))?;
+    Ok(())
+}
+
+/// What distinguishes one of bulwark's streams; everything else (file storage, the replica
+/// count of [`replicas`]) is the same for all of them.
 struct Spec {
     name: &'static str,
     description: &'static str,
@@ -110,7 +170,7 @@ async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, S
         storage: stream::StorageType::File,
         max_age: spec.max_age,
         duplicate_window: spec.duplicate_window,
-        num_replicas: 1,
+        num_replicas: replicas(js),
         ..Default::default()
     };
     let stream = js
@@ -118,7 +178,10 @@ async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, S
         .await
         .map_err(|e| store_error(spec.name, e))?;
     let current = &stream.cached_info().config;
-    if current.max_age != spec.max_age || current.duplicate_window != spec.duplicate_window {
+    if current.max_age != spec.max_age
+        || current.duplicate_window != spec.duplicate_window
+        || current.num_replicas != config.num_replicas
+    {
         js.update_stream(config)
             .await
             .map_err(|e| store_error(spec.name, e))?;
@@ -227,6 +290,8 @@ pub const MESH_STREAM: &str = "BULWARK_MESH";
 pub const BREAKER_BUCKET: &str = "bulwark_breaker";
 /// Key of the mesh-wide breaker in [`BREAKER_BUCKET`].
 pub const BREAKER_KEY: &str = "mesh";
+/// KV bucket of per-event-type rate limits the mesh consumers obey (key: the event type).
+pub const LIMITS_BUCKET: &str = "bulwark_mesh_limits";
 
 /// Creates the mesh stream when missing, and brings its retention (`max_age`, zero for
 /// forever) and duplicate window up to date when they changed.

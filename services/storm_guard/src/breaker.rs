@@ -136,6 +136,36 @@ impl Breaker {
         }
     }
 
+    /// Moves the breaker to `to` by hand (an operator or a playbook) at `now_ms`; `None` when
+    /// it is there already or `to` is half-open (only time leads there). The normal rules
+    /// apply from the new state on: a forced open still cools down, a forced close counts anew.
+    pub fn force(&mut self, to: BreakerState, now_ms: i64) -> Option<Transition> {
+        if to == self.state || to == BreakerState::HalfOpen {
+            return None;
+        }
+        let count = match self.state {
+            BreakerState::Closed => {
+                let horizon = now_ms - self.cfg.window_ms;
+                self.window.iter().filter(|t| **t > horizon).count() as u64
+            }
+            BreakerState::Open => self.opened_with,
+            BreakerState::HalfOpen => self.probe_count,
+        };
+        Some(self.enter(to, now_ms, count))
+    }
+
+    /// Events counted in the current window (closed), or since going half-open.
+    pub fn current_count(&self, now_ms: i64) -> u64 {
+        match self.state {
+            BreakerState::Closed => {
+                let horizon = now_ms - self.cfg.window_ms;
+                self.window.iter().filter(|t| **t > horizon).count() as u64
+            }
+            BreakerState::Open => 0,
+            BreakerState::HalfOpen => self.probe_count,
+        }
+    }
+
     fn enter(&mut self, to: BreakerState, at_ms: i64, event_count: u64) -> Transition {
         let from = self.state;
         self.state = to;
@@ -188,6 +218,25 @@ impl Breaker {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn forced_transitions_follow_the_normal_rules_afterwards() {
+        let mut b = Breaker::new(cfg());
+        assert_eq!(b.force(BreakerState::Closed, 0), None, "closed already");
+        assert_eq!(
+            b.force(BreakerState::HalfOpen, 0),
+            None,
+            "only time leads to half-open"
+        );
+        let t = b.force(BreakerState::Open, 1_000).expect("opens");
+        assert_eq!((t.from, t.to), (BreakerState::Closed, BreakerState::Open));
+        // A forced open cools down like any other.
+        assert_eq!(b.tick(1_000 + 59_999), None);
+        assert_eq!(b.tick(61_000).map(|t| t.to), Some(BreakerState::HalfOpen));
+        let t = b.force(BreakerState::Closed, 62_000).expect("closes");
+        assert_eq!(t.from, BreakerState::HalfOpen);
+        assert_eq!(b.current_count(62_000), 0, "a forced close counts anew");
+    }
 
     fn cfg() -> BreakerConfig {
         BreakerConfig {

@@ -16,6 +16,11 @@
 //! - `mesh.>` (core NATS subscription, every event).
 //! - `storm_guard.status` (NATS micro service `storm_guard`): `{}`, replied with the breaker
 //!   record, the storms in progress and the counters.
+//! - The operations an operator or a playbook uses (same micro service, see `service/ops.rs`):
+//!   `storm_guard.rates` (event rates by type and source), `storm_guard.breaker.open|close`
+//!   (move the breaker by hand, with a reason), `storm_guard.limit` (a per-type rate limit in
+//!   KV bucket `bulwark_mesh_limits` that every mesh consumer obeys), `storm_guard.throttle`
+//!   (a throttle advisory naming one publisher).
 //!
 //! Produces (through JetStream, into `BULWARK_MESH`):
 //! - `mesh.event.incident`: storms, `{trigger_id, playbook: "trigger_storm_mitigation",

@@ -31,6 +31,8 @@ use bulwark_common::narrative::Narrator;
 use bulwark_common::{ids, streams, subjects, telemetry, time};
 
 use crate::breaker::{Breaker, BreakerConfig, Transition};
+
+mod ops;
 use crate::storm::{StormDetector, StormEnd, StormStart};
 
 /// Name under which the service registers (CONTRACT section 5).
@@ -145,6 +147,18 @@ struct StormGuard {
     instance: String,
     counters: Arc<Counters>,
     guard: Arc<Mutex<Guard>>,
+    clock: Clock,
+}
+
+/// The storm guard's endpoints.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Status,
+    Rates,
+    BreakerOpen,
+    BreakerClose,
+    Limit,
+    Throttle,
 }
 
 /// Runs the storm guard until `shutdown` is cancelled.
@@ -191,6 +205,7 @@ pub async fn run(
         instance,
         counters: Arc::new(Counters::default()),
         guard,
+        clock: Clock::new(),
     });
     let subscription = client
         .subscribe(subjects::MESH_ALL)
@@ -199,7 +214,7 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::unbounded_channel();
-    let clock = Clock::new();
+    let clock = sg.clock;
     tracker.spawn(ingest(
         sg.clone(),
         subscription,
@@ -216,23 +231,46 @@ pub async fn run(
     ));
 
     let stats = sg.clone();
-    let endpoints: [bulwark_common::micro::EndpointSpec<()>; 1] =
-        [("status", subjects::STORM_GUARD_STATUS, ())];
+    let endpoints: [bulwark_common::micro::EndpointSpec<Op>; 6] = [
+        ("status", subjects::STORM_GUARD_STATUS, Op::Status),
+        ("rates", subjects::STORM_GUARD_RATES, Op::Rates),
+        (
+            "breaker_open",
+            subjects::STORM_GUARD_BREAKER_OPEN,
+            Op::BreakerOpen,
+        ),
+        (
+            "breaker_close",
+            subjects::STORM_GUARD_BREAKER_CLOSE,
+            Op::BreakerClose,
+        ),
+        ("limit", subjects::STORM_GUARD_LIMIT, Op::Limit),
+        ("throttle", subjects::STORM_GUARD_THROTTLE, Op::Throttle),
+    ];
     let state = sg.clone();
     let service = bulwark_common::micro::register(
         &client,
         SERVICE_NAME,
-        "bulwark storm guard: per-type storm detection and the mesh circuit breaker",
+        "bulwark storm guard: per-type storm detection, the mesh circuit breaker, rate limits and throttles",
         move || stats.snapshot(),
         &endpoints,
         &tracker,
         &shutdown,
         16,
-        move |(), request: Request| {
+        move |op, request: Request| {
             let state = state.clone();
             async move {
-                let status: Result<Value, ApiError> = Ok(state.status());
-                api::respond(&request, status).await;
+                let body = &request.message.payload;
+                let now = state.clock.now_ms();
+                let result: Result<Value, ApiError> = match op {
+                    Op::Status => Ok(state.status()),
+                    Op::Rates => Ok(state.rates(now)),
+                    Op::BreakerOpen => state.force_breaker(BreakerState::Open, body, now).await,
+                    Op::BreakerClose => state.force_breaker(BreakerState::Closed, body, now).await,
+                    Op::Limit => state.limit(body).await,
+                    Op::Throttle => state.throttle(body).await,
+                };
+                api::respond(&request, result).await;
             }
         },
     )
@@ -380,7 +418,7 @@ async fn announce(sg: Arc<StormGuard>, mut rx: mpsc::UnboundedReceiver<Announcem
         match announcement {
             Announcement::Storm(storm) => sg.announce_storm(storm).await,
             Announcement::StormEnded(end) => sg.announce_storm_end(end).await,
-            Announcement::Transition(t, record) => sg.announce_transition(t, record).await,
+            Announcement::Transition(t, record) => sg.announce_transition(t, record, None).await,
         }
     }
 }
@@ -517,7 +555,14 @@ impl StormGuard {
         self.narrator.publish(n).await;
     }
 
-    async fn announce_transition(&self, t: Transition, record: BreakerRecord) {
+    /// Stores, announces and narrates a transition; `forced` names who moved the breaker by
+    /// hand and why (no emergency is raised for a forced opening).
+    async fn announce_transition(
+        &self,
+        t: Transition,
+        record: BreakerRecord,
+        forced: Option<(&str, &str)>,
+    ) {
         // Only the instance that moves the stored record announces the transition.
         let written = kvx::update(
             &self.bucket,
@@ -557,12 +602,32 @@ impl StormGuard {
                              "threshold": self.cfg.breaker_threshold,
                              "window_s": self.cfg.breaker_window_s, "cooldown_s": self.cfg.cooldown_s,
                              "half_open_s": self.cfg.half_open_s, "from": t.from, "to": t.to,
-                             "opened_count": record.opened_count});
+                             "opened_count": record.opened_count,
+                             "forced_by": forced.map(|(by, _)| by),
+                             "reason": forced.map(|(_, reason)| reason)});
         let event = MeshEvent::root(subject_type, SERVICE_NAME, figures.clone());
         self.publish(&event, format!("{subject_type}:{}", t.at_ms))
             .await;
         let mut why = Vec::new();
+        if let Some((by, reason)) = forced {
+            why.push(format!(
+                "moved by hand from {} to {} by {by}: {reason}",
+                t.from.as_str(),
+                t.to.as_str()
+            ));
+        }
         match (t.from, t.to) {
+            (BreakerState::Closed, BreakerState::Open) if forced.is_some() => {
+                self.counters.breaker_opened.fetch_add(1, Ordering::Relaxed);
+                why.push(format!(
+                    "{} events of all types in the last {} s (threshold {})",
+                    t.event_count, self.cfg.breaker_window_s, self.cfg.breaker_threshold
+                ));
+            }
+            (_, BreakerState::Closed) if forced.is_some() => why.push(format!(
+                "the window starts empty: it opens again above {} events in {} s",
+                self.cfg.breaker_threshold, self.cfg.breaker_window_s
+            )),
             (BreakerState::Closed, BreakerState::Open) => {
                 self.counters.breaker_opened.fetch_add(1, Ordering::Relaxed);
                 why.push(format!(
@@ -586,7 +651,12 @@ impl StormGuard {
                 t.event_count, self.cfg.half_open_s
             )),
         }
-        if t.to == BreakerState::Open {
+        if t.to == BreakerState::Open && forced.is_some() {
+            why.push(format!(
+                "non-critical mesh events are held (stored, processed in order after closing) for at least {} s",
+                self.cfg.cooldown_s
+            ));
+        } else if t.to == BreakerState::Open {
             why.push(format!(
                 "non-critical mesh events are held (stored, processed in order after closing) for at least {} s",
                 self.cfg.cooldown_s

@@ -51,6 +51,21 @@ pub struct ActiveStorm {
     pub top_source: String,
 }
 
+/// One type's recent rate, for `storm_guard.rates`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TypeRate {
+    /// The type.
+    pub event_type: String,
+    /// Events of it in the last window.
+    pub count: u64,
+    /// That count per second.
+    pub rate_per_second: f64,
+    /// Whether it is in a storm.
+    pub in_storm: bool,
+    /// Its busiest sources (at most five) with their counts.
+    pub top_sources: Vec<(String, u64)>,
+}
+
 #[derive(Debug, Default)]
 struct TypeWindow {
     arrivals: VecDeque<(i64, Arc<str>)>,
@@ -149,6 +164,44 @@ impl StormDetector {
             }
         }
         ended
+    }
+
+    /// Every type seen in the last window at `now_ms`, busiest first: its count, rate and
+    /// busiest sources.
+    pub fn rates(&self, now_ms: i64) -> Vec<TypeRate> {
+        let horizon = now_ms - self.window_ms;
+        let mut rates: Vec<TypeRate> = self
+            .types
+            .iter()
+            .filter_map(|(event_type, window)| {
+                let mut by_source: HashMap<&str, u64> = HashMap::new();
+                let mut count = 0u64;
+                for (t, source) in &window.arrivals {
+                    if *t > horizon {
+                        count += 1;
+                        *by_source.entry(source).or_default() += 1;
+                    }
+                }
+                if count == 0 {
+                    return None;
+                }
+                let mut sources: Vec<(String, u64)> = by_source
+                    .into_iter()
+                    .map(|(s, n)| (s.to_owned(), n))
+                    .collect();
+                sources.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                sources.truncate(5);
+                Some(TypeRate {
+                    event_type: event_type.clone(),
+                    count,
+                    rate_per_second: count as f64 * 1000.0 / self.window_ms as f64,
+                    in_storm: window.storm.is_some(),
+                    top_sources: sources,
+                })
+            })
+            .collect();
+        rates.sort_by(|a, b| b.count.cmp(&a.count).then(a.event_type.cmp(&b.event_type)));
+        rates
     }
 
     /// The storms in progress.
