@@ -52,9 +52,11 @@ pub enum Command {
         proposal_id: String,
         /// Approve or reject.
         choice: Choice,
-        /// The voter's name (one of governance.voters.names).
+        /// The voter's name (one of governance.voters.names); default: the NATS user the CLI
+        /// connects as (nats.cli_user). Voting as that user goes through
+        /// unified_logic.vote.<user>, so the server vouches for the voter (docs/security.md).
         #[arg(long)]
-        voter: String,
+        voter: Option<String>,
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
@@ -168,9 +170,10 @@ pub enum ReviewAction {
     Approve {
         /// The intent id.
         intent_id: String,
-        /// Who decides.
+        /// Who decides; default: the NATS user the CLI connects as (nats.cli_user). Deciding as
+        /// that user goes through governance.review.decide.<user> (docs/security.md).
         #[arg(long)]
-        reviewer: String,
+        reviewer: Option<String>,
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
@@ -179,9 +182,10 @@ pub enum ReviewAction {
     Reject {
         /// The intent id.
         intent_id: String,
-        /// Who decides.
+        /// Who decides; default: the NATS user the CLI connects as (nats.cli_user). Deciding as
+        /// that user goes through governance.review.decide.<user> (docs/security.md).
         #[arg(long)]
-        reviewer: String,
+        reviewer: Option<String>,
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,

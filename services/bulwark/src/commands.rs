@@ -108,9 +108,10 @@ pub async fn dispatch(
                 Choice::Approve => "approve",
                 Choice::Reject => "reject",
             };
+            let (voter, subject) = speaker(&cfg, voter, subjects::VOTE);
             let body =
                 json!({"proposal_id": proposal_id, "voter": voter, "vote": vote, "reason": reason});
-            print_json(&request(&cfg, subjects::VOTE, &body).await?)
+            print_json(&request(&cfg, &subject, &body).await?)
         }
         Command::Proposals => {
             print_json(&request(&cfg, subjects::PROPOSALS_OPEN, &json!({})).await?)
@@ -125,11 +126,27 @@ async fn decide(
     cfg: &BulwarkConfig,
     intent_id: String,
     decision: &str,
-    reviewer: String,
+    reviewer: Option<String>,
     reason: String,
 ) -> anyhow::Result<ExitCode> {
+    let (reviewer, subject) = speaker(cfg, reviewer, subjects::REVIEW_DECIDE);
     let body = json!({"intent_id": intent_id, "decision": decision, "reviewer": reviewer, "reason": reason});
-    print_json(&request(cfg, subjects::REVIEW_DECIDE, &body).await?)
+    print_json(&request(cfg, &subject, &body).await?)
+}
+
+/// Who speaks (the named reviewer or voter, else the CLI's own NATS user) and where: on the
+/// per-identity subject when that is the CLI's own user, so the server vouches for the name; on
+/// the plain subject when naming someone else (only users nats.conf lets publish it, and only
+/// for names not in governance.bound_identities).
+fn speaker(cfg: &BulwarkConfig, named: Option<String>, plain: &str) -> (String, String) {
+    let me = &cfg.nats.cli_user;
+    let name = named.unwrap_or_else(|| me.clone());
+    let subject = if !me.is_empty() && name == *me {
+        subjects::as_identity(plain, me)
+    } else {
+        plain.to_owned()
+    };
+    (name, subject)
 }
 
 /// Sends `body` to `subject` as the operator and returns the reply; an error reply is an error.
@@ -138,7 +155,7 @@ pub(crate) async fn request(
     subject: &str,
     body: &Value,
 ) -> anyhow::Result<Value> {
-    let (client, _) = connect::connect(&cfg.nats, "bulwark-cli", Role::Cli).await?;
+    let (client, stats) = connect::connect(&cfg.nats, "bulwark-cli", Role::Cli).await?;
     let timeout = Duration::from_millis(cfg.nats.request_timeout_ms);
     let reply = match tokio::time::timeout(
         timeout,
@@ -146,6 +163,18 @@ pub(crate) async fn request(
     )
     .await
     {
+        // The server reports a refused publish only asynchronously; the request then times out.
+        Err(_)
+            if stats
+                .server_errors
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0 =>
+        {
+            bail!(
+                "the NATS server refused {subject} for user {:?}: a permissions violation (nats.conf; see docs/security.md)",
+                cfg.nats.cli_user
+            )
+        }
         Err(_) => bail!(
             "no reply on {subject} within {} ms: is bulwark running (bulwark up)?",
             timeout.as_millis()

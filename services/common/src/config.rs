@@ -108,6 +108,7 @@ impl BulwarkConfig {
                 .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("governance.voters.names")
+                .with_list_parse_key("governance.bound_identities")
                 .with_list_parse_key("watchdog.required_services")
                 .source(Some(env)),
         );
@@ -155,6 +156,17 @@ impl BulwarkConfig {
                 g.voters.names.len(),
                 g.voters.quorum
             ));
+        }
+        for name in &g.bound_identities {
+            let token_ok = !name.is_empty()
+                && !name
+                    .chars()
+                    .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>'));
+            if name != "*" && !token_ok {
+                return bad(format!(
+                    "governance.bound_identities: {name:?} is not a NATS subject token (no dots, spaces or wildcards; \"*\" alone binds every name)"
+                ));
+            }
         }
         if g.default_priority > 9 {
             return bad(format!(
@@ -267,6 +279,13 @@ pub struct GovernanceConfig {
     pub voters: VotersConfig,
     /// Tier and base alignment per intent type.
     pub intent_types: BTreeMap<String, IntentTypeConfig>,
+    /// Reviewer, voter and actor names bound to their NATS identity: a review decision, vote or
+    /// intent naming one of them is accepted only on that name's own subject
+    /// (`governance.review.decide.<name>`, `unified_logic.vote.<name>`,
+    /// `htm.intent.submit.<name>`, which `nats.conf` lets only user `<name>` publish) and refused
+    /// with 403 `identity_required` on the plain subject. `"*"` binds every name. On a
+    /// per-identity subject the name always is the sender (docs/security.md).
+    pub bound_identities: Vec<String>,
 }
 
 impl Default for GovernanceConfig {
@@ -308,6 +327,7 @@ impl Default for GovernanceConfig {
                     )
                 })
                 .collect(),
+            bound_identities: Vec::new(),
         }
     }
 }

@@ -5,6 +5,9 @@
 
 /// Intake of intents: request/reply, NATS micro endpoint of service `governance`.
 pub const INTENT_SUBMIT: &str = "htm.intent.submit";
+/// Intake of intents from a named agent, `htm.intent.submit.<name>`: the `actor` is bound to the
+/// sender (only NATS user `<name>` may publish there; docs/security.md).
+pub const INTENT_SUBMIT_AS: &str = "htm.intent.submit.*";
 /// Status of an intent: request `{"intent_id"}`, reply the status with history.
 pub const INTENT_STATUS: &str = "htm.intent.status";
 
@@ -23,10 +26,23 @@ pub const REVIEW_PENDING: &str = "governance.review.pending";
 /// Human review decision: request `{"intent_id","decision","reviewer","reason"}`.
 pub const REVIEW_DECIDE: &str = "governance.review.decide";
 
+/// Review decisions of a named reviewer, `governance.review.decide.<name>`: the `reviewer` is
+/// bound to the sender (only NATS user `<name>` may publish there; docs/security.md).
+pub const REVIEW_DECIDE_AS: &str = "governance.review.decide.*";
+
+/// Per-identity subject of `plain` for `name` (`governance.review.decide` + `alice` ->
+/// `governance.review.decide.alice`).
+pub fn as_identity(plain: &str, name: &str) -> String {
+    format!("{plain}.{}", subject_token(name))
+}
+
 /// Prefix of proposal announcements, `unified_logic.proposal.<intent_id>`.
 pub const PROPOSAL_PREFIX: &str = "unified_logic.proposal";
 /// Unified logic vote: request `{"proposal_id","voter","vote","reason"}`, reply the tally.
 pub const VOTE: &str = "unified_logic.vote";
+/// Votes of a named voter, `unified_logic.vote.<name>`: the `voter` is bound to the sender (only
+/// NATS user `<name>` may publish there; docs/security.md).
+pub const VOTE_AS: &str = "unified_logic.vote.*";
 /// Open proposals: request `{}`, reply `{"items": [...]}` (bulwark's addition to the contract).
 pub const PROPOSALS_OPEN: &str = "unified_logic.proposals";
 
@@ -223,6 +239,11 @@ mod tests {
         assert_eq!(narrative("a.b c"), "clarity.narrative.a_b_c");
         assert_eq!(mesh("task.completed"), "mesh.task.completed");
         assert_eq!(telemetry("scheduler"), "telemetry.scheduler");
+        assert_eq!(as_identity(VOTE, "guardian"), "unified_logic.vote.guardian");
+        assert_eq!(
+            as_identity(REVIEW_DECIDE, "a.b"),
+            "governance.review.decide.a_b"
+        );
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //! - `htm.intent.status`: `{"intent_id"}`, replied with the status and history.
 //! - `governance.review.pending`, `governance.review.decide`: the human review queue.
 //! - `unified_logic.vote`, `unified_logic.proposals`: votes on tier 3 intents, open proposals.
+//! - `htm.intent.submit.<name>`, `governance.review.decide.<name>`, `unified_logic.vote.<name>`:
+//!   the same requests from a named NATS identity, which the actor, reviewer or voter is bound
+//!   to ([`identity`]).
 //!
 //! Produces:
 //! - `htm.task.queue.<priority>`: the tasks of approved intents (JetStream, deduplicated by id).
@@ -21,11 +24,13 @@
 //! - `telemetry.governance`: counters every `telemetry.interval_s`.
 //!
 //! # Modules
+//! - [`identity`]: binding the actor, reviewer and voter to the sending NATS identity.
 //! - [`routing`]: the pure tier and alignment decision.
 //! - [`review`]: review items and decisions.
 //! - [`vote`]: proposals, the voting rules and the tally.
 //! - [`service`]: the endpoints and the vote-deadline sweeper around them.
 
+pub mod identity;
 pub mod review;
 pub mod routing;
 pub mod service;

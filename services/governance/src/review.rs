@@ -11,6 +11,8 @@ use serde_json::Value;
 use bulwark_common::api::ApiError;
 use bulwark_common::intent::{Intent, IntentRecord};
 
+use crate::identity::{self, Role, Sender};
+
 /// Why an item is in the review queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -147,14 +149,21 @@ pub const INVALID_REVIEW: &str = "invalid_review";
 struct RawDecision {
     intent_id: String,
     decision: String,
-    reviewer: String,
+    #[serde(default)]
+    reviewer: Option<String>,
     #[serde(default)]
     reason: Option<String>,
 }
 
 impl ReviewDecision {
-    /// Validates a decision request body.
-    pub fn parse(body: &[u8], max_bytes: usize) -> Result<Self, ApiError> {
+    /// Validates a decision request body sent by `sender`; the reviewer is bound to it (see
+    /// [`identity`]), `bound` being `governance.bound_identities`.
+    pub fn parse(
+        body: &[u8],
+        max_bytes: usize,
+        sender: Sender<'_>,
+        bound: &[String],
+    ) -> Result<Self, ApiError> {
         let raw: RawDecision = bulwark_common::api::decode(body, INVALID_REVIEW, max_bytes)?;
         let verdict = match raw.decision.as_str() {
             "approve" => Verdict::Approve,
@@ -172,16 +181,26 @@ impl ReviewDecision {
                 "intent_id must not be empty",
             ));
         }
-        if raw.reviewer.trim().is_empty() {
-            return Err(ApiError::bad_request(
-                INVALID_REVIEW,
-                "reviewer must not be empty",
-            ));
-        }
+        let reviewer = identity::bind(Role::Reviewer, raw.reviewer.as_deref(), sender, bound)?;
+        let reviewer = match reviewer {
+            None if raw.reviewer.is_none() => {
+                return Err(ApiError::bad_request(
+                    INVALID_REVIEW,
+                    "missing field `reviewer`",
+                ));
+            }
+            Some(r) if !r.trim().is_empty() => r,
+            _ => {
+                return Err(ApiError::bad_request(
+                    INVALID_REVIEW,
+                    "reviewer must not be empty",
+                ));
+            }
+        };
         Ok(ReviewDecision {
             intent_id: raw.intent_id,
             verdict,
-            reviewer: raw.reviewer,
+            reviewer,
             reason: raw.reason.unwrap_or_default(),
         })
     }
@@ -209,6 +228,8 @@ mod tests {
         let ok = ReviewDecision::parse(
             br#"{"intent_id":"i","decision":"approve","reviewer":"r"}"#,
             1024,
+            Sender::Unnamed,
+            &[],
         )
         .expect("ok");
         assert_eq!((ok.verdict, ok.reason.as_str()), (Verdict::Approve, ""));
@@ -231,7 +252,7 @@ mod tests {
             ),
             (b"nope", "not valid JSON"),
         ] {
-            let err = ReviewDecision::parse(body, 1024).expect_err("invalid");
+            let err = ReviewDecision::parse(body, 1024, Sender::Unnamed, &[]).expect_err("invalid");
             assert!(
                 err.message.contains(needle),
                 "{}: {}",

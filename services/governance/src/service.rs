@@ -26,6 +26,7 @@ use bulwark_common::kv::{self as kvx, Change, KvError};
 use bulwark_common::narrative::Narrator;
 use bulwark_common::{ids, streams, subjects, telemetry, time};
 
+use crate::identity::{self, Role, Sender};
 use crate::review::{ReviewDecision, ReviewItem, ReviewKind, Verdict};
 use crate::routing::{self, Route};
 use crate::vote::{Proposal, ProposalState, Tally, VoteRequest};
@@ -61,6 +62,9 @@ pub struct Counters {
     pub invalid_intents: AtomicU64,
     /// Review and vote requests refused (invalid, unknown, forbidden, conflicting).
     pub refused_requests: AtomicU64,
+    /// Submissions, review decisions and votes refused because the named actor, reviewer or
+    /// voter is not the sending NATS identity (`identity_mismatch`, `identity_required`).
+    pub identity_refusals: AtomicU64,
     /// Review decisions recorded.
     pub reviews_decided: AtomicU64,
     /// Votes counted.
@@ -80,6 +84,7 @@ impl Counters {
             "duplicates": get(&self.duplicates),
             "invalid_intents": get(&self.invalid_intents),
             "refused_requests": get(&self.refused_requests),
+            "identity_refusals": get(&self.identity_refusals),
             "reviews_decided": get(&self.reviews_decided),
             "votes_cast": get(&self.votes_cast),
             "votes_expired": get(&self.votes_expired),
@@ -117,8 +122,9 @@ pub async fn run(
     });
 
     let stats_counters = gov.counters.clone();
-    let endpoints: [bulwark_common::micro::EndpointSpec<Op>; 6] = [
+    let endpoints: [bulwark_common::micro::EndpointSpec<Op>; 9] = [
         ("submit", subjects::INTENT_SUBMIT, Op::Submit),
+        ("submit_as", subjects::INTENT_SUBMIT_AS, Op::Submit),
         ("status", subjects::INTENT_STATUS, Op::Status),
         (
             "review_pending",
@@ -126,7 +132,13 @@ pub async fn run(
             Op::ReviewPending,
         ),
         ("review_decide", subjects::REVIEW_DECIDE, Op::ReviewDecide),
+        (
+            "review_decide_as",
+            subjects::REVIEW_DECIDE_AS,
+            Op::ReviewDecide,
+        ),
         ("vote", subjects::VOTE, Op::Vote),
+        ("vote_as", subjects::VOTE_AS, Op::Vote),
         ("proposals", subjects::PROPOSALS_OPEN, Op::Proposals),
     ];
     let tracker = TaskTracker::new();
@@ -213,12 +225,23 @@ fn store_err(err: KvError) -> ApiError {
 impl Governance {
     async fn handle(&self, op: Op, request: &Request) {
         let body = &request.message.payload;
+        let subject = request.message.subject.as_str();
+        let sender = |plain| Sender::of(subject, plain);
         match op {
-            Op::Submit => self.reply(request, self.submit(body).await).await,
+            Op::Submit => {
+                let result = self.submit(body, sender(subjects::INTENT_SUBMIT)).await;
+                self.reply(request, result).await
+            }
             Op::Status => self.reply(request, self.status(body).await).await,
             Op::ReviewPending => self.reply(request, self.pending_reviews().await).await,
-            Op::ReviewDecide => self.reply(request, self.decide(body).await).await,
-            Op::Vote => self.reply(request, self.vote(body).await).await,
+            Op::ReviewDecide => {
+                let result = self.decide(body, sender(subjects::REVIEW_DECIDE)).await;
+                self.reply(request, result).await
+            }
+            Op::Vote => {
+                let result = self.vote(body, sender(subjects::VOTE)).await;
+                self.reply(request, result).await
+            }
             Op::Proposals => self.reply(request, self.open_proposals().await).await,
         }
     }
@@ -233,6 +256,11 @@ impl Governance {
         if let Err(err) = result {
             let counter = match err.status {
                 500.. => &self.counters.internal_errors,
+                _ if err.code == identity::IDENTITY_MISMATCH
+                    || err.code == identity::IDENTITY_REQUIRED =>
+                {
+                    &self.counters.identity_refusals
+                }
                 _ if err.code == INVALID_INTENT => &self.counters.invalid_intents,
                 _ => &self.counters.refused_requests,
             };
@@ -242,8 +270,8 @@ impl Governance {
 
     // ---- submission -------------------------------------------------------------------------
 
-    async fn submit(&self, body: &[u8]) -> Result<Decision, ApiError> {
-        let intent = match self.parse_intent(body) {
+    async fn submit(&self, body: &[u8], sender: Sender<'_>) -> Result<Decision, ApiError> {
+        let intent = match self.parse_intent(body, sender) {
             Ok(intent) => intent,
             Err(err) => {
                 self.narrate_refusal("intent_refused", &err, body).await;
@@ -293,7 +321,7 @@ impl Governance {
         Ok(decision)
     }
 
-    fn parse_intent(&self, body: &[u8]) -> Result<Intent, ApiError> {
+    fn parse_intent(&self, body: &[u8], sender: Sender<'_>) -> Result<Intent, ApiError> {
         let max = self.cfg.max_intent_bytes;
         if body.len() > max {
             return Err(ApiError::bad_request(
@@ -304,9 +332,24 @@ impl Governance {
                 ),
             ));
         }
-        let value: Value = serde_json::from_slice(body).map_err(|e| {
+        let mut value: Value = serde_json::from_slice(body).map_err(|e| {
             ApiError::bad_request(INVALID_INTENT, format!("body is not valid JSON: {e}"))
         })?;
+        // The actor is bound to the sender; an actor of the wrong type is left to the validation
+        // below, which names the problem.
+        if let Value::Object(obj) = &mut value {
+            let claimed = match obj.get("actor") {
+                None | Some(Value::Null) => Some(None),
+                Some(Value::String(actor)) => Some(Some(actor.as_str())),
+                Some(_) => None,
+            };
+            if let Some(claimed) = claimed
+                && let Some(actor) =
+                    identity::bind(Role::Actor, claimed, sender, &self.cfg.bound_identities)?
+            {
+                obj.insert("actor".to_owned(), Value::String(actor));
+            }
+        }
         Intent::from_submission(value, ids::new_id, self.cfg.default_priority)
             .map_err(|msg| ApiError::bad_request(INVALID_INTENT, msg))
     }
@@ -465,8 +508,14 @@ impl Governance {
         Ok(json!({ "items": items }))
     }
 
-    async fn decide(&self, body: &[u8]) -> Result<StatusReply, ApiError> {
-        let decision = match ReviewDecision::parse(body, self.cfg.max_intent_bytes) {
+    async fn decide(&self, body: &[u8], sender: Sender<'_>) -> Result<StatusReply, ApiError> {
+        let parsed = ReviewDecision::parse(
+            body,
+            self.cfg.max_intent_bytes,
+            sender,
+            &self.cfg.bound_identities,
+        );
+        let decision = match parsed {
             Ok(d) => d,
             Err(err) => {
                 self.narrate_refusal("review_refused", &err, body).await;
@@ -678,8 +727,8 @@ impl Governance {
         Ok(json!({ "items": items }))
     }
 
-    async fn vote(&self, body: &[u8]) -> Result<Tally, ApiError> {
-        let result = self.cast(body).await;
+    async fn vote(&self, body: &[u8], sender: Sender<'_>) -> Result<Tally, ApiError> {
+        let result = self.cast(body, sender).await;
         if let Err(err) = &result
             && err.status < 500
         {
@@ -688,8 +737,13 @@ impl Governance {
         result
     }
 
-    async fn cast(&self, body: &[u8]) -> Result<Tally, ApiError> {
-        let req = VoteRequest::parse(body, self.cfg.max_intent_bytes)?;
+    async fn cast(&self, body: &[u8], sender: Sender<'_>) -> Result<Tally, ApiError> {
+        let req = VoteRequest::parse(
+            body,
+            self.cfg.max_intent_bytes,
+            sender,
+            &self.cfg.bound_identities,
+        )?;
         let id = req.proposal_id.clone();
         let unknown = || async {
             match self.record(&id).await {

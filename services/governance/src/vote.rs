@@ -9,6 +9,8 @@ use serde_json::Value;
 
 use bulwark_common::api::ApiError;
 
+use crate::identity::{self, Role, Sender};
+
 /// The error code of bad vote requests.
 pub const INVALID_VOTE: &str = "invalid_vote";
 
@@ -204,15 +206,22 @@ pub struct VoteRequest {
 #[serde(deny_unknown_fields)]
 struct RawVote {
     proposal_id: String,
-    voter: String,
+    #[serde(default)]
+    voter: Option<String>,
     vote: String,
     #[serde(default)]
     reason: Option<String>,
 }
 
 impl VoteRequest {
-    /// Validates a vote request body.
-    pub fn parse(body: &[u8], max_bytes: usize) -> Result<Self, ApiError> {
+    /// Validates a vote request body sent by `sender`; the voter is bound to it (see
+    /// [`identity`]), `bound` being `governance.bound_identities`.
+    pub fn parse(
+        body: &[u8],
+        max_bytes: usize,
+        sender: Sender<'_>,
+        bound: &[String],
+    ) -> Result<Self, ApiError> {
         let raw: RawVote = bulwark_common::api::decode(body, INVALID_VOTE, max_bytes)?;
         let vote = match raw.vote.as_str() {
             "approve" => Choice::Approve,
@@ -230,16 +239,22 @@ impl VoteRequest {
                 "proposal_id must not be empty",
             ));
         }
-        if raw.voter.trim().is_empty() {
-            return Err(ApiError::bad_request(
-                INVALID_VOTE,
-                "voter must not be empty",
-            ));
-        }
+        let voter = match identity::bind(Role::Voter, raw.voter.as_deref(), sender, bound)? {
+            None if raw.voter.is_none() => {
+                return Err(ApiError::bad_request(INVALID_VOTE, "missing field `voter`"));
+            }
+            Some(v) if !v.trim().is_empty() => v,
+            _ => {
+                return Err(ApiError::bad_request(
+                    INVALID_VOTE,
+                    "voter must not be empty",
+                ));
+            }
+        };
         Ok(VoteRequest {
             proposal_id: raw.proposal_id,
             ballot: Ballot {
-                voter: raw.voter,
+                voter,
                 vote,
                 reason: raw.reason.unwrap_or_default(),
                 at: bulwark_common::time::now(),
@@ -354,14 +369,26 @@ mod tests {
         let ok = VoteRequest::parse(
             br#"{"proposal_id":"p","voter":"v","vote":"reject","reason":"no"}"#,
             1024,
+            Sender::Unnamed,
+            &[],
         )
         .expect("ok");
         assert_eq!(ok.ballot.vote, Choice::Reject);
-        let err = VoteRequest::parse(br#"{"proposal_id":"p","voter":"v","vote":"yes"}"#, 1024)
-            .expect_err("bad");
+        let err = VoteRequest::parse(
+            br#"{"proposal_id":"p","voter":"v","vote":"yes"}"#,
+            1024,
+            Sender::Unnamed,
+            &[],
+        )
+        .expect_err("bad");
         assert_eq!(err.code, INVALID_VOTE);
-        let err =
-            VoteRequest::parse(br#"{"proposal_id":"p","vote":"approve"}"#, 1024).expect_err("bad");
+        let err = VoteRequest::parse(
+            br#"{"proposal_id":"p","vote":"approve"}"#,
+            1024,
+            Sender::Unnamed,
+            &[],
+        )
+        .expect_err("bad");
         assert!(err.message.contains("voter"), "{}", err.message);
     }
 }
