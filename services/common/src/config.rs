@@ -56,6 +56,151 @@ pub struct BulwarkConfig {
     pub worker: WorkerConfig,
     /// The Prometheus `/metrics` endpoint of `bulwark up` and `bulwark serve`.
     pub metrics: MetricsConfig,
+    /// Replicas of a service: leader leases, health, quarantine and respawn.
+    pub replicas: ReplicasConfig,
+    /// Playbooks: where the Rhai scripts live and the sandbox's limits.
+    pub playbooks: PlaybooksConfig,
+}
+
+/// The playbooks service: the scripts' folder, the sandbox's limits, run pacing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlaybooksConfig {
+    /// Folder of the `<name>.rhai` playbooks (relative to the working directory).
+    pub dir: String,
+    /// Rhai operations one run may perform (a loop that never ends stops here).
+    pub max_operations: u64,
+    /// Deepest nesting of function calls.
+    pub max_call_levels: usize,
+    /// Deepest expression nesting (at the top level; functions get half).
+    pub max_expr_depth: usize,
+    /// Longest string a script may build, bytes.
+    pub max_string_size: usize,
+    /// Largest array a script may build.
+    pub max_array_size: usize,
+    /// Largest map a script may build.
+    pub max_map_size: usize,
+    /// Longest a run may take, seconds (a playbook's own `slo_s` is used when shorter).
+    pub max_run_s: f64,
+    /// Longest one `wait()` may sleep, seconds.
+    pub max_wait_s: f64,
+    /// Multiplies every wait and verification interval the scripts ask for: 1.0 in production;
+    /// tests and quick chaos runs shorten them.
+    pub time_scale: f64,
+    /// Incidents older than this, seconds, are not acted on (narrated as stale).
+    pub max_incident_age_s: f64,
+    /// How long one request of a host function to another service may take, milliseconds.
+    pub host_timeout_ms: u64,
+}
+
+impl Default for PlaybooksConfig {
+    fn default() -> Self {
+        Self {
+            dir: "playbooks".into(),
+            max_operations: 1_000_000,
+            max_call_levels: 32,
+            max_expr_depth: 64,
+            max_string_size: 64 * 1024,
+            max_array_size: 10_000,
+            max_map_size: 10_000,
+            max_run_s: 300.0,
+            max_wait_s: 60.0,
+            time_scale: 1.0,
+            max_incident_age_s: 300.0,
+            host_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl PlaybooksConfig {
+    fn validate(&self) -> Result<(), String> {
+        let positive = |name: &str, v: f64| {
+            if v.is_nan() || v <= 0.0 {
+                Err(format!("playbooks.{name} must be positive, got {v}"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("max_run_s", self.max_run_s)?;
+        positive("max_wait_s", self.max_wait_s)?;
+        positive("time_scale", self.time_scale)?;
+        positive("max_incident_age_s", self.max_incident_age_s)?;
+        if self.max_operations == 0
+            || self.max_call_levels == 0
+            || self.max_expr_depth == 0
+            || self.max_string_size == 0
+            || self.max_array_size == 0
+            || self.max_map_size == 0
+            || self.host_timeout_ms == 0
+        {
+            return Err("playbooks limits must all be at least 1 (0 would mean unlimited in Rhai)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Replicas of a service (`bulwark serve <service>` run several times, or `up.replicas`): the
+/// leases of single-actor duties, and the sandbox fallback (health, quarantine, respawn).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicasConfig {
+    /// Seconds a leader's lease lasts without renewal (renewed every third of it). A standby
+    /// takes over when it saw the lease unchanged for this long, so failover takes at most this
+    /// plus one standby poll (a fifth of it).
+    pub lease_ttl_s: f64,
+    /// Seconds between two `replica.heartbeat.<service>.<replica_id>` of each replica.
+    pub heartbeat_interval_s: f64,
+    /// Errors within `error_window_s` that quarantine a replica (seed: 10): it stops taking
+    /// work, its traffic shifts to the healthy replicas, and its supervisor respawns it.
+    pub error_threshold: u64,
+    /// Sliding window of the error count, in seconds.
+    pub error_window_s: f64,
+    /// Seconds the supervisor waits before respawning a quarantined or crashed replica.
+    pub respawn_delay_s: f64,
+    /// Seconds a respawned replica has to pass its readiness check before the supervisor
+    /// quarantines it again.
+    pub ready_timeout_s: f64,
+}
+
+impl Default for ReplicasConfig {
+    fn default() -> Self {
+        Self {
+            lease_ttl_s: 10.0,
+            heartbeat_interval_s: 5.0,
+            error_threshold: 10,
+            error_window_s: 60.0,
+            respawn_delay_s: 1.0,
+            ready_timeout_s: 30.0,
+        }
+    }
+}
+
+impl ReplicasConfig {
+    /// Checks ranges; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("lease_ttl_s", self.lease_ttl_s),
+            ("heartbeat_interval_s", self.heartbeat_interval_s),
+            ("error_window_s", self.error_window_s),
+            ("ready_timeout_s", self.ready_timeout_s),
+        ] {
+            if !(value > 0.0 && value.is_finite()) {
+                return Err(format!(
+                    "replicas.{key} must be a positive number, got {value}"
+                ));
+            }
+        }
+        if self.respawn_delay_s.is_nan() || self.respawn_delay_s < 0.0 {
+            return Err(format!(
+                "replicas.respawn_delay_s must be 0 or more, got {}",
+                self.respawn_delay_s
+            ));
+        }
+        if self.error_threshold == 0 {
+            return Err("replicas.error_threshold must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 /// The Prometheus `/metrics` endpoint.
@@ -182,6 +327,21 @@ impl BulwarkConfig {
         self.watchdog
             .validate()
             .map_err(ConfigError::Inconsistent)?;
+        self.replicas
+            .validate()
+            .map_err(ConfigError::Inconsistent)?;
+        self.playbooks
+            .validate()
+            .map_err(ConfigError::Inconsistent)?;
+        if self.up.replicas == 0 {
+            return bad("up.replicas must be at least 1".into());
+        }
+        if self.nats.replicas > 5 {
+            return bad(format!(
+                "nats.replicas must be 0 (automatic) or 1-5, got {}",
+                self.nats.replicas
+            ));
+        }
         Ok(())
     }
 }
@@ -205,6 +365,10 @@ pub struct NatsConfig {
     pub connect_timeout_ms: u64,
     /// Time allowed for any request/reply and JetStream acknowledgement, in milliseconds.
     pub request_timeout_ms: u64,
+    /// Replicas of bulwark's streams and KV buckets. 0 chooses: 1 on a single server, 3 (or
+    /// the cluster's size when smaller) on a cluster. Applies to streams and buckets bulwark
+    /// creates; existing streams are scaled to it.
+    pub replicas: usize,
 }
 
 impl Default for NatsConfig {
@@ -217,6 +381,7 @@ impl Default for NatsConfig {
             cli_password: "operator-dev".into(),
             connect_timeout_ms: 5_000,
             request_timeout_ms: 5_000,
+            replicas: 0,
         }
     }
 }
@@ -231,6 +396,8 @@ pub struct UpConfig {
     pub nats_server: String,
     /// How long to wait for the started nats-server to accept connections, in milliseconds.
     pub server_start_timeout_ms: u64,
+    /// Replicas of each service `bulwark up` runs (at least 1), each under the supervisor.
+    pub replicas: usize,
 }
 
 impl Default for UpConfig {
@@ -239,6 +406,7 @@ impl Default for UpConfig {
             nats_conf: PathBuf::from("nats.conf"),
             nats_server: String::new(),
             server_start_timeout_ms: 10_000,
+            replicas: 1,
         }
     }
 }

@@ -290,6 +290,8 @@ pub const MESH_STREAM: &str = "BULWARK_MESH";
 pub const BREAKER_BUCKET: &str = "bulwark_breaker";
 /// Key of the mesh-wide breaker in [`BREAKER_BUCKET`].
 pub const BREAKER_KEY: &str = "mesh";
+/// KV bucket of the last run of each playbook (key: the playbook's name).
+pub const PLAYBOOK_RUNS_BUCKET: &str = "bulwark_playbook_runs";
 /// KV bucket of per-event-type rate limits the mesh consumers obey (key: the event type).
 pub const LIMITS_BUCKET: &str = "bulwark_mesh_limits";
 

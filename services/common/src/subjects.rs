@@ -181,6 +181,15 @@ pub const SCHEDULER_SHED: &str = "scheduler.shed";
 pub const SCHEDULER_REPLAY: &str = "scheduler.replay";
 /// HTM and scheduler readiness (request `{}`).
 pub const HTM_READINESS: &str = "htm.readiness";
+/// Requests a standby scheduler forwards to the leader, `scheduler.leader.<op>` (internal;
+/// served only by the replica holding the `scheduler` lease).
+pub const SCHEDULER_LEADER_ALL: &str = "scheduler.leader.*";
+
+/// Subject on which the scheduler leader serves forwarded requests of `op`
+/// (`result`, `pause`, `resume`, `shed`, `replay`, `readiness`).
+pub fn scheduler_leader(op: &str) -> String {
+    format!("scheduler.leader.{}", subject_token(op))
+}
 
 /// The watchdog's Layer 2 report: request `{}`, reply `{overall_health, all_ready, components}`
 /// (CONTRACT section 5; NATS micro service `watchdog`).
@@ -223,6 +232,8 @@ pub const PLAYBOOK_RUN: &str = "playbook.run";
 pub const PLAYBOOK_LIST: &str = "playbook.list";
 /// Playbooks: compile every file again and report the errors (request `{}`).
 pub const PLAYBOOK_CHECK: &str = "playbook.check";
+/// Playbooks: compile every file again and use them when all compile (request `{}`).
+pub const PLAYBOOK_RELOAD: &str = "playbook.reload";
 /// Prefix of playbook run events, `mesh.playbook.started|step|completed|failed` (CONTRACT
 /// section 1).
 pub const PLAYBOOK_EVENT_PREFIX: &str = "playbook";

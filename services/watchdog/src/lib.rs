@@ -19,6 +19,8 @@
 //! Produces:
 //! - `mesh.layer2.<severity>_alert` (JetStream, `BULWARK_MESH`): `{component, severity, reason,
 //!   health, condition, state: raised|repeated|recovered, since}`.
+//! - `mesh.event.incident` naming playbook `scheduler_recovery` while the scheduler's dispatch
+//!   is stalled (raised and repeated alerts; the playbooks service counts repeats, not runs).
 //! - `clarity.narrative.watchdog`: one narrative per alert.
 //! - `telemetry.layer2`: overall health, conditions and alert counters.
 //!

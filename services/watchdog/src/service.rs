@@ -250,6 +250,9 @@ async fn readiness(w: &Watchdog) -> Option<Value> {
         .filter(|v| v.get("error").is_none())
 }
 
+/// The playbook a stalled dispatch names in its incident.
+pub const RECOVERY_PLAYBOOK: &str = "scheduler_recovery";
+
 /// Publishes `alert` on `mesh.layer2.<severity>_alert` and narrates it. A recovery goes out on
 /// the subject of the alert it ends (with `state: "recovered"`), so a consumer of one severity
 /// sees the whole lifecycle.
@@ -279,6 +282,20 @@ async fn announce(w: &Watchdog, alert: &Alert) {
         w.alert_failures
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::error!(error = %err, payload = %payload, "layer 2 alert not stored");
+    }
+    // A stalled dispatch is remediable: name the playbook that does it.
+    if c.component == "scheduler" && c.name == "dispatch_stalled" && alert.state != AlertState::Recovered {
+        let incident = event.child(
+            "event.incident",
+            SERVICE_NAME,
+            json!({"trigger_id": event.event_id, "playbook": RECOVERY_PLAYBOOK, "severity": severity,
+                   "component": c.component, "condition": c.name, "reason": c.reason}),
+        );
+        if let Err(err) = w.publisher.publish(&incident).await {
+            w.alert_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(error = %err, "scheduler_recovery incident not stored");
+        }
     }
     let what = match alert.state {
         AlertState::Raised => "layer2_alert_raised",
