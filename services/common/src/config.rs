@@ -91,6 +91,9 @@ pub struct PlaybooksConfig {
     pub max_incident_age_s: f64,
     /// How long one request of a host function to another service may take, milliseconds.
     pub host_timeout_ms: u64,
+    /// Parameter values per playbook that replace its defaults (an incident's own values still
+    /// win): `[playbooks.overrides.scheduler_load_shedding] older_than_s = 300.0`.
+    pub overrides: std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 impl Default for PlaybooksConfig {
@@ -108,6 +111,7 @@ impl Default for PlaybooksConfig {
             time_scale: 1.0,
             max_incident_age_s: 300.0,
             host_timeout_ms: 5_000,
+            overrides: std::collections::BTreeMap::new(),
         }
     }
 }

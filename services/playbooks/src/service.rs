@@ -363,6 +363,25 @@ impl Service {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `given` over the configured overrides of `playbook` (`playbooks.overrides`).
+    fn with_overrides(&self, playbook: &str, given: &Value) -> Value {
+        let Some(overrides) = self.cfg.playbooks.overrides.get(playbook) else {
+            return given.clone();
+        };
+        let given = match given {
+            Value::Object(m) => m.clone(),
+            Value::Null => serde_json::Map::new(),
+            // Not an object: let binding refuse it with its own message.
+            other => return other.clone(),
+        };
+        let mut merged: serde_json::Map<String, Value> = overrides
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        merged.extend(given);
+        Value::Object(merged)
+    }
+
     fn library(&self) -> Arc<Library> {
         self.library
             .read()
@@ -450,7 +469,7 @@ impl Service {
             .await;
             return;
         }
-        let params = match playbook.meta.bind(&event.payload) {
+        let params = match playbook.meta.bind(&self.with_overrides(&name, &event.payload)) {
             Ok(p) => p,
             Err(err) => {
                 self.refuse(&event, &name, err.0).await;
@@ -810,7 +829,7 @@ impl Service {
         };
         let params = playbook
             .meta
-            .bind(&req.params.unwrap_or(Value::Null))
+            .bind(&self.with_overrides(&req.playbook, &req.params.unwrap_or(Value::Null)))
             .map_err(|e| ApiError::bad_request("invalid_params", e.0))?;
         let resource = playbook.meta.resource_of(&params);
         let (run_id, outcome) = match self.start(playbook, params, None, req.dry_run, true) {
