@@ -78,6 +78,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Chaos scenarios: real load and faults, the safeguards that must fire, nothing lost.
+    Chaos {
+        /// What to do.
+        #[command(subcommand)]
+        action: crate::chaos::ChaosAction,
+    },
 }
 
 impl Command {

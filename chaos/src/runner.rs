@@ -1,0 +1,1117 @@
+//! Running a scenario: the negative control first, then the scenario itself, each on a fresh
+//! stack (self-contained) or against the running bulwark (`--nats-url`). Each phase checks the
+//! steady state, starts the watchers, runs the injections, waits for recovery, classifies every
+//! id with the checker, judges the safeguards and returns a verdict with its evidence.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer;
+use bulwark_common::{BulwarkConfig, streams, time};
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::checker::{CheckResult, Expected, Ledger, Observation};
+use crate::inject::{self, Ctx, InjectionReport, Live, Rng, Sent};
+use crate::observe::{Firing, MeshReader, ProgressInfo, Sample, Timeline, Watch};
+use crate::scenario::{Expectation, Injection, Scenario};
+use crate::stack::Stack;
+use crate::target::Target;
+
+/// How a run is made.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Run against the bulwark at this configuration's URL instead of an own stack.
+    pub external: bool,
+    /// The shortened scenario.
+    pub quick: bool,
+    /// Seed of every random choice.
+    pub seed: u64,
+    /// The configuration loaded by the CLI (URL and credentials, and the base of the stack's).
+    pub cfg: BulwarkConfig,
+}
+
+/// A verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    /// Everything expected happened and nothing else.
+    Pass,
+    /// The run could not judge the system (the load was not reached, an injection was
+    /// impossible here, the steady state did not hold before).
+    Inconclusive,
+    /// A safeguard did not fire (or fired under normal load), something was lost, duplicated or
+    /// unexpected, a limit was broken, or the system did not recover in time.
+    Fail,
+}
+
+impl Verdict {
+    /// `PASS`, `FAIL`, `INCONCLUSIVE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+            Verdict::Inconclusive => "INCONCLUSIVE",
+        }
+    }
+}
+
+/// How one safeguard did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SafeguardResult {
+    /// Its name.
+    pub safeguard: String,
+    /// The subject watched.
+    pub subject: String,
+    /// `must_fire` (scenario) or `must_not_fire` (control) or `observed` (control, not named).
+    pub expectation: String,
+    /// Times it fired.
+    pub count: usize,
+    /// Seconds after the method start of the first firing.
+    pub first_t_s: Option<f64>,
+    /// Seconds after the start of the injection the limit counts from.
+    pub after_start_s: f64,
+    /// Its figure at the first firing.
+    pub first_value: Option<f64>,
+    /// The time limit.
+    pub within_s: Option<f64>,
+    /// Whether the expectation held.
+    pub ok: bool,
+    /// In words.
+    pub detail: String,
+}
+
+/// Latency percentiles, milliseconds.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50_ms: u64,
+    /// 90th percentile.
+    pub p90_ms: u64,
+    /// 99th percentile.
+    pub p99_ms: u64,
+    /// Largest.
+    pub max_ms: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Option<Percentiles> {
+        (!h.is_empty()).then(|| Percentiles {
+            count: h.len(),
+            p50_ms: h.value_at_quantile(0.5),
+            p90_ms: h.value_at_quantile(0.9),
+            p99_ms: h.value_at_quantile(0.99),
+            max_ms: h.max(),
+        })
+    }
+}
+
+/// One phase (control or scenario) of a scenario run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseResult {
+    /// `control` or `scenario`.
+    pub phase: String,
+    /// Its verdict.
+    pub verdict: Verdict,
+    /// Why it is not a pass (empty for a pass).
+    pub reasons: Vec<String>,
+    /// What was seen, in words.
+    pub evidence: Vec<String>,
+    /// The injections and what they achieved.
+    pub injections: Vec<InjectionReport>,
+    /// The safeguards.
+    pub safeguards: Vec<SafeguardResult>,
+    /// The checker's classification.
+    pub check: CheckResult,
+    /// Intake latency (intent submitted to decision).
+    pub submit_latency: Option<Percentiles>,
+    /// Completion latency (intent queued to completed; event published to processed).
+    pub completion_latency: Option<Percentiles>,
+    /// Seconds from the end of the method until the steady state held again.
+    pub recovery_s: Option<f64>,
+    /// The recovery limit.
+    pub recovery_limit_s: f64,
+    /// Cascades: events per depth, per cascade.
+    pub cascade_levels: BTreeMap<String, BTreeMap<u64, u64>>,
+    /// Every second of the run.
+    pub timeline: Vec<Sample>,
+    /// The run id marking its events and intents.
+    pub run_id: String,
+    /// Seconds the phase took in all.
+    pub duration_s: f64,
+}
+
+/// A whole scenario run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    /// The scenario id.
+    pub id: String,
+    /// Its description.
+    pub description: String,
+    /// Category.
+    pub category: String,
+    /// Severity.
+    pub severity: u8,
+    /// Quick run.
+    pub quick: bool,
+    /// The seed (replay with `--seed`).
+    pub seed: u64,
+    /// `self-contained` or `nats-url`.
+    pub mode: String,
+    /// The overall verdict (the worse of the two phases).
+    pub verdict: Verdict,
+    /// When it started.
+    pub started_at: String,
+    /// The negative control.
+    pub control: PhaseResult,
+    /// The scenario.
+    pub scenario: PhaseResult,
+}
+
+/// Runs `scenario` (control first, then the scenario) and returns the result.
+pub async fn run_scenario(scenario: &Scenario, opts: &Options) -> ScenarioResult {
+    let started_at = time::now();
+    let s = if opts.quick {
+        scenario.quick()
+    } else {
+        scenario.clone()
+    };
+    let mut rng = Rng::new(opts.seed ^ hash(&s.id));
+    let control = run_phase(&s, Phase::Control, opts, rng.next_u64()).await;
+    let main = run_phase(&s, Phase::Scenario, opts, rng.next_u64()).await;
+    let verdict = control.verdict.max(main.verdict);
+    ScenarioResult {
+        id: s.id.clone(),
+        description: s.description.clone(),
+        category: s.category.layer_name().to_owned(),
+        severity: s.severity.0,
+        quick: opts.quick,
+        seed: opts.seed,
+        mode: if opts.external {
+            "nats-url".into()
+        } else {
+            "self-contained".into()
+        },
+        verdict,
+        started_at,
+        control,
+        scenario: main,
+    }
+}
+
+fn hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Which phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The same workload at normal load: the safeguards stay silent.
+    Control,
+    /// The scenario: the safeguards fire.
+    Scenario,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Control => "control",
+            Phase::Scenario => "scenario",
+        }
+    }
+}
+
+/// Cascade rules both phases' injections need.
+fn cascade_rules(s: &Scenario) -> String {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut text = String::new();
+    for i in s.method.iter().chain(&s.control.method) {
+        if let Injection::Cascade {
+            tag,
+            fan_out,
+            depth,
+            ..
+        } = i
+            && seen.insert(tag.clone())
+        {
+            text.push_str(&inject::cascade_rule(tag, fan_out.0, depth.map(|d| d.0)));
+        }
+    }
+    text
+}
+
+struct Prepared {
+    target: Arc<Target>,
+}
+
+async fn prepare(s: &Scenario, opts: &Options) -> Result<Prepared, String> {
+    if opts.external {
+        if let Some(i) = s
+            .method
+            .iter()
+            .chain(&s.control.method)
+            .find(|i| i.needs_own_stack())
+        {
+            return Err(format!(
+                "{} needs the runner's own stack: run without --nats-url",
+                i.kind()
+            ));
+        }
+        let target = Target::external(opts.cfg.clone())
+            .await
+            .map_err(|e| format!("cannot reach bulwark: {e:#}"))?;
+        return Ok(Prepared {
+            target: Arc::new(target),
+        });
+    }
+    let cfg = s
+        .system_config(opts.cfg.clone(), opts.quick)
+        .map_err(|e| format!("the scenario's [system] does not apply: {e}"))?;
+    let stack = Stack::start(cfg, s.stack.workers, &cascade_rules(s))
+        .await
+        .map_err(|e| format!("the runner's own stack did not start: {e:#}"))?;
+    let target = Target::own(stack)
+        .await
+        .map_err(|e| format!("cannot connect to the runner's own stack: {e:#}"))?;
+    Ok(Prepared {
+        target: Arc::new(target),
+    })
+}
+
+/// Polls the steady state every second for up to `limit`; returns the seconds it took, or the
+/// failures of the last attempt.
+async fn await_steady(target: &Target, s: &Scenario, limit: Duration) -> Result<f64, Vec<String>> {
+    let start = tokio::time::Instant::now();
+    loop {
+        let failures = target.steady_state(&s.steady_state.checks).await;
+        if failures.is_empty() {
+            return Ok(start.elapsed().as_secs_f64());
+        }
+        if start.elapsed() >= limit {
+            return Err(failures
+                .into_iter()
+                .map(|(c, why)| format!("{}: {why}", c.name()))
+                .collect());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn empty_phase(phase: Phase, s: &Scenario, verdict: Verdict, reason: String) -> PhaseResult {
+    PhaseResult {
+        phase: phase.name().to_owned(),
+        verdict,
+        reasons: vec![reason],
+        evidence: Vec::new(),
+        injections: Vec::new(),
+        safeguards: Vec::new(),
+        check: CheckResult::default(),
+        submit_latency: None,
+        completion_latency: None,
+        recovery_s: None,
+        recovery_limit_s: s.recovery_limit_s.0,
+        cascade_levels: BTreeMap::new(),
+        timeline: Vec::new(),
+        run_id: String::new(),
+        duration_s: 0.0,
+    }
+}
+
+/// Runs one phase.
+pub async fn run_phase(s: &Scenario, phase: Phase, opts: &Options, seed: u64) -> PhaseResult {
+    let began = tokio::time::Instant::now();
+    let label = format!("{} [{}]", s.id, phase.name());
+    eprintln!(
+        "chaos: {label}: preparing ({})",
+        if opts.external {
+            "against the running bulwark"
+        } else {
+            "own nats-server and services"
+        }
+    );
+    let prepared = match prepare(s, opts).await {
+        Ok(p) => p,
+        Err(why) => return empty_phase(phase, s, Verdict::Inconclusive, why),
+    };
+    let target = prepared.target;
+    let mut result = execute(s, phase, seed, target.clone(), &label).await;
+    result.duration_s = round1(began.elapsed().as_secs_f64());
+    // The watchers hold the target until they notice the stop; then the stack goes down.
+    let mut target = target;
+    for _ in 0..40 {
+        match Arc::try_unwrap(target) {
+            Ok(t) => {
+                if let Some(stack) = t.stack {
+                    stack.into_inner().stop().await;
+                }
+                break;
+            }
+            Err(still_shared) => {
+                target = still_shared;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    eprintln!(
+        "chaos: {label}: {} {}",
+        result.verdict.as_str(),
+        result.reasons.first().map(String::as_str).unwrap_or("")
+    );
+    result
+}
+
+async fn execute(
+    s: &Scenario,
+    phase: Phase,
+    seed: u64,
+    target: Arc<Target>,
+    label: &str,
+) -> PhaseResult {
+    let method = match phase {
+        Phase::Control => &s.control.method,
+        Phase::Scenario => &s.method,
+    };
+    let mut rng = Rng::new(seed);
+    let run_id = format!("{:010x}", rng.next_u64() >> 24);
+    let mut out = empty_phase(phase, s, Verdict::Pass, String::new());
+    out.reasons.clear();
+    out.run_id = run_id.clone();
+
+    // 1. The steady state must hold before anything is injected.
+    if let Err(failures) = await_steady(&target, s, Duration::from_secs(60)).await {
+        out.verdict = Verdict::Inconclusive;
+        out.reasons.push(format!(
+            "the steady state did not hold before the method: {}",
+            failures.join("; ")
+        ));
+        return out;
+    }
+
+    // 2. Watchers.
+    let stop = CancellationToken::new();
+    let t0 = tokio::time::Instant::now() + Duration::from_millis(500);
+    let watch = match Watch::start(&target, &s.expectations, t0, &stop).await {
+        Ok(w) => w,
+        Err(e) => {
+            out.verdict = Verdict::Inconclusive;
+            out.reasons
+                .push(format!("cannot watch the safeguards: {e:#}"));
+            return out;
+        }
+    };
+    let needs_reader = method
+        .iter()
+        .any(|i| matches!(i, Injection::PublishEvents { .. }));
+    let reader = if needs_reader {
+        match MeshReader::start(&target, &run_id).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                out.verdict = Verdict::Inconclusive;
+                out.reasons
+                    .push(format!("cannot read the trigger mesh: {e:#}"));
+                return out;
+            }
+        }
+    } else {
+        None
+    };
+    let mesh_start_seq = match bulwark_common::mesh::mesh_stream(&target.js, &target.cfg.mesh).await
+    {
+        Ok(mut stream) => stream
+            .info()
+            .await
+            .map(|i| i.state.last_sequence + 1)
+            .unwrap_or(1),
+        Err(_) => 1,
+    };
+    let completions = watch_completions(&target, &run_id, &stop).await;
+    let live = Arc::new(Live::default());
+    let processed = reader
+        .as_ref()
+        .map(|r| r.processed.clone())
+        .unwrap_or_default();
+    let planned = method
+        .iter()
+        .map(|i| i.at_s() + i.planned_duration_s())
+        .fold(0.0, f64::max);
+    let timeline = Timeline::start(
+        target.clone(),
+        live.clone(),
+        processed,
+        watch.firings.clone(),
+        t0,
+        ProgressInfo {
+            label: label.to_owned(),
+            planned_s: planned,
+            safeguards: s.expectations.len(),
+        },
+        stop.clone(),
+    );
+
+    // 3. The method.
+    let sent = Arc::new(Mutex::new(Sent::default()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, injection) in method.iter().enumerate() {
+        let ctx = Ctx {
+            target: target.clone(),
+            run: run_id.clone(),
+            live: live.clone(),
+            sent: sent.clone(),
+            t0,
+            seed: rng.next_u64(),
+        };
+        tasks.spawn(inject::run(ctx, index, injection.clone()));
+    }
+    let mut reports = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                out.verdict = Verdict::Inconclusive;
+                out.reasons.push(format!("an injection panicked: {e}"));
+            }
+        }
+    }
+    reports.sort_by(|a, b| a.started_s.total_cmp(&b.started_s));
+    let method_end = reports.iter().map(|r| r.ended_s).fold(0.0, f64::max);
+
+    // 4. Recovery: the steady state again within the limit; then the ledger settles (up to the
+    // limit once more, so a slow recovery is measured rather than cut short).
+    let limit = Duration::from_secs_f64(s.recovery_limit_s.0);
+    let recovered = await_steady(&target, s, limit).await;
+    let settle_deadline = tokio::time::Instant::now() + limit;
+    let recovery_s = match &recovered {
+        Ok(secs) => Some(round1(*secs)),
+        Err(_) => None,
+    };
+    loop {
+        let pending_reader = match &reader {
+            Some(_) => target
+                .consumer_backlog(&format!("chaos_{run_id}"))
+                .await
+                .unwrap_or(0),
+            None => 0,
+        };
+        let pending_intents = intents_pending(&target, &sent).await;
+        if (pending_reader == 0 && pending_intents == 0)
+            || tokio::time::Instant::now() > settle_deadline
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let timeline = timeline.samples.lock().await.clone();
+    let firings = watch.firings.lock().await.clone();
+
+    // 5. The checker.
+    let mut check = CheckResult::default();
+    let mut completion_ms = inject::new_histogram();
+    let sent = sent.lock().await;
+    if !sent.events.is_empty() || reader.is_some() {
+        let seen = match &reader {
+            Some(r) => r.seen.lock().await.clone(),
+            None => HashMap::new(),
+        };
+        let backlog = match &reader {
+            Some(_) => target
+                .consumer_backlog(&format!("chaos_{run_id}"))
+                .await
+                .unwrap_or(0),
+            None => 0,
+        };
+        check.absorb(&check_events(&sent, &seen, backlog, &mut completion_ms));
+    }
+    if !sent.intents.is_empty() {
+        let observed = completions.lock().await.clone();
+        check.absorb(&check_intents(&target, &sent, &observed, &mut completion_ms).await);
+    }
+    for cascade in &sent.cascades {
+        let (result, levels) = check_cascade(&target, s, method, cascade, mesh_start_seq).await;
+        check.absorb(&result);
+        out.cascade_levels.insert(cascade.tag.clone(), levels);
+    }
+    if let Some(r) = reader {
+        r.finish(&target.js).await;
+    }
+    out.submit_latency = Percentiles::of(&sent.submit_ms);
+    out.completion_latency = Percentiles::of(&completion_ms);
+    out.check = check;
+    out.timeline = timeline;
+    out.recovery_s = recovery_s;
+    drop(sent);
+
+    // 6. Judgement.
+    for r in &reports {
+        if let Some(why) = &r.inconclusive {
+            out.verdict = out.verdict.max(Verdict::Inconclusive);
+            out.reasons.push(format!("{}: {why}", r.label));
+        }
+        if let Some(share) = r.load_share
+            && share < s.verify.min_load_share.0
+        {
+            out.verdict = out.verdict.max(Verdict::Inconclusive);
+            out.reasons.push(format!(
+                "{}: the load reached {:.0}% of what was asked (at least {:.0}% needed): {}",
+                r.label,
+                share * 100.0,
+                s.verify.min_load_share.0 * 100.0,
+                r.figures
+            ));
+        }
+    }
+    out.injections = reports;
+    let starts: HashMap<String, f64> = out
+        .injections
+        .iter()
+        .map(|r| (r.label.clone(), r.started_s))
+        .collect();
+    for (i, e) in s.expectations.iter().enumerate() {
+        let result = judge(e, &firings[i], phase, &s.control.absent, &starts);
+        if !result.ok {
+            out.verdict = out.verdict.max(Verdict::Fail);
+            out.reasons.push(result.detail.clone());
+        }
+        out.evidence.push(result.detail.clone());
+        out.safeguards.push(result);
+    }
+    out.evidence
+        .push(format!("checker: {}", out.check.summary()));
+    if !out.check.valid() {
+        out.verdict = out.verdict.max(Verdict::Fail);
+        out.reasons.push(format!(
+            "the checker found a violation: {} {:?}",
+            out.check.summary(),
+            out.check.examples
+        ));
+    }
+    if out.check.still_held > s.verify.still_held_max {
+        out.verdict = out.verdict.max(Verdict::Fail);
+        out.reasons.push(format!(
+            "{} id(s) still held after the recovery wait (at most {} allowed): {:?}",
+            out.check.still_held,
+            s.verify.still_held_max,
+            out.check.examples.get("still_held")
+        ));
+    }
+    match &recovered {
+        Ok(secs) => out.evidence.push(format!(
+            "steady state restored {:.1} s after the method ended at {:.1} s (limit {:.0} s)",
+            secs, method_end, s.recovery_limit_s.0
+        )),
+        Err(failures) => {
+            out.verdict = out.verdict.max(Verdict::Fail);
+            out.reasons.push(format!(
+                "the steady state was not restored within {:.0} s: {}",
+                s.recovery_limit_s.0,
+                failures.join("; ")
+            ));
+        }
+    }
+    if let Some(p) = &out.submit_latency {
+        out.evidence.push(format!(
+            "intake latency over {} intents: p50 {} ms, p99 {} ms, max {} ms",
+            p.count, p.p50_ms, p.p99_ms, p.max_ms
+        ));
+        if phase == Phase::Scenario
+            && let Some(max) = s.verify.submit_p99_ms_max
+            && p.p99_ms as f64 > max
+        {
+            out.verdict = out.verdict.max(Verdict::Fail);
+            out.reasons.push(format!(
+                "intake p99 {} ms is above the limit of {max:.0} ms",
+                p.p99_ms
+            ));
+        }
+    }
+    if let Some(p) = &out.completion_latency {
+        out.evidence.push(format!(
+            "completion latency over {}: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+            p.count, p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms
+        ));
+        if phase == Phase::Scenario
+            && let Some(max) = s.verify.completion_p99_ms_max
+            && p.p99_ms as f64 > max
+        {
+            out.verdict = out.verdict.max(Verdict::Fail);
+            out.reasons.push(format!(
+                "completion p99 {} ms is above the limit of {max:.0} ms",
+                p.p99_ms
+            ));
+        }
+    }
+    if phase == Phase::Scenario {
+        for (tag, levels) in &out.cascade_levels {
+            let deepest = levels.keys().max().copied().unwrap_or(0);
+            out.evidence.push(format!(
+                "cascade {tag}: events per depth {levels:?}, deepest {deepest}"
+            ));
+            if let Some(max) = s.verify.max_event_depth
+                && deepest != max
+            {
+                out.verdict = out.verdict.max(Verdict::Fail);
+                out.reasons.push(format!(
+                    "cascade {tag}: deepest event at depth {deepest}, expected the chain stopped at exactly {max}"
+                ));
+            }
+            if let Some(per) = s.verify.events_per_level
+                && let Some((depth, n)) = levels.iter().find(|(_, n)| **n != per)
+            {
+                out.verdict = out.verdict.max(Verdict::Fail);
+                out.reasons.push(format!(
+                    "cascade {tag}: {n} event(s) at depth {depth}, expected {per} per level"
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Judges one expectation against its firings.
+fn judge(
+    e: &Expectation,
+    firings: &[Firing],
+    phase: Phase,
+    absent: &[String],
+    starts: &HashMap<String, f64>,
+) -> SafeguardResult {
+    let during: Vec<&Firing> = firings.iter().filter(|f| f.t_s >= 0.0).collect();
+    let after_start = e
+        .after
+        .as_ref()
+        .and_then(|a| starts.get(a).copied())
+        .unwrap_or(0.0);
+    let first = during.first();
+    let mut r = SafeguardResult {
+        safeguard: e.safeguard.clone(),
+        subject: e.subject.clone(),
+        expectation: String::new(),
+        count: during.len(),
+        first_t_s: first.map(|f| round1(f.t_s)),
+        after_start_s: round1(after_start),
+        first_value: first.and_then(|f| f.value),
+        within_s: e.within_s.map(|w| w.0),
+        ok: true,
+        detail: String::new(),
+    };
+    let fired_text = |f: &Firing| {
+        let value = match (f.value, &e.value) {
+            (Some(v), Some(path)) => format!(" with {path} = {v}"),
+            _ => String::new(),
+        };
+        format!(
+            "at {:.1} s ({:.1} s after {}){value}",
+            f.t_s,
+            f.t_s - after_start,
+            e.after.as_deref().unwrap_or("the method start")
+        )
+    };
+    match phase {
+        Phase::Control => {
+            let must_not = absent.contains(&e.safeguard);
+            r.expectation = if must_not {
+                "must_not_fire"
+            } else {
+                "observed"
+            }
+            .into();
+            match first {
+                None => {
+                    r.detail = format!(
+                        "{}: silent under normal load (as it should be)",
+                        e.safeguard
+                    )
+                }
+                Some(f) => {
+                    r.ok = !must_not;
+                    r.detail = format!(
+                        "{}: fired {} time(s) under normal load, first {} on {}",
+                        e.safeguard,
+                        during.len(),
+                        fired_text(f),
+                        f.subject
+                    );
+                }
+            }
+        }
+        Phase::Scenario => {
+            r.expectation = if e.min_count == 0 {
+                "must_stay_silent".into()
+            } else {
+                "must_fire".into()
+            };
+            let Some(f) = first else {
+                if e.min_count == 0 {
+                    r.expectation = "must_stay_silent".into();
+                    r.detail = format!("{}: did not fire (as it should not)", e.safeguard);
+                    return r;
+                }
+                r.ok = false;
+                r.detail = format!(
+                    "{}: never fired (no matching event on {} {})",
+                    e.safeguard,
+                    e.subject,
+                    if e.matching.is_empty() {
+                        String::new()
+                    } else {
+                        format!("with {:?}", e.matching)
+                    }
+                );
+                return r;
+            };
+            let mut problems = Vec::new();
+            if let Some(w) = e.within_s
+                && f.t_s - after_start > w.0
+            {
+                problems.push(format!("later than the limit of {:.1} s", w.0));
+            }
+            if let Some(min) = e.min_value {
+                match f.value {
+                    Some(v) if v >= min => {}
+                    Some(v) => problems.push(format!("value {v} below {min}")),
+                    None => problems.push("no value".into()),
+                }
+            }
+            if let Some(max) = e.max_value {
+                match f.value {
+                    Some(v) if v <= max => {}
+                    Some(v) => problems.push(format!("value {v} above {max}")),
+                    None => problems.push("no value".into()),
+                }
+            }
+            if (during.len() as u64) < e.min_count {
+                problems.push(format!(
+                    "fired {} time(s), at least {} expected",
+                    during.len(),
+                    e.min_count
+                ));
+            }
+            if let Some(max) = e.max_count
+                && during.len() as u64 > max
+            {
+                problems.push(format!(
+                    "fired {} time(s), at most {max} allowed",
+                    during.len()
+                ));
+            }
+            r.ok = problems.is_empty();
+            r.detail = format!(
+                "{}: fired {} time(s), first {} on {}{}",
+                e.safeguard,
+                during.len(),
+                fired_text(f),
+                f.subject,
+                if problems.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", problems.join(", "))
+                }
+            );
+        }
+    }
+    r
+}
+
+/// Intent ids of this run seen on `mesh.task.completed`, with counts.
+async fn watch_completions(
+    target: &Target,
+    run_id: &str,
+    stop: &CancellationToken,
+) -> Arc<Mutex<HashMap<String, u64>>> {
+    let seen: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let prefix = format!("chaos-{run_id}-");
+    if let Ok(mut sub) = target.client.subscribe("mesh.task.completed").await {
+        let record = seen.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    m = sub.next() => match m { Some(m) => m, None => break },
+                };
+                if let Ok(v) = serde_json::from_slice::<Value>(&msg.payload)
+                    && let Some(id) = v["payload"]["intent_id"].as_str()
+                    && id.starts_with(&prefix)
+                {
+                    *record.lock().await.entry(id.to_owned()).or_default() += 1;
+                }
+            }
+        });
+    }
+    seen
+}
+
+/// Accepted intents not yet in a final status (sampled: stops counting at the first 50).
+async fn intents_pending(target: &Target, sent: &Arc<Mutex<Sent>>) -> usize {
+    let ids: Vec<String> = sent
+        .lock()
+        .await
+        .intents
+        .iter()
+        .filter(|(_, i)| !i.refused && !i.unanswered)
+        .map(|(id, _)| id.clone())
+        .collect();
+    if ids.is_empty() {
+        return 0;
+    }
+    let Ok(kv) = target.js.get_key_value(streams::INTENTS_BUCKET).await else {
+        return ids.len();
+    };
+    let mut pending = 0;
+    let mut reads = futures::stream::iter(ids)
+        .map(|id| {
+            let kv = kv.clone();
+            async move { kv.get(&id).await.ok().flatten() }
+        })
+        .buffer_unordered(64);
+    while let Some(entry) = reads.next().await {
+        let done = entry
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v["status"].as_str().map(str::to_owned))
+            .is_some_and(|s| matches!(s.as_str(), "completed" | "failed" | "rejected"));
+        if !done {
+            pending += 1;
+            if pending >= 50 {
+                break;
+            }
+        }
+    }
+    pending
+}
+
+fn check_events(
+    sent: &Sent,
+    seen: &HashMap<String, Vec<i64>>,
+    backlog: u64,
+    latency: &mut Histogram<u64>,
+) -> CheckResult {
+    let mut ledger = Ledger::new();
+    for (id, sent_ms) in &sent.events {
+        ledger.expect(id.clone(), Expected::Delivered);
+        match seen.get(id) {
+            Some(times) => {
+                for _ in times {
+                    ledger.observe(id.clone(), Observation::Completed);
+                }
+                if let Some(first) = times.iter().min() {
+                    let _ = latency.record((first - sent_ms).max(1) as u64);
+                }
+            }
+            None if backlog > 0 => ledger.observe(
+                id.clone(),
+                Observation::Held(format!(
+                    "not processed yet ({backlog} event(s) still pending in the mesh)"
+                )),
+            ),
+            None => {}
+        }
+    }
+    for (id, times) in seen {
+        if !sent.events.contains_key(id) && !sent.unacked_events.contains(id) {
+            for _ in times {
+                ledger.observe(id.clone(), Observation::Completed);
+            }
+        }
+    }
+    ledger.classify()
+}
+
+async fn check_intents(
+    target: &Target,
+    sent: &Sent,
+    observed: &HashMap<String, u64>,
+    latency: &mut Histogram<u64>,
+) -> CheckResult {
+    let mut ledger = Ledger::new();
+    let kv = target.js.get_key_value(streams::INTENTS_BUCKET).await.ok();
+    let ids: Vec<(String, inject::SentIntent)> =
+        sent.intents.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    let records: Vec<(String, inject::SentIntent, Option<Value>)> = futures::stream::iter(ids)
+        .map(|(id, info)| {
+            let kv = kv.clone();
+            async move {
+                let record = match &kv {
+                    Some(kv) => kv
+                        .get(&id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|b| serde_json::from_slice::<Value>(&b).ok()),
+                    None => None,
+                };
+                (id, info, record)
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    for (id, info, record) in records {
+        if info.unanswered && record.is_none() {
+            // Never acknowledged and unknown to the system: not in the ledger.
+            continue;
+        }
+        ledger.expect(id.clone(), info.expected);
+        if info.refused {
+            ledger.observe(id.clone(), Observation::Refused);
+        }
+        let Some(record) = record else { continue };
+        let status = record["status"].as_str().unwrap_or("?").to_owned();
+        let history = record["history"].as_array().cloned().unwrap_or_default();
+        let completions = history
+            .iter()
+            .filter(|h| h["status"] == "completed")
+            .count();
+        match status.as_str() {
+            "completed" => {
+                for _ in 0..completions.max(1) {
+                    ledger.observe(id.clone(), Observation::Completed);
+                }
+                let queued = history
+                    .iter()
+                    .find(|h| h["status"] == "queued")
+                    .and_then(|h| h["at"].as_str())
+                    .and_then(time::parse_ms);
+                let done = history
+                    .iter()
+                    .rev()
+                    .find(|h| h["status"] == "completed")
+                    .and_then(|h| h["at"].as_str())
+                    .and_then(time::parse_ms);
+                if let (Some(q), Some(d)) = (queued, done) {
+                    let _ = latency.record((d - q).max(1) as u64);
+                }
+            }
+            "failed" | "rejected" => ledger.observe(
+                id.clone(),
+                Observation::Failed(format!(
+                    "{status}: {}",
+                    record["error"].as_str().unwrap_or("")
+                )),
+            ),
+            other => ledger.observe(id.clone(), Observation::Held(other.to_owned())),
+        }
+    }
+    // Completions announced for intents of this run that were never sent.
+    for (id, n) in observed {
+        if !sent.intents.contains_key(id) {
+            for _ in 0..*n {
+                ledger.observe(id.clone(), Observation::Completed);
+            }
+        }
+    }
+    ledger.classify()
+}
+
+/// Reads the cascade's events from the mesh stream and checks its shape: every stored event
+/// above the expected depth has exactly `fan_out` children, nothing goes deeper.
+async fn check_cascade(
+    target: &Target,
+    s: &Scenario,
+    method: &[Injection],
+    cascade: &inject::SentCascade,
+    start_seq: u64,
+) -> (CheckResult, BTreeMap<u64, u64>) {
+    let rule_depth = method.iter().find_map(|i| match i {
+        Injection::Cascade { tag, depth, .. } if *tag == cascade.tag => Some(depth.map(|d| d.0)),
+        _ => None,
+    });
+    let _ = s;
+    let limit = target.cfg.mesh.cascade_depth_limit;
+    let expected_depth = rule_depth.flatten().map_or(limit, |d| d.min(limit));
+    let events = read_flow(target, &cascade.tag, &cascade.correlation_id, start_seq).await;
+    let mut ledger = Ledger::new();
+    let mut levels: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut children: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+    for root in &cascade.roots {
+        ledger.expect(root.clone(), Expected::Delivered);
+    }
+    for e in &events {
+        let id = e["event_id"].as_str().unwrap_or("?").to_owned();
+        let depth = e["depth"].as_u64().unwrap_or(0);
+        *levels.entry(depth).or_default() += 1;
+        if depth == 0 {
+            ledger.observe(id.clone(), Observation::Completed);
+        } else if let Some(parent) = e["causation_id"].as_str() {
+            children
+                .entry(parent.to_owned())
+                .or_default()
+                .push((id.clone(), depth));
+        }
+        if depth < expected_depth {
+            for k in 0..cascade.fan_out {
+                ledger.expect(format!("{id}/child-{k}"), Expected::Delivered);
+            }
+        }
+    }
+    for (parent, mut kids) in children {
+        kids.sort();
+        for (k, _) in kids.iter().enumerate() {
+            ledger.observe(format!("{parent}/child-{k}"), Observation::Completed);
+        }
+    }
+    (ledger.classify(), levels)
+}
+
+async fn read_flow(target: &Target, tag: &str, correlation: &str, start_seq: u64) -> Vec<Value> {
+    let mut out = Vec::new();
+    let Ok(stream) = target.js.get_stream(streams::MESH_STREAM).await else {
+        return out;
+    };
+    let Ok(reader) = stream
+        .create_consumer(consumer::pull::Config {
+            filter_subject: format!("mesh.test.cascade.{tag}.>"),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start_seq.max(1),
+            },
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(60),
+            ..Default::default()
+        })
+        .await
+    else {
+        return out;
+    };
+    loop {
+        let Ok(mut batch) = reader
+            .fetch()
+            .max_messages(1000)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+        else {
+            break;
+        };
+        let mut got = 0;
+        while let Some(Ok(msg)) = batch.next().await {
+            got += 1;
+            if let Ok(v) = serde_json::from_slice::<Value>(&msg.payload)
+                && v["correlation_id"] == correlation
+            {
+                out.push(v);
+            }
+        }
+        if got == 0 {
+            break;
+        }
+    }
+    out
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// The JSON of a result, for the journal.
+pub fn to_json(results: &[ScenarioResult]) -> Value {
+    json!(results)
+}

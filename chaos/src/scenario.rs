@@ -1,0 +1,1182 @@
+//! The scenario file format (`chaos/scenarios/<id>.toml`, described in `docs/chaos.md`) and its
+//! loader.
+//!
+//! A scenario states its steady state, the method (the injections), the safeguards that must
+//! fire (with time limits and values), what the checker must find, the recovery limit, and a
+//! negative control: the same workload at normal load, under which those safeguards must stay
+//! silent. Every table refuses unknown fields; every error names the file, the line and the
+//! reason, and a scenario with an error is never run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use bulwark_common::BulwarkConfig;
+use serde::{Deserialize, Serialize};
+
+/// Why a scenario file could not be loaded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}:{line}: {reason}", file.display())]
+pub struct LoadError {
+    /// The file.
+    pub file: PathBuf,
+    /// The 1-based line the problem is on (1 when it concerns the whole file).
+    pub line: usize,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// The chaos categories of the seed (`--layer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    /// Layer 2 orchestration scenarios.
+    Layer2,
+    /// Disaster recovery testing.
+    Dirt,
+    /// Failure injection testing.
+    Fit,
+    /// Consistency under partitions, skew and conflicts.
+    Jepsen,
+}
+
+impl Category {
+    /// The name used by `--layer`.
+    pub fn layer_name(self) -> &'static str {
+        match self {
+            Category::Layer2 => "l2",
+            Category::Dirt => "dirt",
+            Category::Fit => "fit",
+            Category::Jepsen => "jepsen",
+        }
+    }
+}
+
+/// A severity on the seed's 1-5 scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "i64", into = "i64")]
+pub struct Severity(pub u8);
+
+impl TryFrom<i64> for Severity {
+    type Error = String;
+    fn try_from(v: i64) -> Result<Self, String> {
+        if (1..=5).contains(&v) {
+            Ok(Severity(v as u8))
+        } else {
+            Err(format!("severity must be 1-5, got {v}"))
+        }
+    }
+}
+
+impl From<Severity> for i64 {
+    fn from(s: Severity) -> i64 {
+        i64::from(s.0)
+    }
+}
+
+/// A number of seconds, zero or more.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize, Deserialize, Default)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Seconds(pub f64);
+
+impl TryFrom<f64> for Seconds {
+    type Error = String;
+    fn try_from(v: f64) -> Result<Self, String> {
+        if v.is_finite() && v >= 0.0 {
+            Ok(Seconds(v))
+        } else {
+            Err(format!("a duration in seconds must be 0 or more, got {v}"))
+        }
+    }
+}
+
+impl From<Seconds> for f64 {
+    fn from(s: Seconds) -> f64 {
+        s.0
+    }
+}
+
+/// A share between 0 and 1.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Serialize, Deserialize, Default)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Share(pub f64);
+
+impl TryFrom<f64> for Share {
+    type Error = String;
+    fn try_from(v: f64) -> Result<Self, String> {
+        if (0.0..=1.0).contains(&v) {
+            Ok(Share(v))
+        } else {
+            Err(format!("a share must be between 0.0 and 1.0, got {v}"))
+        }
+    }
+}
+
+impl From<Share> for f64 {
+    fn from(s: Share) -> f64 {
+        s.0
+    }
+}
+
+/// A count or rate that must be at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "i64", into = "i64")]
+pub struct AtLeastOne(pub u64);
+
+impl TryFrom<i64> for AtLeastOne {
+    type Error = String;
+    fn try_from(v: i64) -> Result<Self, String> {
+        if v >= 1 {
+            Ok(AtLeastOne(v as u64))
+        } else {
+            Err(format!("must be 1 or more, got {v}"))
+        }
+    }
+}
+
+impl From<AtLeastOne> for i64 {
+    fn from(n: AtLeastOne) -> i64 {
+        n.0 as i64
+    }
+}
+
+/// One chaos scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Unique id; the file is `<id>.toml`.
+    pub id: String,
+    /// The seed's category.
+    pub category: Category,
+    /// 1 (mild) to 5 (severe).
+    pub severity: Severity,
+    /// What the scenario does and why, for the report.
+    pub description: String,
+    /// Seconds after the last injection ends within which the steady state must hold again.
+    pub recovery_limit_s: Seconds,
+    /// bulwark configuration the runner's own stack uses (same keys as `bulwark.toml`); ignored
+    /// against a running bulwark (`--nats-url`).
+    #[serde(default)]
+    pub system: toml::Table,
+    /// How the runner's own stack is built.
+    #[serde(default)]
+    pub stack: StackSpec,
+    /// What must hold before the method starts and again after it, within the recovery limit.
+    pub steady_state: SteadyState,
+    /// The injections, run concurrently from their `at_s`.
+    #[serde(rename = "inject")]
+    pub method: Vec<Injection>,
+    /// The safeguards that must fire.
+    #[serde(default, rename = "expect")]
+    pub expectations: Vec<Expectation>,
+    /// What the checker and the measurements must show.
+    pub verify: Verify,
+    /// The negative control: the same workload at normal load.
+    pub control: Control,
+    /// How `--quick` shortens the scenario.
+    #[serde(default)]
+    pub quick: Quick,
+}
+
+/// How the runner's own stack is built (self-contained runs only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StackSpec {
+    /// HTM workers in the pool.
+    pub workers: usize,
+}
+
+impl Default for StackSpec {
+    fn default() -> Self {
+        Self { workers: 3 }
+    }
+}
+
+/// A steady-state check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    /// Every required service answers `$SRV.PING`.
+    ServicesAnswer,
+    /// `htm.readiness` says `htm_ready`.
+    HtmReady,
+    /// The mesh breaker is closed (`storm_guard.status`).
+    BreakerClosed,
+    /// No task waits or runs (`htm.readiness`: queue depth 0, nothing in flight).
+    TaskQueueEmpty,
+    /// Every worker of the pool runs (`htm.pool.status`).
+    PoolFull,
+    /// The event policy engine's mesh consumer has nothing pending or unacknowledged.
+    MeshConsumersCaughtUp,
+}
+
+impl Check {
+    /// The check's name in the file and the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::ServicesAnswer => "services_answer",
+            Check::HtmReady => "htm_ready",
+            Check::BreakerClosed => "breaker_closed",
+            Check::TaskQueueEmpty => "task_queue_empty",
+            Check::PoolFull => "pool_full",
+            Check::MeshConsumersCaughtUp => "mesh_consumers_caught_up",
+        }
+    }
+}
+
+/// The steady state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteadyState {
+    /// Checks that must all pass.
+    pub checks: Vec<Check>,
+}
+
+/// A subject pattern with `*` standing for generated type tokens.
+pub type SubjectPattern = String;
+
+/// One injection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Injection {
+    /// Publish mesh events at a rate for a duration (JetStream, acknowledgements awaited).
+    PublishEvents {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// Events per second, all patterns together.
+        rate_per_s: AtLeastOne,
+        /// How long.
+        duration_s: Seconds,
+        /// Event type patterns (`test.spam.*`): each `*` becomes one of `types_per_pattern`
+        /// tokens `t0`, `t1`, ...; events go round-robin over the types.
+        patterns: Vec<SubjectPattern>,
+        /// Distinct tokens per `*`.
+        #[serde(default = "one")]
+        types_per_pattern: AtLeastOne,
+    },
+    /// Submit intents on `htm.intent.submit`, a share of them invalid.
+    SubmitIntents {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// Intents in all (closed loop at `concurrency`); or give `rate_per_s` and `duration_s`.
+        #[serde(default)]
+        count: Option<AtLeastOne>,
+        /// Intents per second (open loop) for `duration_s`.
+        #[serde(default)]
+        rate_per_s: Option<AtLeastOne>,
+        /// How long the open loop runs.
+        #[serde(default)]
+        duration_s: Option<Seconds>,
+        /// Requests in flight at most.
+        #[serde(default = "one")]
+        concurrency: AtLeastOne,
+        /// Share of intents made invalid (each kind of defect in turn); they must get a 400.
+        #[serde(default)]
+        invalid_share: Share,
+        /// The intent type of the valid intents (it must be queued at once: tier 1, 2 or 4).
+        #[serde(default = "default_intent_type")]
+        intent_type: String,
+        /// Simulated work per task (`payload.work_ms`).
+        #[serde(default)]
+        work_ms: u64,
+        /// Priorities cycle from 0 to 9 when absent.
+        #[serde(default)]
+        priority: Option<u8>,
+    },
+    /// Pause the scheduler (`scheduler.pause`) and resume it after `duration_s`.
+    PauseScheduler {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// How long the scheduler stays paused.
+        duration_s: Seconds,
+    },
+    /// Kill a share of the pool's workers (`htm.pool.kill`) at random times.
+    KillWorkers {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// Share of the pool to kill (rounded up, at least one).
+        fraction: Share,
+        /// The kills happen at random times within this many seconds.
+        over_s: Seconds,
+        /// `crash` (dies, the supervisor respawns it) or `hang` (stops silently).
+        #[serde(default = "default_kill_mode")]
+        mode: KillMode,
+    },
+    /// Start causal cascades: `roots` root events of one correlation on
+    /// `test.cascade.<tag>.trigger`, which the rule `chaos_cascade_<tag>` answers with
+    /// `fan_out` children each, level after level.
+    Cascade {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// Tag naming the rule and the event types (`[a-z0-9_]`).
+        tag: String,
+        /// Root events.
+        #[serde(default = "one")]
+        roots: AtLeastOne,
+        /// Children per event and level.
+        #[serde(default = "one")]
+        fan_out: AtLeastOne,
+        /// Depth the rule stops at by itself; absent: it triggers itself forever and only the
+        /// cascade safeguard stops it.
+        #[serde(default)]
+        depth: Option<AtLeastOne>,
+    },
+    /// Crash a bulwark service and start it again (self-contained runs only).
+    RestartService {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// The service (its micro name, e.g. `scheduler`).
+        service: String,
+        /// Seconds it stays down.
+        #[serde(default)]
+        down_s: Seconds,
+    },
+    /// Kill the nats-server and start it again on the same port and store (self-contained
+    /// runs only).
+    RestartNats {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// Seconds it stays down.
+        #[serde(default)]
+        down_s: Seconds,
+    },
+}
+
+/// How `kill_workers` kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KillMode {
+    /// The worker dies abruptly; the pool respawns it after `worker.respawn_delay_s`.
+    Crash,
+    /// The worker stops heartbeating and taking work; only a respawn brings it back.
+    Hang,
+}
+
+impl KillMode {
+    /// The mode's name in `htm.pool.kill`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KillMode::Crash => "crash",
+            KillMode::Hang => "hang",
+        }
+    }
+}
+
+fn one() -> AtLeastOne {
+    AtLeastOne(1)
+}
+
+fn default_intent_type() -> String {
+    "query_knowledge".to_owned()
+}
+
+fn default_kill_mode() -> KillMode {
+    KillMode::Crash
+}
+
+/// The services `restart_service` can restart.
+pub const RESTARTABLE: [&str; 7] = [
+    "governance",
+    "clarity",
+    "storm_guard",
+    "event_policy_engine",
+    "scheduler",
+    "watchdog",
+    "htm_pool",
+];
+
+impl Injection {
+    /// The injection's kind as written in the file.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Injection::PublishEvents { .. } => "publish_events",
+            Injection::SubmitIntents { .. } => "submit_intents",
+            Injection::PauseScheduler { .. } => "pause_scheduler",
+            Injection::KillWorkers { .. } => "kill_workers",
+            Injection::Cascade { .. } => "cascade",
+            Injection::RestartService { .. } => "restart_service",
+            Injection::RestartNats { .. } => "restart_nats",
+        }
+    }
+
+    /// Its name, or `<kind>#<index>`.
+    pub fn label(&self, index: usize) -> String {
+        self.name()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("{}#{index}", self.kind()))
+    }
+
+    /// The name given in the file.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Injection::PublishEvents { name, .. }
+            | Injection::SubmitIntents { name, .. }
+            | Injection::PauseScheduler { name, .. }
+            | Injection::KillWorkers { name, .. }
+            | Injection::Cascade { name, .. }
+            | Injection::RestartService { name, .. }
+            | Injection::RestartNats { name, .. } => name.as_deref(),
+        }
+    }
+
+    /// Seconds after the method start.
+    pub fn at_s(&self) -> f64 {
+        match self {
+            Injection::PublishEvents { at_s, .. }
+            | Injection::SubmitIntents { at_s, .. }
+            | Injection::PauseScheduler { at_s, .. }
+            | Injection::KillWorkers { at_s, .. }
+            | Injection::Cascade { at_s, .. }
+            | Injection::RestartService { at_s, .. }
+            | Injection::RestartNats { at_s, .. } => at_s.0,
+        }
+    }
+
+    /// How long it lasts as planned (0 for the instantaneous ones; a closed-loop submission
+    /// lasts as long as it takes).
+    pub fn planned_duration_s(&self) -> f64 {
+        match self {
+            Injection::PublishEvents { duration_s, .. }
+            | Injection::PauseScheduler { duration_s, .. } => duration_s.0,
+            Injection::SubmitIntents { duration_s, .. } => duration_s.map(|d| d.0).unwrap_or(0.0),
+            Injection::KillWorkers { over_s, .. } => over_s.0,
+            Injection::RestartService { down_s, .. } | Injection::RestartNats { down_s, .. } => {
+                down_s.0
+            }
+            Injection::Cascade { .. } => 0.0,
+        }
+    }
+
+    /// True when the injection needs the runner's own stack.
+    pub fn needs_own_stack(&self) -> bool {
+        matches!(
+            self,
+            Injection::RestartService { .. } | Injection::RestartNats { .. }
+        )
+    }
+
+    /// This injection with its times scaled by `time` and its counts by `count` (`--quick`).
+    pub fn scaled(&self, time: f64, count: f64) -> Injection {
+        let s = |x: Seconds| Seconds(x.0 * time);
+        let n = |x: AtLeastOne| AtLeastOne(((x.0 as f64) * count).round().max(1.0) as u64);
+        let mut out = self.clone();
+        match &mut out {
+            Injection::PublishEvents {
+                at_s, duration_s, ..
+            } => {
+                *at_s = s(*at_s);
+                *duration_s = s(*duration_s);
+            }
+            Injection::SubmitIntents {
+                at_s,
+                count: c,
+                duration_s,
+                ..
+            } => {
+                *at_s = s(*at_s);
+                *c = c.map(n);
+                *duration_s = duration_s.map(s);
+            }
+            Injection::PauseScheduler {
+                at_s, duration_s, ..
+            } => {
+                *at_s = s(*at_s);
+                *duration_s = s(*duration_s);
+            }
+            Injection::KillWorkers { at_s, over_s, .. } => {
+                *at_s = s(*at_s);
+                *over_s = s(*over_s);
+            }
+            Injection::Cascade { at_s, .. } => *at_s = s(*at_s),
+            Injection::RestartService { at_s, down_s, .. }
+            | Injection::RestartNats { at_s, down_s, .. } => {
+                *at_s = s(*at_s);
+                *down_s = s(*down_s);
+            }
+        }
+        out
+    }
+}
+
+/// A safeguard that must fire: events on `subject` whose fields equal `where`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expectation {
+    /// The safeguard's name (unique in the scenario; the control refers to it).
+    pub safeguard: String,
+    /// The NATS subject (pattern) it announces itself on.
+    pub subject: String,
+    /// Fields (`payload.playbook`, `what`, ...) and the values they must have.
+    #[serde(default, rename = "where")]
+    pub matching: BTreeMap<String, toml::Value>,
+    /// The field holding the figure to report (and to hold against `min_value`/`max_value`).
+    #[serde(default)]
+    pub value: Option<String>,
+    /// The first firing's figure must be at least this.
+    #[serde(default)]
+    pub min_value: Option<f64>,
+    /// The first firing's figure must be at most this.
+    #[serde(default)]
+    pub max_value: Option<f64>,
+    /// It must fire within this many seconds of the start of `after` (or of the method).
+    #[serde(default)]
+    pub within_s: Option<Seconds>,
+    /// The injection (by name) the time limit counts from.
+    #[serde(default)]
+    pub after: Option<String>,
+    /// It must fire at least this many times (counting every matching event).
+    #[serde(default = "one_u64")]
+    pub min_count: u64,
+    /// It may fire at most this many times.
+    #[serde(default)]
+    pub max_count: Option<u64>,
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+/// What the checker and the measurements must show.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verify {
+    /// Ids still held (not yet processed) after the recovery wait, at most (lost, duplicated and
+    /// unexpected ids must always be 0).
+    #[serde(default)]
+    pub still_held_max: u64,
+    /// The 99th percentile of the intake latency (intent submitted to its decision), at most,
+    /// in milliseconds.
+    #[serde(default)]
+    pub submit_p99_ms_max: Option<f64>,
+    /// The 99th percentile of the completion latency (intents: queued to completed; events:
+    /// published to processed by the checker's mesh reader), at most, in milliseconds.
+    #[serde(default)]
+    pub completion_p99_ms_max: Option<f64>,
+    /// Cascades: no produced event deeper than this.
+    #[serde(default)]
+    pub max_event_depth: Option<u64>,
+    /// Cascades: exactly this many events at each level from 0 to `max_event_depth`.
+    #[serde(default)]
+    pub events_per_level: Option<u64>,
+    /// The load reached at least this share of what was asked (else the run is inconclusive).
+    #[serde(default = "default_load_share")]
+    pub min_load_share: Share,
+}
+
+fn default_load_share() -> Share {
+    Share(0.8)
+}
+
+/// The negative control.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    /// What the control does.
+    pub description: String,
+    /// Its injections (the same workload at normal load).
+    #[serde(rename = "inject")]
+    pub method: Vec<Injection>,
+    /// Safeguards (by name) that must not fire under it.
+    pub absent: Vec<String>,
+}
+
+/// How `--quick` shortens the scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quick {
+    /// Factor on every injection's times (`at_s`, `duration_s`, `over_s`, `down_s`).
+    pub time_scale: f64,
+    /// Factor on closed-loop intent counts.
+    pub count_scale: f64,
+    /// Replaces `recovery_limit_s`.
+    pub recovery_limit_s: Option<Seconds>,
+    /// Configuration layered over `[system]`.
+    pub system: toml::Table,
+    /// Replaces parts of expectations, by safeguard name (`[quick.expect."circuit breaker"]`).
+    pub expect: BTreeMap<String, ExpectOverride>,
+}
+
+/// What `--quick` may change in an expectation.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectOverride {
+    /// Replaces `within_s`.
+    #[serde(default)]
+    pub within_s: Option<Seconds>,
+    /// Replaces `min_value`.
+    #[serde(default)]
+    pub min_value: Option<f64>,
+    /// Replaces `max_value`.
+    #[serde(default)]
+    pub max_value: Option<f64>,
+    /// Replaces `min_count`.
+    #[serde(default)]
+    pub min_count: Option<u64>,
+    /// Replaces `max_count`.
+    #[serde(default)]
+    pub max_count: Option<u64>,
+}
+
+impl Default for Quick {
+    fn default() -> Self {
+        Self {
+            time_scale: 1.0,
+            count_scale: 1.0,
+            recovery_limit_s: None,
+            system: toml::Table::new(),
+            expect: BTreeMap::new(),
+        }
+    }
+}
+
+/// A scenario read from a file.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Where it came from.
+    pub file: PathBuf,
+}
+
+impl Scenario {
+    /// Parses `text` (the contents of `file`) and checks what serde cannot.
+    pub fn parse(file: &Path, text: &str) -> Result<Scenario, LoadError> {
+        let err = |line: usize, reason: String| LoadError {
+            file: file.to_owned(),
+            line,
+            reason,
+        };
+        let scenario: Scenario = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|span| line_at(text, span.start)).unwrap_or(1);
+            err(line, e.message().trim().to_owned())
+        })?;
+        let find = |needle: &str| line_of(text, needle);
+        if scenario.id.is_empty()
+            || !scenario
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(err(
+                find("id"),
+                format!(
+                    "id must be letters, digits, `_` and `-`, got {:?}",
+                    scenario.id
+                ),
+            ));
+        }
+        if let Some(stem) = file.file_stem().and_then(|s| s.to_str())
+            && stem != scenario.id
+        {
+            return Err(err(
+                find("id"),
+                format!(
+                    "id {:?} does not match the file name {stem}.toml",
+                    scenario.id
+                ),
+            ));
+        }
+        if scenario.method.is_empty() {
+            return Err(err(find("[steady_state]"), "no [[inject]] given".into()));
+        }
+        if scenario.steady_state.checks.is_empty() {
+            return Err(err(
+                find("checks"),
+                "steady_state.checks must name at least one check".into(),
+            ));
+        }
+        for (section, method) in [
+            ("inject", &scenario.method),
+            ("control.inject", &scenario.control.method),
+        ] {
+            validate_method(method).map_err(|(needle, reason)| {
+                err(find(&needle), format!("[[{section}]]: {reason}"))
+            })?;
+        }
+        let mut names = std::collections::BTreeSet::new();
+        let injection_names: Vec<&str> = scenario.method.iter().filter_map(|i| i.name()).collect();
+        for e in &scenario.expectations {
+            let at = || find(&format!("{:?}", e.safeguard));
+            if !names.insert(e.safeguard.as_str()) {
+                return Err(err(
+                    at(),
+                    format!("safeguard {:?} is expected twice", e.safeguard),
+                ));
+            }
+            if e.subject.is_empty() || e.subject.contains(' ') {
+                return Err(err(
+                    at(),
+                    format!("expectation {:?}: bad subject {:?}", e.safeguard, e.subject),
+                ));
+            }
+            if let Some(after) = &e.after
+                && !injection_names.contains(&after.as_str())
+            {
+                return Err(err(
+                    find(&format!("after = {after:?}")),
+                    format!(
+                        "expectation {:?}: after names no injection: {after:?} (named: {})",
+                        e.safeguard,
+                        injection_names.join(", ")
+                    ),
+                ));
+            }
+            if (e.min_value.is_some() || e.max_value.is_some()) && e.value.is_none() {
+                return Err(err(
+                    at(),
+                    format!(
+                        "expectation {:?}: min_value/max_value need `value` (the field to read)",
+                        e.safeguard
+                    ),
+                ));
+            }
+            if e.max_count.is_some_and(|max| max < e.min_count) {
+                return Err(err(
+                    at(),
+                    format!(
+                        "expectation {:?}: max_count is below min_count",
+                        e.safeguard
+                    ),
+                ));
+            }
+        }
+        for absent in &scenario.control.absent {
+            if !names.contains(absent.as_str()) {
+                return Err(err(
+                    find("absent"),
+                    format!(
+                        "control.absent names an unknown safeguard {absent:?} (expected: {})",
+                        names.iter().copied().collect::<Vec<_>>().join(", ")
+                    ),
+                ));
+            }
+        }
+        for name in scenario.quick.expect.keys() {
+            if !names.contains(name.as_str()) {
+                return Err(err(
+                    find("[quick.expect"),
+                    format!("quick.expect names an unknown safeguard {name:?}"),
+                ));
+            }
+        }
+        for (what, factor) in [
+            ("time_scale", scenario.quick.time_scale),
+            ("count_scale", scenario.quick.count_scale),
+        ] {
+            if !(factor > 0.0 && factor <= 1.0) {
+                return Err(err(
+                    find(what),
+                    format!("quick.{what} must be above 0 and at most 1, got {factor}"),
+                ));
+            }
+        }
+        for (section, table) in [
+            ("[system]", &scenario.system),
+            ("[quick.system]", &scenario.quick.system),
+        ] {
+            if let Err(reason) = apply_system(BulwarkConfig::default(), &[table]) {
+                let line = find(section).max(find(section.trim_end_matches(']')));
+                return Err(err(line, format!("{section}: {reason}")));
+            }
+        }
+        Ok(scenario)
+    }
+
+    /// This scenario as `--quick` runs it.
+    pub fn quick(&self) -> Scenario {
+        let q = &self.quick;
+        let mut s = self.clone();
+        s.method = self
+            .method
+            .iter()
+            .map(|i| i.scaled(q.time_scale, q.count_scale))
+            .collect();
+        s.control.method = self
+            .control
+            .method
+            .iter()
+            .map(|i| i.scaled(q.time_scale, q.count_scale))
+            .collect();
+        if let Some(limit) = q.recovery_limit_s {
+            s.recovery_limit_s = limit;
+        }
+        for e in &mut s.expectations {
+            if let Some(o) = q.expect.get(&e.safeguard) {
+                e.within_s = o.within_s.or(e.within_s);
+                e.min_value = o.min_value.or(e.min_value);
+                e.max_value = o.max_value.or(e.max_value);
+                e.min_count = o.min_count.unwrap_or(e.min_count);
+                e.max_count = o.max_count.or(e.max_count);
+            }
+        }
+        s
+    }
+
+    /// The configuration the runner's own stack uses: `base` with `[system]` and, when quick,
+    /// `[quick.system]` layered over it.
+    pub fn system_config(&self, base: BulwarkConfig, quick: bool) -> Result<BulwarkConfig, String> {
+        let mut layers = vec![&self.system];
+        if quick {
+            layers.push(&self.quick.system);
+        }
+        apply_system(base, &layers)
+    }
+}
+
+fn validate_method(method: &[Injection]) -> Result<(), (String, String)> {
+    if method.is_empty() {
+        return Err(("inject".into(), "at least one injection is needed".into()));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for i in method {
+        if let Some(name) = i.name()
+            && !names.insert(name.to_owned())
+        {
+            return Err((
+                format!("{name:?}"),
+                format!("the name {name:?} is used twice"),
+            ));
+        }
+        match i {
+            Injection::PublishEvents { patterns, .. } => {
+                if patterns.is_empty() {
+                    return Err(("patterns".into(), "patterns is empty".into()));
+                }
+                for p in patterns {
+                    let probe = p.replace('*', "t0");
+                    if !bulwark_common::subjects::is_valid_event_type(&probe) {
+                        return Err((
+                            format!("{p:?}"),
+                            format!(
+                                "pattern {p:?} is not an event type (tokens of [a-z0-9_-], `*` for generated ones)"
+                            ),
+                        ));
+                    }
+                }
+            }
+            Injection::SubmitIntents {
+                count,
+                rate_per_s,
+                duration_s,
+                priority,
+                intent_type,
+                ..
+            } => {
+                match (count, rate_per_s, duration_s) {
+                    (Some(_), None, None) | (None, Some(_), Some(_)) => {}
+                    _ => {
+                        return Err((
+                            "submit_intents".into(),
+                            "submit_intents needs either `count` or both `rate_per_s` and `duration_s`"
+                                .into(),
+                        ));
+                    }
+                }
+                if priority.is_some_and(|p| p > 9) {
+                    return Err(("priority".into(), "priority must be 0-9".into()));
+                }
+                if intent_type.is_empty() {
+                    return Err(("intent_type".into(), "intent_type is empty".into()));
+                }
+            }
+            Injection::Cascade { tag, .. } => {
+                if tag.is_empty()
+                    || !tag
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                {
+                    return Err((
+                        format!("{tag:?}"),
+                        format!("cascade tag must be [a-z0-9_], got {tag:?}"),
+                    ));
+                }
+            }
+            Injection::RestartService { service, .. } => {
+                if !RESTARTABLE.contains(&service.as_str()) {
+                    return Err((
+                        format!("{service:?}"),
+                        format!(
+                            "restart_service: unknown service {service:?} (one of {})",
+                            RESTARTABLE.join(", ")
+                        ),
+                    ));
+                }
+            }
+            Injection::PauseScheduler { .. }
+            | Injection::KillWorkers { .. }
+            | Injection::RestartNats { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// Layers `tables` (each shaped like `bulwark.toml`) over `base`; unknown keys and bad values
+/// are errors naming the key.
+pub fn apply_system(base: BulwarkConfig, tables: &[&toml::Table]) -> Result<BulwarkConfig, String> {
+    if tables.iter().all(|t| t.is_empty()) {
+        return Ok(base);
+    }
+    let mut value = toml::Value::try_from(&base).map_err(|e| e.to_string())?;
+    for table in tables {
+        merge(&mut value, &toml::Value::Table((*table).clone()));
+    }
+    let cfg: BulwarkConfig = value
+        .try_into()
+        .map_err(|e: toml::de::Error| e.message().trim().to_owned())?;
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+fn merge(into: &mut toml::Value, over: &toml::Value) {
+    match (into, over) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => {
+            for (k, v) in b {
+                match a.get_mut(k) {
+                    Some(existing) if existing.is_table() && v.is_table() => merge(existing, v),
+                    _ => {
+                        a.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v.clone(),
+    }
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    text.get(..offset.min(text.len()))
+        .map(|t| t.matches('\n').count() + 1)
+        .unwrap_or(1)
+}
+
+/// The 1-based line of the first line containing `needle` (1 when none does).
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or(1)
+}
+
+/// Loads every `*.toml` of `dir`, sorted by id; every error of every file is returned.
+pub fn load_dir(dir: &Path) -> Result<Vec<Loaded>, Vec<LoadError>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            return Err(vec![LoadError {
+                file: dir.to_owned(),
+                line: 1,
+                reason: format!("cannot read the scenario directory: {e}"),
+            }]);
+        }
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    let mut loaded = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        match load_file(&file) {
+            Ok(l) => loaded.push(l),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        loaded.sort_by(|a, b| a.scenario.id.cmp(&b.scenario.id));
+        Ok(loaded)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Loads one scenario file.
+pub fn load_file(file: &Path) -> Result<Loaded, LoadError> {
+    let text = std::fs::read_to_string(file).map_err(|e| LoadError {
+        file: file.to_owned(),
+        line: 1,
+        reason: format!("cannot read: {e}"),
+    })?;
+    Ok(Loaded {
+        scenario: Scenario::parse(file, &text)?,
+        file: file.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+id = "demo"
+category = "layer2"
+severity = 3
+description = "a demo"
+recovery_limit_s = 30.0
+
+[system.mesh]
+cooldown_s = 5.0
+
+[steady_state]
+checks = ["services_answer", "breaker_closed"]
+
+[[inject]]
+kind = "publish_events"
+name = "flood"
+rate_per_s = 100
+duration_s = 2.0
+patterns = ["test.spam.*"]
+types_per_pattern = 4
+
+[[expect]]
+safeguard = "breaker"
+subject = "mesh.breaker.opened"
+value = "payload.event_count"
+min_value = 500.0
+within_s = 10.0
+after = "flood"
+
+[verify]
+still_held_max = 0
+
+[control]
+description = "calm"
+absent = ["breaker"]
+[[control.inject]]
+kind = "publish_events"
+rate_per_s = 10
+duration_s = 2.0
+patterns = ["test.spam.*"]
+
+[quick]
+time_scale = 0.5
+"#;
+
+    fn parse(text: &str) -> Result<Scenario, LoadError> {
+        Scenario::parse(Path::new("chaos/scenarios/demo.toml"), text)
+    }
+
+    #[test]
+    fn a_good_file_loads() {
+        let s = parse(GOOD).expect("loads");
+        assert_eq!(s.id, "demo");
+        assert_eq!(s.method.len(), 1);
+        assert_eq!(s.expectations[0].after.as_deref(), Some("flood"));
+        let cfg = s
+            .system_config(BulwarkConfig::default(), false)
+            .expect("config");
+        assert_eq!(cfg.mesh.cooldown_s, 5.0);
+        let q = s.quick();
+        assert_eq!(q.method[0].planned_duration_s(), 1.0);
+    }
+
+    #[test]
+    fn an_unknown_field_names_file_line_and_field() {
+        let text = GOOD.replace("types_per_pattern = 4", "types_per_pattern = 4\nspeed = 9");
+        let e = parse(&text).expect_err("refused");
+        assert_eq!(e.file, Path::new("chaos/scenarios/demo.toml"));
+        assert!(e.reason.contains("speed"), "{e}");
+        let line = text
+            .lines()
+            .position(|l| l.contains("speed"))
+            .expect("line")
+            + 1;
+        // The error points into the [[inject]] table holding the unknown key.
+        assert!(
+            e.line <= line && e.line >= line - 7,
+            "{e} (speed on {line})"
+        );
+    }
+
+    #[test]
+    fn a_bad_value_is_refused_at_its_line() {
+        let text = GOOD.replace("severity = 3", "severity = 7");
+        let e = parse(&text).expect_err("refused");
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.reason.contains("severity must be 1-5"), "{e}");
+        let text = GOOD.replace("duration_s = 2.0\npatterns", "duration_s = -2.0\npatterns");
+        let e = parse(&text).expect_err("refused");
+        assert!(e.reason.contains("0 or more"), "{e}");
+        let text = GOOD.replace("\"test.spam.*\"]\ntypes", "\"Test Spam\"]\ntypes");
+        let e = parse(&text).expect_err("refused");
+        assert!(e.reason.contains("not an event type"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_section_is_named() {
+        let text = GOOD.replace("[verify]\nstill_held_max = 0\n", "");
+        let e = parse(&text).expect_err("refused");
+        assert!(e.reason.contains("verify"), "{e}");
+        let text = GOOD.replace(
+            "[steady_state]\nchecks = [\"services_answer\", \"breaker_closed\"]\n",
+            "",
+        );
+        let e = parse(&text).expect_err("refused");
+        assert!(e.reason.contains("steady_state"), "{e}");
+    }
+
+    #[test]
+    fn cross_references_and_system_keys_are_checked() {
+        let text = GOOD.replace("after = \"flood\"", "after = \"flod\"");
+        let e = parse(&text).expect_err("no");
+        assert!(e.reason.contains("after names no injection"), "{e}");
+        let line = text.lines().position(|l| l.contains("flod")).expect("line") + 1;
+        assert_eq!(e.line, line, "{e}");
+        let e = parse(&GOOD.replace("absent = [\"breaker\"]", "absent = [\"breakr\"]"))
+            .expect_err("no");
+        assert!(e.reason.contains("unknown safeguard"), "{e}");
+        let e = parse(&GOOD.replace("cooldown_s = 5.0", "cooldwn_s = 5.0")).expect_err("no");
+        assert!(e.reason.contains("cooldwn_s"), "{e}");
+        assert_eq!(e.line, 8, "{e}");
+        let e = parse(&GOOD.replace("check\"", "x")).err();
+        assert!(e.is_none());
+        let e = parse(&GOOD.replace("\"breaker_closed\"", "\"breaker_shut\"")).expect_err("no");
+        assert!(e.reason.contains("breaker_shut"), "{e}");
+        let e = Scenario::parse(Path::new("other.toml"), GOOD).expect_err("no");
+        assert!(e.reason.contains("does not match the file name"), "{e}");
+    }
+
+    #[test]
+    fn the_repository_scenarios_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let loaded = load_dir(&dir).unwrap_or_else(|errors| {
+            panic!(
+                "{}",
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        assert!(loaded.len() >= 5);
+    }
+}
