@@ -4,7 +4,9 @@
 //! [`NatsServer::start`] runs the repository's own `nats.conf` (users and permissions included)
 //! with three test overrides: a random client port, a random monitoring port and a temporary
 //! JetStream store. [`NatsServer::restart`] brings it back on the same port with the same store.
-//! Dropping it kills the process and deletes the store.
+//! Dropping it kills the process and deletes the store. [`NatsCluster::start`] runs several such
+//! servers as one JetStream cluster (routes on free loopback ports), so tests can kill a broker
+//! node while clients stay connected to the others.
 //!
 //! The nats-server binary is `$NATS_SERVER`, else `nats-server` on PATH, else the one
 //! `scripts/setup` installs into `.tools/pip/bin`.
@@ -46,6 +48,15 @@ pub struct NatsServer {
     port: u16,
     monitor_port: u16,
     with_auth: bool,
+    cluster: Option<ClusterNode>,
+}
+
+/// A server's place in a cluster: its name, its route port and every route port.
+#[derive(Debug, Clone)]
+struct ClusterNode {
+    name: String,
+    route_port: u16,
+    routes: Vec<u16>,
 }
 
 impl NatsServer {
@@ -67,6 +78,23 @@ impl NatsServer {
             port: 0,
             monitor_port: 0,
             with_auth,
+            cluster: None,
+        };
+        server.spawn(None)?;
+        Ok(server)
+    }
+
+    fn launch_node(node: ClusterNode) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("bulwark-nats-{}-", node.name))
+            .tempdir()?;
+        let mut server = NatsServer {
+            child: None,
+            dir,
+            port: 0,
+            monitor_port: 0,
+            with_auth: true,
+            cluster: Some(node),
         };
         server.spawn(None)?;
         Ok(server)
@@ -103,7 +131,26 @@ impl NatsServer {
             if replaced != 3 {
                 bail!("nats.conf lost one of listen/http/store_dir; the harness cannot adapt it");
             }
-            lines.join("\n")
+            let mut text = lines.join("\n");
+            if let Some(node) = &self.cluster {
+                text = text
+                    .lines()
+                    .filter(|l| !l.trim_start().starts_with("server_name:"))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let routes: Vec<String> = node
+                    .routes
+                    .iter()
+                    .map(|p| format!("nats://127.0.0.1:{p}"))
+                    .collect();
+                text = format!(
+                    "server_name: {}\n{text}\ncluster {{\n  name: bulwark_test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    node.name,
+                    node.route_port,
+                    routes.join(", ")
+                );
+            }
+            text
         } else {
             format!(
                 "listen: {listen}\nhttp: 127.0.0.1:-1\njetstream {{\n  store_dir: {:?}\n}}\n",
@@ -207,6 +254,8 @@ impl NatsServer {
         }
         cfg.nats.request_timeout_ms = 5_000;
         cfg.telemetry.interval_s = 1.0;
+        // A replica that crashed holding a lease is replaced after 2 s, not 10.
+        cfg.replicas.lease_ttl_s = 2.0;
         cfg
     }
 
@@ -243,6 +292,107 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A JetStream cluster of nats-servers on loopback, each with the repository's `nats.conf`
+/// (users and permissions), a random client port and a temporary store. Streams and buckets
+/// bulwark creates on it get three replicas.
+pub struct NatsCluster {
+    /// The nodes, in start order.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes and waits until JetStream answers on every one.
+    pub async fn start(size: usize) -> Self {
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let nodes = route_ports
+            .iter()
+            .enumerate()
+            .map(|(i, &port)| {
+                NatsServer::launch_node(ClusterNode {
+                    name: format!("n{}", i + 1),
+                    route_port: port,
+                    routes: route_ports.clone(),
+                })
+                .expect("cluster node starts")
+            })
+            .collect();
+        let cluster = NatsCluster { nodes };
+        for i in 0..size {
+            cluster.wait_jetstream(i).await;
+        }
+        cluster
+    }
+
+    /// Waits until node `i` answers JetStream requests (a metadata leader is elected).
+    pub async fn wait_jetstream(&self, i: usize) {
+        let client = self.nodes[i].client().await;
+        let js = async_nats::jetstream::new(client);
+        eventually(
+            Duration::from_secs(30),
+            "JetStream on the cluster node",
+            || {
+                let js = js.clone();
+                async move { js.query_account().await.ok().map(|_| ()) }
+            },
+        )
+        .await;
+    }
+
+    /// Every node's client URL, comma-separated (the seed list bulwark connects with).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .filter(|n| n.port != 0)
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Bulwark configuration with every seed URL and test-friendly timeouts.
+    pub fn config(&self) -> BulwarkConfig {
+        let mut cfg = self.nodes[0].config();
+        cfg.nats.url = self.url();
+        cfg
+    }
+
+    /// Kills node `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].stop();
+    }
+
+    /// Starts node `i` again on its ports with its store, and waits for its JetStream.
+    pub async fn restart(&mut self, i: usize) {
+        let port = self.nodes[i].port;
+        self.nodes[i]
+            .spawn(Some(port))
+            .expect("cluster node restarts");
+        self.wait_jetstream(i).await;
+    }
+
+    /// A client with service credentials that knows every node.
+    pub async fn client(&self) -> async_nats::Client {
+        let (user, password) = SERVICE_USER;
+        let urls: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|n| n.url().parse().expect("url"))
+            .collect();
+        async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+            .retry_on_initial_connect()
+            .connect(urls)
+            .await
+            .expect("client connects to the cluster")
+    }
+}
+
+/// A free loopback TCP port (bound once, then released for the server to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// A bulwark service running in-process on a runtime of its own, so that a crash can take
@@ -391,9 +541,18 @@ pub async fn start_scheduler(cfg: BulwarkConfig) -> RunningService {
 /// subject. Several workers share the micro name `htm_worker`, so readiness is checked on the
 /// worker's own subject.
 pub async fn start_worker(cfg: BulwarkConfig, worker_id: &str) -> RunningService {
+    let handlers = bulwark_worker::Handlers::builtin(cfg.worker.max_work_ms);
+    start_worker_with(cfg, worker_id, handlers).await
+}
+
+/// Starts worker `worker_id` with `handlers`, as [`start_worker`] does.
+pub async fn start_worker_with(
+    cfg: BulwarkConfig,
+    worker_id: &str,
+    handlers: bulwark_worker::Handlers,
+) -> RunningService {
     let probe = probe_client(&cfg).await;
     let id = worker_id.to_owned();
-    let handlers = bulwark_worker::Handlers::builtin(cfg.worker.max_work_ms);
     let running = spawn_service(worker_id, cfg, move |cfg, client, token| {
         bulwark_worker::run_worker(cfg, client, token, id, handlers)
     });
@@ -453,6 +612,16 @@ pub async fn start_pool(cfg: BulwarkConfig, ids: &[&str]) -> RunningService {
         .await;
     }
     running
+}
+
+/// Starts the playbooks service with `cfg` (its `playbooks.dir` made absolute against the
+/// repository when relative) and waits until it answers `$SRV.INFO`.
+pub async fn start_playbooks(mut cfg: BulwarkConfig) -> RunningService {
+    let dir = PathBuf::from(&cfg.playbooks.dir);
+    if dir.is_relative() {
+        cfg.playbooks.dir = repo_root().join(dir).display().to_string();
+    }
+    start_service("playbooks", cfg, bulwark_playbooks::run).await
 }
 
 /// Sends a JSON request and returns the reply's JSON and its micro error code header, if any.

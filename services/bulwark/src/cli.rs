@@ -78,6 +78,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Playbooks: list them with their last run, check they compile, run one.
+    Playbook {
+        /// What to do.
+        #[command(subcommand)]
+        action: crate::playbook::PlaybookAction,
+    },
     /// Chaos scenarios: real load and faults, the safeguards that must fire, nothing lost.
     Chaos {
         /// What to do.
@@ -116,6 +122,8 @@ pub enum ServiceName {
     HtmPool,
     /// The Layer 2 watchdog: health report and alerts from telemetry, pings and readiness.
     Watchdog,
+    /// Playbooks: incidents start sandboxed Rhai remediation scripts.
+    Playbooks,
 }
 
 /// Intent subcommands.

@@ -119,6 +119,7 @@ pub async fn dispatch(
         Command::Narratives(args) => crate::narratives::narratives(&cfg, args).await,
         Command::Audit { action } => crate::narratives::audit(&cfg, action).await,
         Command::Status { json } => crate::status::status(&cfg, json).await,
+        Command::Playbook { action } => crate::playbook::playbook(&cfg, action).await,
         Command::Chaos { action } => crate::chaos::chaos(action, cfg, url_given).await,
     }
 }

@@ -8,6 +8,7 @@ mod commands;
 mod metrics;
 mod narratives;
 mod nats_server;
+mod playbook;
 mod services;
 mod status;
 mod up;

@@ -73,8 +73,16 @@ fn check(cfg: &BulwarkConfig, dir: Option<String>) -> ExitCode {
         println!(
             "ok     {name:<30} {} step(s){}{}",
             pb.meta.steps.len(),
-            if pb.meta.verify.is_some() { ", verify" } else { "" },
-            if pb.meta.rollback.is_some() { ", rollback" } else { "" }
+            if pb.meta.verify.is_some() {
+                ", verify"
+            } else {
+                ""
+            },
+            if pb.meta.rollback.is_some() {
+                ", rollback"
+            } else {
+                ""
+            }
         );
     }
     for err in &library.errors {
@@ -191,7 +199,11 @@ async fn run(
                 if step["ok"] == true { "ok" } else { "FAILED" }
             );
             for call in step["calls"].as_array().into_iter().flatten() {
-                let verb = if call["action"] == true { "would call" } else { "read" };
+                let verb = if call["action"] == true {
+                    "would call"
+                } else {
+                    "read"
+                };
                 println!(
                     "    {verb} {}({}) -> {}",
                     call["function"].as_str().unwrap_or("?"),
@@ -214,7 +226,11 @@ async fn run(
 
     let (client, _) = connect::connect(&cfg.nats, "bulwark-cli", Role::Cli).await?;
     let mut events = client
-        .subscribe(format!("{}.{}.>", subjects::MESH_PREFIX, subjects::PLAYBOOK_EVENT_PREFIX))
+        .subscribe(format!(
+            "{}.{}.>",
+            subjects::MESH_PREFIX,
+            subjects::PLAYBOOK_EVENT_PREFIX
+        ))
         .await
         .context("cannot follow mesh.playbook.>")?;
     let started = crate::commands::request(

@@ -19,6 +19,7 @@ impl ServiceName {
             ServiceName::HtmWorker => bulwark_worker::SERVICE_NAME,
             ServiceName::HtmPool => bulwark_worker::pool::SERVICE_NAME,
             ServiceName::Watchdog => bulwark_watchdog::SERVICE_NAME,
+            ServiceName::Playbooks => bulwark_playbooks::SERVICE_NAME,
         }
     }
 
@@ -43,6 +44,9 @@ impl ServiceName {
                 "htm.pool.status|kill|respawn; keeps worker.count workers alive"
             }
             ServiceName::Watchdog => "watchdog.report; alerts on mesh.layer2.<severity>_alert",
+            ServiceName::Playbooks => {
+                "playbook.run|list|check|reload; incidents start playbooks/*.rhai"
+            }
         }
     }
 
@@ -55,6 +59,7 @@ impl ServiceName {
             ServiceName::EventPolicyEngine,
             ServiceName::Scheduler,
             ServiceName::Watchdog,
+            ServiceName::Playbooks,
         ]
     }
 }
@@ -86,6 +91,7 @@ pub async fn run(
             bulwark_worker::pool::run_pool(cfg, client.clone(), shutdown, ids).await?
         }
         ServiceName::Watchdog => bulwark_watchdog::run(cfg, client.clone(), shutdown).await?,
+        ServiceName::Playbooks => bulwark_playbooks::run(cfg, client.clone(), shutdown).await?,
     }
     // Push out what is buffered (last narratives, replies) before the connection drops.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;

@@ -71,7 +71,8 @@ pub struct Examined {
 /// (`who`, `what`, `when`, `where`, `how` strings; `why` a list of strings). Never fails: bad
 /// input is kept, flagged.
 pub fn examine(payload: &[u8]) -> Examined {
-    let narrative: Value = match serde_json::from_slice(payload) {
+    // Duplicate keys are refused: the chain must hash what every reader of the narrative sees.
+    let narrative: Value = match bulwark_common::api::parse_json(payload) {
         Ok(value) => value,
         Err(err) => {
             return Examined {

@@ -11,6 +11,8 @@ use crate::chain::AuditRecord;
 
 /// Error code of refused queries.
 pub const INVALID_QUERY: &str = "invalid_query";
+/// Largest `clarity.query` body accepted, in bytes.
+const MAX_QUERY_BYTES: usize = 64 * 1024;
 
 /// The request body of `clarity.query`; every field is optional.
 #[derive(Debug, Default, Deserialize)]
@@ -50,11 +52,13 @@ impl Filter {
         default_limit: usize,
         max_limit: usize,
     ) -> Result<Self, ApiError> {
-        let req: QueryRequest = if body.iter().all(u8::is_ascii_whitespace) {
-            QueryRequest::default()
-        } else {
-            bulwark_common::api::decode(body, INVALID_QUERY, 64 * 1024)?
-        };
+        // An empty body asks for everything; an oversize one is refused even when it is blank.
+        let req: QueryRequest =
+            if body.len() <= MAX_QUERY_BYTES && body.iter().all(u8::is_ascii_whitespace) {
+                QueryRequest::default()
+            } else {
+                bulwark_common::api::decode(body, INVALID_QUERY, MAX_QUERY_BYTES)?
+            };
         let limit = match req.limit {
             None => default_limit,
             Some(n) if n >= 1 && n <= max_limit as u64 => n as usize,

@@ -2,10 +2,13 @@
 //! `clarity.query` / `clarity.verify` endpoints, thin around [`crate::chain`] and
 //! [`crate::query`].
 //!
-//! **One writer, however many instances.** Every append names the sequence of the record it
-//! chains onto (`Nats-Expected-Last-Subject-Sequence`; the audit stream has one subject). When
-//! another instance appended first, JetStream refuses the write; the instance re-reads the tip
-//! of the chain and retries, so the chain never forks. Each append also carries the narrative's
+//! **One writer, however many instances.** Only the replica holding the `clarity` lease
+//! ([`bulwark_common::lease`]) consumes narratives and appends; the others answer queries and
+//! take over when the lease is released or runs out. The fence that makes a fork impossible even
+//! for a writer that lost its lease without knowing it is the store's own: every append names
+//! the sequence of the record it chains onto (`Nats-Expected-Last-Subject-Sequence`; the audit
+//! stream has one subject). When another instance appended first, JetStream refuses the write;
+//! the instance re-reads the tip of the chain and retries, so the chain never forks. Each append also carries the narrative's
 //! own sequence as `Nats-Msg-Id`, so a narrative appended but not acknowledged before a crash is
 //! recognised when redelivered and stored once.
 
@@ -28,7 +31,9 @@ use tokio_util::task::TaskTracker;
 use bulwark_common::api::{self, ApiError};
 use bulwark_common::config::{BulwarkConfig, ClarityConfig};
 use bulwark_common::kv::{self as kvx, Change};
-use bulwark_common::{streams, subjects, telemetry, time};
+use bulwark_common::lease::{self, Leadership};
+use bulwark_common::narrative::Narrator;
+use bulwark_common::{ids, streams, subjects, telemetry, time};
 
 use crate::chain::{self, AuditRecord, Bounds, Head, Stored, Verifier, VerifyReport};
 use crate::query::{Filter, INVALID_QUERY, Newest};
@@ -144,9 +149,25 @@ pub async fn run(
         .await
         .map_err(|e| ClarityError::Consumer(e.to_string()))?;
 
+    let holder = format!(
+        "{SERVICE_NAME}@{}/{}/{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
+        std::process::id(),
+        &ids::new_id()[28..]
+    );
+    let (leadership, elector) = lease::spawn(
+        lease::bucket(&js).await?,
+        js.clone(),
+        SERVICE_NAME,
+        &holder,
+        Duration::from_secs_f64(cfg.replicas.lease_ttl_s),
+        Narrator::new(js.clone(), SERVICE_NAME, &holder),
+        shutdown.clone(),
+    );
     let clarity = Arc::new(Clarity {
         js,
         head_kv,
+        leadership,
         cfg: cfg.clarity.clone(),
         counters: Arc::new(Counters::default()),
         timeout,
@@ -174,7 +195,11 @@ pub async fn run(
     )
     .await
     .map_err(ClarityError::Register)?;
-    tracker.spawn(consume(clarity.clone(), consumer, shutdown.clone()));
+    tracker.spawn(write_while_leading(
+        clarity.clone(),
+        consumer,
+        shutdown.clone(),
+    ));
     let telemetry_counters = clarity.counters.clone();
     telemetry::spawn(
         client.clone(),
@@ -191,7 +216,29 @@ pub async fn run(
 
     shutdown.cancelled().await;
     bulwark_common::micro::finish(SERVICE_NAME, service, tracker, SHUTDOWN_GRACE).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, elector).await;
     Ok(())
+}
+
+/// Appends narratives during each tenure of the `clarity` lease; stands by in between.
+async fn write_while_leading(
+    clarity: Arc<Clarity>,
+    consumer: PullConsumer,
+    shutdown: CancellationToken,
+) {
+    while let Some(token) = clarity.leadership.until_leader(&shutdown).await {
+        tracing::info!(token, "clarity: writing the audit chain");
+        let tenure = shutdown.child_token();
+        let ended = tenure.clone();
+        let leadership = clarity.leadership.clone();
+        let watch_shutdown = shutdown.clone();
+        let watcher = tokio::spawn(async move {
+            leadership.until_not_leader(&watch_shutdown).await;
+            ended.cancel();
+        });
+        consume(clarity.clone(), consumer.clone(), tenure).await;
+        watcher.abort();
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -236,8 +283,9 @@ async fn consume(clarity: Arc<Clarity>, consumer: PullConsumer, shutdown: Cancel
                     break;
                 }
             };
-            if failed {
-                // Keep the chain in narrative order: what follows a failure waits for it.
+            if failed || !clarity.leadership.is_leader() {
+                // Keep the chain in narrative order: what follows a failure waits for it. A
+                // replica that lost its lease leaves the rest to the new writer.
                 nak(&msg).await;
                 continue;
             }
@@ -300,6 +348,8 @@ enum AppendError {
 struct Clarity {
     js: jetstream::Context,
     head_kv: kv::Store,
+    /// This replica's part in the `clarity` (chain writer) lease.
+    leadership: Leadership,
     cfg: ClarityConfig,
     counters: Arc<Counters>,
     timeout: Duration,

@@ -27,12 +27,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// An error with the given status, code and message.
+    /// An error with the given status, code and message. A message longer than
+    /// [`MAX_MESSAGE_BYTES`] is cut (hostile input echoed in it must not make replies, headers,
+    /// logs or narratives huge).
     pub fn new(status: u16, code: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             status,
             code: code.into(),
-            message: message.into(),
+            message: bounded(message.into(), MAX_MESSAGE_BYTES),
         }
     }
     /// 400: the request itself is wrong.
@@ -130,6 +132,114 @@ pub async fn respond<T: Serialize>(request: &Request, result: Result<T, ApiError
     }
 }
 
+/// Longest error message kept, in bytes; the rest is replaced by a note of how much was cut.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `text` cut to at most `max` bytes (on a character boundary) plus a note of the cut.
+pub fn bounded(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let total = text.len();
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!("... ({total} bytes, cut)"));
+    text
+}
+
+/// `value` quoted for an error message, at most `max` bytes of it: hostile input may be echoed,
+/// never in full.
+pub fn excerpt(value: &str, max: usize) -> String {
+    if value.len() <= max {
+        return format!("{value:?}");
+    }
+    let mut end = max;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}... ({} bytes)", &value[..end], value.len())
+}
+
+/// Parses JSON like `serde_json::from_slice` (UTF-8 checked, nesting limited to 128 levels, so
+/// deep input is an error, not a stack overflow), and also refuses an object with the same key
+/// twice: readers that keep the first and readers that keep the last would see different
+/// requests.
+pub fn parse_json(payload: &[u8]) -> Result<serde_json::Value, serde_json::Error> {
+    serde_json::from_slice::<StrictValue>(payload).map(|v| v.0)
+}
+
+/// A JSON value whose objects have unique keys.
+struct StrictValue(serde_json::Value);
+
+impl<'de> Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| E::custom(format!("number {v} is not finite")))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        StrictValue::deserialize(d).map(|v| v.0)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key {}",
+                    excerpt(&key, 64)
+                )));
+            }
+            let StrictValue(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(serde_json::Value::Object(object))
+    }
+}
+
 /// Decodes a JSON request body into `T`, or a 400 `code` error whose message says what is wrong.
 pub fn decode<T: serde::de::DeserializeOwned>(
     payload: &[u8],
@@ -151,7 +261,7 @@ pub fn decode<T: serde::de::DeserializeOwned>(
             "body is empty: expected a JSON object",
         ));
     }
-    let value: serde_json::Value = serde_json::from_slice(payload)
+    let value = parse_json(payload)
         .map_err(|err| ApiError::bad_request(code, format!("body is not valid JSON: {err}")))?;
     if !value.is_object() {
         return Err(ApiError::bad_request(
@@ -203,6 +313,33 @@ mod tests {
                 .name,
             "x"
         );
+    }
+
+    #[test]
+    fn duplicate_keys_deep_nesting_and_long_echoes_are_refused_or_cut() {
+        let err = decode::<Probe>(br#"{"name":"a","name":"b"}"#, "bad", 100).expect_err("dup");
+        assert!(err.message.contains("duplicate key \"name\""), "{err}");
+        let nested = parse_json(br#"{"a":{"b":1,"b":2}}"#).expect_err("nested dup");
+        assert!(nested.to_string().contains("duplicate key"), "{nested}");
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let err = parse_json(deep.as_bytes()).expect_err("deep");
+        assert!(err.to_string().contains("recursion limit"), "{err}");
+        assert_eq!(
+            parse_json(br#"{"a":[1,-2,3.5,null,true,"x"]}"#).expect("ok"),
+            serde_json::json!({"a":[1,-2,3.5,null,true,"x"]})
+        );
+        let long = ApiError::bad_request("x", "é".repeat(5000));
+        assert!(
+            long.message.len() < MAX_MESSAGE_BYTES + 40,
+            "{}",
+            long.message.len()
+        );
+        assert!(
+            long.message.ends_with("(10000 bytes, cut)"),
+            "{}",
+            long.message
+        );
+        assert_eq!(excerpt("abc", 2), "\"ab\"... (3 bytes)");
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub async fn connect(
     role: Role,
 ) -> Result<(Client, Arc<ConnectionStats>), ConnectError> {
     let addrs = parse_urls(&cfg.url)?;
+    crate::streams::set_replicas(cfg.replicas);
     let stats = Arc::new(ConnectionStats::default());
     register(name, &stats);
     let (user, password) = match role {

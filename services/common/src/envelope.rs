@@ -129,8 +129,7 @@ impl MeshEvent {
                 body.len()
             ));
         }
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| format!("not valid JSON: {e}"))?;
+        let value = crate::api::parse_json(body).map_err(|e| format!("not valid JSON: {e}"))?;
         let Value::Object(mut obj) = value else {
             return Err(format!(
                 "event must be a JSON object, got {}",
@@ -141,7 +140,8 @@ impl MeshEvent {
         let event_type = opt_string(&mut obj, "event_type")?.unwrap_or(subject_type);
         if !crate::subjects::is_valid_event_type(&event_type) {
             return Err(format!(
-                "event_type {event_type:?} is not dot-separated tokens of [a-z0-9_-]"
+                "event_type {} is not dot-separated tokens of [a-z0-9_-]",
+                crate::api::excerpt(&event_type, 128)
             ));
         }
         let source = opt_string(&mut obj, "source")?.unwrap_or_else(|| "unknown".to_owned());
@@ -153,7 +153,10 @@ impl MeshEvent {
             .unwrap_or_else(crate::ids::new_id);
         let timestamp = match given_time {
             Some(ts) if crate::time::parse_ms(&ts).is_none() => {
-                return Err(format!("timestamp {ts:?} is not RFC 3339"));
+                return Err(format!(
+                    "timestamp {} is not RFC 3339",
+                    crate::api::excerpt(&ts, 64)
+                ));
             }
             Some(ts) => ts,
             None => assigned
@@ -304,6 +307,10 @@ mod tests {
             (br#"{"event_type": "Bad Type"}"#, "is not dot-separated"),
             (br#"{"payload": "x"}"#, "payload must be a JSON object"),
             (br#"{"lineage": [["a", 1]]}"#, "lineage entries"),
+            (
+                br#"{"source": "a", "source": "b"}"#,
+                "duplicate key \"source\"",
+            ),
         ] {
             let err = MeshEvent::normalise("mesh.a", body, 1024).expect_err("malformed");
             assert!(err.contains(reason), "{err} lacks {reason}");

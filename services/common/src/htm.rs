@@ -49,6 +49,15 @@ pub struct Assignment {
     pub fence: u64,
     /// 1 for the first attempt.
     pub attempt: u32,
+    /// Fencing token of the scheduler leader that sent it (0 from a scheduler without one). A
+    /// worker that has seen a higher one refuses it with 409 `stale_leader`: it comes from a
+    /// leader that lost its lease.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub leader_token: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The current assignment as recorded in the intent record.

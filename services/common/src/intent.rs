@@ -371,6 +371,14 @@ pub struct IntentRecord {
     /// The task's current (or last) assignment to a worker, once dispatched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub assignment: Option<crate::htm::AssignmentRecord>,
+    /// Fencing token of the scheduler leader that last changed this record (0: none yet). A
+    /// scheduler holding an older token may not change it (see [`crate::lease`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub leader_token: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A reviewer's recorded decision on an intent.

@@ -15,6 +15,7 @@
 //! - [`connect`]: connecting with timeouts, reconnects and an event callback that surfaces errors.
 //! - [`config`]: `bulwark.toml`, overridable by `BULWARK_...` environment variables.
 //! - [`kv`]: compare-and-set updates on KV entries.
+//! - [`lease`]: leader leases with fencing tokens for single-actor duties among replicas.
 //! - [`telemetry`]: the periodic `telemetry.<component>` heartbeat.
 //! - [`shutdown`]: turning Ctrl-C / SIGTERM into a cancellation token.
 //! - [`time`], [`ids`]: RFC 3339 UTC timestamps and UUIDv7 ids.
@@ -27,6 +28,7 @@ pub mod htm;
 pub mod ids;
 pub mod intent;
 pub mod kv;
+pub mod lease;
 pub mod logging;
 pub mod mesh;
 pub mod mesh_publisher;

@@ -609,6 +609,7 @@ pub fn dead_letter_event(
     reason: &str,
 ) -> MeshEvent {
     let excerpt = String::from_utf8_lossy(&body[..body.len().min(DEADLETTER_EXCERPT)]).into_owned();
+    let reason = crate::api::bounded(reason.to_owned(), crate::api::MAX_MESSAGE_BYTES);
     MeshEvent::root(
         "deadletter",
         who,

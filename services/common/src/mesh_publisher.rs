@@ -1,8 +1,8 @@
 //! Publishing on the trigger mesh the way a well-behaved component does: every event is stored
 //! in `BULWARK_MESH` with an acknowledgement (deduplicated by `event_id`), and throttle
 //! advisories from the storm guard are honoured: when `mesh.advisory.throttle` names this
-//! publisher's `source`, its events of that type are paced to `limit_per_second` for
-//! `throttle_for`, delayed rather than dropped.
+//! publisher's `source`, its events of that type are paced to `limit_per_second` for the
+//! advisory's `for_s` (or `throttle_for` when it gives none), delayed rather than dropped.
 //!
 //! # Subjects
 //! Consumes `mesh.advisory.throttle`. Produces `mesh.<event_type>` (JetStream).
@@ -132,7 +132,13 @@ impl MeshPublisher {
             until: now,
         });
         entry.interval = Duration::from_secs_f64(1.0 / limit);
-        entry.until = now + throttle_for;
+        // An advisory may say how long it lasts (`for_s`, e.g. from a playbook); else the
+        // publisher's own default.
+        let lasts = payload["for_s"]
+            .as_f64()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map_or(throttle_for, Duration::from_secs_f64);
+        entry.until = now + lasts;
         tracing::info!(source = %self.source, event_type, limit, "throttle advisory honoured");
     }
 

@@ -52,13 +52,19 @@ pub fn set_replicas(replicas: usize) {
 
 /// Replicas for a stream or bucket: the configured count, else 1 on a single server and 3 (or
 /// the cluster's size when smaller) on a cluster. The cluster's size is the number of client
-/// URLs the server advertises.
-pub fn replicas(js: &jetstream::Context) -> usize {
+/// URLs the server advertises. Waits for the connection when it is not established yet (a
+/// service connects in the background).
+pub async fn replicas(js: &jetstream::Context) -> usize {
     let configured = CONFIGURED_REPLICAS.load(Ordering::Relaxed);
     if configured > 0 {
         return configured;
     }
-    let info = js.client().server_info();
+    let client = js.client();
+    if client.server_info().server_id.is_empty() {
+        // The server's INFO arrives with the connection: a round trip waits for it.
+        let _ = tokio::time::timeout(Duration::from_secs(30), client.flush()).await;
+    }
+    let info = client.server_info();
     if info.cluster.is_none() {
         return 1;
     }
@@ -99,7 +105,7 @@ pub async fn bucket(
     name: &str,
     description: &str,
 ) -> Result<kv::Store, StoreError> {
-    let replicas = replicas(js);
+    let replicas = replicas(js).await;
     if let Ok(store) = js.get_key_value(name).await {
         scale(js, &format!("KV_{name}"), replicas).await?;
         return Ok(store);
@@ -170,7 +176,7 @@ async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, S
         storage: stream::StorageType::File,
         max_age: spec.max_age,
         duplicate_window: spec.duplicate_window,
-        num_replicas: replicas(js),
+        num_replicas: replicas(js).await,
         ..Default::default()
     };
     let stream = js

@@ -1,6 +1,7 @@
 //! The periodic heartbeat of a component: `telemetry.<component>` every `interval`, with the
 //! figures the component's `snapshot` function returns (CONTRACT section 5). The watchdog reads
 //! these; a component that stops publishing is presumed dead.
+//! A snapshot of `null` skips that beat (a standby replica whose figures would mislead).
 
 use std::time::Duration;
 
@@ -30,6 +31,9 @@ pub fn spawn(
                 _ = ticker.tick() => {}
             }
             let mut figures = snapshot();
+            if figures.is_null() {
+                continue;
+            }
             if let Value::Object(map) = &mut figures {
                 map.insert("component".into(), Value::String(component.clone()));
                 map.insert("timestamp".into(), Value::String(crate::time::now()));

@@ -294,6 +294,7 @@ impl Governance {
             error: None,
             review: None,
             assignment: None,
+            leader_token: 0,
         };
         if let Some(existing) = kvx::create_or_get(&self.intents, &intent.intent_id, &record)
             .await
@@ -322,36 +323,7 @@ impl Governance {
     }
 
     fn parse_intent(&self, body: &[u8], sender: Sender<'_>) -> Result<Intent, ApiError> {
-        let max = self.cfg.max_intent_bytes;
-        if body.len() > max {
-            return Err(ApiError::bad_request(
-                INVALID_INTENT,
-                format!(
-                    "body is {} bytes, over the limit of {max} bytes",
-                    body.len()
-                ),
-            ));
-        }
-        let mut value: Value = serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_request(INVALID_INTENT, format!("body is not valid JSON: {e}"))
-        })?;
-        // The actor is bound to the sender; an actor of the wrong type is left to the validation
-        // below, which names the problem.
-        if let Value::Object(obj) = &mut value {
-            let claimed = match obj.get("actor") {
-                None | Some(Value::Null) => Some(None),
-                Some(Value::String(actor)) => Some(Some(actor.as_str())),
-                Some(_) => None,
-            };
-            if let Some(claimed) = claimed
-                && let Some(actor) =
-                    identity::bind(Role::Actor, claimed, sender, &self.cfg.bound_identities)?
-            {
-                obj.insert("actor".to_owned(), Value::String(actor));
-            }
-        }
-        Intent::from_submission(value, ids::new_id, self.cfg.default_priority)
-            .map_err(|msg| ApiError::bad_request(INVALID_INTENT, msg))
+        decode_submission(body, &self.cfg, sender)
     }
 
     /// Performs what `route` requires after the record exists: queue, review item, proposal.
@@ -957,6 +929,45 @@ async fn sweep_votes(gov: Arc<Governance>, shutdown: CancellationToken) {
             tracing::warn!(error = %err, "vote sweep failed; retrying next tick");
         }
     }
+}
+
+/// Validates an intent submission sent by `sender` (size, JSON, the actor bound to the sender,
+/// the fields): the intent, or the `invalid_intent` / identity error naming the problem.
+pub fn decode_submission(
+    body: &[u8],
+    cfg: &GovernanceConfig,
+    sender: Sender<'_>,
+) -> Result<Intent, ApiError> {
+    let max = cfg.max_intent_bytes;
+    if body.len() > max {
+        return Err(ApiError::bad_request(
+            INVALID_INTENT,
+            format!(
+                "body is {} bytes, over the limit of {max} bytes",
+                body.len()
+            ),
+        ));
+    }
+    let mut value: Value = api::parse_json(body).map_err(|e| {
+        ApiError::bad_request(INVALID_INTENT, format!("body is not valid JSON: {e}"))
+    })?;
+    // The actor is bound to the sender; an actor of the wrong type is left to the validation
+    // below, which names the problem.
+    if let Value::Object(obj) = &mut value {
+        let claimed = match obj.get("actor") {
+            None | Some(Value::Null) => Some(None),
+            Some(Value::String(actor)) => Some(Some(actor.as_str())),
+            Some(_) => None,
+        };
+        if let Some(claimed) = claimed
+            && let Some(actor) =
+                identity::bind(Role::Actor, claimed, sender, &cfg.bound_identities)?
+        {
+            obj.insert("actor".to_owned(), Value::String(actor));
+        }
+    }
+    Intent::from_submission(value, ids::new_id, cfg.default_priority)
+        .map_err(|msg| ApiError::bad_request(INVALID_INTENT, msg))
 }
 
 fn review_record_kind(tier: Tier) -> Option<ReviewKind> {

@@ -235,7 +235,9 @@ impl Host {
         check: &FnPtr,
     ) -> HostResult<bool> {
         if !(1..=MAX_RETRIES).contains(&retries) {
-            return fail(format!("verify: retries must be 1..={MAX_RETRIES}, got {retries}"));
+            return fail(format!(
+                "verify: retries must be 1..={MAX_RETRIES}, got {retries}"
+            ));
         }
         if interval_s.is_nan() || interval_s < 0.0 || interval_s > self.max_wait_s {
             return fail(format!(
@@ -284,7 +286,11 @@ impl Host {
     pub fn register(self: &Arc<Self>, engine: &mut Engine) {
         let h = self.clone();
         engine.register_fn("readiness", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.read("readiness", subjects::HTM_READINESS, json!({}))?))
+            Ok(to_dynamic(&h.read(
+                "readiness",
+                subjects::HTM_READINESS,
+                json!({}),
+            )?))
         });
         let h = self.clone();
         engine.register_fn("queue_depth", move || -> HostResult<i64> {
@@ -298,7 +304,11 @@ impl Host {
         });
         let h = self.clone();
         engine.register_fn("pool_status", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.read("pool_status", subjects::POOL_STATUS, json!({}))?))
+            Ok(to_dynamic(&h.read(
+                "pool_status",
+                subjects::POOL_STATUS,
+                json!({}),
+            )?))
         });
         let h = self.clone();
         engine.register_fn("rates", move || -> HostResult<Dynamic> {
@@ -306,7 +316,11 @@ impl Host {
         });
         let h = self.clone();
         engine.register_fn("event_rate", move |event_type: &str| -> HostResult<f64> {
-            let r = h.read("event_rate", subjects::STORM_GUARD_RATES, json!({"event_type": event_type}))?;
+            let r = h.read(
+                "event_rate",
+                subjects::STORM_GUARD_RATES,
+                json!({"event_type": event_type}),
+            )?;
             Ok(r["types"]
                 .as_array()
                 .and_then(|types| types.iter().find(|t| t["event_type"] == event_type))
@@ -319,19 +333,29 @@ impl Host {
             Ok(r["total_per_second"].as_f64().unwrap_or(0.0))
         });
         let h = self.clone();
-        engine.register_fn("top_source", move |event_type: &str| -> HostResult<String> {
-            let r = h.read("top_source", subjects::STORM_GUARD_RATES, json!({"event_type": event_type}))?;
-            Ok(r["types"]
-                .as_array()
-                .and_then(|types| types.iter().find(|t| t["event_type"] == event_type))
-                .and_then(|t| t["top_sources"][0][0].as_str())
-                .unwrap_or("")
-                .to_owned())
-        });
+        engine.register_fn(
+            "top_source",
+            move |event_type: &str| -> HostResult<String> {
+                let r = h.read(
+                    "top_source",
+                    subjects::STORM_GUARD_RATES,
+                    json!({"event_type": event_type}),
+                )?;
+                Ok(r["types"]
+                    .as_array()
+                    .and_then(|types| types.iter().find(|t| t["event_type"] == event_type))
+                    .and_then(|t| t["top_sources"][0][0].as_str())
+                    .unwrap_or("")
+                    .to_owned())
+            },
+        );
         let h = self.clone();
         engine.register_fn("breaker_state", move || -> HostResult<String> {
             let r = h.read("breaker_state", subjects::STORM_GUARD_RATES, json!({}))?;
-            Ok(r["breaker"]["state"].as_str().unwrap_or("unknown").to_owned())
+            Ok(r["breaker"]["state"]
+                .as_str()
+                .unwrap_or("unknown")
+                .to_owned())
         });
 
         let h = self.clone();
@@ -342,31 +366,54 @@ impl Host {
                 let for_s = number("for_s", &for_s)?;
                 let body = json!({"event_type": event_type, "limit_per_second": per_second,
                                   "for_s": for_s, "reason": "playbook step", "by": "playbooks"});
-                Ok(to_dynamic(&h.act("limit_event_type", subjects::STORM_GUARD_LIMIT, body)?))
+                Ok(to_dynamic(&h.act(
+                    "limit_event_type",
+                    subjects::STORM_GUARD_LIMIT,
+                    body,
+                )?))
             },
         );
         let h = self.clone();
         engine.register_fn(
             "throttle_source",
-            move |source: &str, event_type: &str, per_second: Dynamic, for_s: Dynamic| -> HostResult<Dynamic> {
+            move |source: &str,
+                  event_type: &str,
+                  per_second: Dynamic,
+                  for_s: Dynamic|
+                  -> HostResult<Dynamic> {
                 let per_second = number("per_second", &per_second)?.round().max(0.0) as u64;
                 let for_s = number("for_s", &for_s)?;
                 let body = json!({"source": source, "event_type": event_type,
                                   "limit_per_second": per_second, "for_s": for_s,
                                   "reason": "playbook step", "by": "playbooks"});
-                Ok(to_dynamic(&h.act("throttle_source", subjects::STORM_GUARD_THROTTLE, body)?))
+                Ok(to_dynamic(&h.act(
+                    "throttle_source",
+                    subjects::STORM_GUARD_THROTTLE,
+                    body,
+                )?))
             },
         );
         let h = self.clone();
         engine.register_fn("open_breaker", move |reason: &str| -> HostResult<Dynamic> {
             let body = json!({"reason": reason, "by": "playbooks"});
-            Ok(to_dynamic(&h.act("open_breaker", subjects::STORM_GUARD_BREAKER_OPEN, body)?))
+            Ok(to_dynamic(&h.act(
+                "open_breaker",
+                subjects::STORM_GUARD_BREAKER_OPEN,
+                body,
+            )?))
         });
         let h = self.clone();
-        engine.register_fn("close_breaker", move |reason: &str| -> HostResult<Dynamic> {
-            let body = json!({"reason": reason, "by": "playbooks"});
-            Ok(to_dynamic(&h.act("close_breaker", subjects::STORM_GUARD_BREAKER_CLOSE, body)?))
-        });
+        engine.register_fn(
+            "close_breaker",
+            move |reason: &str| -> HostResult<Dynamic> {
+                let body = json!({"reason": reason, "by": "playbooks"});
+                Ok(to_dynamic(&h.act(
+                    "close_breaker",
+                    subjects::STORM_GUARD_BREAKER_CLOSE,
+                    body,
+                )?))
+            },
+        );
         let h = self.clone();
         engine.register_fn(
             "shed_tasks",
@@ -374,30 +421,57 @@ impl Host {
                 let older_than_s = number("older_than_s", &older_than_s)?;
                 let body = json!({"max": max.max(0), "below_priority": below_priority.clamp(0, 9),
                                   "older_than_s": older_than_s});
-                Ok(to_dynamic(&h.act("shed_tasks", subjects::SCHEDULER_SHED, body)?))
+                Ok(to_dynamic(&h.act(
+                    "shed_tasks",
+                    subjects::SCHEDULER_SHED,
+                    body,
+                )?))
             },
         );
         let h = self.clone();
         engine.register_fn("replay_tasks", move |max: i64| -> HostResult<Dynamic> {
             let body = json!({"max": max.max(0)});
-            Ok(to_dynamic(&h.act("replay_tasks", subjects::SCHEDULER_REPLAY, body)?))
+            Ok(to_dynamic(&h.act(
+                "replay_tasks",
+                subjects::SCHEDULER_REPLAY,
+                body,
+            )?))
         });
         let h = self.clone();
         engine.register_fn("pause_scheduler", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.act("pause_scheduler", subjects::SCHEDULER_PAUSE, json!({}))?))
+            Ok(to_dynamic(&h.act(
+                "pause_scheduler",
+                subjects::SCHEDULER_PAUSE,
+                json!({}),
+            )?))
         });
         let h = self.clone();
         engine.register_fn("resume_scheduler", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.act("resume_scheduler", subjects::SCHEDULER_RESUME, json!({}))?))
+            Ok(to_dynamic(&h.act(
+                "resume_scheduler",
+                subjects::SCHEDULER_RESUME,
+                json!({}),
+            )?))
         });
         let h = self.clone();
-        engine.register_fn("respawn_worker", move |worker_id: &str| -> HostResult<Dynamic> {
-            let body = json!({"worker_id": worker_id});
-            Ok(to_dynamic(&h.act("respawn_worker", subjects::POOL_RESPAWN, body)?))
-        });
+        engine.register_fn(
+            "respawn_worker",
+            move |worker_id: &str| -> HostResult<Dynamic> {
+                let body = json!({"worker_id": worker_id});
+                Ok(to_dynamic(&h.act(
+                    "respawn_worker",
+                    subjects::POOL_RESPAWN,
+                    body,
+                )?))
+            },
+        );
         let h = self.clone();
         engine.register_fn("respawn_workers", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.act("respawn_workers", subjects::POOL_RESPAWN, json!({}))?))
+            Ok(to_dynamic(&h.act(
+                "respawn_workers",
+                subjects::POOL_RESPAWN,
+                json!({}),
+            )?))
         });
 
         let h = self.clone();
@@ -417,7 +491,11 @@ impl Host {
         let h = self.clone();
         engine.register_fn(
             "verify",
-            move |ctx: NativeCallContext, retries: i64, interval_s: Dynamic, check: FnPtr| -> HostResult<bool> {
+            move |ctx: NativeCallContext,
+                  retries: i64,
+                  interval_s: Dynamic,
+                  check: FnPtr|
+                  -> HostResult<bool> {
                 let interval_s = number("interval_s", &interval_s)?;
                 h.verify(&ctx, retries, interval_s, &check)
             },

@@ -21,6 +21,9 @@
 //! fn rate_limit(p) { limit_event_type(p.event_type, p.limit_per_second, 300.0); #{ limited_to: p.limit_per_second } }
 //! ```
 //!
+//! A file holds functions; top-level code runs once at load, in the sandbox without host
+//! functions (so `import` fails there), and never during runs.
+//!
 //! Each step function takes the parameters map `p`; a map it returns is merged into `p` for
 //! the steps after it and shown in its narrative. Parameter types: `string`, `int`, `float`
 //! (an int is accepted), `bool`, `map`, `array`, `any`. The full format, with the host
@@ -184,7 +187,9 @@ fn get_str(map: &Map, key: &str) -> Option<String> {
 
 fn get_num(map: &Map, key: &str) -> Option<f64> {
     let v = map.get(key)?;
-    v.as_float().ok().or_else(|| v.as_int().ok().map(|i| i as f64))
+    v.as_float()
+        .ok()
+        .or_else(|| v.as_int().ok().map(|i| i as f64))
 }
 
 /// Compiles `source` (from `path`) and reads its metadata.
@@ -203,6 +208,19 @@ pub fn compile(
             message: e.message,
         }
     })?;
+    // Runs are function calls; top-level code would never run in them. Run it once here, in
+    // the sandbox without host functions, so an `import` (or anything else forbidden) there is
+    // refused at load rather than lying dormant.
+    engine
+        .run_ast(&ast.clone_statements_only())
+        .map_err(|err| {
+            let e = ScriptError::from_eval(&err, limits);
+            LoadError {
+                file: path.display().to_string(),
+                location: e.location(),
+                message: format!("top-level code: {}", e.message),
+            }
+        })?;
     let functions: BTreeMap<String, usize> = ast
         .iter_functions()
         .map(|f| (f.name.to_owned(), f.params.len()))
@@ -272,9 +290,7 @@ fn read_meta(
         return bad("metadata needs `name`, a string".into());
     };
     if name != stem {
-        return bad(format!(
-            "name {name:?} differs from the file name {stem:?}"
-        ));
+        return bad(format!("name {name:?} differs from the file name {stem:?}"));
     }
     let description = get_str(map, "description").unwrap_or_default();
     let triggers = match map.get("triggers") {
@@ -312,18 +328,16 @@ fn read_meta(
                 ));
             };
             let default = match defaults.get(pname.as_str()) {
-                Some(d) => Some(rhai::serde::from_dynamic::<Value>(d).map_err(|e| {
-                    meta_error(path, format!("default of {pname}: {e}"))
-                })?),
+                Some(d) => Some(
+                    rhai::serde::from_dynamic::<Value>(d)
+                        .map_err(|e| meta_error(path, format!("default of {pname}: {e}")))?,
+                ),
                 None => None,
             };
             if let Some(d) = &default
                 && !kind.accepts(d)
             {
-                return bad(format!(
-                    "default of {pname} is not a {}",
-                    kind.name()
-                ));
+                return bad(format!("default of {pname} is not a {}", kind.name()));
             }
             params.push(Param {
                 name: pname.to_string(),
@@ -393,9 +407,7 @@ fn read_meta(
         match functions.get(&f) {
             Some(1) => {}
             Some(n) => {
-                return bad(format!(
-                    "fn {f} must take one parameter (p), it takes {n}"
-                ));
+                return bad(format!("fn {f} must take one parameter (p), it takes {n}"));
             }
             None => return bad(format!("names fn {f}, which the script does not define")),
         }
@@ -436,7 +448,11 @@ impl Meta {
                 Some(v) => problems.push(format!(
                     "{} must be {} {}, got {}",
                     param.name,
-                    if param.kind == ParamType::Int { "an" } else { "a" },
+                    if param.kind == ParamType::Int {
+                        "an"
+                    } else {
+                        "a"
+                    },
                     param.kind.name(),
                     bulwark_common::api::json_kind(v)
                 )),
@@ -444,7 +460,11 @@ impl Meta {
                     Some(d) => {
                         p.insert(param.name.clone(), d.clone());
                     }
-                    None => problems.push(format!("{} ({}) is required", param.name, param.kind.name())),
+                    None => problems.push(format!(
+                        "{} ({}) is required",
+                        param.name,
+                        param.kind.name()
+                    )),
                 },
             }
         }
@@ -580,8 +600,14 @@ fn undo(p) { () }
         let err = m
             .bind(&json!({"event_type": 7, "rate": "fast"}))
             .expect_err("wrong types");
-        assert!(err.0.contains("event_type must be a string, got a number"), "{err}");
-        assert!(err.0.contains("rate must be a float, got a string"), "{err}");
+        assert!(
+            err.0.contains("event_type must be a string, got a number"),
+            "{err}"
+        );
+        assert!(
+            err.0.contains("rate must be a float, got a string"),
+            "{err}"
+        );
         let err = m.bind(&json!({"rate": 1.0})).expect_err("missing");
         assert!(err.0.contains("event_type (string) is required"), "{err}");
         let err = m.bind(&json!([1])).expect_err("not an object");
@@ -590,21 +616,36 @@ fn undo(p) { () }
 
     #[test]
     fn bad_files_are_refused_with_a_position_or_a_reason() {
-        let err = load("demo", "fn playbook() { #{ name: \"demo\", steps: [\"a\"] }\nfn a(p) {").expect_err("parse");
+        let err = load(
+            "demo",
+            "fn playbook() { #{ name: \"demo\", steps: [\"a\"] }\nfn a(p) {",
+        )
+        .expect_err("parse");
         assert_ne!(err.location, "?", "{err}");
         let err = load("other", GOOD).expect_err("name");
         assert!(err.message.contains("differs from the file name"), "{err}");
-        let err = load("demo", "fn playbook() { #{ name: \"demo\", steps: [\"missing\"] } }")
-            .expect_err("missing step fn");
+        let err = load(
+            "demo",
+            "fn playbook() { #{ name: \"demo\", steps: [\"missing\"] } }",
+        )
+        .expect_err("missing step fn");
         assert!(err.message.contains("missing"), "{err}");
-        let err = load("demo", "fn playbook() { #{ name: \"demo\", stepz: [] } }").expect_err("typo");
-        assert!(err.message.contains("unknown metadata key \"stepz\""), "{err}");
+        let err =
+            load("demo", "fn playbook() { #{ name: \"demo\", stepz: [] } }").expect_err("typo");
+        assert!(
+            err.message.contains("unknown metadata key \"stepz\""),
+            "{err}"
+        );
         let err = load(
             "demo",
             "fn playbook() { #{ name: \"demo\", params: #{ a: \"number\" }, steps: [\"s\"] } }\nfn s(p) {}",
         )
         .expect_err("bad type");
         assert!(err.message.contains("type must be one of"), "{err}");
+        let err = load("demo", "import \"os\" as os;\nfn playbook() { #{ name: \"demo\", steps: [\"s\"] } }\nfn s(p) {}")
+            .expect_err("import");
+        assert!(err.message.contains("import is not allowed"), "{err}");
+        assert_eq!(err.location, "1:1", "{err}");
         let err = load("demo", "fn other() {}").expect_err("no metadata");
         assert!(err.message.contains("fn playbook()"), "{err}");
         let err = load("demo", "fn playbook() { loop {} }").expect_err("endless metadata");

@@ -233,18 +233,25 @@ pub fn execute(
                 Ok(true) => (true, None),
                 Ok(false) if plan.dry_run => (true, None),
                 Ok(false) => {
-                    let message = format!("verification {verify} failed: the system is not in the expected state");
+                    let message = format!(
+                        "verification {verify} failed: the system is not in the expected state"
+                    );
                     failure = Some((message.clone(), "verification".to_owned()));
                     (false, Some(message))
                 }
                 Err(kind) => {
-                    let message = format!("verification {verify} must return true or false, returned {kind}");
+                    let message =
+                        format!("verification {verify} must return true or false, returned {kind}");
                     failure = Some((message.clone(), "verification".to_owned()));
                     (false, Some(message))
                 }
             },
             Err(err) => {
-                let message = format!("verification {verify} failed at {}: {}", err.location(), err.message);
+                let message = format!(
+                    "verification {verify} failed at {}: {}",
+                    err.location(),
+                    err.message
+                );
                 failure = Some((message.clone(), err.kind.to_owned()));
                 (false, Some(message))
             }
@@ -273,7 +280,13 @@ pub fn execute(
             deadline: Instant::now() + Duration::from_secs_f64(meta.slo_s.min(settings.max_run_s)),
             cancelled,
         };
-        let rollback_host = Host::new(requester, plan.dry_run, stop.clone(), settings.time_scale, settings.max_wait_s);
+        let rollback_host = Host::new(
+            requester,
+            plan.dry_run,
+            stop.clone(),
+            settings.time_scale,
+            settings.max_wait_s,
+        );
         let mut engine = sandbox::engine(&settings.packages, &settings.limits, Some(stop));
         rollback_host.register(&mut engine);
         let mut p = p.clone();
@@ -282,7 +295,14 @@ pub fn execute(
         let result = call(&engine, undo, &p);
         let (ok, error) = match result {
             Ok(_) => (true, None),
-            Err(err) => (false, Some(format!("rollback {undo} failed at {}: {}", err.location(), err.message))),
+            Err(err) => (
+                false,
+                Some(format!(
+                    "rollback {undo} failed at {}: {}",
+                    err.location(),
+                    err.message
+                )),
+            ),
         };
         rollback = Some(ok);
         for n in rollback_host.take_narrations() {
@@ -311,7 +331,11 @@ pub fn execute(
     Outcome {
         run_id: plan.run_id.clone(),
         playbook: meta.name.clone(),
-        status: if failure.is_some() { Status::Failed } else { Status::Completed },
+        status: if failure.is_some() {
+            Status::Failed
+        } else {
+            Status::Completed
+        },
         dry_run: plan.dry_run,
         params: dynamic_to_json(&Dynamic::from_map(p)),
         steps,

@@ -15,9 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use rhai::packages::{
-    ArithmeticPackage, BasicArrayPackage, BasicIteratorPackage, BasicMapPackage,
-    BasicMathPackage, BasicStringPackage, LanguageCorePackage, LogicPackage, MoreStringPackage,
-    Package,
+    ArithmeticPackage, BasicArrayPackage, BasicIteratorPackage, BasicMapPackage, BasicMathPackage,
+    BasicStringPackage, LanguageCorePackage, LogicPackage, MoreStringPackage, Package,
 };
 use rhai::{Dynamic, Engine, EvalAltResult, ParseError, Position, Shared};
 
@@ -98,7 +97,10 @@ impl ScriptError {
     pub fn from_parse(err: &ParseError) -> Self {
         let message = err.err_type().to_string();
         let (kind, message) = if message.contains("eval") {
-            ("forbidden", format!("{message} (eval is disabled in playbooks)"))
+            (
+                "forbidden",
+                format!("{message} (eval is disabled in playbooks)"),
+            )
         } else {
             ("parse", message)
         };
@@ -271,15 +273,17 @@ mod tests {
     fn run(script: &str) -> Result<Dynamic, ScriptError> {
         let limits = limits();
         let e = engine(&Packages::new(), &limits, None);
-        let ast = e.compile(script).map_err(|err| ScriptError::from_parse(&err))?;
+        let ast = e
+            .compile(script)
+            .map_err(|err| ScriptError::from_parse(&err))?;
         e.eval_ast::<Dynamic>(&ast)
             .map_err(|err| ScriptError::from_eval(&err, &limits))
     }
 
     #[test]
     fn ordinary_scripts_work() {
-        let v = run("let m = #{a: 1}; m.b = [1, 2, 3].len(); m.a + m.b + \"x\".len()")
-            .expect("runs");
+        let v =
+            run("let m = #{a: 1}; m.b = [1, 2, 3].len(); m.a + m.b + \"x\".len()").expect("runs");
         assert_eq!(v.as_int().ok(), Some(5));
         let v = run("let f = |x| x * 2; f.call(21)").expect("closures");
         assert_eq!(v.as_int().ok(), Some(42));

@@ -145,7 +145,8 @@ impl Requester for NatsRequester {
     fn request(&self, subject: &str, body: Value) -> Result<Value, String> {
         let reply = self.handle.block_on(tokio::time::timeout(
             self.timeout,
-            self.client.request(subject.to_owned(), api::to_bytes(&body)),
+            self.client
+                .request(subject.to_owned(), api::to_bytes(&body)),
         ));
         let msg = match reply {
             Err(_) => return Err(format!("{subject}: no answer within {:?}", self.timeout)),
@@ -162,7 +163,9 @@ impl Requester for NatsRequester {
         match failed {
             Some(code) => Err(format!(
                 "{subject} refused ({code}): {}",
-                value["error"]["message"].as_str().unwrap_or("no reason given")
+                value["error"]["message"]
+                    .as_str()
+                    .unwrap_or("no reason given")
             )),
             None => Ok(value),
         }
@@ -469,7 +472,10 @@ impl Service {
             .await;
             return;
         }
-        let params = match playbook.meta.bind(&self.with_overrides(&name, &event.payload)) {
+        let params = match playbook
+            .meta
+            .bind(&self.with_overrides(&name, &event.payload))
+        {
             Ok(p) => p,
             Err(err) => {
                 self.refuse(&event, &name, err.0).await;
@@ -496,8 +502,14 @@ impl Service {
         tracing::warn!(incident = %incident.event_id, "playbook not started: {reason}");
         let payload = json!({"playbook": playbook, "run_id": run_id, "params": incident.payload,
                              "stage": "refused", "error": reason, "incident_id": incident.event_id});
-        self.announce(Some(incident), "playbook.failed", &run_id, playbook, payload)
-            .await;
+        self.announce(
+            Some(incident),
+            "playbook.failed",
+            &run_id,
+            playbook,
+            payload,
+        )
+        .await;
         let n = self
             .narrator
             .narrative("playbook_refused", "playbooks incident consumer")
@@ -505,8 +517,10 @@ impl Service {
                 "{} {} could not start a playbook: {reason}",
                 incident.event_type, incident.event_id
             ))
-            .context(json!({"incident_id": incident.event_id, "playbook": playbook, "run_id": run_id,
-                            "correlation_id": incident.correlation_id}));
+            .context(
+                json!({"incident_id": incident.event_id, "playbook": playbook, "run_id": run_id,
+                            "correlation_id": incident.correlation_id}),
+            );
         self.narrator.publish(n).await;
     }
 
@@ -528,8 +542,13 @@ impl Service {
         let n = self
             .narrator
             .narrative("incident_dead_lettered", "playbooks incident consumer")
-            .why(format!("{subject} (stream sequence {seq}) is malformed: {reason}"))
-            .why(format!("written to {} with the reason", subjects::MESH_DEADLETTER))
+            .why(format!(
+                "{subject} (stream sequence {seq}) is malformed: {reason}"
+            ))
+            .why(format!(
+                "written to {} with the reason",
+                subjects::MESH_DEADLETTER
+            ))
             .context(json!({"subject": subject, "stream_seq": seq, "reason": reason}));
         self.narrator.publish(n).await;
     }
@@ -555,9 +574,7 @@ impl Service {
                 active.repeats += 1;
                 return Err(Refusal::Running(active.run_id.clone()));
             }
-            if !manual
-                && let Some((until, repeats)) = runs.cooldown.get_mut(&key)
-            {
+            if !manual && let Some((until, repeats)) = runs.cooldown.get_mut(&key) {
                 let now = Instant::now();
                 if *until > now {
                     *repeats += 1;
@@ -602,9 +619,10 @@ impl Service {
         let name = meta.name.clone();
         let run_id = plan.run_id.clone();
         let started_at = time::now();
-        let trigger_text = trigger
-            .as_ref()
-            .map_or_else(|| "manual".to_owned(), |t| format!("{} {}", t.event_type, t.event_id));
+        let trigger_text = trigger.as_ref().map_or_else(
+            || "manual".to_owned(),
+            |t| format!("{} {}", t.event_type, t.event_id),
+        );
         let params = Value::Object(plan.params.clone());
         self.announce(
             trigger.as_ref(),
@@ -619,13 +637,24 @@ impl Service {
         .await;
         let n = self
             .narrator
-            .narrative("playbook_started", &format!("playbook {name} ({})", plan.playbook.path.display()))
+            .narrative(
+                "playbook_started",
+                &format!("playbook {name} ({})", plan.playbook.path.display()),
+            )
             .why(format!("started by {trigger_text} for resource {resource}"))
             .why(format!(
                 "{} step(s): {}{}",
                 meta.steps.len(),
-                meta.steps.iter().map(|s| s.title.clone()).collect::<Vec<_>>().join("; "),
-                if plan.dry_run { " (dry run: actions are recorded, not taken)" } else { "" }
+                meta.steps
+                    .iter()
+                    .map(|s| s.title.clone())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                if plan.dry_run {
+                    " (dry run: actions are recorded, not taken)"
+                } else {
+                    ""
+                }
             ))
             .context(json!({"playbook": name, "run_id": run_id, "params": params}));
         self.narrator.publish(n).await;
@@ -664,15 +693,17 @@ impl Service {
             let repeats = runs.active.remove(&key).map_or(0, |a| a.repeats);
             if !plan.dry_run {
                 let cooldown = meta.cooldown_s * self.settings.time_scale;
-                runs.cooldown.insert(
-                    key,
-                    (Instant::now() + Duration::from_secs_f64(cooldown), 0),
-                );
+                runs.cooldown
+                    .insert(key, (Instant::now() + Duration::from_secs_f64(cooldown), 0));
             }
             repeats
         };
         let (kind, what, counter) = match outcome.status {
-            Status::Completed => ("playbook.completed", "playbook_completed", &self.counters.completed),
+            Status::Completed => (
+                "playbook.completed",
+                "playbook_completed",
+                &self.counters.completed,
+            ),
             Status::Failed => ("playbook.failed", "playbook_failed", &self.counters.failed),
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -697,7 +728,11 @@ impl Service {
                 None => format!(
                     "all {} step(s) done{} in {} ms (SLO {} s)",
                     meta.steps.len(),
-                    if outcome.verified == Some(true) { " and verified" } else { "" },
+                    if outcome.verified == Some(true) {
+                        " and verified"
+                    } else {
+                        ""
+                    },
                     outcome.duration_ms,
                     meta.slo_s
                 ),
@@ -705,13 +740,21 @@ impl Service {
             })
             .why(format!("{} action(s) taken", outcome.actions.len()));
         if let Some(ok) = outcome.rollback {
-            n = n.why(if ok { "rolled back".to_owned() } else { "the rollback failed too".to_owned() });
+            n = n.why(if ok {
+                "rolled back".to_owned()
+            } else {
+                "the rollback failed too".to_owned()
+            });
         }
         if repeats > 0 {
-            n = n.why(format!("{repeats} repeated incident(s) during the run were counted, not run"));
+            n = n.why(format!(
+                "{repeats} repeated incident(s) during the run were counted, not run"
+            ));
         }
-        let n = n.context(json!({"playbook": name, "run_id": run_id, "status": outcome.status,
-                                 "duration_ms": outcome.duration_ms, "repeats": repeats}));
+        let n = n.context(
+            json!({"playbook": name, "run_id": run_id, "status": outcome.status,
+                                 "duration_ms": outcome.duration_ms, "repeats": repeats}),
+        );
         self.narrator.publish(n).await;
         if !plan.dry_run {
             let last = LastRun {
@@ -735,7 +778,13 @@ impl Service {
         outcome
     }
 
-    async fn progress(&self, trigger: Option<&MeshEvent>, plan: &Plan, params: &Value, progress: Progress) {
+    async fn progress(
+        &self,
+        trigger: Option<&MeshEvent>,
+        plan: &Plan,
+        params: &Value,
+        progress: Progress,
+    ) {
         let name = &plan.playbook.meta.name;
         match progress {
             Progress::Narration(n) => {
@@ -776,24 +825,39 @@ impl Service {
                 for call in &step.calls {
                     n = n.why(format!(
                         "{}{}({}) -> {}",
-                        if call.action && plan.dry_run { "would call " } else { "" },
+                        if call.action && plan.dry_run {
+                            "would call "
+                        } else {
+                            ""
+                        },
                         call.function,
                         call.args,
-                        call.error.clone().unwrap_or_else(|| call.result.to_string())
+                        call.error
+                            .clone()
+                            .unwrap_or_else(|| call.result.to_string())
                     ));
                 }
                 if let Some(e) = &step.error {
                     n = n.why(e.clone());
                 }
-                let n = n.context(json!({"playbook": name, "run_id": plan.run_id, "step": step.index,
-                                         "result": step.result, "calls": step.calls}));
+                let n = n.context(
+                    json!({"playbook": name, "run_id": plan.run_id, "step": step.index,
+                                         "result": step.result, "calls": step.calls}),
+                );
                 self.narrator.publish(n).await;
             }
         }
     }
 
     /// Publishes a `mesh.<kind>` event of a run (caused by `trigger` when there is one).
-    async fn announce(&self, trigger: Option<&MeshEvent>, kind: &str, run_id: &str, playbook: &str, payload: Value) {
+    async fn announce(
+        &self,
+        trigger: Option<&MeshEvent>,
+        kind: &str,
+        run_id: &str,
+        playbook: &str,
+        payload: Value,
+    ) {
         let mut event = match trigger {
             Some(t) => t.child(kind, SERVICE_NAME, payload),
             None => MeshEvent::root(kind, SERVICE_NAME, payload),
@@ -850,7 +914,9 @@ impl Service {
                 .map_err(|_| ApiError::internal("the run ended without an outcome"))?;
             return serde_json::to_value(outcome).map_err(|e| ApiError::internal(e.to_string()));
         }
-        Ok(json!({"run_id": run_id, "playbook": req.playbook, "resource": resource, "started": true}))
+        Ok(
+            json!({"run_id": run_id, "playbook": req.playbook, "resource": resource, "started": true}),
+        )
     }
 
     async fn list(&self) -> Value {
@@ -894,7 +960,12 @@ impl Service {
                 "playbooks_invalid",
                 format!(
                     "not reloaded, the loaded playbooks stay: {}",
-                    fresh.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                    fresh
+                        .errors
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ),
             ));
         }
@@ -905,7 +976,11 @@ impl Service {
         let n = self
             .narrator
             .narrative("playbooks_reloaded", "playbook.reload")
-            .why(format!("{} playbook(s) compiled: {}", names.len(), names.join(", ")));
+            .why(format!(
+                "{} playbook(s) compiled: {}",
+                names.len(),
+                names.join(", ")
+            ));
         self.narrator.publish(n).await;
         Ok(json!({"reloaded": true, "playbooks": names}))
     }

@@ -36,4 +36,4 @@ pub mod pool;
 pub mod service;
 pub mod sla;
 
-pub use service::{SERVICE_NAME, SchedulerError, run};
+pub use service::{Fenced, SERVICE_NAME, SchedulerError, run, update_fenced};

@@ -6,6 +6,15 @@
 //! authority on a task is its intent record in `bulwark_intents`: every transition is a
 //! compare-and-set that checks the status and the assignment's fence, so two schedulers, a
 //! redelivered message or a late report can never move a task twice.
+//!
+//! **Replicas.** Several schedulers may run; one leads, under the `scheduler` lease of
+//! [`bulwark_common::lease`]. Only the leader dispatches, watches workers, sheds and replays.
+//! Every replica registers the micro endpoints (so requests reach any of them through the queue
+//! group); a standby forwards each request to the leader on `scheduler.leader.<op>` and relays
+//! its answer (503 when no leader answers: workers retry their reports). The leader stamps its
+//! fencing token on every intent record it writes (`leader_token`) and on every assignment it
+//! sends: a record or a worker that has seen a newer token refuses an older leader's late write
+//! or assignment.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +37,7 @@ use bulwark_common::envelope::MeshEvent;
 use bulwark_common::htm::{Assignment, AssignmentRecord, Heartbeat, Outcome, TaskReport};
 use bulwark_common::intent::{IntentRecord, IntentStatus, Task};
 use bulwark_common::kv::{self as kvx, Change, KvError};
+use bulwark_common::lease::{self, Leadership};
 use bulwark_common::micro::{self, EndpointSpec};
 use bulwark_common::narrative::Narrator;
 use bulwark_common::{ids, streams, subjects, telemetry, time};
@@ -78,6 +88,10 @@ struct Counters {
     malformed: AtomicU64,
     dead_workers: AtomicU64,
     errors: AtomicU64,
+    /// Writes and assignments refused because a newer leader holds the lease.
+    fenced: AtomicU64,
+    /// Requests this standby forwarded to the leader.
+    forwarded: AtomicU64,
 }
 
 impl Counters {
@@ -88,6 +102,7 @@ impl Counters {
             "reassigned": get(&self.reassigned), "shed": get(&self.shed), "replayed": get(&self.replayed),
             "stale_reports": get(&self.stale_reports), "malformed": get(&self.malformed),
             "dead_workers": get(&self.dead_workers), "errors": get(&self.errors),
+            "fenced": get(&self.fenced), "forwarded": get(&self.forwarded),
         })
     }
 }
@@ -133,6 +148,22 @@ struct Scheduler {
     timeout: Duration,
     /// Serialises shedding and replay (they move tasks between streams in batches).
     maintenance: tokio::sync::Mutex<()>,
+    /// This replica's part in the `scheduler` lease.
+    leadership: Leadership,
+}
+
+/// A write the leader's fencing token did not allow, or the change's own refusal.
+#[derive(Debug)]
+pub enum Fenced<E> {
+    /// This replica does not lead (any more), or the record carries a newer leader's token.
+    Stale {
+        /// The token on the record (0 when this replica simply does not lead).
+        record_token: u64,
+        /// This replica's token, if it still believes it leads.
+        ours: Option<u64>,
+    },
+    /// The change function refused.
+    Refused(E),
 }
 
 /// Runs the scheduler until `shutdown` is cancelled.
@@ -149,6 +180,7 @@ pub async fn run(
     streams::tasks_dead(&js).await?;
     streams::narratives(&js).await?;
     let intents = streams::bucket(&js, streams::INTENTS_BUCKET, "bulwark intent records").await?;
+    let leases = lease::bucket(&js).await?;
     let mut consumers = Vec::new();
     for priority in 0..=9u8 {
         let name = format!("scheduler-p{priority}");
@@ -182,12 +214,25 @@ pub async fn run(
         .await
         .map_err(|e| SchedulerError::Consumer(e.to_string()))?;
 
+    let holder = format!(
+        "{SERVICE_NAME}@{}/{}/{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
+        std::process::id(),
+        &ids::new_id()[28..]
+    );
+    let narrator = Narrator::new(js.clone(), SERVICE_NAME, &holder);
+    let (leadership, elector) = lease::spawn(
+        leases,
+        js.clone(),
+        SERVICE_NAME,
+        &holder,
+        Duration::from_secs_f64(cfg.replicas.lease_ttl_s),
+        narrator.clone(),
+        shutdown.clone(),
+    );
     let scheduler = Arc::new(Scheduler {
-        narrator: Narrator::new(
-            js.clone(),
-            SERVICE_NAME,
-            &format!("{SERVICE_NAME}/{}", std::process::id()),
-        ),
+        narrator,
+        leadership,
         state: std::sync::Mutex::new(State {
             pool: Pool::default(),
             in_flight: HashMap::new(),
@@ -244,6 +289,7 @@ pub async fn run(
         tasks,
         shutdown.clone(),
     ));
+    tracker.spawn(lead(scheduler.clone(), tracker.clone(), shutdown.clone()));
 
     let endpoints: [EndpointSpec<Op>; 6] = [
         ("result", subjects::TASK_RESULT, Op::Result),
@@ -266,7 +312,7 @@ pub async fn run(
         MAX_CONCURRENT_REQUESTS,
         move |op, request| {
             let state = state.clone();
-            async move { state.handle(op, &request).await }
+            async move { state.serve(op, &request).await }
         },
     )
     .await
@@ -279,7 +325,14 @@ pub async fn run(
         SERVICE_NAME,
         interval,
         shutdown.clone(),
-        move || figures.scheduler_telemetry(),
+        // Only the leader's figures describe the queue; a standby stays silent.
+        move || {
+            if figures.leadership.is_leader() {
+                figures.scheduler_telemetry()
+            } else {
+                Value::Null
+            }
+        },
     );
     let figures = scheduler.clone();
     telemetry::spawn(
@@ -287,12 +340,20 @@ pub async fn run(
         "htm_orchestrator",
         interval,
         shutdown.clone(),
-        move || figures.htm_telemetry(),
+        move || {
+            if figures.leadership.is_leader() {
+                figures.htm_telemetry()
+            } else {
+                Value::Null
+            }
+        },
     );
     tracing::info!("scheduler dispatching from {}", subjects::TASK_QUEUE_ALL);
 
     shutdown.cancelled().await;
     micro::finish(SERVICE_NAME, service, tracker, SHUTDOWN_GRACE).await;
+    // The lease is released last, once in-flight work is done.
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, elector).await;
     Ok(())
 }
 
@@ -304,6 +365,94 @@ enum Op {
     Shed,
     Replay,
     Readiness,
+}
+
+impl Op {
+    const ALL: [Op; 6] = [
+        Op::Result,
+        Op::Pause,
+        Op::Resume,
+        Op::Shed,
+        Op::Replay,
+        Op::Readiness,
+    ];
+
+    /// The token of `scheduler.leader.<op>`.
+    fn name(self) -> &'static str {
+        match self {
+            Op::Result => "result",
+            Op::Pause => "pause",
+            Op::Resume => "resume",
+            Op::Shed => "shed",
+            Op::Replay => "replay",
+            Op::Readiness => "readiness",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Op> {
+        Op::ALL.into_iter().find(|op| op.name() == name)
+    }
+}
+
+/// While this replica leads: serves the requests standbys forward on `scheduler.leader.<op>`.
+async fn lead(s: Arc<Scheduler>, tracker: TaskTracker, shutdown: CancellationToken) {
+    loop {
+        let Some(token) = s.leadership.until_leader(&shutdown).await else {
+            break;
+        };
+        let mut sub = match s.client.subscribe(subjects::SCHEDULER_LEADER_ALL).await {
+            Ok(sub) => sub,
+            Err(err) => {
+                tracing::warn!(error = %err, "scheduler: cannot serve forwarded requests; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        // Forget what a previous tenure left: tasks it dispatched come back from the queue
+        // (after ack_wait) and are adopted under their current fence.
+        s.lock().in_flight.clear();
+        tracing::info!(token, "scheduler: leading");
+        s.wake.notify_one();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = s.leadership.until_not_leader(&shutdown) => break,
+                msg = sub.next() => {
+                    let Some(msg) = msg else { break };
+                    let op = msg
+                        .subject
+                        .as_str()
+                        .rsplit('.')
+                        .next()
+                        .and_then(Op::from_name);
+                    let (Some(op), Some(reply)) = (op, msg.reply.clone()) else { continue };
+                    let s2 = s.clone();
+                    tracker.spawn(async move {
+                        let result = s2.handle(op, &msg.payload).await;
+                        let sent = match result {
+                            Ok(value) => s2.client.publish(reply, api::to_bytes(&value)).await,
+                            Err(err) => s2.client.publish_with_headers(
+                                reply,
+                                api::error_headers(&err),
+                                api::to_bytes(&err.body()),
+                            ).await,
+                        };
+                        if let Err(err) = sent {
+                            tracing::debug!(error = %err, "scheduler: forwarded reply not sent");
+                        }
+                    });
+                }
+            }
+        }
+        let _ = sub.unsubscribe().await;
+        // Stepping down: the queue messages of the tasks in flight are left unacknowledged for
+        // the next leader (redelivered after ack_wait).
+        s.lock().in_flight.clear();
+        if shutdown.is_cancelled() {
+            break;
+        }
+    }
 }
 
 async fn read_heartbeats(
@@ -368,7 +517,7 @@ async fn dispatch_loop(s: Arc<Scheduler>, tracker: TaskTracker, shutdown: Cancel
             _ = s.wake.notified() => {}
             _ = tokio::time::sleep(IDLE_POLL) => {}
         }
-        if s.lock().paused {
+        if s.lock().paused || !s.leadership.is_leader() {
             continue;
         }
         'priorities: for priority in (0..=9u8).rev() {
@@ -390,8 +539,7 @@ async fn dispatch_loop(s: Arc<Scheduler>, tracker: TaskTracker, shutdown: Cancel
                         break 'priorities;
                     }
                 };
-                let messages: Vec<jetstream::Message> =
-                    fetched.filter_map(|m| async { m.ok() }).collect().await;
+                let messages = collect_batch(fetched, s.timeout).await;
                 let got = messages.len();
                 for msg in messages {
                     s.clone().accept_delivery(msg, &tracker);
@@ -418,6 +566,11 @@ async fn watchdog(
             biased;
             _ = shutdown.cancelled() => break,
             _ = ticker.tick() => {}
+        }
+        if !s.leadership.is_leader() {
+            // A standby keeps its pool fresh from heartbeats but declares nobody dead: that
+            // is the leader's call.
+            continue;
         }
         let timeout = Duration::from_secs_f64(s.cfg.heartbeat_timeout_s);
         let (dead, orphans) = {
@@ -483,16 +636,96 @@ impl Scheduler {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn handle(&self, op: Op, request: &Request) {
-        let body = &request.message.payload;
-        match op {
-            Op::Result => api::respond(request, self.report(body).await).await,
-            Op::Pause => api::respond(request, self.set_paused(true).await).await,
-            Op::Resume => api::respond(request, self.set_paused(false).await).await,
-            Op::Shed => api::respond(request, self.shed(body).await).await,
-            Op::Replay => api::respond(request, self.replay(body).await).await,
-            Op::Readiness => api::respond(request, Ok::<_, ApiError>(self.readiness())).await,
+    /// Answers a micro request: here when this replica leads, else through the leader.
+    async fn serve(&self, op: Op, request: &Request) {
+        if self.leadership.is_leader() {
+            api::respond(request, self.handle(op, &request.message.payload).await).await;
+            return;
         }
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        let forwarded = tokio::time::timeout(
+            self.timeout,
+            self.client.request(
+                subjects::scheduler_leader(op.name()),
+                request.message.payload.clone(),
+            ),
+        )
+        .await;
+        let outcome = match forwarded {
+            Ok(Ok(reply)) => match reply.headers {
+                Some(headers) => request.respond_with_headers(Ok(reply.payload), headers).await,
+                None => request.respond(Ok(reply.payload)).await,
+            },
+            Ok(Err(_)) | Err(_) => {
+                let leader = match self.leadership.role() {
+                    lease::Role::Standby {
+                        leader: Some(l), ..
+                    } => format!("the leader {l} did not answer"),
+                    _ => "no scheduler leads at the moment (failover in progress)".to_owned(),
+                };
+                api::respond(
+                    request,
+                    Err::<Value, _>(ApiError::unavailable(format!(
+                        "{leader}; retry shortly"
+                    ))),
+                )
+                .await;
+                return;
+            }
+        };
+        if let Err(err) = outcome {
+            tracing::debug!(error = %err, "scheduler: relayed reply not sent");
+        }
+    }
+
+    async fn handle(&self, op: Op, body: &[u8]) -> Result<Value, ApiError> {
+        match op {
+            Op::Result => self.report(body).await,
+            Op::Pause => self.set_paused(true).await,
+            Op::Resume => self.set_paused(false).await,
+            Op::Shed => self.shed(body).await,
+            Op::Replay => self.replay(body).await,
+            Op::Readiness => Ok(self.readiness()),
+        }
+    }
+
+    /// A compare-and-set of an intent record under this replica's fencing token: refused when
+    /// it does not lead, or when the record carries a newer leader's token (narrated and
+    /// counted). A written record gets this replica's token.
+    async fn update_intent<R, E>(
+        &self,
+        key: &str,
+        mut change: impl FnMut(&mut IntentRecord) -> Result<Change<R>, E>,
+    ) -> Result<Result<(R, IntentRecord), Fenced<E>>, KvError> {
+        let Some(token) = self.leadership.token() else {
+            self.counters.fenced.fetch_add(1, Ordering::Relaxed);
+            return Ok(Err(Fenced::Stale {
+                record_token: 0,
+                ours: None,
+            }));
+        };
+        let result = update_fenced(&self.intents, key, token, &mut change).await;
+        if let Ok(Err(Fenced::Stale { record_token, ours })) = &result {
+            self.counters.fenced.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                key,
+                record_token,
+                ours,
+                "scheduler: write refused, a newer leader changed the record"
+            );
+            let n = self
+                .narrator
+                .narrative("stale_leader_refused", "fencing token on the intent record")
+                .why(format!(
+                    "{} holds token {ours:?}, the record {key} was written under token {record_token} by a newer leader",
+                    self.leadership.holder()
+                ))
+                .why("the write is refused: a leader that lost its lease may not act")
+                .context(json!({"intent_id": key, "record_token": record_token, "token": ours,
+                                "holder": self.leadership.holder()}));
+            self.narrator.publish(n).await;
+        }
+        result
     }
 
     // ---- dispatch -----------------------------------------------------------------------------
@@ -603,7 +836,7 @@ impl Scheduler {
         }
         let now = time::now();
         let assigned = worker_id.clone();
-        let moved = kvx::update(&self.intents, &task.intent_id, |r: &mut IntentRecord| {
+        let moved = self.update_intent(&task.intent_id, |r: &mut IntentRecord| {
             if r.status != IntentStatus::Queued {
                 return Ok::<_, ()>(Change::Keep(None));
             }
@@ -621,6 +854,12 @@ impl Scheduler {
         .await;
         let (fence, attempt) = match moved {
             Ok(Ok((Some(fa), _))) => fa,
+            Ok(Err(Fenced::Stale { .. })) => {
+                // A newer leader runs the queue: leave this copy to it.
+                self.lock().pool.release(&worker_id, None);
+                nak(&msg, Duration::ZERO).await;
+                return;
+            }
             Ok(_) | Err(KvError::NotFound(_)) => {
                 // Someone else moved it first; this copy is not ours to run.
                 self.lock().pool.release(&worker_id, None);
@@ -722,11 +961,18 @@ impl Scheduler {
                 attempt,
             } = handover;
             let task_id = task.task_id.clone();
+            let Some(leader_token) = self.leadership.token() else {
+                // No longer the leader: the record stays as written; the next leader adopts the
+                // task when the queue redelivers it.
+                self.counters.fenced.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
             let assignment = Assignment {
                 task,
                 worker_id: worker_id.clone(),
                 fence,
                 attempt,
+                leader_token,
             };
             let request = self.client.request(
                 subjects::worker_task(&worker_id),
@@ -739,6 +985,12 @@ impl Scheduler {
             .await
             {
                 Ok(Ok(reply)) if reply.headers.is_none() => return,
+                Ok(Ok(reply)) if error_code(&reply.payload).as_deref() == Some("stale_leader") => {
+                    // The worker has seen a newer leader: this replica lost its lease.
+                    self.counters.fenced.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(task_id, worker_id, leader_token, "assignment refused: a newer scheduler leads");
+                    return;
+                }
                 Ok(Ok(reply)) => format!(
                     "{worker_id} refused it: {}",
                     String::from_utf8_lossy(&reply.payload)
@@ -806,7 +1058,7 @@ impl Scheduler {
         let max = self.cfg.max_attempts;
         let target = choice.as_ref().map(|c| c.worker_id.clone());
         let now = time::now();
-        let updated = kvx::update(&self.intents, task_id, |r: &mut IntentRecord| {
+        let updated = self.update_intent(task_id, |r: &mut IntentRecord| {
             if !matches!(r.status, IntentStatus::Dispatched | IntentStatus::Running) {
                 return Ok::<_, ()>(Change::Keep(Reassigned::Gone));
             }
@@ -854,7 +1106,7 @@ impl Scheduler {
         .await;
         let (outcome, record) = match updated {
             Ok(Ok((outcome, record))) => (outcome, Some(record)),
-            Ok(Err(())) | Err(KvError::NotFound(_)) => (Reassigned::Gone, None),
+            Ok(Err(_)) | Err(KvError::NotFound(_)) => (Reassigned::Gone, None),
             Err(err) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(task_id, error = %err, "reassignment not recorded; the watchdog retries");
@@ -930,7 +1182,7 @@ impl Scheduler {
     /// Fails a task after its last attempt: status failed, dead-letter record, queue message
     /// acknowledged.
     async fn fail_for_good(&self, task_id: &str, error: &str) {
-        let failed = kvx::update(&self.intents, task_id, |r: &mut IntentRecord| {
+        let failed = self.update_intent(task_id, |r: &mut IntentRecord| {
             if !matches!(
                 r.status,
                 IntentStatus::Dispatched | IntentStatus::Running | IntentStatus::Queued
@@ -1006,7 +1258,7 @@ impl Scheduler {
         let fence = report.fence;
         let worker = report.worker_id.clone();
         let outcome = report.outcome;
-        let applied = kvx::update(&self.intents, &report.task_id, |r: &mut IntentRecord| {
+        let applied = self.update_intent(&report.task_id, |r: &mut IntentRecord| {
             let current = r
                 .assignment
                 .as_ref()
@@ -1043,7 +1295,12 @@ impl Scheduler {
         }
         let record = match applied {
             Ok(Ok((_, record))) => record,
-            Ok(Err(status)) => {
+            Ok(Err(Fenced::Stale { .. })) => {
+                return Err(ApiError::unavailable(
+                    "this scheduler no longer leads; retry the report (the new leader takes it)",
+                ));
+            }
+            Ok(Err(Fenced::Refused(status))) => {
                 self.counters.stale_reports.fetch_add(1, Ordering::Relaxed);
                 let n = self
                     .narrator
@@ -1227,8 +1484,7 @@ impl Scheduler {
                         )));
                     }
                 };
-                let messages: Vec<jetstream::Message> =
-                    batch.filter_map(|m| async { m.ok() }).collect().await;
+                let messages = collect_batch(batch, self.timeout).await;
                 if messages.is_empty() {
                     break;
                 }
@@ -1303,7 +1559,7 @@ impl Scheduler {
         if !stored {
             return false;
         }
-        let moved = kvx::update(&self.intents, &task.intent_id, |r: &mut IntentRecord| {
+        let moved = self.update_intent(&task.intent_id, |r: &mut IntentRecord| {
             if r.status != IntentStatus::Queued {
                 return Ok::<_, ()>(Change::Keep(false));
             }
@@ -1352,8 +1608,7 @@ impl Scheduler {
                 Ok(b) => b,
                 Err(err) => return Err(ApiError::unavailable(format!("park fetch failed: {err}"))),
             };
-            let messages: Vec<jetstream::Message> =
-                batch.filter_map(|m| async { m.ok() }).collect().await;
+            let messages = collect_batch(batch, self.timeout).await;
             if messages.is_empty() {
                 break;
             }
@@ -1384,7 +1639,7 @@ impl Scheduler {
                         "task queue did not take a replayed task; retry",
                     ));
                 }
-                let _ = kvx::update(&self.intents, &task.intent_id, |r: &mut IntentRecord| {
+                let _ = self.update_intent(&task.intent_id, |r: &mut IntentRecord| {
                     if r.status != IntentStatus::Shed {
                         return Ok::<_, ()>(Change::Keep(()));
                     }
@@ -1441,6 +1696,8 @@ impl Scheduler {
             "queue_depth": st.queue_depth,
             "in_flight": st.in_flight.len(),
             "paused": st.paused,
+            "leader": self.leadership.holder(),
+            "leader_token": self.leadership.token(),
             "workers": st.pool.describe_all(),
             "reasons": reasons,
         })
@@ -1557,6 +1814,8 @@ impl Scheduler {
     /// Records bad input on `mesh.deadletter` with the reason, and counts it.
     async fn dead_letter(&self, subject: &str, body: &[u8], reason: &str) {
         self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        // Hostile input echoed in a decoder's message must not make the log or the letter huge.
+        let reason = &api::bounded(reason.to_owned(), api::MAX_MESSAGE_BYTES);
         tracing::warn!(subject, reason, "dead-lettered");
         let excerpt = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
         let event = MeshEvent::root(
@@ -1578,6 +1837,35 @@ impl Scheduler {
             tracing::debug!(subject, error = %err, "not published");
         }
     }
+}
+
+/// A compare-and-set of the intent record `key` by a scheduler leader holding fencing `token`:
+/// refused with [`Fenced::Stale`] when the record was written under a newer token, otherwise
+/// `change` decides, and a written record carries `token`. Every write the scheduler makes to an
+/// intent record goes through here.
+pub async fn update_fenced<R, E>(
+    intents: &kv::Store,
+    key: &str,
+    token: u64,
+    mut change: impl FnMut(&mut IntentRecord) -> Result<Change<R>, E>,
+) -> Result<Result<(R, IntentRecord), Fenced<E>>, KvError> {
+    kvx::update(intents, key, |r: &mut IntentRecord| {
+        if r.leader_token > token {
+            return Err(Fenced::Stale {
+                record_token: r.leader_token,
+                ours: Some(token),
+            });
+        }
+        match change(r) {
+            Ok(Change::Write(out)) => {
+                r.leader_token = token;
+                Ok(Change::Write(out))
+            }
+            Ok(Change::Keep(out)) => Ok(Change::Keep(out)),
+            Err(e) => Err(Fenced::Refused(e)),
+        }
+    })
+    .await
 }
 
 /// Whether a worker report is new or a repeat of one already recorded.
@@ -1611,6 +1899,34 @@ enum Reassigned {
 fn tier_of(record: &IntentRecord) -> bulwark_common::intent::Tier {
     bulwark_common::intent::Tier::from_number(record.decision.autonomy_tier)
         .unwrap_or(bulwark_common::intent::Tier::HumanRequired)
+}
+
+/// The messages of a fetched batch, collected for at most `limit`: a pull request whose answer
+/// never comes (its consumer's leader moved to another broker node) must not stall the loop.
+/// Messages received but not collected are redelivered after `ack_wait`.
+async fn collect_batch(
+    batch: jetstream::consumer::pull::Batch,
+    limit: Duration,
+) -> Vec<jetstream::Message> {
+    let mut messages = Vec::new();
+    let mut batch = std::pin::pin!(batch);
+    let deadline = tokio::time::Instant::now() + limit;
+    while let Ok(Some(next)) = tokio::time::timeout_at(deadline, batch.next()).await {
+        match next {
+            Ok(msg) => messages.push(msg),
+            Err(err) => {
+                tracing::debug!(error = %err, "task queue batch ended");
+                break;
+            }
+        }
+    }
+    messages
+}
+
+/// The `error.code` of an error reply body, if it has one.
+fn error_code(payload: &[u8]) -> Option<String> {
+    let body: Value = serde_json::from_slice(payload).ok()?;
+    body["error"]["code"].as_str().map(str::to_owned)
 }
 
 async fn ack(msg: &jetstream::Message) {

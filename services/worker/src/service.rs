@@ -59,6 +59,9 @@ struct Worker {
     handlers: Handlers,
     counters: Counters,
     timeout: Duration,
+    /// The highest scheduler leader token seen on an assignment: an assignment under a lower
+    /// one comes from a leader that lost its lease and is refused.
+    leader_floor: AtomicU64,
 }
 
 /// The most recent finished assignments (task id, fence), bounded.
@@ -134,6 +137,7 @@ pub async fn run_worker(
         handlers,
         counters: Counters::default(),
         timeout: Duration::from_millis(cfg.nats.request_timeout_ms),
+        leader_floor: AtomicU64::new(0),
     });
     let register_error = |e: &dyn std::fmt::Display| WorkerError::Register {
         worker_id: worker_id.clone(),
@@ -213,6 +217,20 @@ impl Worker {
                     assignment.worker_id, self.id
                 ),
             ));
+        }
+        if assignment.leader_token > 0 {
+            let floor = self
+                .leader_floor
+                .fetch_max(assignment.leader_token, Ordering::AcqRel);
+            if assignment.leader_token < floor {
+                return Err(ApiError::conflict(
+                    "stale_leader",
+                    format!(
+                        "assignment from a scheduler under leader token {}, but token {floor} leads now",
+                        assignment.leader_token
+                    ),
+                ));
+            }
         }
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let key = (assignment.task.task_id.clone(), assignment.fence);
