@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 mod clarity;
 mod mesh;
 mod pipeline;
+mod playbooks;
 
 #[derive(Debug, Parser)]
 #[command(about = "bulwark benchmarks, each next to raw NATS in the same run")]
@@ -41,6 +42,8 @@ enum Bench {
     Pipeline,
     /// Clarity: narratives chained per second vs raw JetStream publish; verify time.
     Clarity,
+    /// Playbooks: incident to first step vs a raw JetStream relay; sandboxed runs vs bare Rhai.
+    Playbooks,
 }
 
 #[tokio::main]
@@ -52,6 +55,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Mesh => mesh::run(args.smoke).await,
         Bench::Pipeline => pipeline::run(args.smoke).await,
         Bench::Clarity => clarity::run(args.smoke).await,
+        Bench::Playbooks => playbooks::run(args.smoke).await,
     }
 }
 

@@ -104,8 +104,8 @@ async fn list(cfg: &BulwarkConfig, as_json: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<30} {:<32} {:<10} {:<26} {}",
-        "PLAYBOOK", "TRIGGERS", "LAST RUN", "WHEN", "DETAIL"
+        "{:<30} {:<32} {:<10} {:<26} DETAIL",
+        "PLAYBOOK", "TRIGGERS", "LAST RUN", "WHEN"
     );
     for p in reply["playbooks"].as_array().into_iter().flatten() {
         let triggers = p["triggers"]

@@ -372,7 +372,7 @@ fn read_meta(
     };
     let mut steps = Vec::new();
     for (i, raw) in raw_steps.into_iter().enumerate() {
-        let step = if let Some(run) = raw.clone().into_string().ok() {
+        let step = if let Ok(run) = raw.clone().into_string() {
             Step {
                 title: run.clone(),
                 run,
