@@ -325,3 +325,113 @@ async fn status_prints_the_watchdog_report_and_exits_1_unless_healthy() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
 }
+
+#[test]
+fn playbook_check_passes_on_the_shipped_ones_and_names_file_line_and_column_of_errors() {
+    let dir = bulwark_tests::repo_root().join("playbooks");
+    let out = bulwark(
+        None,
+        &["playbook", "check", "--dir", &dir.display().to_string()],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("6 playbook(s) compile"), "{text}");
+    assert!(text.contains("trigger_storm_mitigation"), "{text}");
+
+    let bad = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        bad.path().join("broken.rhai"),
+        "fn playbook() { #{ name: \"broken\", steps: [\"s\"] } }\nfn s(p) {\n    let = 3;\n}\n",
+    )
+    .expect("written");
+    let out = bulwark(
+        None,
+        &[
+            "playbook",
+            "check",
+            "--dir",
+            &bad.path().display().to_string(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("broken.rhai:3:"), "file:line:column: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playbook_run_dry_run_prints_the_actions_and_list_shows_the_last_run() {
+    let server = NatsServer::start();
+    let mut cfg = server.config();
+    cfg.playbooks.time_scale = 0.05;
+    let _scheduler = bulwark_tests::start_scheduler(cfg.clone()).await;
+    let _playbooks = bulwark_tests::start_playbooks(cfg).await;
+    let s = Some(&server);
+
+    let out = bulwark(
+        s,
+        &[
+            "playbook",
+            "run",
+            "scheduler_load_shedding",
+            "--dry-run",
+            "--param",
+            "target_depth=0",
+            "--param",
+            "older_than_s=0",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("would call shed_tasks("), "{text}");
+    assert!(text.contains("read queue_depth("), "{text}");
+    assert!(text.contains("action(s) would be taken"), "{text}");
+
+    // A real run, followed step by step; it fails (no pool answers) and says why.
+    let out = bulwark(
+        s,
+        &[
+            "playbook",
+            "run",
+            "htm_worker_recovery",
+            "--param",
+            "worker_id=w-9",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("step 1 Inspect the pool: FAILED"), "{text}");
+    assert!(
+        text.contains("htm.pool.status"),
+        "the reason names the request: {text}"
+    );
+
+    let out = bulwark(s, &["playbook", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("htm_worker_recovery"))
+        .unwrap_or_else(|| panic!("a row: {text}"));
+    assert!(row.contains("failed"), "{row}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("trigger_storm_mitigation") && l.contains("never")),
+        "{text}"
+    );
+
+    let out = bulwark(s, &["playbook", "run", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unknown playbook") && err.lines().count() == 1,
+        "{err}"
+    );
+}

@@ -27,7 +27,8 @@
 //! | `verify(retries, interval_s, check)` | time | calls the closure `check` until it returns true, up to `retries` times |
 //!
 //! In a dry run, reads are real and actions are recorded, not sent: they return
-//! `#{dry_run: true}`; `wait` does not sleep and `verify` returns true without checking.
+//! `#{dry_run: true}` (with `shed: 0`, `replayed: 0` or `respawned: []` for the actions whose
+//! reply scripts read); `wait` does not sleep and `verify` returns true without checking.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -174,10 +175,18 @@ impl Host {
         result.or_else(|e| fail(format!("{function}() failed: {e}")))
     }
 
-    /// An action: sent, or only recorded in a dry run.
+    /// An action: sent, or only recorded in a dry run (which answers `#{dry_run: true}` plus
+    /// the fields a script reads of the real reply, zeroed).
     fn act(&self, function: &str, subject: &str, body: Value) -> HostResult<Value> {
         let result = if self.dry_run {
-            Ok(json!({"dry_run": true, "subject": subject}))
+            let mut reply = json!({"dry_run": true, "subject": subject});
+            match function {
+                "shed_tasks" => reply["shed"] = json!(0),
+                "replay_tasks" => reply["replayed"] = json!(0),
+                "respawn_worker" | "respawn_workers" => reply["respawned"] = json!([]),
+                _ => {}
+            }
+            Ok(reply)
         } else {
             self.requester.request(subject, body.clone())
         };
