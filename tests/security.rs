@@ -113,16 +113,62 @@ async fn echo(service: &async_nats::Client, subjects: &[&str]) -> Vec<tokio::tas
     tasks
 }
 
+/// The reply to `body` on `subject`, asked again while nobody answers yet (a subscription made
+/// on another connection becomes active on the server a moment after `subscribe` returns);
+/// panics after 5 s.
+async fn request_until(
+    who: &str,
+    client: &async_nats::Client,
+    subject: &str,
+    body: &'static str,
+) -> async_nats::Message {
+    eventually(
+        Duration::from_secs(5),
+        &format!("{who}: a reply on {subject}"),
+        || async {
+            match tokio::time::timeout(
+                Duration::from_millis(500),
+                client.request(subject.to_owned(), body.into()),
+            )
+            .await
+            {
+                Ok(Ok(reply)) => Some(reply),
+                Ok(Err(err))
+                    if err.kind() != async_nats::client::RequestErrorKind::NoResponders =>
+                {
+                    panic!("{who}: request on {subject} failed: {err}")
+                }
+                _ => None,
+            }
+        },
+    )
+    .await
+}
+
+/// Publishes on `subject` until `sub` receives it (see [`request_until`]); panics after 5 s.
+async fn publish_until_seen(
+    client: &async_nats::Client,
+    subject: &str,
+    body: &'static str,
+    sub: &mut async_nats::Subscriber,
+) -> async_nats::Message {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        client
+            .publish(subject.to_owned(), body.into())
+            .await
+            .expect("published");
+        if let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            return msg;
+        }
+    }
+    panic!("{subject} never arrived");
+}
+
 /// Each subject answers this identity's request (the echo, or the real service).
 async fn allowed_requests(who: &str, client: &async_nats::Client, allowed: &[&str]) {
     for subject in allowed {
-        let reply = tokio::time::timeout(
-            Duration::from_secs(5),
-            client.request(subject.to_string(), "{}".into()),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("{who}: no reply on {subject}: refused?"))
-        .unwrap_or_else(|e| panic!("{who}: request on {subject} failed: {e}"));
+        let reply = request_until(who, client, subject, "{}").await;
         let value: Value = serde_json::from_slice(&reply.payload).expect("reply is JSON");
         assert!(value.is_object(), "{who}: {subject} answered {value}");
     }
@@ -230,19 +276,14 @@ async fn agents_submit_read_and_use_the_mesh_and_nothing_else() {
         assert_eq!(status["status"], "pending_vote");
         let (open, _) = request_json(&agent, subjects::PROPOSALS_OPEN, "{}").await;
         assert!(open["items"].as_array().is_some_and(|i| !i.is_empty()));
-        let mut mesh = agent.subscribe("mesh.>").await.expect("sub");
-        agent.flush().await.expect("flush");
-        agent
-            .publish(
-                "mesh.agent.note",
-                r#"{"source":"agent","payload":{}}"#.into(),
-            )
-            .await
-            .expect("published");
-        let seen = tokio::time::timeout(Duration::from_secs(5), mesh.next())
-            .await
-            .expect("the agent reads its mesh event")
-            .expect("message");
+        let mut mesh = agent.subscribe("mesh.agent.>").await.expect("sub");
+        let seen = publish_until_seen(
+            &agent,
+            "mesh.agent.note",
+            r#"{"source":"agent","payload":{}}"#,
+            &mut mesh,
+        )
+        .await;
         assert_eq!(seen.subject.as_str(), "mesh.agent.note");
 
         // Forbidden: everything a service, an operator, a voter or a worker does.
@@ -339,17 +380,22 @@ async fn operators_review_vote_and_run_ops_but_forge_nothing() {
         .subscribe(subjects::NARRATIVE_ALL)
         .await
         .expect("operators read narratives");
-    operator.flush().await.expect("flush");
-    request_json(
-        &operator,
-        subjects::INTENT_SUBMIT,
-        json!({"intent_type": "query_knowledge", "actor": "ops"}).to_string(),
-    )
-    .await;
-    tokio::time::timeout(Duration::from_secs(5), narratives.next())
-        .await
-        .expect("a narrative arrives")
-        .expect("message");
+    // Submitting until one of the narratives arrives (the subscription becomes active a moment
+    // after subscribe returns).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut read = false;
+    while !read && tokio::time::Instant::now() < deadline {
+        request_json(
+            &operator,
+            subjects::INTENT_SUBMIT,
+            json!({"intent_type": "query_knowledge", "actor": "ops"}).to_string(),
+        )
+        .await;
+        read = tokio::time::timeout(Duration::from_millis(200), narratives.next())
+            .await
+            .is_ok_and(|m| m.is_some());
+    }
+    assert!(read, "the operator reads narratives");
 
     // Forbidden: forging, impersonating a named reviewer or voter, serving bulwark subjects.
     let mut forbidden = service_only();
@@ -379,42 +425,27 @@ async fn workers_heartbeat_take_their_tasks_and_report_and_nothing_else() {
         .subscribe(subjects::WORKER_HEARTBEAT_ALL)
         .await
         .expect("sub");
-    service.flush().await.expect("flush");
-    worker
-        .publish(subjects::worker_heartbeat("w1"), "{}".into())
-        .await
-        .expect("published");
-    worker.flush().await.expect("flush");
-    let beat = tokio::time::timeout(Duration::from_secs(5), beats.next())
-        .await
-        .expect("the heartbeat arrives")
-        .expect("message");
+    let beat =
+        publish_until_seen(&worker, &subjects::worker_heartbeat("w1"), "{}", &mut beats).await;
     assert_eq!(beat.subject.as_str(), "htm.worker.heartbeat.w1");
     // Allowed: take an assignment and answer it (allow_responses), report a result.
     let mut tasks = worker
         .subscribe(subjects::worker_task("w1"))
         .await
         .expect("sub");
-    worker.flush().await.expect("flush");
     let taker = worker.clone();
     let answer = tokio::spawn(async move {
-        let msg = tasks.next().await.expect("an assignment");
-        let reply = msg.reply.expect("a request");
-        taker
-            .publish(reply, r#"{"accepted":true}"#.into())
-            .await
-            .expect("answered");
-        taker.flush().await.expect("flush");
+        while let Some(msg) = tasks.next().await {
+            let reply = msg.reply.expect("a request");
+            taker
+                .publish(reply, r#"{"accepted":true}"#.into())
+                .await
+                .expect("answered");
+        }
     });
-    let accepted = tokio::time::timeout(
-        Duration::from_secs(5),
-        service.request(subjects::worker_task("w1"), "{}".into()),
-    )
-    .await
-    .expect("the worker answered its assignment")
-    .expect("reply");
+    let accepted = request_until("service", &service, &subjects::worker_task("w1"), "{}").await;
     assert_eq!(accepted.payload.as_ref(), br#"{"accepted":true}"#);
-    answer.await.expect("worker task");
+    answer.abort();
     let _echo = echo(&service, &[subjects::TASK_RESULT]).await;
     allowed_requests("worker", &worker, &[subjects::TASK_RESULT]).await;
 
