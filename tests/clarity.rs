@@ -103,10 +103,12 @@ fn whats(items: &[Value]) -> Vec<&str> {
         .collect()
 }
 
-/// The `context.n` of every audit record, in chain order.
+/// The `context.n` of every audit record, in chain order, leaving out clarity's own narratives
+/// (its replicas narrate lease handovers into the chain they write).
 fn numbers(records: &BTreeMap<u64, Value>) -> Vec<u64> {
     records
         .values()
+        .filter(|r| r["narrative"]["who"] != "clarity")
         .map(|r| r["narrative"]["context"]["n"].as_u64().expect("n"))
         .collect()
 }
@@ -424,8 +426,8 @@ async fn clarity_stopped_or_crashed_mid_stream_loses_nothing() {
         (seen.len() == 200).then_some(records)
     })
     .await;
-    assert_eq!(records.len(), 200, "none twice");
+    assert_eq!(numbers(&records).len(), 200, "none twice");
     let report = s.verify().await;
     assert_eq!(report["ok"], true, "{report}");
-    assert_eq!(report["records"], 200);
+    assert_eq!(report["records"], records.len() as u64);
 }

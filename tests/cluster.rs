@@ -306,9 +306,11 @@ async fn the_scheduler_leader_dies_under_load_the_standby_takes_over_and_the_old
     })
     .await;
     let _second = spawn_service("scheduler", cfg.clone(), bulwark_scheduler::run);
-    eventually(PATIENCE, "the second scheduler stands by", || async {
-        let waiting = narratives(&client, "scheduler", "lease_waiting").await;
-        (!waiting.is_empty()).then_some(())
+    eventually(PATIENCE, "the second scheduler registered", || async {
+        let found =
+            bulwark_common::micro::ping_all(&client, Some("scheduler"), Duration::from_millis(300))
+                .await;
+        (found.len() == 2).then_some(())
     })
     .await;
     let _w1 = start_counting_worker(&cfg, "lw-1", &runs).await;
@@ -528,4 +530,3 @@ async fn two_clarity_replicas_never_fork_the_chain_through_a_writer_and_a_broker
     let now_writer = lease(&client, "clarity").await.expect("lease");
     assert!(now_writer.token > writer.token, "the writer changed");
 }
-

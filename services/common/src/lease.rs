@@ -25,8 +25,9 @@
 //! older one: a leader paused past its lease cannot act when it wakes up.
 //!
 //! # Subjects
-//! Produces `clarity.narrative.<service>` (`lease_acquired`, `lease_lost`, `lease_released`,
-//! `lease_waiting`) through the service's narrator; reads and writes `$KV.bulwark_leases.<duty>`.
+//! Produces `clarity.narrative.<service>` (`lease_acquired` when a replica takes over from
+//! another, `lease_lost`, `lease_released`) through the service's narrator; reads and writes
+//! `$KV.bulwark_leases.<duty>`. The first acquisition of a lease nobody held is only logged.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -308,9 +309,7 @@ impl Elector {
             match held.take() {
                 Some(h) => held = self.renew(h).await,
                 None => {
-                    held = self
-                        .try_acquire(&mut observer, &mut waiting_narrated)
-                        .await;
+                    held = self.try_acquire(&mut observer, &mut waiting_narrated).await;
                 }
             }
         }
@@ -395,20 +394,8 @@ impl Elector {
                 );
                 if waiting_narrated.as_deref() != Some(prev.holder.as_str()) {
                     *waiting_narrated = Some(prev.holder.clone());
-                    let n = self
-                        .narrator
-                        .narrative("lease_waiting", "leader lease in KV bucket bulwark_leases")
-                        .why(format!(
-                            "{} holds the {} lease under token {}; this replica stands by",
-                            prev.holder, self.duty, prev.token
-                        ))
-                        .why(format!(
-                            "it takes over when the lease stays unrenewed for {:.1} s or is released",
-                            self.ttl.as_secs_f64()
-                        ))
-                        .context(json!({"duty": self.duty, "holder": self.holder, "leader": prev.holder,
-                                        "token": prev.token, "ttl_s": self.ttl.as_secs_f64()}));
-                    self.narrator.publish(n).await;
+                    tracing::info!(duty = %self.duty, holder = %self.holder, leader = %prev.holder,
+                        token = prev.token, "lease held by another replica; standing by");
                 }
             }
             return None;
@@ -419,7 +406,10 @@ impl Elector {
             Some((revision, record)) => {
                 let token = record.as_ref().map_or(*revision, |r| r.token) + 1;
                 let body = self.record(token, &acquired_at, false);
-                (self.store.update(&self.duty, body, *revision).await.ok(), token)
+                (
+                    self.store.update(&self.duty, body, *revision).await.ok(),
+                    token,
+                )
             }
             None => {
                 let token = match self.highest_revision().await {
@@ -433,9 +423,21 @@ impl Elector {
         let revision = written?;
         self.set_role(Role::Leader { token }, Some(sent + self.validity()));
         *waiting_narrated = None;
+        tracing::info!(duty = %self.duty, holder = %self.holder, token, "lease acquired");
+        if previous.is_none() {
+            // Nobody held it (a fresh system): no failover to explain.
+            return Some(Held {
+                token,
+                revision,
+                acquired_at,
+            });
+        }
         let mut n = self
             .narrator
-            .narrative("lease_acquired", "leader lease in KV bucket bulwark_leases (compare-and-set)")
+            .narrative(
+                "lease_acquired",
+                "leader lease in KV bucket bulwark_leases (compare-and-set)",
+            )
             .why(format!(
                 "{} now leads {} under fencing token {token}",
                 self.holder, self.duty
@@ -457,13 +459,14 @@ impl Elector {
                 "actions under older tokens are refused from now on; renewed every {:.1} s",
                 (self.ttl / 3).as_secs_f64()
             ))
-            .context(json!({"duty": self.duty, "holder": self.holder, "token": token,
+            .context(
+                json!({"duty": self.duty, "holder": self.holder, "token": token,
                             "previous_holder": previous.as_ref().map(|p| p.holder.clone()),
                             "previous_token": previous.as_ref().map(|p| p.token),
                             "previous_released": previous.as_ref().map(|p| p.released),
-                            "ttl_s": self.ttl.as_secs_f64()}));
+                            "ttl_s": self.ttl.as_secs_f64()}),
+            );
         self.narrator.publish(n).await;
-        tracing::info!(duty = %self.duty, holder = %self.holder, token, "lease acquired");
         Some(Held {
             token,
             revision,
@@ -525,9 +528,7 @@ impl Elector {
                 }
                 self.step_down(
                     &held,
-                    format!(
-                        "it could not renew the lease before it ran out ({err})"
-                    ),
+                    format!("it could not renew the lease before it ran out ({err})"),
                     None,
                 )
                 .await;
@@ -553,9 +554,11 @@ impl Elector {
                 self.holder, self.duty, held.token
             ))
             .why("it takes no leader action from now on; a late one under this token is refused")
-            .context(json!({"duty": self.duty, "holder": self.holder, "token": held.token,
+            .context(
+                json!({"duty": self.duty, "holder": self.holder, "token": held.token,
                             "new_holder": taken_by.as_ref().map(|r| r.holder.clone()),
-                            "new_token": taken_by.as_ref().map(|r| r.token)}));
+                            "new_token": taken_by.as_ref().map(|r| r.token)}),
+            );
         self.narrator.publish(n).await;
     }
 
@@ -600,7 +603,11 @@ mod tests {
         let mut o = Observer::new(ttl);
         let t0 = Instant::now();
         assert_eq!(o.decide(None, t0), Decision::Acquire, "no entry");
-        assert_eq!(o.decide(Some((5, false)), t0), Decision::Wait, "first sight");
+        assert_eq!(
+            o.decide(Some((5, false)), t0),
+            Decision::Wait,
+            "first sight"
+        );
         assert_eq!(
             o.decide(Some((5, false)), t0 + Duration::from_secs(9)),
             Decision::Wait

@@ -653,7 +653,11 @@ impl Scheduler {
         .await;
         let outcome = match forwarded {
             Ok(Ok(reply)) => match reply.headers {
-                Some(headers) => request.respond_with_headers(Ok(reply.payload), headers).await,
+                Some(headers) => {
+                    request
+                        .respond_with_headers(Ok(reply.payload), headers)
+                        .await
+                }
                 None => request.respond(Ok(reply.payload)).await,
             },
             Ok(Err(_)) | Err(_) => {
@@ -665,9 +669,7 @@ impl Scheduler {
                 };
                 api::respond(
                     request,
-                    Err::<Value, _>(ApiError::unavailable(format!(
-                        "{leader}; retry shortly"
-                    ))),
+                    Err::<Value, _>(ApiError::unavailable(format!("{leader}; retry shortly"))),
                 )
                 .await;
                 return;
@@ -836,22 +838,23 @@ impl Scheduler {
         }
         let now = time::now();
         let assigned = worker_id.clone();
-        let moved = self.update_intent(&task.intent_id, |r: &mut IntentRecord| {
-            if r.status != IntentStatus::Queued {
-                return Ok::<_, ()>(Change::Keep(None));
-            }
-            let fence = r.assignment.as_ref().map_or(0, |a| a.fence) + 1;
-            let attempt = r.assignment.as_ref().map_or(0, |a| a.attempt) + 1;
-            r.assignment = Some(AssignmentRecord {
-                worker_id: assigned.clone(),
-                fence,
-                attempt,
-                dispatched_at: now.clone(),
-            });
-            r.transition(IntentStatus::Dispatched, Some(assigned.clone()), None);
-            Ok(Change::Write(Some((fence, attempt))))
-        })
-        .await;
+        let moved = self
+            .update_intent(&task.intent_id, |r: &mut IntentRecord| {
+                if r.status != IntentStatus::Queued {
+                    return Ok::<_, ()>(Change::Keep(None));
+                }
+                let fence = r.assignment.as_ref().map_or(0, |a| a.fence) + 1;
+                let attempt = r.assignment.as_ref().map_or(0, |a| a.attempt) + 1;
+                r.assignment = Some(AssignmentRecord {
+                    worker_id: assigned.clone(),
+                    fence,
+                    attempt,
+                    dispatched_at: now.clone(),
+                });
+                r.transition(IntentStatus::Dispatched, Some(assigned.clone()), None);
+                Ok(Change::Write(Some((fence, attempt))))
+            })
+            .await;
         let (fence, attempt) = match moved {
             Ok(Ok((Some(fa), _))) => fa,
             Ok(Err(Fenced::Stale { .. })) => {
@@ -988,7 +991,12 @@ impl Scheduler {
                 Ok(Ok(reply)) if error_code(&reply.payload).as_deref() == Some("stale_leader") => {
                     // The worker has seen a newer leader: this replica lost its lease.
                     self.counters.fenced.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(task_id, worker_id, leader_token, "assignment refused: a newer scheduler leads");
+                    tracing::warn!(
+                        task_id,
+                        worker_id,
+                        leader_token,
+                        "assignment refused: a newer scheduler leads"
+                    );
                     return;
                 }
                 Ok(Ok(reply)) => format!(
@@ -1058,52 +1066,53 @@ impl Scheduler {
         let max = self.cfg.max_attempts;
         let target = choice.as_ref().map(|c| c.worker_id.clone());
         let now = time::now();
-        let updated = self.update_intent(task_id, |r: &mut IntentRecord| {
-            if !matches!(r.status, IntentStatus::Dispatched | IntentStatus::Running) {
-                return Ok::<_, ()>(Change::Keep(Reassigned::Gone));
-            }
-            let Some(prev) = r.assignment.clone() else {
-                return Ok(Change::Keep(Reassigned::Gone));
-            };
-            if from.is_some_and(|f| f != prev.worker_id) {
-                return Ok(Change::Keep(Reassigned::Gone));
-            }
-            let attempt = prev.attempt + u32::from(count_attempt);
-            if attempt > max {
-                return Ok(Change::Keep(Reassigned::Exhausted));
-            }
-            match &target {
-                Some(worker) => {
-                    let fence = prev.fence + 1;
-                    r.assignment = Some(AssignmentRecord {
-                        worker_id: worker.clone(),
-                        fence,
-                        attempt,
-                        dispatched_at: now.clone(),
-                    });
-                    r.transition(
-                        IntentStatus::Dispatched,
-                        Some(worker.clone()),
-                        Some(format!("reassigned: {why}")),
-                    );
-                    Ok(Change::Write(Reassigned::To { fence, attempt }))
+        let updated = self
+            .update_intent(task_id, |r: &mut IntentRecord| {
+                if !matches!(r.status, IntentStatus::Dispatched | IntentStatus::Running) {
+                    return Ok::<_, ()>(Change::Keep(Reassigned::Gone));
                 }
-                None => {
-                    // The next dispatch counts one attempt more than this record says: leave
-                    // the count where the next attempt should start (a refusal used none).
-                    if let Some(a) = r.assignment.as_mut() {
-                        a.attempt = attempt - 1;
+                let Some(prev) = r.assignment.clone() else {
+                    return Ok(Change::Keep(Reassigned::Gone));
+                };
+                if from.is_some_and(|f| f != prev.worker_id) {
+                    return Ok(Change::Keep(Reassigned::Gone));
+                }
+                let attempt = prev.attempt + u32::from(count_attempt);
+                if attempt > max {
+                    return Ok(Change::Keep(Reassigned::Exhausted));
+                }
+                match &target {
+                    Some(worker) => {
+                        let fence = prev.fence + 1;
+                        r.assignment = Some(AssignmentRecord {
+                            worker_id: worker.clone(),
+                            fence,
+                            attempt,
+                            dispatched_at: now.clone(),
+                        });
+                        r.transition(
+                            IntentStatus::Dispatched,
+                            Some(worker.clone()),
+                            Some(format!("reassigned: {why}")),
+                        );
+                        Ok(Change::Write(Reassigned::To { fence, attempt }))
                     }
-                    r.transition(
-                        IntentStatus::Queued,
-                        None,
-                        Some(format!("{why}; no worker free, back to the queue")),
-                    );
-                    Ok(Change::Write(Reassigned::Requeued))
+                    None => {
+                        // The next dispatch counts one attempt more than this record says: leave
+                        // the count where the next attempt should start (a refusal used none).
+                        if let Some(a) = r.assignment.as_mut() {
+                            a.attempt = attempt - 1;
+                        }
+                        r.transition(
+                            IntentStatus::Queued,
+                            None,
+                            Some(format!("{why}; no worker free, back to the queue")),
+                        );
+                        Ok(Change::Write(Reassigned::Requeued))
+                    }
                 }
-            }
-        })
-        .await;
+            })
+            .await;
         let (outcome, record) = match updated {
             Ok(Ok((outcome, record))) => (outcome, Some(record)),
             Ok(Err(_)) | Err(KvError::NotFound(_)) => (Reassigned::Gone, None),
@@ -1182,18 +1191,19 @@ impl Scheduler {
     /// Fails a task after its last attempt: status failed, dead-letter record, queue message
     /// acknowledged.
     async fn fail_for_good(&self, task_id: &str, error: &str) {
-        let failed = self.update_intent(task_id, |r: &mut IntentRecord| {
-            if !matches!(
-                r.status,
-                IntentStatus::Dispatched | IntentStatus::Running | IntentStatus::Queued
-            ) {
-                return Ok::<_, ()>(Change::Keep(false));
-            }
-            r.transition(IntentStatus::Failed, None, Some(error.to_owned()));
-            r.error = Some(error.to_owned());
-            Ok(Change::Write(true))
-        })
-        .await;
+        let failed = self
+            .update_intent(task_id, |r: &mut IntentRecord| {
+                if !matches!(
+                    r.status,
+                    IntentStatus::Dispatched | IntentStatus::Running | IntentStatus::Queued
+                ) {
+                    return Ok::<_, ()>(Change::Keep(false));
+                }
+                r.transition(IntentStatus::Failed, None, Some(error.to_owned()));
+                r.error = Some(error.to_owned());
+                Ok(Change::Write(true))
+            })
+            .await;
         let Ok(Ok((true, record))) = failed else {
             return;
         };
@@ -1258,38 +1268,39 @@ impl Scheduler {
         let fence = report.fence;
         let worker = report.worker_id.clone();
         let outcome = report.outcome;
-        let applied = self.update_intent(&report.task_id, |r: &mut IntentRecord| {
-            let current = r
-                .assignment
-                .as_ref()
-                .is_some_and(|a| a.fence == fence && a.worker_id == worker);
-            if !current {
-                return Err(r.status);
-            }
-            match (outcome, r.status) {
-                (Outcome::Started, IntentStatus::Dispatched) => {
-                    r.transition(IntentStatus::Running, Some(worker.clone()), None);
-                    Ok(Change::Write(Report::Fresh))
+        let applied = self
+            .update_intent(&report.task_id, |r: &mut IntentRecord| {
+                let current = r
+                    .assignment
+                    .as_ref()
+                    .is_some_and(|a| a.fence == fence && a.worker_id == worker);
+                if !current {
+                    return Err(r.status);
                 }
-                (Outcome::Completed, IntentStatus::Dispatched | IntentStatus::Running) => {
-                    r.transition(IntentStatus::Completed, Some(worker.clone()), None);
-                    r.result = report.result.clone();
-                    Ok(Change::Write(Report::Fresh))
+                match (outcome, r.status) {
+                    (Outcome::Started, IntentStatus::Dispatched) => {
+                        r.transition(IntentStatus::Running, Some(worker.clone()), None);
+                        Ok(Change::Write(Report::Fresh))
+                    }
+                    (Outcome::Completed, IntentStatus::Dispatched | IntentStatus::Running) => {
+                        r.transition(IntentStatus::Completed, Some(worker.clone()), None);
+                        r.result = report.result.clone();
+                        Ok(Change::Write(Report::Fresh))
+                    }
+                    // A failure is decided below (retry or fail for good); the record moves there.
+                    (Outcome::Failed, IntentStatus::Dispatched | IntentStatus::Running) => {
+                        Ok(Change::Keep(Report::Fresh))
+                    }
+                    // The same report again, because its answer was lost (a scheduler died after
+                    // recording it): acknowledged, nothing done twice.
+                    (Outcome::Started, IntentStatus::Running | IntentStatus::Completed)
+                    | (Outcome::Completed, IntentStatus::Completed) => {
+                        Ok(Change::Keep(Report::Repeated))
+                    }
+                    (_, status) => Err(status),
                 }
-                // A failure is decided below (retry or fail for good); the record moves there.
-                (Outcome::Failed, IntentStatus::Dispatched | IntentStatus::Running) => {
-                    Ok(Change::Keep(Report::Fresh))
-                }
-                // The same report again, because its answer was lost (a scheduler died after
-                // recording it): acknowledged, nothing done twice.
-                (Outcome::Started, IntentStatus::Running | IntentStatus::Completed)
-                | (Outcome::Completed, IntentStatus::Completed) => {
-                    Ok(Change::Keep(Report::Repeated))
-                }
-                (_, status) => Err(status),
-            }
-        })
-        .await;
+            })
+            .await;
         if let Ok(Ok((Report::Repeated, _))) = &applied {
             return Ok(json!({"accepted": true, "task_id": report.task_id, "repeated": true}));
         }
@@ -1559,18 +1570,19 @@ impl Scheduler {
         if !stored {
             return false;
         }
-        let moved = self.update_intent(&task.intent_id, |r: &mut IntentRecord| {
-            if r.status != IntentStatus::Queued {
-                return Ok::<_, ()>(Change::Keep(false));
-            }
-            r.transition(
-                IntentStatus::Shed,
-                None,
-                Some("queue_overflow_protection".into()),
-            );
-            Ok(Change::Write(true))
-        })
-        .await;
+        let moved = self
+            .update_intent(&task.intent_id, |r: &mut IntentRecord| {
+                if r.status != IntentStatus::Queued {
+                    return Ok::<_, ()>(Change::Keep(false));
+                }
+                r.transition(
+                    IntentStatus::Shed,
+                    None,
+                    Some("queue_overflow_protection".into()),
+                );
+                Ok(Change::Write(true))
+            })
+            .await;
         ack(msg).await;
         if !matches!(moved, Ok(Ok((true, _)))) {
             // Not queued any more (dispatched elsewhere, finished): the parked copy is inert;
@@ -1639,18 +1651,19 @@ impl Scheduler {
                         "task queue did not take a replayed task; retry",
                     ));
                 }
-                let _ = self.update_intent(&task.intent_id, |r: &mut IntentRecord| {
-                    if r.status != IntentStatus::Shed {
-                        return Ok::<_, ()>(Change::Keep(()));
-                    }
-                    r.transition(
-                        IntentStatus::Queued,
-                        None,
-                        Some("replayed from the park".into()),
-                    );
-                    Ok(Change::Write(()))
-                })
-                .await;
+                let _ = self
+                    .update_intent(&task.intent_id, |r: &mut IntentRecord| {
+                        if r.status != IntentStatus::Shed {
+                            return Ok::<_, ()>(Change::Keep(()));
+                        }
+                        r.transition(
+                            IntentStatus::Queued,
+                            None,
+                            Some("replayed from the park".into()),
+                        );
+                        Ok(Change::Write(()))
+                    })
+                    .await;
                 ack(&msg).await;
                 replayed.push(task.task_id);
             }
@@ -1914,10 +1927,7 @@ async fn collect_batch(
     while let Ok(Some(next)) = tokio::time::timeout_at(deadline, batch.next()).await {
         match next {
             Ok(msg) => messages.push(msg),
-            Err(err) => {
-                tracing::debug!(error = %err, "task queue batch ended");
-                break;
-            }
+            Err(err) => tracing::debug!(error = %err, "task queue batch: error"),
         }
     }
     messages
