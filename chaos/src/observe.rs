@@ -254,9 +254,17 @@ impl MeshReader {
     /// `chaos_<run>`, recording the events whose payload carries `chaos_run = run`.
     pub async fn start(target: &Target, run: &str) -> anyhow::Result<MeshReader> {
         let name = format!("chaos_{run}");
-        let cfg = target.cfg.mesh.clone();
-        let mut stream = bulwark_common::mesh::mesh_stream(&target.js, &cfg).await?;
-        let next = stream.info().await?.state.last_sequence + 1;
+        let mut cfg = target.cfg.mesh.clone();
+        // Adopt the running stream's retention, so opening the reader (which makes sure the
+        // stream exists) never changes a running system's stream.
+        let mut stream = match target.js.get_stream(streams::MESH_STREAM).await {
+            Ok(stream) => stream,
+            Err(_) => bulwark_common::mesh::mesh_stream(&target.js, &cfg).await?,
+        };
+        let info = stream.info().await?;
+        cfg.max_age_days = info.config.max_age.as_secs() / 86_400;
+        cfg.duplicate_window_s = info.config.duplicate_window.as_secs_f64();
+        let next = info.state.last_sequence + 1;
         for (durable, filters) in [
             (name.clone(), Vec::new()),
             (

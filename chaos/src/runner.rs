@@ -424,8 +424,7 @@ async fn execute(
     } else {
         None
     };
-    let mesh_start_seq = match bulwark_common::mesh::mesh_stream(&target.js, &target.cfg.mesh).await
-    {
+    let mesh_start_seq = match target.js.get_stream(streams::MESH_STREAM).await {
         Ok(mut stream) => stream
             .info()
             .await
