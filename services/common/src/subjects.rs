@@ -214,19 +214,21 @@ pub const POOL_KILL: &str = "htm.pool.kill";
 /// Worker pool: respawn a worker, `{"worker_id"?}` (every dead one when absent).
 pub const POOL_RESPAWN: &str = "htm.pool.respawn";
 
-/// Storm guard: open the breaker by hand, `{"reason", "cooldown_s"?}`.
+/// Storm guard: open the breaker by hand, `{"reason", "by"?}`.
 pub const STORM_GUARD_BREAKER_OPEN: &str = "storm_guard.breaker.open";
-/// Storm guard: close the breaker by hand, `{"reason"}`.
+/// Storm guard: close the breaker by hand, `{"reason", "by"?}`.
 pub const STORM_GUARD_BREAKER_CLOSE: &str = "storm_guard.breaker.close";
-/// Storm guard: limit one event type's delivery rate, `{"event_type", "limit_per_second", "for_s"}`.
+/// Storm guard: limit one event type's delivery rate, `{"event_type", "limit_per_second", "for_s",
+/// "reason", "by"?}`.
 pub const STORM_GUARD_LIMIT: &str = "storm_guard.limit";
-/// Storm guard: throttle one publisher, `{"source", "event_type"?, "limit_per_second", "for_s"}`.
+/// Storm guard: throttle one publisher, `{"source", "event_type", "limit_per_second", "for_s"?,
+/// "reason", "by"?}`.
 pub const STORM_GUARD_THROTTLE: &str = "storm_guard.throttle";
 /// Storm guard: event rates by type and by source over the storm window (request `{}`).
 pub const STORM_GUARD_RATES: &str = "storm_guard.rates";
 
-/// Playbooks: start a run by hand, `{"playbook", "params"?, "dry_run"?}` (NATS micro service
-/// `playbooks`).
+/// Playbooks: start a run by hand, `{"playbook", "params"?, "dry_run"?, "wait"?}` (NATS micro
+/// service `playbooks`).
 pub const PLAYBOOK_RUN: &str = "playbook.run";
 /// Playbooks: every loaded playbook with its metadata and last run (request `{}`).
 pub const PLAYBOOK_LIST: &str = "playbook.list";

@@ -27,8 +27,9 @@
 //! | `verify(retries, interval_s, check)` | time | calls the closure `check` until it returns true, up to `retries` times |
 //!
 //! In a dry run, reads are real and actions are recorded, not sent: they return
-//! `#{dry_run: true}` (with `shed: 0`, `replayed: 0` or `respawned: []` for the actions whose
-//! reply scripts read); `wait` does not sleep and `verify` returns true without checking.
+//! `#{dry_run: true, subject}` (with `shed: 0`, `replayed: 0` or `respawned: []` for the
+//! actions whose reply scripts read); `wait` does not sleep and `verify` returns true without
+//! checking.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

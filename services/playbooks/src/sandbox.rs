@@ -65,8 +65,9 @@ const MAX_FUNCTIONS: usize = 64;
 pub struct ScriptError {
     /// What went wrong, naming the limit or the missing function.
     pub message: String,
-    /// A stable kind: `operations`, `call_depth`, `expr_depth`, `data_size`, `deadline`,
-    /// `cancelled`, `missing_function`, `forbidden`, `variables`, `thrown`, `runtime`, `parse`.
+    /// A stable kind: `operations`, `call_depth`, `data_size`, `deadline`, `cancelled`,
+    /// `missing_function`, `forbidden`, `variables`, `thrown`, `runtime`, `parse` (an expression
+    /// nested deeper than the limit is a `parse` error: Rhai checks it when compiling).
     pub kind: &'static str,
     /// Line in the script, when known.
     pub line: Option<usize>,

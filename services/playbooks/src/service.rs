@@ -93,7 +93,8 @@ pub struct LastRun {
     pub error: Option<String>,
     /// Whether the rollback ran and succeeded.
     pub rollback: Option<bool>,
-    /// What started it: `incident <event_id>` or `manual`.
+    /// What started it: `<event_type> <event_id>` of the incident (`event.incident ...`,
+    /// `event.emergency ...`) or `manual`.
     pub trigger: String,
     /// Incidents for the same playbook and resource counted (not run) during it.
     pub repeats: u64,

@@ -18,7 +18,7 @@
 //!
 //! Produces:
 //! - `mesh.layer2.<severity>_alert` (JetStream, `BULWARK_MESH`): `{component, severity, reason,
-//!   health, condition, state: raised|repeated|recovered, since}`.
+//!   health, condition, state: raised|repeated|recovered, held_for_s}`.
 //! - `mesh.event.incident` naming playbook `scheduler_recovery` while the scheduler's dispatch
 //!   is stalled (raised and repeated alerts; the playbooks service counts repeats, not runs).
 //! - `clarity.narrative.watchdog`: one narrative per alert.
