@@ -530,3 +530,146 @@ async fn two_clarity_replicas_never_fork_the_chain_through_a_writer_and_a_broker
     let now_writer = lease(&client, "clarity").await.expect("lease");
     assert!(now_writer.token > writer.token, "the writer changed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_replica_is_quarantined_its_traffic_shifts_and_it_is_respawned() {
+    use bulwark_common::replica::{self, ReplicaEnd};
+    init_logging();
+    let server = NatsServer::start();
+    let mut cfg = server.config();
+    cfg.replicas.heartbeat_interval_s = 0.3;
+    cfg.replicas.respawn_delay_s = 0.2;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    streams::narratives(&js).await.expect("narrative stream");
+    let _watchdog = start_watchdog(cfg.clone()).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let supervisor = bulwark_common::Narrator::new(js.clone(), "supervisor", "test");
+    for _ in 0..2 {
+        let cfg = cfg.clone();
+        let replicas = cfg.replicas.clone();
+        let narrator = supervisor.clone();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            replica::supervise("governance", &replicas, narrator, token, |r| {
+                let cfg = cfg.clone();
+                tokio::spawn(async move {
+                    let (c, stats) = bulwark_common::connect::connect(
+                        &cfg.nats,
+                        "governance",
+                        bulwark_common::connect::Role::Service,
+                    )
+                    .await
+                    .map_err(|e| ReplicaEnd::Failed(e.to_string()))?;
+                    let narrator = bulwark_common::Narrator::new(
+                        jetstream::new(c.clone()),
+                        "governance",
+                        r.id(),
+                    );
+                    let service_client = c.clone();
+                    replica::run_guarded(r, c, stats, narrator, |token| {
+                        bulwark_governance::run(cfg, service_client, token)
+                    })
+                    .await
+                })
+            })
+            .await
+        });
+    }
+    let replicas_of = |report: &Value| -> Vec<Value> {
+        report["replicas"]["governance"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let report = |client: async_nats::Client| async move {
+        request_json(&client, subjects::WATCHDOG_REPORT, "{}")
+            .await
+            .0
+    };
+    let serving = eventually(PATIENCE, "two governance replicas serving", || async {
+        let rows = replicas_of(&report(client.clone()).await);
+        let ids: Vec<String> = rows
+            .iter()
+            .filter(|r| r["status"] == "serving")
+            .filter_map(|r| r["replica_id"].as_str().map(str::to_owned))
+            .collect();
+        (ids.len() == 2).then_some(ids)
+    })
+    .await;
+    let victim = serving[0].clone();
+
+    // Intents keep coming while the victim fails; every one is answered.
+    let (progress, _) = tokio::sync::watch::channel(0);
+    let submitter = tokio::spawn(submit_many(client.clone(), "sandbox", 60, progress));
+    let (beat, _) = request_json(
+        &client,
+        &subjects::replica_fault(&victim),
+        json!({"errors": 10, "reason": "test: a failing dependency"}).to_string(),
+    )
+    .await;
+    assert_eq!(beat["status"], "quarantined", "{beat}");
+    let acknowledged = submitter.await.expect("submitter");
+    assert_eq!(
+        acknowledged.len(),
+        60,
+        "the healthy replica took the traffic"
+    );
+
+    // Quarantine, respawn and return, each narrated.
+    let quarantined = eventually(PATIENCE, "the quarantine narrated", || async {
+        narratives(&client, "governance", "replica_quarantined")
+            .await
+            .into_iter()
+            .find(|n| n["context"]["replica_id"] == victim.as_str())
+    })
+    .await;
+    assert!(
+        quarantined["why"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("threshold 10")),
+        "{quarantined}"
+    );
+    let respawned = eventually(PATIENCE, "the respawn narrated", || async {
+        narratives(&client, "supervisor", "replica_respawned")
+            .await
+            .into_iter()
+            .find(|n| n["context"]["replica_id"] == victim.as_str())
+    })
+    .await;
+    assert!(
+        respawned["why"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("quarantined")),
+        "{respawned}"
+    );
+    let returned = eventually(PATIENCE, "the return to service narrated", || async {
+        narratives(&client, "supervisor", "replica_returned")
+            .await
+            .into_iter()
+            .next()
+    })
+    .await;
+    let newcomer = returned["context"]["replica_id"]
+        .as_str()
+        .expect("replica id")
+        .to_owned();
+    assert_ne!(newcomer, victim);
+
+    // The report (and bulwark status) shows it: two serving, the victim quarantined.
+    eventually(PATIENCE, "the report shows the replicas", || async {
+        let rows = replicas_of(&report(client.clone()).await);
+        let status_of = |id: &str| {
+            rows.iter()
+                .find(|r| r["replica_id"] == id)
+                .map(|r| r["status"].clone())
+        };
+        let serving = rows.iter().filter(|r| r["status"] == "serving").count();
+        (serving == 2
+            && status_of(&newcomer) == Some(json!("serving"))
+            && status_of(&victim) == Some(json!("quarantined")))
+        .then_some(())
+    })
+    .await;
+    shutdown.cancel();
+}

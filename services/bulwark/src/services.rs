@@ -1,8 +1,10 @@
 //! The services this binary can run, in-process (`bulwark up`) or alone (`bulwark serve`).
 
-use anyhow::Context;
-use bulwark_common::BulwarkConfig;
+use std::sync::Arc;
+
 use bulwark_common::connect::{self, Role};
+use bulwark_common::replica::{self, Replica, ReplicaEnd};
+use bulwark_common::{BulwarkConfig, Narrator};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServiceName;
@@ -64,36 +66,72 @@ impl ServiceName {
     }
 }
 
-/// Connects as `service` and runs it until `shutdown`.
+/// Runs one replica of `service` until `shutdown` (`bulwark serve`). A replica that
+/// quarantines itself ends with an error saying so: its process supervisor (systemd
+/// `Restart=on-failure`, Kubernetes) respawns it.
 pub async fn run(
     service: ServiceName,
     cfg: BulwarkConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (client, _stats) = connect::connect(&cfg.nats, service.micro_name(), Role::Service)
+    let replica = Replica::new(service.micro_name(), &cfg.replicas, &shutdown);
+    run_replica(service, cfg, replica).await?;
+    Ok(())
+}
+
+/// Connects as `service` and runs it as `replica` (guarded: heartbeats, error counts,
+/// quarantine) until the replica's token is cancelled.
+pub async fn run_replica(
+    service: ServiceName,
+    cfg: BulwarkConfig,
+    replica: Arc<Replica>,
+) -> Result<(), ReplicaEnd> {
+    let name = service.micro_name();
+    let (client, stats) = connect::connect(&cfg.nats, name, Role::Service)
         .await
-        .with_context(|| format!("{} cannot connect", service.micro_name()))?;
+        .map_err(|e| ReplicaEnd::Failed(format!("{name} cannot connect: {e}")))?;
+    let narrator = Narrator::new(
+        bulwark_common::streams::context(
+            client.clone(),
+            std::time::Duration::from_millis(cfg.nats.request_timeout_ms),
+        ),
+        name,
+        replica.id(),
+    );
+    let c = client.clone();
+    let ended = replica::run_guarded(replica, client.clone(), stats, narrator, |token| {
+        run_service(service, cfg, c, token)
+    })
+    .await;
+    // Push out what is buffered (last narratives, replies) before the connection drops.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
+    ended
+}
+
+/// Runs `service` on `client` until `shutdown`.
+async fn run_service(
+    service: ServiceName,
+    cfg: BulwarkConfig,
+    client: async_nats::Client,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     match service {
-        ServiceName::Governance => bulwark_governance::run(cfg, client.clone(), shutdown).await?,
-        ServiceName::Clarity => bulwark_clarity::run(cfg, client.clone(), shutdown).await?,
-        ServiceName::StormGuard => bulwark_storm_guard::run(cfg, client.clone(), shutdown).await?,
-        ServiceName::EventPolicyEngine => {
-            bulwark_event_policy::run(cfg, client.clone(), shutdown).await?
-        }
-        ServiceName::Scheduler => bulwark_scheduler::run(cfg, client.clone(), shutdown).await?,
-        ServiceName::HtmWorker => bulwark_worker::run(cfg, client.clone(), shutdown).await?,
+        ServiceName::Governance => bulwark_governance::run(cfg, client, shutdown).await?,
+        ServiceName::Clarity => bulwark_clarity::run(cfg, client, shutdown).await?,
+        ServiceName::StormGuard => bulwark_storm_guard::run(cfg, client, shutdown).await?,
+        ServiceName::EventPolicyEngine => bulwark_event_policy::run(cfg, client, shutdown).await?,
+        ServiceName::Scheduler => bulwark_scheduler::run(cfg, client, shutdown).await?,
+        ServiceName::HtmWorker => bulwark_worker::run(cfg, client, shutdown).await?,
         ServiceName::HtmPool => {
             // Ids unique per process, so pools on several machines do not collide.
             let prefix = &bulwark_common::ids::new_id().replace('-', "")[24..];
             let ids = (1..=cfg.worker.count)
                 .map(|i| format!("pool-{prefix}-w{i}"))
                 .collect();
-            bulwark_worker::pool::run_pool(cfg, client.clone(), shutdown, ids).await?
+            bulwark_worker::pool::run_pool(cfg, client, shutdown, ids).await?
         }
-        ServiceName::Watchdog => bulwark_watchdog::run(cfg, client.clone(), shutdown).await?,
-        ServiceName::Playbooks => bulwark_playbooks::run(cfg, client.clone(), shutdown).await?,
+        ServiceName::Watchdog => bulwark_watchdog::run(cfg, client, shutdown).await?,
+        ServiceName::Playbooks => bulwark_playbooks::run(cfg, client, shutdown).await?,
     }
-    // Push out what is buffered (last narratives, replies) before the connection drops.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), client.flush()).await;
     Ok(())
 }

@@ -153,6 +153,44 @@ fn render(report: &Value, colour: bool) -> String {
             ));
         }
     }
+    out.push_str(&render_replicas(&report["replicas"], colour));
+    out
+}
+
+/// The replicas section: one row per replica of each service (sandbox fallback).
+fn render_replicas(replicas: &Value, colour: bool) -> String {
+    let Some(services) = replicas.as_object().filter(|m| !m.is_empty()) else {
+        return String::new();
+    };
+    let mut out = format!(
+        "\nReplicas:\n  {:<20} {:<28} {:<12} {:<9} {:<10} DETAIL\n",
+        "SERVICE", "REPLICA", "STATUS", "ERRORS", "SEEN"
+    );
+    for (service, rows) in services {
+        for r in rows.as_array().into_iter().flatten() {
+            let status = r["status"].as_str().unwrap_or("unknown");
+            let code = match status {
+                "serving" => "32",
+                "starting" => "33",
+                _ => "1;31",
+            };
+            let errors = format!("{}/{}", plain(&r["errors"]), plain(&r["error_threshold"]));
+            let seen = format!("{}s ago", plain(&r["last_seen_s"]));
+            let detail = match r["reason"].as_str() {
+                Some(reason) => reason.to_owned(),
+                None => format!("{} pid {}", plain(&r["host"]), plain(&r["pid"])),
+            };
+            out.push_str(&format!(
+                "  {:<20} {:<28} {} {:<9} {:<10} {}\n",
+                service,
+                plain(&r["replica_id"]),
+                paint(&format!("{status:<12}"), code, colour),
+                errors,
+                seen,
+                detail
+            ));
+        }
+    }
     out
 }
 

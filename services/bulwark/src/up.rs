@@ -63,11 +63,37 @@ pub async fn up(
         local = Some(server);
     }
 
+    // Every service, `up.replicas` times, each replica under a supervisor that respawns it when
+    // it is quarantined, fails or crashes (bulwark_common::replica).
+    let (supervisor_client, _) =
+        connect::connect(&cfg.nats, "bulwark-supervisor", Role::Service).await?;
+    let supervisor = bulwark_common::Narrator::new(
+        bulwark_common::streams::context(
+            supervisor_client,
+            Duration::from_millis(cfg.nats.request_timeout_ms),
+        ),
+        "supervisor",
+        &format!("bulwark-up/{}", std::process::id()),
+    );
     let mut running = JoinSet::new();
     for &service in ServiceName::all() {
-        let cfg = cfg.clone();
-        let token = shutdown.clone();
-        running.spawn(async move { (service, services::run(service, cfg, token).await) });
+        for _ in 0..cfg.up.replicas {
+            let cfg = cfg.clone();
+            let token = shutdown.clone();
+            let narrator = supervisor.clone();
+            running.spawn(async move {
+                let replicas = cfg.replicas.clone();
+                let supervised = bulwark_common::replica::supervise(
+                    service.micro_name(),
+                    &replicas,
+                    narrator,
+                    token,
+                    |replica| tokio::spawn(services::run_replica(service, cfg.clone(), replica)),
+                )
+                .await;
+                (service, supervised.map_err(anyhow::Error::msg))
+            });
+        }
     }
     let (probe, _probe_stats) = connect::connect(&cfg.nats, "bulwark-up", Role::Service).await?;
     start_metrics(&cfg, probe.clone(), shutdown.clone()).await;

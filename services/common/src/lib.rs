@@ -16,6 +16,7 @@
 //! - [`config`]: `bulwark.toml`, overridable by `BULWARK_...` environment variables.
 //! - [`kv`]: compare-and-set updates on KV entries.
 //! - [`lease`]: leader leases with fencing tokens for single-actor duties among replicas.
+//! - [`replica`]: the sandbox fallback: replica health, quarantine, heartbeats, the supervisor.
 //! - [`telemetry`]: the periodic `telemetry.<component>` heartbeat.
 //! - [`shutdown`]: turning Ctrl-C / SIGTERM into a cancellation token.
 //! - [`time`], [`ids`]: RFC 3339 UTC timestamps and UUIDv7 ids.
@@ -35,6 +36,7 @@ pub mod mesh_publisher;
 pub mod micro;
 pub mod narrative;
 pub mod nats_server;
+pub mod replica;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

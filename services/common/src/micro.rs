@@ -78,6 +78,29 @@ pub async fn ping_all(
     found
 }
 
+/// The `$SRV.INFO.<name>` answers of every instance of service `name` within `window`.
+pub async fn info_all(client: &Client, name: &str, window: Duration) -> Vec<serde_json::Value> {
+    let inbox = client.new_inbox();
+    let Ok(mut sub) = client.subscribe(inbox.clone()).await else {
+        return Vec::new();
+    };
+    if client
+        .publish_with_reply(format!("$SRV.INFO.{name}"), inbox, "".into())
+        .await
+        .is_err()
+    {
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        if let Ok(v) = serde_json::from_slice(&msg.payload) {
+            found.push(v);
+        }
+    }
+    found
+}
+
 /// Serves the requests of `endpoint` until `shutdown` or until the endpoint closes: each request
 /// runs `handle` in its own task on `tracker`, at most as many at once as `permits` allows, so a
 /// slow request does not hold up the next. A failing request is the handler's to answer; it
@@ -112,20 +135,22 @@ pub async fn serve_requests<F, Fut>(
     }
 }
 
-/// Ends a service after its shutdown signal: stops taking work, gives the tasks on `tracker`
-/// `grace` to finish, then deregisters the micro service.
+/// Ends a service after its shutdown signal: deregisters the micro service (it stops taking
+/// work), then gives the tasks on `tracker` `grace` to finish.
 pub async fn finish(
     name: &str,
     service: async_nats::service::Service,
     tracker: tokio_util::task::TaskTracker,
     grace: Duration,
 ) {
+    // Leave the queue groups first, so new requests go to the other replicas at once; the
+    // requests in flight still answer (replies do not need the subscription).
+    if let Err(err) = service.stop().await {
+        tracing::debug!(error = %err, "{name}: micro service stop");
+    }
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("{name}: work still running after {grace:?}; stopping anyway");
-    }
-    if let Err(err) = service.stop().await {
-        tracing::debug!(error = %err, "{name}: micro service stop");
     }
 }
 

@@ -181,6 +181,26 @@ pub const SCHEDULER_SHED: &str = "scheduler.shed";
 pub const SCHEDULER_REPLAY: &str = "scheduler.replay";
 /// HTM and scheduler readiness (request `{}`).
 pub const HTM_READINESS: &str = "htm.readiness";
+/// Prefix of replica heartbeats, `replica.heartbeat.<service>.<replica_id>`.
+pub const REPLICA_HEARTBEAT_PREFIX: &str = "replica.heartbeat";
+/// Wildcard covering every replica heartbeat.
+pub const REPLICA_HEARTBEAT_ALL: &str = "replica.heartbeat.>";
+
+/// Subject of the heartbeat of replica `replica_id` of `service`.
+pub fn replica_heartbeat(service: &str, replica_id: &str) -> String {
+    format!(
+        "{REPLICA_HEARTBEAT_PREFIX}.{}.{}",
+        subject_token(service),
+        subject_token(replica_id)
+    )
+}
+
+/// Fault injection into one replica (chaos, tests): `{"errors": n, "reason"}`; the reply is
+/// the replica's heartbeat.
+pub fn replica_fault(replica_id: &str) -> String {
+    format!("replica.fault.{}", subject_token(replica_id))
+}
+
 /// Requests a standby scheduler forwards to the leader, `scheduler.leader.<op>` (internal;
 /// served only by the replica holding the `scheduler` lease).
 pub const SCHEDULER_LEADER_ALL: &str = "scheduler.leader.*";

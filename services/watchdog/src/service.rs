@@ -20,6 +20,7 @@ use bulwark_common::envelope::MeshEvent;
 use bulwark_common::mesh_publisher::{MeshPublisher, PublishError};
 use bulwark_common::micro::{self, EndpointSpec};
 use bulwark_common::narrative::Narrator;
+use bulwark_common::replica::ReplicaBeat;
 use bulwark_common::{streams, subjects, telemetry, time};
 
 use crate::health::{Alert, AlertState, Rules, Watch};
@@ -55,11 +56,60 @@ struct Watchdog {
     ping_timeout: Duration,
     /// Alerts that could not be stored on the mesh (logged with their content).
     alert_failures: std::sync::atomic::AtomicU64,
+    /// The latest heartbeat of every service replica, by (service, replica id).
+    replicas: Mutex<BTreeMap<(String, String), (ReplicaBeat, Instant)>>,
+    /// A replica silent this long is reported `missing`.
+    replica_timeout: Duration,
 }
 
 impl Watchdog {
     fn lock(&self) -> MutexGuard<'_, Watch> {
         self.watch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every replica seen, by service: its latest heartbeat, `missing` when it went silent.
+    /// A replica silent for ten heartbeat timeouts is forgotten (a respawn has a new id).
+    fn replicas_report(&self, now: Instant) -> Value {
+        let mut replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        replicas.retain(|_, (_, at)| now.duration_since(*at) < self.replica_timeout * 10);
+        let mut by_service: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for ((service, _), (beat, at)) in replicas.iter() {
+            let silent = now.duration_since(*at);
+            let mut row = serde_json::to_value(beat).unwrap_or(Value::Null);
+            if silent > self.replica_timeout && beat.status.as_str() != "quarantined" {
+                row["status"] = json!("missing");
+            }
+            row["last_seen_s"] = json!((silent.as_secs_f64() * 10.0).round() / 10.0);
+            by_service.entry(service.clone()).or_default().push(row);
+        }
+        json!(by_service)
+    }
+}
+
+/// Keeps the latest heartbeat of every replica (`replica.heartbeat.<service>.<id>`).
+async fn read_replica_beats(
+    w: Arc<Watchdog>,
+    mut sub: async_nats::Subscriber,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            msg = sub.next() => match msg { Some(m) => m, None => break },
+        };
+        match serde_json::from_slice::<ReplicaBeat>(&msg.payload) {
+            Ok(beat) => {
+                let key = (beat.service.clone(), beat.replica_id.clone());
+                w.replicas
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, (beat, Instant::now()));
+            }
+            Err(err) => {
+                tracing::debug!(subject = %msg.subject, error = %err, "replica heartbeat that is not one ignored")
+            }
+        }
     }
 }
 
@@ -102,6 +152,8 @@ pub async fn run(
         publisher,
         ping_timeout: Duration::from_millis(cfg.watchdog.ping_timeout_ms),
         alert_failures: Default::default(),
+        replicas: Mutex::new(BTreeMap::new()),
+        replica_timeout: Duration::from_secs_f64(cfg.replicas.heartbeat_interval_s * 3.0),
     });
 
     let tracker = TaskTracker::new();
@@ -112,6 +164,15 @@ pub async fn run(
     tracker.spawn(read_telemetry(
         watchdog.clone(),
         telemetry_sub,
+        shutdown.clone(),
+    ));
+    let replica_sub = client
+        .subscribe(subjects::REPLICA_HEARTBEAT_ALL)
+        .await
+        .map_err(|e| WatchdogError::Register(format!("replica heartbeat subscription: {e}")))?;
+    tracker.spawn(read_replica_beats(
+        watchdog.clone(),
+        replica_sub,
         shutdown.clone(),
     ));
     // One sweep before the report is served, so no report speaks before a ping went out.
@@ -137,7 +198,9 @@ pub async fn run(
         move |(), request| {
             let state = state.clone();
             async move {
-                let report: Result<Value, ApiError> = Ok(state.lock().report(Instant::now()));
+                let mut report = state.lock().report(Instant::now());
+                report["replicas"] = state.replicas_report(Instant::now());
+                let report: Result<Value, ApiError> = Ok(report);
                 api::respond(&request, report).await;
             }
         },
@@ -284,7 +347,10 @@ async fn announce(w: &Watchdog, alert: &Alert) {
         tracing::error!(error = %err, payload = %payload, "layer 2 alert not stored");
     }
     // A stalled dispatch is remediable: name the playbook that does it.
-    if c.component == "scheduler" && c.name == "dispatch_stalled" && alert.state != AlertState::Recovered {
+    if c.component == "scheduler"
+        && c.name == "dispatch_stalled"
+        && alert.state != AlertState::Recovered
+    {
         let incident = event.child(
             "event.incident",
             SERVICE_NAME,
