@@ -633,3 +633,54 @@ async fn a_publisher_named_by_a_throttle_advisory_slows_down_and_loses_nothing()
         .collect();
     assert_eq!(subjects.get("mesh.test.spam").copied(), Some(total));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_bookkeeping_does_not_open_the_breaker_but_the_same_count_of_foreign_events_does() {
+    let s = stack("").await;
+    let mut cfg = s.config();
+    // The seed's figures: more than 500 events in 10 s open it.
+    cfg.mesh.breaker_threshold = 500;
+    cfg.mesh.breaker_window_s = 10.0;
+    cfg.mesh.storm_threshold = 1_000_000;
+    let _guard = start_storm_guard(cfg).await;
+    let status = |client: async_nats::Client| async move {
+        request_json(&client, subjects::STORM_GUARD_STATUS, "{}")
+            .await
+            .0
+    };
+    // What 350 tasks make: dispatched and completed, 700 events.
+    for i in 0..350 {
+        for kind in ["task.dispatched", "task.completed"] {
+            let body =
+                json!({"event_type": kind, "source": "scheduler", "payload": {"task_id": i}});
+            s.client
+                .publish(subjects::mesh(kind), body.to_string().into())
+                .await
+                .expect("publish");
+        }
+    }
+    s.client.flush().await.expect("flush");
+    let counted = eventually(PATIENCE, "the guard saw the 700 task events", || {
+        let client = s.client.clone();
+        async move {
+            let v = status(client).await;
+            (v["counters"]["own_events"].as_u64().unwrap_or(0) >= 700).then_some(v)
+        }
+    })
+    .await;
+    assert_eq!(counted["breaker"]["state"], "closed", "{counted}");
+    // The same number of events of a foreign type opens it.
+    for i in 0..700 {
+        let body = json!({"event_type": "test.flood", "source": "flooder", "payload": {"n": i}});
+        s.client
+            .publish("mesh.test.flood", body.to_string().into())
+            .await
+            .expect("publish");
+    }
+    s.client.flush().await.expect("flush");
+    eventually(PATIENCE, "the breaker opened", || {
+        let client = s.client.clone();
+        async move { (status(client).await["breaker"]["state"] == "open").then_some(()) }
+    })
+    .await;
+}

@@ -888,3 +888,67 @@ async fn repeated_incidents_during_a_run_or_its_cooldown_are_counted_not_stacked
         .expect("slow");
     assert_eq!(slow["last_run"]["status"], "completed", "{slow}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_cascade_runs_the_cascade_breaker_and_rules_pass_their_event_as_parameters() {
+    init_logging();
+    let server = NatsServer::start();
+    let policies = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        policies.path().join("test.toml"),
+        r#"
+[[rule]]
+name = "self_trigger"
+on = "mesh.cascade.>"
+[rule.emit]
+event_type = "cascade.l{depth}"
+
+[[rule]]
+name = "typed_by_rule"
+on = "mesh.test.typed"
+[rule.playbook]
+name = "typed"
+params = { n = 2 }
+"#,
+    )
+    .expect("rules");
+    let dir = test_playbooks();
+    std::fs::copy(
+        repo_root().join("playbooks/event_cascade_breaker.rhai"),
+        dir.path().join("event_cascade_breaker.rhai"),
+    )
+    .expect("copied");
+    let mut cfg = config(&server);
+    cfg.mesh.policies_dir = policies.path().to_owned();
+    cfg.playbooks.dir = dir.path().display().to_string();
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    let _guard = start_storm_guard(cfg.clone()).await;
+    let _engine = start_event_policy(cfg.clone()).await;
+    let _playbooks = start_playbooks(cfg.clone()).await;
+    let mut runs = Runs::follow(&client).await;
+
+    let root = incident(&js, "cascade.l0", json!({"chain": 0})).await;
+    let started = runs.next("event_cascade_breaker", "started").await;
+    assert_eq!(
+        started["params"]["correlation_id"],
+        root.correlation_id.as_str(),
+        "{started}"
+    );
+    assert_eq!(started["params"]["depth"], 11, "{started}");
+    let done = runs.next("event_cascade_breaker", "completed").await;
+    assert_eq!(done["verified"], true, "{done}");
+    let steps = runs.steps(&started["run_id"]);
+    assert_eq!(steps[1]["result"]["damped"], true, "{:#?}", steps[1]);
+
+    // A rule's playbook gets the triggering event's payload with the rule's params over it.
+    incident(
+        &js,
+        "test.typed",
+        json!({"name": "from-the-event", "n": 99}),
+    )
+    .await;
+    let done = runs.next("typed", "completed").await;
+    assert_eq!(done["params"]["name"], "from-the-event", "{done}");
+    assert_eq!(done["params"]["n"], 2, "the rule's params win: {done}");
+}

@@ -288,13 +288,27 @@ impl Engine {
                 self.counters.events_emitted.fetch_add(1, Ordering::Relaxed);
             }
             Action::Playbook(playbook) => {
+                // The incident's payload is the playbook's parameters: the triggering event's
+                // payload, the rule's `params` over it, then the incident's own keys.
+                let mut payload = match &parent.payload {
+                    serde_json::Value::Object(p) => p.clone(),
+                    _ => serde_json::Map::new(),
+                };
+                if let serde_json::Value::Object(params) = to_json(&playbook.params) {
+                    payload.extend(params);
+                }
+                payload.extend(
+                    json!({"trigger_id": parent.event_id, "playbook": playbook.name,
+                           "severity": playbook.severity.as_deref().unwrap_or("high"),
+                           "rule": rule.name, "event_type": parent.event_type})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+                );
                 let mut child = parent.child(
                     "event.incident",
                     SERVICE_NAME,
-                    json!({"trigger_id": parent.event_id, "playbook": playbook.name,
-                           "severity": playbook.severity.as_deref().unwrap_or("high"),
-                           "params": to_json(&playbook.params), "rule": rule.name,
-                           "event_type": parent.event_type}),
+                    serde_json::Value::Object(payload),
                 );
                 child.actor = Some(rule.name.clone());
                 self.publish(&child, msg_id).await?;

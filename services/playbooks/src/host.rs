@@ -45,6 +45,32 @@ use crate::sandbox::Stop;
 /// Longest `verify` retry count.
 const MAX_RETRIES: i64 = 100;
 
+thread_local! {
+    /// The run evaluating on this thread: whom the host functions act for.
+    static CURRENT: std::cell::RefCell<Option<Arc<Host>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Restores the previous host (usually none) when dropped.
+pub struct HostGuard(Option<Arc<Host>>);
+
+impl Drop for HostGuard {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        CURRENT.with(|c| *c.borrow_mut() = previous);
+    }
+}
+
+/// Runs `f` with the host of the run on this thread; outside a run (e.g. in `playbook()` at
+/// load) every host function fails with a clear error.
+fn with_host<T>(function: &str, f: impl FnOnce(&Host) -> HostResult<T>) -> HostResult<T> {
+    match CURRENT.with(|c| c.borrow().clone()) {
+        Some(host) => f(&host),
+        None => fail(format!(
+            "{function}() is only available while a playbook runs (not at load)"
+        )),
+    }
+}
+
 /// How the host reaches the rest of bulwark: one blocking request/reply. The service's
 /// implementation sends NATS requests; the reply is the JSON body, or the error message.
 pub trait Requester: Send + Sync {
@@ -288,229 +314,226 @@ impl Host {
         Ok(passed)
     }
 
+    /// Makes this the host of what the current thread evaluates, until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> HostGuard {
+        HostGuard(CURRENT.with(|c| c.borrow_mut().replace(self.clone())))
+    }
+
     fn rates(&self) -> HostResult<Value> {
         self.read("rates", subjects::STORM_GUARD_RATES, json!({}))
     }
+}
 
-    /// Registers every host function on `engine`, bound to this run.
-    pub fn register(self: &Arc<Self>, engine: &mut Engine) {
-        let h = self.clone();
-        engine.register_fn("readiness", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.read(
-                "readiness",
-                subjects::HTM_READINESS,
-                json!({}),
-            )?))
-        });
-        let h = self.clone();
-        engine.register_fn("queue_depth", move || -> HostResult<i64> {
-            let r = h.read("queue_depth", subjects::HTM_READINESS, json!({}))?;
-            Ok(r["queue_depth"].as_i64().unwrap_or(0))
-        });
-        let h = self.clone();
-        engine.register_fn("worker_count", move || -> HostResult<i64> {
-            let r = h.read("worker_count", subjects::HTM_READINESS, json!({}))?;
-            Ok(r["healthy_workers"].as_i64().unwrap_or(0))
-        });
-        let h = self.clone();
-        engine.register_fn("pool_status", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.read(
-                "pool_status",
-                subjects::POOL_STATUS,
-                json!({}),
-            )?))
-        });
-        let h = self.clone();
-        engine.register_fn("rates", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.rates()?))
-        });
-        let h = self.clone();
-        engine.register_fn("event_rate", move |event_type: &str| -> HostResult<f64> {
-            let r = h.read(
-                "event_rate",
+/// A read for the run on this thread.
+fn read(function: &str, subject: &str, body: Value) -> HostResult<Value> {
+    with_host(function, |h| h.read(function, subject, body))
+}
+
+/// An action for the run on this thread.
+fn act(function: &str, subject: &str, body: Value) -> HostResult<Value> {
+    with_host(function, |h| h.act(function, subject, body))
+}
+
+/// Registers every host function on `engine`; each acts for the run on the evaluating thread
+/// ([`Host::enter`]).
+pub fn register(engine: &mut Engine) {
+    engine.register_fn("readiness", move || -> HostResult<Dynamic> {
+        Ok(to_dynamic(&read(
+            "readiness",
+            subjects::HTM_READINESS,
+            json!({}),
+        )?))
+    });
+    engine.register_fn("queue_depth", move || -> HostResult<i64> {
+        let r = read("queue_depth", subjects::HTM_READINESS, json!({}))?;
+        Ok(r["queue_depth"].as_i64().unwrap_or(0))
+    });
+    engine.register_fn("worker_count", move || -> HostResult<i64> {
+        let r = read("worker_count", subjects::HTM_READINESS, json!({}))?;
+        Ok(r["healthy_workers"].as_i64().unwrap_or(0))
+    });
+    engine.register_fn("pool_status", move || -> HostResult<Dynamic> {
+        Ok(to_dynamic(&read(
+            "pool_status",
+            subjects::POOL_STATUS,
+            json!({}),
+        )?))
+    });
+    engine.register_fn("rates", move || -> HostResult<Dynamic> {
+        Ok(to_dynamic(&with_host("rates", Host::rates)?))
+    });
+    engine.register_fn("event_rate", move |event_type: &str| -> HostResult<f64> {
+        let r = read(
+            "event_rate",
+            subjects::STORM_GUARD_RATES,
+            json!({"event_type": event_type}),
+        )?;
+        Ok(r["types"]
+            .as_array()
+            .and_then(|types| types.iter().find(|t| t["event_type"] == event_type))
+            .and_then(|t| t["rate_per_second"].as_f64())
+            .unwrap_or(0.0))
+    });
+    engine.register_fn("total_event_rate", move || -> HostResult<f64> {
+        let r = read("total_event_rate", subjects::STORM_GUARD_RATES, json!({}))?;
+        Ok(r["total_per_second"].as_f64().unwrap_or(0.0))
+    });
+    engine.register_fn(
+        "top_source",
+        move |event_type: &str| -> HostResult<String> {
+            let r = read(
+                "top_source",
                 subjects::STORM_GUARD_RATES,
                 json!({"event_type": event_type}),
             )?;
             Ok(r["types"]
                 .as_array()
                 .and_then(|types| types.iter().find(|t| t["event_type"] == event_type))
-                .and_then(|t| t["rate_per_second"].as_f64())
-                .unwrap_or(0.0))
-        });
-        let h = self.clone();
-        engine.register_fn("total_event_rate", move || -> HostResult<f64> {
-            let r = h.read("total_event_rate", subjects::STORM_GUARD_RATES, json!({}))?;
-            Ok(r["total_per_second"].as_f64().unwrap_or(0.0))
-        });
-        let h = self.clone();
-        engine.register_fn(
-            "top_source",
-            move |event_type: &str| -> HostResult<String> {
-                let r = h.read(
-                    "top_source",
-                    subjects::STORM_GUARD_RATES,
-                    json!({"event_type": event_type}),
-                )?;
-                Ok(r["types"]
-                    .as_array()
-                    .and_then(|types| types.iter().find(|t| t["event_type"] == event_type))
-                    .and_then(|t| t["top_sources"][0][0].as_str())
-                    .unwrap_or("")
-                    .to_owned())
-            },
-        );
-        let h = self.clone();
-        engine.register_fn("breaker_state", move || -> HostResult<String> {
-            let r = h.read("breaker_state", subjects::STORM_GUARD_RATES, json!({}))?;
-            Ok(r["breaker"]["state"]
-                .as_str()
-                .unwrap_or("unknown")
+                .and_then(|t| t["top_sources"][0][0].as_str())
+                .unwrap_or("")
                 .to_owned())
-        });
+        },
+    );
+    engine.register_fn("breaker_state", move || -> HostResult<String> {
+        let r = read("breaker_state", subjects::STORM_GUARD_RATES, json!({}))?;
+        Ok(r["breaker"]["state"]
+            .as_str()
+            .unwrap_or("unknown")
+            .to_owned())
+    });
 
-        let h = self.clone();
-        engine.register_fn(
-            "limit_event_type",
-            move |event_type: &str, per_second: Dynamic, for_s: Dynamic| -> HostResult<Dynamic> {
-                let per_second = number("per_second", &per_second)?.round().max(0.0) as u64;
-                let for_s = number("for_s", &for_s)?;
-                let body = json!({"event_type": event_type, "limit_per_second": per_second,
+    engine.register_fn(
+        "limit_event_type",
+        move |event_type: &str, per_second: Dynamic, for_s: Dynamic| -> HostResult<Dynamic> {
+            let per_second = number("per_second", &per_second)?.round().max(0.0) as u64;
+            let for_s = number("for_s", &for_s)?;
+            let body = json!({"event_type": event_type, "limit_per_second": per_second,
                                   "for_s": for_s, "reason": "playbook step", "by": "playbooks"});
-                Ok(to_dynamic(&h.act(
-                    "limit_event_type",
-                    subjects::STORM_GUARD_LIMIT,
-                    body,
-                )?))
-            },
-        );
-        let h = self.clone();
-        engine.register_fn(
-            "throttle_source",
-            move |source: &str,
-                  event_type: &str,
-                  per_second: Dynamic,
-                  for_s: Dynamic|
-                  -> HostResult<Dynamic> {
-                let per_second = number("per_second", &per_second)?.round().max(0.0) as u64;
-                let for_s = number("for_s", &for_s)?;
-                let body = json!({"source": source, "event_type": event_type,
+            Ok(to_dynamic(&act(
+                "limit_event_type",
+                subjects::STORM_GUARD_LIMIT,
+                body,
+            )?))
+        },
+    );
+    engine.register_fn(
+        "throttle_source",
+        move |source: &str,
+              event_type: &str,
+              per_second: Dynamic,
+              for_s: Dynamic|
+              -> HostResult<Dynamic> {
+            let per_second = number("per_second", &per_second)?.round().max(0.0) as u64;
+            let for_s = number("for_s", &for_s)?;
+            let body = json!({"source": source, "event_type": event_type,
                                   "limit_per_second": per_second, "for_s": for_s,
                                   "reason": "playbook step", "by": "playbooks"});
-                Ok(to_dynamic(&h.act(
-                    "throttle_source",
-                    subjects::STORM_GUARD_THROTTLE,
-                    body,
-                )?))
-            },
-        );
-        let h = self.clone();
-        engine.register_fn("open_breaker", move |reason: &str| -> HostResult<Dynamic> {
+            Ok(to_dynamic(&act(
+                "throttle_source",
+                subjects::STORM_GUARD_THROTTLE,
+                body,
+            )?))
+        },
+    );
+    engine.register_fn("open_breaker", move |reason: &str| -> HostResult<Dynamic> {
+        let body = json!({"reason": reason, "by": "playbooks"});
+        Ok(to_dynamic(&act(
+            "open_breaker",
+            subjects::STORM_GUARD_BREAKER_OPEN,
+            body,
+        )?))
+    });
+    engine.register_fn(
+        "close_breaker",
+        move |reason: &str| -> HostResult<Dynamic> {
             let body = json!({"reason": reason, "by": "playbooks"});
-            Ok(to_dynamic(&h.act(
-                "open_breaker",
-                subjects::STORM_GUARD_BREAKER_OPEN,
+            Ok(to_dynamic(&act(
+                "close_breaker",
+                subjects::STORM_GUARD_BREAKER_CLOSE,
                 body,
             )?))
-        });
-        let h = self.clone();
-        engine.register_fn(
-            "close_breaker",
-            move |reason: &str| -> HostResult<Dynamic> {
-                let body = json!({"reason": reason, "by": "playbooks"});
-                Ok(to_dynamic(&h.act(
-                    "close_breaker",
-                    subjects::STORM_GUARD_BREAKER_CLOSE,
-                    body,
-                )?))
-            },
-        );
-        let h = self.clone();
-        engine.register_fn(
-            "shed_tasks",
-            move |max: i64, below_priority: i64, older_than_s: Dynamic| -> HostResult<Dynamic> {
-                let older_than_s = number("older_than_s", &older_than_s)?;
-                let body = json!({"max": max.max(0), "below_priority": below_priority.clamp(0, 9),
+        },
+    );
+    engine.register_fn(
+        "shed_tasks",
+        move |max: i64, below_priority: i64, older_than_s: Dynamic| -> HostResult<Dynamic> {
+            let older_than_s = number("older_than_s", &older_than_s)?;
+            let body = json!({"max": max.max(0), "below_priority": below_priority.clamp(0, 9),
                                   "older_than_s": older_than_s});
-                Ok(to_dynamic(&h.act(
-                    "shed_tasks",
-                    subjects::SCHEDULER_SHED,
-                    body,
-                )?))
-            },
-        );
-        let h = self.clone();
-        engine.register_fn("replay_tasks", move |max: i64| -> HostResult<Dynamic> {
-            let body = json!({"max": max.max(0)});
-            Ok(to_dynamic(&h.act(
-                "replay_tasks",
-                subjects::SCHEDULER_REPLAY,
+            Ok(to_dynamic(&act(
+                "shed_tasks",
+                subjects::SCHEDULER_SHED,
                 body,
             )?))
-        });
-        let h = self.clone();
-        engine.register_fn("pause_scheduler", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.act(
-                "pause_scheduler",
-                subjects::SCHEDULER_PAUSE,
-                json!({}),
-            )?))
-        });
-        let h = self.clone();
-        engine.register_fn("resume_scheduler", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.act(
-                "resume_scheduler",
-                subjects::SCHEDULER_RESUME,
-                json!({}),
-            )?))
-        });
-        let h = self.clone();
-        engine.register_fn(
-            "respawn_worker",
-            move |worker_id: &str| -> HostResult<Dynamic> {
-                let body = json!({"worker_id": worker_id});
-                Ok(to_dynamic(&h.act(
-                    "respawn_worker",
-                    subjects::POOL_RESPAWN,
-                    body,
-                )?))
-            },
-        );
-        let h = self.clone();
-        engine.register_fn("respawn_workers", move || -> HostResult<Dynamic> {
-            Ok(to_dynamic(&h.act(
-                "respawn_workers",
+        },
+    );
+    engine.register_fn("replay_tasks", move |max: i64| -> HostResult<Dynamic> {
+        let body = json!({"max": max.max(0)});
+        Ok(to_dynamic(&act(
+            "replay_tasks",
+            subjects::SCHEDULER_REPLAY,
+            body,
+        )?))
+    });
+    engine.register_fn("pause_scheduler", move || -> HostResult<Dynamic> {
+        Ok(to_dynamic(&act(
+            "pause_scheduler",
+            subjects::SCHEDULER_PAUSE,
+            json!({}),
+        )?))
+    });
+    engine.register_fn("resume_scheduler", move || -> HostResult<Dynamic> {
+        Ok(to_dynamic(&act(
+            "resume_scheduler",
+            subjects::SCHEDULER_RESUME,
+            json!({}),
+        )?))
+    });
+    engine.register_fn(
+        "respawn_worker",
+        move |worker_id: &str| -> HostResult<Dynamic> {
+            let body = json!({"worker_id": worker_id});
+            Ok(to_dynamic(&act(
+                "respawn_worker",
                 subjects::POOL_RESPAWN,
-                json!({}),
+                body,
             )?))
-        });
+        },
+    );
+    engine.register_fn("respawn_workers", move || -> HostResult<Dynamic> {
+        Ok(to_dynamic(&act(
+            "respawn_workers",
+            subjects::POOL_RESPAWN,
+            json!({}),
+        )?))
+    });
 
-        let h = self.clone();
-        engine.register_fn("narrate", move |what: &str, why: &str| {
+    engine.register_fn("narrate", move |what: &str, why: &str| -> HostResult<()> {
+        with_host("narrate", |h| {
             if let Ok(mut n) = h.narrations.lock() {
                 n.push(Narration {
                     what: what.to_owned(),
                     why: why.to_owned(),
                 });
             }
-        });
-        let h = self.clone();
-        engine.register_fn("wait", move |seconds: Dynamic| -> HostResult<()> {
-            let seconds = number("seconds", &seconds)?;
-            h.wait(seconds)
-        });
-        let h = self.clone();
-        engine.register_fn(
-            "verify",
-            move |ctx: NativeCallContext,
-                  retries: i64,
-                  interval_s: Dynamic,
-                  check: FnPtr|
-                  -> HostResult<bool> {
-                let interval_s = number("interval_s", &interval_s)?;
-                h.verify(&ctx, retries, interval_s, &check)
-            },
-        );
-    }
+            Ok(())
+        })
+    });
+    engine.register_fn("wait", move |seconds: Dynamic| -> HostResult<()> {
+        let seconds = number("seconds", &seconds)?;
+        with_host("wait", |h| h.wait(seconds))
+    });
+    engine.register_fn(
+        "verify",
+        move |ctx: NativeCallContext,
+              retries: i64,
+              interval_s: Dynamic,
+              check: FnPtr|
+              -> HostResult<bool> {
+            let interval_s = number("interval_s", &interval_s)?;
+            with_host("verify", |h| h.verify(&ctx, retries, interval_s, &check))
+        },
+    );
 }
 
 /// Converts a step's parameters to the map scripts see as `p`.

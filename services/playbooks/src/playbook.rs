@@ -199,7 +199,7 @@ pub fn compile(
     packages: &Packages,
     limits: &Limits,
 ) -> Result<Playbook, LoadError> {
-    let engine = sandbox::engine(packages, limits, None);
+    let engine = sandbox::engine(packages, limits);
     let ast = engine.compile(source).map_err(|err| {
         let e = ScriptError::from_parse(&err);
         LoadError {

@@ -17,11 +17,30 @@ use crate::host::{self, Call, Host, Narration, Requester};
 use crate::playbook::Playbook;
 use crate::sandbox::{self, Limits, Packages, ScriptError, Stop};
 
+impl Settings {
+    /// Settings with one hardened engine built from `packages` and `limits`.
+    pub fn new(
+        packages: &Packages,
+        limits: Limits,
+        time_scale: f64,
+        max_wait_s: f64,
+        max_run_s: f64,
+    ) -> Self {
+        Self {
+            engine: Arc::new(sandbox::engine(packages, &limits)),
+            limits,
+            time_scale,
+            max_wait_s,
+            max_run_s,
+        }
+    }
+}
+
 /// The settings every run shares.
 #[derive(Clone)]
 pub struct Settings {
-    /// The sandbox's packages.
-    pub packages: Packages,
+    /// The hardened engine every run evaluates on (host functions registered).
+    pub engine: Arc<rhai::Engine>,
     /// The sandbox's limits.
     pub limits: Limits,
     /// Multiplier of every wait.
@@ -151,8 +170,9 @@ pub fn execute(
         settings.time_scale,
         settings.max_wait_s,
     );
-    let mut engine = sandbox::engine(&settings.packages, &settings.limits, Some(stop));
-    host.register(&mut engine);
+    let engine = &*settings.engine;
+    let stop_guard = sandbox::enter_stop(stop);
+    let host_guard = host.enter();
     let mut p = host::params_to_map(&plan.params);
     let mut steps = Vec::new();
     let mut failure: Option<(String, String)> = None;
@@ -181,7 +201,7 @@ pub fn execute(
     for (i, step) in meta.steps.iter().enumerate() {
         let step_started = Instant::now();
         let first_call = host.call_count();
-        let result = call(&engine, &step.run, &p);
+        let result = call(engine, &step.run, &p);
         let (ok, value, error) = match result {
             Ok(value) => {
                 let json = dynamic_to_json(&value);
@@ -228,7 +248,7 @@ pub fn execute(
     {
         let step_started = Instant::now();
         let first_call = host.call_count();
-        let (ok, error) = match call(&engine, verify, &p) {
+        let (ok, error) = match call(engine, verify, &p) {
             Ok(v) => match v.as_bool() {
                 Ok(true) => (true, None),
                 Ok(false) if plan.dry_run => (true, None),
@@ -273,6 +293,8 @@ pub fn execute(
         );
     }
 
+    drop(host_guard);
+    drop(stop_guard);
     let mut rollback = None;
     if let (Some((message, _)), Some(undo)) = (&failure, &meta.rollback) {
         // The rollback gets a deadline of its own: the run's may be what failed.
@@ -287,12 +309,12 @@ pub fn execute(
             settings.time_scale,
             settings.max_wait_s,
         );
-        let mut engine = sandbox::engine(&settings.packages, &settings.limits, Some(stop));
-        rollback_host.register(&mut engine);
+        let _stop = sandbox::enter_stop(stop);
+        let _host = rollback_host.enter();
         let mut p = p.clone();
         p.insert("failure".into(), Dynamic::from(message.clone()));
         let step_started = Instant::now();
-        let result = call(&engine, undo, &p);
+        let result = call(engine, undo, &p);
         let (ok, error) = match result {
             Ok(_) => (true, None),
             Err(err) => (

@@ -7,9 +7,11 @@
 //! Scripts have no file, process or network access: Rhai has none built in, and the only powers
 //! are the host functions a run registers ([`crate::host`]).
 //!
-//! A per-run engine adds the run's deadline and cancellation through `on_progress`; building
-//! one is cheap (the packages are shared), the script's AST is compiled once at load.
+//! One engine serves every run: its `on_progress` checks the deadline and cancellation of the
+//! run on the current thread ([`enter_stop`]), and the host functions act for the run on the
+//! current thread ([`crate::host::Host::enter`]); the script's AST is compiled once at load.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -232,8 +234,33 @@ impl Stop {
     }
 }
 
-/// A hardened engine with `limits`; with `stop`, also the run's deadline and cancellation.
-pub fn engine(packages: &Packages, limits: &Limits, stop: Option<Stop>) -> Engine {
+thread_local! {
+    /// The deadline and cancellation of the run evaluating on this thread.
+    static STOP: RefCell<Option<Stop>> = const { RefCell::new(None) };
+}
+
+/// Restores the previous run's stop (usually none) when dropped.
+pub struct StopGuard(Option<Stop>);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        STOP.with(|s| *s.borrow_mut() = previous);
+    }
+}
+
+/// Makes `stop` the deadline and cancellation of what this thread evaluates until the guard
+/// is dropped.
+pub fn enter_stop(stop: Stop) -> StopGuard {
+    StopGuard(STOP.with(|s| s.borrow_mut().replace(stop)))
+}
+
+/// Operations between two checks of the deadline.
+const CHECK_EVERY: u64 = 128;
+
+/// A hardened engine with `limits` and the host functions; the deadline and cancellation of
+/// the run on the evaluating thread ([`enter_stop`]) are checked as it goes.
+pub fn engine(packages: &Packages, limits: &Limits) -> Engine {
     let mut engine = Engine::new_raw();
     for package in &packages.0 {
         engine.register_global_module(package.clone());
@@ -256,9 +283,14 @@ pub fn engine(packages: &Packages, limits: &Limits, stop: Option<Stop>) -> Engin
     engine.on_debug(|text, source, pos| {
         tracing::debug!(target: "playbook", source = source.unwrap_or(""), %pos, "{text}")
     });
-    if let Some(stop) = stop {
-        engine.on_progress(move |_ops| stop.reason().map(Dynamic::from));
-    }
+    engine.on_progress(|ops| {
+        if ops % CHECK_EVERY != 0 {
+            return None;
+        }
+        STOP.with(|s| s.borrow().as_ref().and_then(Stop::reason))
+            .map(Dynamic::from)
+    });
+    crate::host::register(&mut engine);
     engine
 }
 
@@ -273,7 +305,7 @@ mod tests {
 
     fn run(script: &str) -> Result<Dynamic, ScriptError> {
         let limits = limits();
-        let e = engine(&Packages::new(), &limits, None);
+        let e = engine(&Packages::new(), &limits);
         let ast = e
             .compile(script)
             .map_err(|err| ScriptError::from_parse(&err))?;
@@ -349,8 +381,10 @@ mod tests {
             deadline: Instant::now() + Duration::from_millis(50),
             cancelled: Arc::default(),
         };
-        let e = engine(&Packages::new(), &limits, Some(stop));
+        let e = engine(&Packages::new(), &limits);
+        let guard = enter_stop(stop);
         let err = e.run("loop {}").expect_err("deadline");
+        drop(guard);
         let err = ScriptError::from_eval(&err, &limits);
         assert_eq!(err.kind, "deadline", "{err}");
 
@@ -359,7 +393,7 @@ mod tests {
             deadline: Instant::now() + Duration::from_secs(60),
             cancelled,
         };
-        let e = engine(&Packages::new(), &limits, Some(stop));
+        let _guard = enter_stop(stop);
         let err = e.run("loop {}").expect_err("cancelled");
         assert_eq!(ScriptError::from_eval(&err, &limits).kind, "cancelled");
     }

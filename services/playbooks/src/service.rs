@@ -123,6 +123,7 @@ enum Refusal {
 struct Service {
     cfg: BulwarkConfig,
     dir: PathBuf,
+    packages: Packages,
     library: RwLock<Arc<Library>>,
     settings: Settings,
     js: jetstream::Context,
@@ -224,13 +225,14 @@ pub async fn run(
     );
     let tracker = TaskTracker::new();
     let service = Arc::new(Service {
-        settings: Settings {
-            packages,
+        settings: Settings::new(
+            &packages,
             limits,
-            time_scale: cfg.playbooks.time_scale,
-            max_wait_s: cfg.playbooks.max_wait_s,
-            max_run_s: cfg.playbooks.max_run_s,
-        },
+            cfg.playbooks.time_scale,
+            cfg.playbooks.max_wait_s,
+            cfg.playbooks.max_run_s,
+        ),
+        packages,
         requester: Arc::new(NatsRequester {
             client: client.clone(),
             handle: tokio::runtime::Handle::current(),
@@ -616,6 +618,9 @@ impl Service {
         key: (String, String),
         resource: String,
     ) -> Outcome {
+        if plan.dry_run {
+            return self.dry_run(plan).await;
+        }
         let meta = plan.playbook.meta.clone();
         let name = meta.name.clone();
         let run_id = plan.run_id.clone();
@@ -689,10 +694,13 @@ impl Service {
             }
         };
 
-        let repeats = {
+        let repeats = if plan.dry_run {
+            // A dry run holds no slot: the real run on the same key keeps its own.
+            0
+        } else {
             let mut runs = self.lock_runs();
             let repeats = runs.active.remove(&key).map_or(0, |a| a.repeats);
-            if !plan.dry_run {
+            {
                 let cooldown = meta.cooldown_s * self.settings.time_scale;
                 runs.cooldown
                     .insert(key, (Instant::now() + Duration::from_secs_f64(cooldown), 0));
@@ -776,6 +784,36 @@ impl Service {
                 tracing::warn!(error = %err, playbook = %name, "last run not stored");
             }
         }
+        outcome
+    }
+
+    /// A dry run: no mesh events and no narratives of its steps (nothing happened); one
+    /// `playbook_dry_run` narrative records who tried what and the actions it would take.
+    async fn dry_run(self: Arc<Self>, plan: Plan) -> Outcome {
+        let settings = self.settings.clone();
+        let requester: Arc<dyn Requester> = self.requester.clone();
+        let cancelled = self.cancelled.clone();
+        let blocking_plan = plan.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            runner::execute(&blocking_plan, &settings, requester, cancelled, &|_| {})
+        })
+        .await
+        .unwrap_or_else(|err| failed_outcome(&plan, format!("the run crashed: {err}")));
+        let name = &plan.playbook.meta.name;
+        let mut n = self
+            .narrator
+            .narrative("playbook_dry_run", &format!("playbook {name}, dry run"))
+            .why(format!(
+                "dry run of {name}: reads were real, {} action(s) would be taken, none was",
+                outcome.actions.len()
+            ));
+        for call in &outcome.actions {
+            n = n.why(format!("would call {}({})", call.function, call.args));
+        }
+        let n = n.context(json!({"playbook": name, "run_id": plan.run_id,
+                                 "params": Value::Object(plan.params.clone()),
+                                 "status": outcome.status}));
+        self.narrator.publish(n).await;
         outcome
     }
 
@@ -948,14 +986,14 @@ impl Service {
     }
 
     fn check(&self) -> Value {
-        let fresh = Library::load(&self.dir, &self.settings.packages, &self.settings.limits);
+        let fresh = Library::load(&self.dir, &self.packages, &self.settings.limits);
         json!({"ok": fresh.errors.is_empty(), "playbooks": fresh.names(),
                "errors": fresh.errors.iter().map(|e| json!({"file": e.file, "location": e.location,
                                                             "message": e.message})).collect::<Vec<_>>()})
     }
 
     async fn reload(&self) -> Result<Value, ApiError> {
-        let fresh = Library::load(&self.dir, &self.settings.packages, &self.settings.limits);
+        let fresh = Library::load(&self.dir, &self.packages, &self.settings.limits);
         if !fresh.errors.is_empty() {
             return Err(ApiError::bad_request(
                 "playbooks_invalid",

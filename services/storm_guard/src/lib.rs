@@ -9,7 +9,9 @@
 //! the breaker's state lives in the KV bucket `bulwark_breaker`, so mesh consumers hold events
 //! back while it is open, replicas agree on it and a restart keeps it. The safeguards' own
 //! events (incidents, emergencies, breaker transitions, advisories, dead letters) are not
-//! counted, so enforcement cannot feed itself.
+//! counted, so enforcement cannot feed itself; nor is bulwark's bookkeeping of work it already
+//! governs (`mesh.task.*`, `mesh.playbook.*`, `mesh.layer2.*`), whose rate follows admitted
+//! work: counted, it would open the breaker under ordinary task load.
 //!
 //! # Subjects
 //! Consumes:

@@ -41,13 +41,20 @@ pub const SERVICE_NAME: &str = "storm_guard";
 pub const STORM_PLAYBOOK: &str = "trigger_storm_mitigation";
 /// Playbook named by the emergency of an opening breaker (seed).
 pub const BREAKER_PLAYBOOK: &str = "trigger_mesh_circuit_breaker";
-/// The safeguards' own subjects: never counted, so enforcement cannot feed itself.
-const OWN_SUBJECTS: [&str; 5] = [
+/// Subjects never counted towards storms or the breaker: the safeguards' own events (so
+/// enforcement cannot feed itself), and bulwark's bookkeeping of work it already governs (task
+/// lifecycle, playbook runs, Layer 2 alerts), whose rate follows the admitted work; counting it
+/// would open the breaker under ordinary load (50 tasks/s make 100 task events/s, above the
+/// seed's 500 events per 10 s).
+const OWN_SUBJECTS: [&str; 8] = [
     "mesh.deadletter",
     "mesh.event.incident",
     "mesh.event.emergency",
     "mesh.breaker.>",
     "mesh.advisory.>",
+    "mesh.task.>",
+    "mesh.playbook.>",
+    "mesh.layer2.>",
 ];
 /// Time given to in-flight work at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
