@@ -49,6 +49,8 @@ pub struct NatsServer {
     monitor_port: u16,
     with_auth: bool,
     cluster: Option<ClusterNode>,
+    /// Appended to the repository's `nats.conf` (e.g. a `tls { ... }` block).
+    extra: String,
 }
 
 /// A server's place in a cluster: its name, its route port and every route port.
@@ -70,7 +72,17 @@ impl NatsServer {
         Self::launch(false).expect("nats-server starts")
     }
 
+    /// Starts a server with the repository's `nats.conf` followed by `extra` (e.g. a `tls`
+    /// block).
+    pub fn start_with(extra: &str) -> Self {
+        Self::launch_with(true, extra).expect("nats-server starts")
+    }
+
     fn launch(with_auth: bool) -> anyhow::Result<Self> {
+        Self::launch_with(with_auth, "")
+    }
+
+    fn launch_with(with_auth: bool, extra: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("bulwark-nats-").tempdir()?;
         let mut server = NatsServer {
             child: None,
@@ -79,6 +91,7 @@ impl NatsServer {
             monitor_port: 0,
             with_auth,
             cluster: None,
+            extra: extra.to_owned(),
         };
         server.spawn(None)?;
         Ok(server)
@@ -95,6 +108,7 @@ impl NatsServer {
             monitor_port: 0,
             with_auth: true,
             cluster: Some(node),
+            extra: String::new(),
         };
         server.spawn(None)?;
         Ok(server)
@@ -131,7 +145,7 @@ impl NatsServer {
             if replaced != 3 {
                 bail!("nats.conf lost one of listen/http/store_dir; the harness cannot adapt it");
             }
-            let mut text = lines.join("\n");
+            let mut text = format!("{}\n{}\n", lines.join("\n"), self.extra);
             if let Some(node) = &self.cluster {
                 text = text
                     .lines()

@@ -237,13 +237,20 @@ async fn run(
     }
     command.push_str(&format!(" --seed {seed}"));
     if url_given {
-        command.push_str(&format!(" --nats-url {}", cfg.nats.url));
+        // Credentials in the URL stay out of the report (give them again to reproduce).
+        command.push_str(&format!(
+            " --nats-url {}",
+            bulwark_common::connect::redact_url(&cfg.nats.url)
+        ));
     }
     eprintln!(
         "chaos: {} scenario(s), {}{}, seed {seed}",
         chosen.len(),
         if url_given {
-            format!("against {}", cfg.nats.url)
+            format!(
+                "against {}",
+                bulwark_common::connect::redact_url(&cfg.nats.url)
+            )
         } else {
             "self-contained".to_owned()
         },

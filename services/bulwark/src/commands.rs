@@ -3,6 +3,7 @@
 //! on stderr and exit code 1.
 
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -166,17 +167,10 @@ pub(crate) async fn request(
     .await
     {
         // The server reports a refused publish only asynchronously; the request then times out.
-        Err(_)
-            if stats
-                .server_errors
-                .load(std::sync::atomic::Ordering::Relaxed)
-                > 0 =>
-        {
-            bail!(
-                "the NATS server refused {subject} for user {:?}: a permissions violation (nats.conf; see docs/security.md)",
-                cfg.nats.cli_user
-            )
-        }
+        Err(_) | Ok(Err(_)) if stats.server_errors.load(Ordering::Relaxed) > 0 => bail!(
+            "the NATS server refused {subject} for user {:?}: a permissions violation (nats.conf; see docs/security.md)",
+            cfg.nats.cli_user
+        ),
         Err(_) => bail!(
             "no reply on {subject} within {} ms: is bulwark running (bulwark up)?",
             timeout.as_millis()

@@ -25,15 +25,18 @@ pub async fn up(
     let shutdown = bulwark_common::shutdown::on_signal();
     let mut local = None;
     if reachable(&cfg).await {
-        println!("bulwark: using the NATS server at {}", cfg.nats.url);
+        println!(
+            "bulwark: using the NATS server at {}",
+            connect::redact_url(&cfg.nats.url)
+        );
     } else {
-        let first = connect::parse_urls(&cfg.nats.url)?.remove(0);
+        connect::parse_urls(&cfg.nats.url)?;
         let url: &str = &cfg.nats.url;
         let (host, port) = host_port(url.split(',').next().unwrap_or(url))?;
         if url_given && !matches!(host.as_str(), "127.0.0.1" | "localhost") {
             bail!(
-                "no NATS server answers at {} ({first:?}); start it, or omit --nats-url to run a local one",
-                cfg.nats.url
+                "no NATS server answers at {}; start it, or omit --nats-url to run a local one",
+                connect::redact_url(&cfg.nats.url)
             );
         }
         let binary = nats_server::find_binary(&cfg.up.nats_server)?;
@@ -136,7 +139,10 @@ pub async fn up(
         all_ready &= seen >= worker_count;
     }
     if all_ready {
-        println!("bulwark: up on {}; Ctrl-C stops", cfg.nats.url);
+        println!(
+            "bulwark: up on {}; Ctrl-C stops",
+            connect::redact_url(&cfg.nats.url)
+        );
     }
 
     let mut failed = false;
@@ -220,7 +226,7 @@ fn report(
 /// Runs one service until Ctrl-C or SIGTERM.
 pub async fn serve(service: ServiceName, cfg: BulwarkConfig) -> anyhow::Result<ExitCode> {
     let shutdown = bulwark_common::shutdown::on_signal();
-    tracing::info!(service = service.micro_name(), url = %cfg.nats.url, "serving");
+    tracing::info!(service = service.micro_name(), url = %connect::redact_url(&cfg.nats.url), "serving");
     if !cfg.metrics.listen.is_empty() {
         let (client, _) = connect::connect(&cfg.nats, "bulwark-metrics", Role::Service).await?;
         start_metrics(&cfg, client, shutdown.clone()).await;

@@ -80,12 +80,12 @@ pub struct PlaybooksConfig {
     pub max_array_size: usize,
     /// Largest map a script may build.
     pub max_map_size: usize,
-    /// Longest a run may take, seconds (a playbook's own `slo_s` is used when shorter).
+    /// Longest a run may take, seconds: a run's deadline is `min(2 × slo_s, max_run_s)`.
     pub max_run_s: f64,
     /// Longest one `wait()` may sleep, seconds.
     pub max_wait_s: f64,
-    /// Multiplies every wait and verification interval the scripts ask for: 1.0 in production;
-    /// tests and quick chaos runs shorten them.
+    /// Multiplies every wait and verification interval the scripts ask for, and every
+    /// playbook's cooldown: 1.0 in production; tests and quick chaos runs shorten them.
     pub time_scale: f64,
     /// Incidents older than this, seconds, are not acted on (narrated as stale).
     pub max_incident_age_s: f64,
@@ -93,7 +93,8 @@ pub struct PlaybooksConfig {
     pub host_timeout_ms: u64,
     /// Parameter values per playbook that replace its defaults (an incident's own values still
     /// win): `[playbooks.overrides.scheduler_load_shedding] older_than_s = 300.0`.
-    pub overrides: std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde_json::Value>>,
+    pub overrides:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
 impl Default for PlaybooksConfig {
@@ -137,7 +138,9 @@ impl PlaybooksConfig {
             || self.max_map_size == 0
             || self.host_timeout_ms == 0
         {
-            return Err("playbooks limits must all be at least 1 (0 would mean unlimited in Rhai)".into());
+            return Err(
+                "playbooks limits must all be at least 1 (0 would mean unlimited in Rhai)".into(),
+            );
         }
         Ok(())
     }
@@ -326,6 +329,9 @@ impl BulwarkConfig {
         if self.nats.request_timeout_ms == 0 || self.nats.connect_timeout_ms == 0 {
             return bad("nats timeouts must be positive".into());
         }
+        if self.nats.tls_cert.is_empty() != self.nats.tls_key.is_empty() {
+            return bad("nats.tls_cert and nats.tls_key go together: give both or neither".into());
+        }
         self.clarity.validate().map_err(ConfigError::Inconsistent)?;
         self.mesh.validate().map_err(ConfigError::Inconsistent)?;
         self.watchdog
@@ -350,8 +356,9 @@ impl BulwarkConfig {
     }
 }
 
-/// How to reach NATS.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// How to reach NATS. Its `Debug` output hides the passwords, the tokens and any credentials in
+/// the URL, so a logged or printed configuration leaks no secret.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
     /// Server URL, or a comma-separated list of cluster seed URLs. The `--nats-url` flag and the
@@ -365,6 +372,22 @@ pub struct NatsConfig {
     pub cli_user: String,
     /// Password of `cli_user`.
     pub cli_password: String,
+    /// Token the services connect with instead of `user` and `password` (nats.conf
+    /// `authorization { token: ... }`); empty for none.
+    pub token: String,
+    /// Token the CLI connects with instead of `cli_user` and `cli_password`; empty for none.
+    pub cli_token: String,
+    /// PEM file of the CA that signed the server's TLS certificate (else the system's roots).
+    /// Setting it requires TLS (docs/security.md).
+    pub tls_ca: String,
+    /// PEM client certificate presented to a server that verifies clients (mutual TLS); needs
+    /// `tls_key`.
+    pub tls_cert: String,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: String,
+    /// Refuse a server that does not speak TLS, also when `tls_ca` is empty. A `tls://` URL
+    /// requires TLS too.
+    pub tls_required: bool,
     /// Time allowed for the first connection, in milliseconds.
     pub connect_timeout_ms: u64,
     /// Time allowed for any request/reply and JetStream acknowledgement, in milliseconds.
@@ -383,12 +406,60 @@ impl Default for NatsConfig {
             password: "bulwark-dev".into(),
             cli_user: "operator".into(),
             cli_password: "operator-dev".into(),
+            token: String::new(),
+            cli_token: String::new(),
+            tls_ca: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_required: false,
             connect_timeout_ms: 5_000,
             request_timeout_ms: 5_000,
             replicas: 0,
         }
     }
 }
+
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured, so that a new field cannot be added without deciding how it prints.
+        let NatsConfig {
+            url,
+            user,
+            password,
+            cli_user,
+            cli_password,
+            token,
+            cli_token,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            tls_required,
+            connect_timeout_ms,
+            request_timeout_ms,
+            replicas,
+        } = self;
+        let hidden = |secret: &String| if secret.is_empty() { "" } else { REDACTED };
+        f.debug_struct("NatsConfig")
+            .field("url", &crate::connect::redact_url(url))
+            .field("user", user)
+            .field("password", &hidden(password))
+            .field("cli_user", cli_user)
+            .field("cli_password", &hidden(cli_password))
+            .field("token", &hidden(token))
+            .field("cli_token", &hidden(cli_token))
+            .field("tls_ca", tls_ca)
+            .field("tls_cert", tls_cert)
+            .field("tls_key", tls_key)
+            .field("tls_required", tls_required)
+            .field("connect_timeout_ms", connect_timeout_ms)
+            .field("request_timeout_ms", request_timeout_ms)
+            .field("replicas", replicas)
+            .finish()
+    }
+}
+
+/// What a hidden secret prints as.
+pub const REDACTED: &str = "<redacted>";
 
 /// How `bulwark up` runs the local stack.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -1036,6 +1107,42 @@ mod tests {
             serde_json::to_value(&defaults).expect("json"),
             "bulwark.toml documents exactly the built-in defaults"
         );
+    }
+
+    #[test]
+    fn debug_output_hides_every_secret() {
+        let env = HashMap::from([
+            (
+                "BULWARK_NATS__PASSWORD".to_owned(),
+                "pw-s3cret-1".to_owned(),
+            ),
+            (
+                "BULWARK_NATS__CLI_PASSWORD".to_owned(),
+                "pw-s3cret-2".to_owned(),
+            ),
+            ("BULWARK_NATS__TOKEN".to_owned(), "tok-s3cret-3".to_owned()),
+            (
+                "BULWARK_NATS__URL".to_owned(),
+                "nats://u:pw-s3cret-4@h:1,nats://tok-s3cret-5@h:2".to_owned(),
+            ),
+        ]);
+        let cfg = BulwarkConfig::load_from(None, env).expect("loads");
+        assert_eq!(
+            cfg.nats.password, "pw-s3cret-1",
+            "the secret is still usable"
+        );
+        for text in [
+            format!("{cfg:?}"),
+            format!("{cfg:#?}"),
+            format!("{:?}", cfg.nats),
+        ] {
+            assert!(!text.contains("s3cret"), "{text}");
+            assert!(text.contains(REDACTED), "{text}");
+            assert!(text.contains("nats://u:***@h:1,nats://***@h:2"), "{text}");
+        }
+        let env = HashMap::from([("BULWARK_NATS__TLS_CERT".to_owned(), "c.pem".to_owned())]);
+        let err = BulwarkConfig::load_from(None, env).expect_err("cert without key");
+        assert!(err.to_string().contains("tls_key"), "{err}");
     }
 
     #[test]

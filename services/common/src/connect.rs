@@ -1,7 +1,9 @@
 //! Connecting to NATS the same way everywhere: timeouts on connect and requests, unlimited
-//! reconnects, and an event callback so that server errors (permission violations) and slow
-//! consumer drops are logged and counted instead of vanishing (async-nats reports both only
-//! there).
+//! reconnects, credentials (user and password, or a token) and TLS from the configuration, and an
+//! event callback so that server errors (permission violations) and slow consumer drops are
+//! logged and counted instead of vanishing (async-nats reports both only there).
+//!
+//! Secrets never reach a message: URLs are shown through [`redact_url`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +72,58 @@ pub enum Role {
     Cli,
 }
 
+/// `urls` (one URL or a comma-separated list) with the password or token of each URL's
+/// credentials replaced by `***`: `nats://u:pw@h:4222` -> `nats://u:***@h:4222`,
+/// `nats://token@h` -> `nats://***@h`. For anything shown to a person or written to a log.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| {
+            let (scheme, rest) = match url.find("://") {
+                Some(i) => url.split_at(i + 3),
+                None => ("", url),
+            };
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => {
+                    let hidden = match rest[..at].split_once(':') {
+                        Some((user, _)) => format!("{user}:***"),
+                        None => "***".to_owned(),
+                    };
+                    format!("{scheme}{hidden}{}", &rest[at..])
+                }
+                None => url.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Credentials found in a server URL.
+enum UrlAuth {
+    /// `nats://user:password@host`.
+    UserPassword(String, String),
+    /// `nats://token@host`.
+    Token(String),
+}
+
+/// `addr` without the credentials in its URL, and those credentials.
+fn strip_credentials(addr: ServerAddr) -> (ServerAddr, Option<UrlAuth>) {
+    if !addr.has_user_pass() {
+        return (addr, None);
+    }
+    let mut url = addr.clone().into_inner();
+    let user = url.username().to_owned();
+    let auth = match url.password() {
+        Some(password) => UrlAuth::UserPassword(user, password.to_owned()),
+        None => UrlAuth::Token(user),
+    };
+    let cleared = url.set_username("").is_ok() && url.set_password(None).is_ok();
+    match ServerAddr::from_url(url) {
+        Ok(stripped) if cleared => (stripped, Some(auth)),
+        _ => (addr, None),
+    }
+}
+
 /// Parses a comma-separated list of server URLs.
 pub fn parse_urls(urls: &str) -> Result<Vec<ServerAddr>, ConnectError> {
     let addrs: Vec<ServerAddr> = urls
@@ -78,14 +132,14 @@ pub fn parse_urls(urls: &str) -> Result<Vec<ServerAddr>, ConnectError> {
         .filter(|u| !u.is_empty())
         .map(|u| {
             u.parse::<ServerAddr>().map_err(|e| ConnectError::BadUrl {
-                url: u.to_owned(),
+                url: redact_url(u),
                 reason: e.to_string(),
             })
         })
         .collect::<Result<_, _>>()?;
     if addrs.is_empty() {
         return Err(ConnectError::BadUrl {
-            url: urls.to_owned(),
+            url: redact_url(urls),
             reason: "no URL given".into(),
         });
     }
@@ -98,23 +152,50 @@ pub async fn connect(
     name: &str,
     role: Role,
 ) -> Result<(Client, Arc<ConnectionStats>), ConnectError> {
-    let addrs = parse_urls(&cfg.url)?;
+    // Credentials in a URL are taken out of it and given as options, so that no URL the client
+    // library logs (its debug lines print server addresses) carries a password or token.
+    let mut url_auth = None;
+    let addrs: Vec<ServerAddr> = parse_urls(&cfg.url)?
+        .into_iter()
+        .map(|addr| {
+            let (addr, auth) = strip_credentials(addr);
+            url_auth = url_auth.take().or(auth);
+            addr
+        })
+        .collect();
     crate::streams::set_replicas(cfg.replicas);
     let stats = Arc::new(ConnectionStats::default());
     register(name, &stats);
-    let (user, password) = match role {
-        Role::Service => (&cfg.user, &cfg.password),
-        Role::Cli => (&cfg.cli_user, &cfg.cli_password),
+    let (user, password, token) = match role {
+        Role::Service => (&cfg.user, &cfg.password, &cfg.token),
+        Role::Cli => (&cfg.cli_user, &cfg.cli_password, &cfg.cli_token),
     };
-    // Credentials embedded in a URL win over the configured ones.
-    let url_has_credentials = cfg.url.contains('@');
     let mut options = ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
         .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms)))
         .event_callback(event_logger(name.to_owned(), stats.clone()));
-    if !user.is_empty() && !url_has_credentials {
-        options = options.user_and_password(user.clone(), password.clone());
+    // Credentials embedded in a URL win over the configured ones.
+    match url_auth {
+        Some(UrlAuth::UserPassword(user, password)) => {
+            options = options.user_and_password(user, password);
+        }
+        Some(UrlAuth::Token(token)) => options = options.token(token),
+        None if !token.is_empty() => options = options.token(token.clone()),
+        None if !user.is_empty() => {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        None => {}
+    }
+    if !cfg.tls_ca.is_empty() {
+        options = options.add_root_certificates(cfg.tls_ca.clone().into());
+    }
+    if !cfg.tls_cert.is_empty() {
+        options =
+            options.add_client_certificate(cfg.tls_cert.clone().into(), cfg.tls_key.clone().into());
+    }
+    if cfg.tls_required || !cfg.tls_ca.is_empty() {
+        options = options.require_tls(true);
     }
     let client = match role {
         Role::Service => options.retry_on_initial_connect().connect(addrs).await,
@@ -125,7 +206,7 @@ pub async fn connect(
                 Ok(result) => result,
                 Err(_) => {
                     return Err(ConnectError::Unreachable {
-                        url: cfg.url.clone(),
+                        url: redact_url(&cfg.url),
                         reason: format!("no answer within {} ms", cfg.connect_timeout_ms),
                     });
                 }
@@ -133,7 +214,7 @@ pub async fn connect(
         }
     }
     .map_err(|e| ConnectError::Unreachable {
-        url: cfg.url.clone(),
+        url: redact_url(&cfg.url),
         reason: e.to_string(),
     })?;
     Ok((client, stats))
@@ -202,6 +283,39 @@ pub async fn publish_flushed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_urls_are_hidden() {
+        assert_eq!(
+            redact_url("nats://bulwark:pw@127.0.0.1:4222"),
+            "nats://bulwark:***@127.0.0.1:4222"
+        );
+        assert_eq!(redact_url("tls://tok@h:1/x@y"), "tls://***@h:1/x@y");
+        assert_eq!(
+            redact_url("nats://a:p@q@h:1, nats://h:2"),
+            "nats://a:***@h:1, nats://h:2"
+        );
+        assert_eq!(redact_url("nats://h:4222"), "nats://h:4222");
+        assert_eq!(redact_url("u:p@h:1"), "u:***@h:1");
+        let err = parse_urls("nats://u:s3cret@h:notaport").expect_err("bad port");
+        assert!(!err.to_string().contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn credentials_leave_the_url_for_the_options() {
+        let addr: ServerAddr = "nats://u:s3cret@h:1".parse().expect("url");
+        let (addr, auth) = strip_credentials(addr);
+        assert!(!format!("{addr:?}").contains("s3cret"), "{addr:?}");
+        assert!(matches!(auth, Some(UrlAuth::UserPassword(u, p)) if u == "u" && p == "s3cret"));
+        let (addr, auth) = strip_credentials("tls://t0ken@h:2".parse().expect("url"));
+        assert!(!format!("{addr:?}").contains("t0ken") && addr.tls_required());
+        assert!(matches!(auth, Some(UrlAuth::Token(t)) if t == "t0ken"));
+        assert!(
+            strip_credentials("nats://h:3".parse().expect("url"))
+                .1
+                .is_none()
+        );
+    }
 
     #[test]
     fn url_lists() {
