@@ -27,6 +27,9 @@ struct Args {
     /// Short run that only proves the benchmark works (CI).
     #[arg(long)]
     smoke: bool,
+    /// `pipeline` only: single server next to a three-node cluster, and the scheduler failover.
+    #[arg(long)]
+    cluster: bool,
     /// The `bulwark` binary whose idle memory to measure (release build).
     #[arg(long, env = "BULWARK_BIN")]
     bulwark_bin: Option<std::path::PathBuf>,
@@ -53,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
     match args.bench {
         Bench::Governance => governance(&args).await,
         Bench::Mesh => mesh::run(args.smoke).await,
+        Bench::Pipeline if args.cluster => pipeline::run_cluster(args.smoke).await,
         Bench::Pipeline => pipeline::run(args.smoke).await,
         Bench::Clarity => clarity::run(args.smoke).await,
         Bench::Playbooks => playbooks::run(args.smoke).await,
