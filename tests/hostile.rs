@@ -5,6 +5,7 @@
 //! decoders' own field names holding wrong types, invalid UTF-8, deep nesting, huge numbers,
 //! duplicate keys, oversize bodies, and random mutations of valid bodies. The property is always
 //! the same: no panic, and a refusal is an error that says what is wrong in a bounded message.
+//! The event policy rule loader and the chaos scenario loader get damaged files.
 //! The case count is `BULWARK_FUZZ_CASES` (default 256, the CI smoke); the long run is
 //! `BULWARK_FUZZ_CASES=200000 cargo nextest run --release -p bulwark-tests --test hostile prop_`
 //! (docs/security.md).
@@ -533,6 +534,97 @@ proptest! {
                     prop_assert!(err.reason.len() <= 4096, "unbounded reason: {}", err.reason);
                 }
             }
+        }
+    }
+}
+
+// ---- the chaos scenario loader -----------------------------------------------------------------
+
+/// The shipped scenario files, the valid bases the generator damages.
+fn scenario_files() -> &'static [String] {
+    static FILES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    FILES.get_or_init(|| {
+        let dir = repo_root().join("chaos/scenarios");
+        let mut files: Vec<String> = std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                    .filter_map(|p| std::fs::read_to_string(p).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        assert!(!files.is_empty(), "no scenario files in {}", dir.display());
+        files
+    })
+}
+
+fn scenario_text() -> impl Strategy<Value = String> {
+    let base = (0..scenario_files().len()).prop_map(|i| scenario_files()[i].clone());
+    prop_oneof![
+        // Damaged shipped scenarios.
+        (base.clone(), prop::collection::vec(damage(), 1..6)).prop_map(|(text, damages)| {
+            String::from_utf8_lossy(&apply(text.into_bytes(), &damages)).into_owned()
+        }),
+        // A shipped scenario with a key of the format given a value of another kind.
+        (
+            base.clone(),
+            prop::sample::select(vec![
+                "id",
+                "category",
+                "severity",
+                "recovery_limit_s",
+                "description",
+                "kind",
+                "rate_per_s",
+                "duration_s",
+                "at_s",
+                "patterns",
+                "checks",
+                "safeguard",
+                "value"
+            ]),
+            prop_oneof![
+                prop::sample::select(&HUGE_NUMBERS[..]).prop_map(str::to_owned),
+                Just("-1".to_owned()),
+                Just("nan".to_owned()),
+                Just("inf".to_owned()),
+                Just("[]".to_owned()),
+                Just("{}".to_owned()),
+                ".{0,30}".prop_map(|s| format!("{s:?}")),
+                (1usize..2_000).prop_map(|d| format!("{}1{}", "[".repeat(d), "]".repeat(d))),
+            ],
+        )
+            .prop_map(|(text, key, value)| {
+                let mut out = String::new();
+                let mut replaced = false;
+                for line in text.lines() {
+                    if !replaced && line.trim_start().starts_with(&format!("{key} =")) {
+                        out.push_str(&format!("{key} = {value}\n"));
+                        replaced = true;
+                    } else {
+                        out.push_str(line);
+                        out.push('\n');
+                    }
+                }
+                out
+            }),
+        // Arbitrary text and deep tables.
+        "\\PC{0,400}",
+        (1usize..2_000).prop_map(|d| format!("[{}]\n", vec!["a"; d].join("."))),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn prop_chaos_scenarios(text in scenario_text()) {
+        let file = std::path::Path::new("hostile.toml");
+        if let Err(err) = bulwark_chaos::scenario::Scenario::parse(file, &text) {
+            prop_assert!(!err.reason.trim().is_empty(), "empty reason for {text:?}");
+            prop_assert!(err.reason.len() <= 4096, "unbounded reason: {}", err.reason);
         }
     }
 }
