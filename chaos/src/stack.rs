@@ -176,7 +176,7 @@ impl Drop for Running {
 }
 
 /// The services of a stack, in start order.
-pub const SERVICES: [&str; 7] = [
+pub const SERVICES: [&str; 8] = [
     "governance",
     "clarity",
     "storm_guard",
@@ -184,6 +184,7 @@ pub const SERVICES: [&str; 7] = [
     "scheduler",
     "watchdog",
     "htm_pool",
+    "playbooks",
 ];
 
 /// A whole bulwark run by the chaos tool.
@@ -234,6 +235,10 @@ impl Stack {
             std::fs::write(policies.path().join("chaos.toml"), extra_rules)?;
         }
         cfg.mesh.policies_dir = policies.path().to_owned();
+        // The remediation runs as in `bulwark up`: the repository's playbooks.
+        if let Some(dir) = locate(std::path::Path::new(&cfg.playbooks.dir)) {
+            cfg.playbooks.dir = dir.display().to_string();
+        }
         let mut stack = Stack {
             nats,
             cfg,
@@ -349,6 +354,7 @@ fn spawn(name: &'static str, cfg: BulwarkConfig, workers: usize) -> anyhow::Resu
                     let ids = (1..=workers).map(|i| format!("worker-{i}")).collect();
                     bulwark_worker::pool::run_pool(cfg, client.clone(), token, ids).await?
                 }
+                "playbooks" => bulwark_playbooks::run(cfg, client.clone(), token).await?,
                 other => anyhow::bail!("unknown service {other}"),
             }
             let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
