@@ -90,6 +90,10 @@ pub enum Command {
         #[command(subcommand)]
         action: crate::chaos::ChaosAction,
     },
+    /// Back up bulwark's streams and KV buckets (JetStream snapshots and a verified manifest).
+    Backup(crate::backup::BackupArgs),
+    /// Restore a backup (verified first; a corrupt or truncated one is refused).
+    Restore(crate::backup::RestoreArgs),
 }
 
 impl Command {

@@ -122,6 +122,8 @@ pub async fn dispatch(
         Command::Status { json } => crate::status::status(&cfg, json).await,
         Command::Playbook { action } => crate::playbook::playbook(&cfg, action).await,
         Command::Chaos { action } => crate::chaos::chaos(action, cfg, url_given).await,
+        Command::Backup(args) => crate::backup::run_backup(cfg, args).await,
+        Command::Restore(args) => crate::backup::run_restore(cfg, args).await,
     }
 }
 

@@ -2,6 +2,7 @@
 //! reviews, votes). Exit codes: 0 ok, 1 failure, 2 usage or configuration error. Errors are one
 //! line on stderr.
 
+mod backup;
 mod chaos;
 mod cli;
 mod commands;

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`subjects`]: every NATS subject bulwark consumes or produces, as constants and builders.
 //! - [`streams`]: the JetStream streams and KV buckets that make accepted work durable.
+//! - [`backup`]: backup and restore of those streams and buckets (JetStream snapshots, verified manifest).
 //! - [`envelope`]: the trigger mesh event envelope (CONTRACT section 1) and its normalisation.
 //! - [`htm`]: the worker protocol: heartbeats, assignments, task reports.
 //! - [`intent`]: intents, autonomy tiers, statuses and the durable intent record.
@@ -22,6 +23,7 @@
 //! - [`time`], [`ids`]: RFC 3339 UTC timestamps and UUIDv7 ids.
 
 pub mod api;
+pub mod backup;
 pub mod config;
 pub mod connect;
 pub mod envelope;
