@@ -280,6 +280,22 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
                 .map(|()| (json!({"down_s": down_s.0}), None))
                 .map_err(|e| Outcome::Inconclusive(format!("nats-server restart failed: {e:#}"))),
         },
+        Injection::BackupDrill {
+            backups,
+            interval_s,
+            damage,
+            ..
+        } => {
+            let plan = crate::drill::DrillPlan {
+                backups: backups.0,
+                interval_s: interval_s.0,
+                damage: *damage,
+            };
+            crate::drill::run(&ctx.target, plan)
+                .await
+                .map(|figures| (figures, None))
+                .map_err(|e| Outcome::Inconclusive(format!("backup drill failed: {e:#}")))
+        }
     };
     match outcome {
         Ok((figures, share)) => {
@@ -817,7 +833,7 @@ mod tests {
 
     #[test]
     fn cascade_rules_parse_as_policy_files() {
-        let text = cascade_rule("deep", 1, None) + &cascade_rule("short", 2, Some(3));
+        let text = cascade_rule("deep", 1, None) + cascade_rule("short", 2, Some(3)).as_str();
         let set = bulwark_event_policy::rules::PolicySet::parse(&[(
             std::path::PathBuf::from("chaos.toml"),
             text,

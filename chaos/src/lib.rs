@@ -17,8 +17,11 @@
 //!   reader.
 //! - [`target`]: the system under test and its steady-state checks.
 //! - [`stack`]: the runner's own nats-server and in-process services.
+//! - [`drill`]: the `backup_drill` injection (backups, damage, restores onto a scratch server).
 //! - [`runner`]: control, then scenario; verdicts with evidence.
 //! - [`report`]: the JSON journal, the Markdown report and its SVG charts.
+//! - [`autoloop`]: the chaos loop's schedule, scoring, learning record, difficulty and
+//!   missing-safeguard reports.
 //!
 //! # Subjects
 //! Produces `mesh.test.*`, `mesh.chaos.*` (the events of `publish_events` and `cascade`),
@@ -28,7 +31,9 @@
 //! `clarity.narrative.*`, ...), `mesh.task.completed`, the `bulwark_intents` bucket and the
 //! `BULWARK_MESH` stream (through its own durable consumer `chaos_<run>`, deleted afterwards).
 
+pub mod autoloop;
 pub mod checker;
+pub mod drill;
 pub mod inject;
 pub mod observe;
 pub mod report;

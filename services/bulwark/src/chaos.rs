@@ -28,15 +28,43 @@ pub enum ChaosAction {
     },
     /// Run scenarios by id, or by layer; exit 0 only when every one passed.
     Run(RunArgs),
-    /// Run a layer again and again (each run writes its report), until Ctrl-C.
-    Loop {
-        /// Seconds between the start of two runs.
-        #[arg(long, default_value_t = 3600)]
-        every: u64,
-        /// How the runs are made.
-        #[command(flatten)]
-        run: RunArgs,
-    },
+    /// The autonomous loop: at each slot of the schedule, run the scenarios the learning
+    /// record scores highest, at their difficulty; record the outcome; write missing-safeguard
+    /// reports with playbook skeletons (never enabled). Until Ctrl-C, or one slot with `--once`.
+    Loop(LoopArgs),
+}
+
+/// What `chaos loop` runs and how.
+#[derive(Debug, Args)]
+pub struct LoopArgs {
+    /// Run the next slot now, once, and exit (0 when every scenario passed).
+    #[arg(long)]
+    pub once: bool,
+    /// Daily slots, local time, as HH:MM=SEVERITY[,...] [default: the seed's
+    /// 02:00=2,08:00=3,12:00=4,18:00=5,23:00=5]. Also `BULWARK_CHAOS_SCHEDULE`.
+    #[arg(long, env = "BULWARK_CHAOS_SCHEDULE", default_value = "")]
+    pub schedule: String,
+    /// Scenarios per slot (the seed's 3).
+    #[arg(long, default_value_t = 3)]
+    pub top: usize,
+    /// Where the learning record lives [default: chaos/state/].
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+    /// Only these layers (repeatable; default all).
+    #[arg(long, value_enum)]
+    pub layer: Vec<Layer>,
+    /// Shortened scenarios (the difficulty still applies).
+    #[arg(long)]
+    pub quick: bool,
+    /// Seed of every random choice of the first slot (the next ones count up from it).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Report directory root [default: chaos/reports/]; each slot writes `loop-<timestamp>/`.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Scenario directory [default: chaos/scenarios].
+    #[arg(long)]
+    pub scenarios: Option<PathBuf>,
 }
 
 /// What `chaos run` runs and how.
@@ -92,23 +120,7 @@ pub async fn chaos(
             let (code, _) = run(&args, &cfg, url_given).await?;
             Ok(code)
         }
-        ChaosAction::Loop { every, run: args } => {
-            let shutdown = bulwark_common::shutdown::on_signal();
-            let mut worst = ExitCode::SUCCESS;
-            loop {
-                let started = tokio::time::Instant::now();
-                let (code, passed) = run(&args, &cfg, url_given).await?;
-                if !passed {
-                    worst = code;
-                }
-                eprintln!("chaos loop: next run in {every} s (Ctrl-C stops)");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep_until(started + Duration::from_secs(every)) => {}
-                }
-            }
-            Ok(worst)
-        }
+        ChaosAction::Loop(args) => chaos_loop(&args, &cfg, url_given).await,
     }
 }
 
@@ -299,4 +311,183 @@ async fn run(
         },
         passed,
     ))
+}
+
+/// `bulwark chaos loop`: waits for each slot (or runs the next one now with `--once`), picks
+/// the scenarios by the learning record's scores, runs them at their difficulty, records the
+/// outcome (atomically) and writes missing-safeguard reports. Nothing is enabled on its own.
+async fn chaos_loop(
+    args: &LoopArgs,
+    cfg: &BulwarkConfig,
+    url_given: bool,
+) -> anyhow::Result<ExitCode> {
+    use bulwark_chaos::autoloop::{self, Change, Learning, Schedule};
+    let schedule = match Schedule::parse(&args.schedule) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bulwark: --schedule: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let all = match load(args.scenarios.clone()) {
+        Ok(all) => all,
+        Err(code) => return Ok(code),
+    };
+    let layers: Vec<Category> = args
+        .layer
+        .iter()
+        .filter(|l| **l != Layer::All)
+        .map(|l| match l {
+            Layer::L2 | Layer::All => Category::Layer2,
+            Layer::Dirt => Category::Dirt,
+            Layer::Fit => Category::Fit,
+            Layer::Jepsen => Category::Jepsen,
+        })
+        .collect();
+    let candidates: Vec<&scenario::Loaded> = all
+        .iter()
+        .filter(|l| layers.is_empty() || layers.contains(&l.scenario.category))
+        .collect();
+    if candidates.is_empty() {
+        eprintln!("bulwark: no scenario in the chosen layers");
+        return Ok(ExitCode::from(2));
+    }
+    let chaos_dir = bulwark_chaos::scenarios_dir()
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("chaos"));
+    let state = args
+        .state
+        .clone()
+        .unwrap_or_else(|| chaos_dir.join("state"));
+    let reports = args
+        .report
+        .clone()
+        .unwrap_or_else(|| chaos_dir.join("reports"));
+    let shutdown = bulwark_common::shutdown::on_signal();
+    let mut seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let mut worst = ExitCode::SUCCESS;
+    loop {
+        let Some(next) = schedule.next(jiff::ZonedDateTime::now().time()) else {
+            eprintln!("bulwark: the schedule has no slot");
+            return Ok(ExitCode::from(2));
+        };
+        if !args.once {
+            eprintln!(
+                "chaos loop: next slot {} in {} s (Ctrl-C stops)",
+                next.slot, next.wait_s
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(next.wait_s)) => {}
+            }
+        }
+        let mut learning = Learning::load(&state)?;
+        let ids: Vec<&str> = candidates.iter().map(|l| l.scenario.id.as_str()).collect();
+        let picked = autoloop::pick(
+            &ids,
+            &learning,
+            next.slot.severity,
+            jiff::Timestamp::now(),
+            args.top,
+        );
+        eprintln!(
+            "chaos loop: slot {} (severity {}), state {}",
+            next.slot,
+            next.slot.severity,
+            state.display()
+        );
+        let mut chosen = Vec::new();
+        for p in &picked {
+            let Some(l) = candidates.iter().find(|l| l.scenario.id == p.id) else {
+                continue;
+            };
+            let d = learning.get(&p.id).difficulty;
+            eprintln!(
+                "  {:<34} score {:>2} ({}), difficulty {d} (x{:.2})",
+                p.id,
+                p.score,
+                p.why.join(", "),
+                autoloop::intensity(d)
+            );
+            chosen.push(((*l).clone(), d));
+        }
+        let opts = Options {
+            external: url_given,
+            quick: args.quick,
+            seed,
+            cfg: cfg.clone(),
+        };
+        let stamp = bulwark_common::time::now().replace(':', "-");
+        let dir = reports.join(format!("loop-{stamp}"));
+        let mut results = Vec::new();
+        for (l, d) in &chosen {
+            let plan = autoloop::at_difficulty(&l.scenario, *d);
+            let r = bulwark_chaos::runner::run_scenario(&plan, &opts).await;
+            let command = format!(
+                "bulwark chaos loop --once --layer {} --seed {seed}{} (difficulty {d})",
+                l.scenario.category.layer_name(),
+                if args.quick { " --quick" } else { "" }
+            );
+            let at = jiff::Timestamp::now().to_string();
+            let change = learning.record(&r, &at);
+            learning.save(&state)?;
+            for f in autoloop::write_missing(&dir, &r, *d, &command)? {
+                println!(
+                    "  missing safeguard: {} (for review; not enabled)",
+                    f.display()
+                );
+            }
+            println!(
+                "{:<34} {} at difficulty {d}{}",
+                r.id,
+                r.verdict.as_str(),
+                match change {
+                    Some(Change::Escalated { to, .. }) => format!(", difficulty up to {to}"),
+                    Some(Change::Lowered { to, .. }) => format!(", difficulty down to {to}"),
+                    None => String::new(),
+                }
+            );
+            for phase in [&r.scenario, &r.control] {
+                for reason in &phase.reasons {
+                    println!("    {} FAIL/INCONCLUSIVE because: {reason}", phase.phase);
+                }
+            }
+            results.push(r);
+        }
+        let written = report::write(
+            &dir,
+            &results,
+            &format!("bulwark chaos loop --once --seed {seed}"),
+        )?;
+        println!(
+            "slot {}: {} of {} passed; report {}; learning record {}",
+            next.slot,
+            results
+                .iter()
+                .filter(|r| r.verdict == Verdict::Pass)
+                .count(),
+            results.len(),
+            written.report.display(),
+            Learning::path(&state).display()
+        );
+        if results.iter().any(|r| r.verdict != Verdict::Pass) {
+            worst = ExitCode::FAILURE;
+        }
+        if args.once {
+            break;
+        }
+        seed = seed.wrapping_add(1);
+        // Past the slot's minute before looking for the next one.
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_secs(61)) => {}
+        }
+    }
+    Ok(worst)
 }
