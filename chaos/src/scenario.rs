@@ -367,6 +367,49 @@ pub enum Injection {
         #[serde(default)]
         down_s: Seconds,
     },
+    /// A disaster recovery drill: `backups` backups of bulwark's streams and buckets
+    /// (`bulwark backup`), `interval_s` apart; the newest damaged as `damage` says; then, as
+    /// `bulwark restore` does, onto a scratch nats-server: the newest restored (a damaged one
+    /// must be refused naming the file), the newest that verifies restored (`--latest`), clarity
+    /// started there and the audit chain verified. Narrated on `clarity.narrative.backup`.
+    BackupDrill {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// Backups taken.
+        #[serde(default = "two")]
+        backups: AtLeastOne,
+        /// Seconds between two backups.
+        #[serde(default)]
+        interval_s: Seconds,
+        /// What is done to the newest backup: `corrupt` (a byte flipped in the audit stream's
+        /// snapshot), `truncate` (the intents bucket's snapshot cut in half) or `none`.
+        #[serde(default = "default_damage")]
+        damage: BackupDamage,
+    },
+}
+
+/// What `backup_drill` does to the newest backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupDamage {
+    /// A byte flipped in the middle of `BULWARK_AUDIT.snap`.
+    Corrupt,
+    /// `KV_bulwark_intents.snap` cut to half its size.
+    Truncate,
+    /// Left intact.
+    None,
+}
+
+fn two() -> AtLeastOne {
+    AtLeastOne(2)
+}
+
+fn default_damage() -> BackupDamage {
+    BackupDamage::Corrupt
 }
 
 /// How `kill_workers` kills.
@@ -423,6 +466,7 @@ impl Injection {
             Injection::Cascade { .. } => "cascade",
             Injection::RestartService { .. } => "restart_service",
             Injection::RestartNats { .. } => "restart_nats",
+            Injection::BackupDrill { .. } => "backup_drill",
         }
     }
 
@@ -442,7 +486,8 @@ impl Injection {
             | Injection::KillWorkers { name, .. }
             | Injection::Cascade { name, .. }
             | Injection::RestartService { name, .. }
-            | Injection::RestartNats { name, .. } => name.as_deref(),
+            | Injection::RestartNats { name, .. }
+            | Injection::BackupDrill { name, .. } => name.as_deref(),
         }
     }
 
@@ -455,7 +500,8 @@ impl Injection {
             | Injection::KillWorkers { at_s, .. }
             | Injection::Cascade { at_s, .. }
             | Injection::RestartService { at_s, .. }
-            | Injection::RestartNats { at_s, .. } => at_s.0,
+            | Injection::RestartNats { at_s, .. }
+            | Injection::BackupDrill { at_s, .. } => at_s.0,
         }
     }
 
@@ -471,6 +517,11 @@ impl Injection {
                 down_s.0
             }
             Injection::Cascade { .. } => 0.0,
+            Injection::BackupDrill {
+                backups,
+                interval_s,
+                ..
+            } => interval_s.0 * backups.0.saturating_sub(1) as f64,
         }
     }
 
@@ -515,6 +566,12 @@ impl Injection {
                 *over_s = s(*over_s);
             }
             Injection::Cascade { at_s, .. } => *at_s = s(*at_s),
+            Injection::BackupDrill {
+                at_s, interval_s, ..
+            } => {
+                *at_s = s(*at_s);
+                *interval_s = s(*interval_s);
+            }
             Injection::RestartService { at_s, down_s, .. }
             | Injection::RestartNats { at_s, down_s, .. } => {
                 *at_s = s(*at_s);
@@ -931,7 +988,8 @@ fn validate_method(method: &[Injection]) -> Result<(), (String, String)> {
             }
             Injection::PauseScheduler { .. }
             | Injection::KillWorkers { .. }
-            | Injection::RestartNats { .. } => {}
+            | Injection::RestartNats { .. }
+            | Injection::BackupDrill { .. } => {}
         }
     }
     Ok(())
