@@ -260,13 +260,25 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
             None => Err(Outcome::Inconclusive(
                 "restart_service needs the runner's own stack (run without --nats-url)".into(),
             )),
-            Some(stack) => stack
-                .lock()
-                .await
-                .restart_service(service, Duration::from_secs_f64(down_s.0))
-                .await
-                .map(|()| (json!({"service": service, "down_s": down_s.0}), None))
-                .map_err(|e| Outcome::Inconclusive(format!("restart of {service} failed: {e:#}"))),
+            // The stack is locked to crash and to start, not while the service is down, so
+            // several services can be down together (DIRT01).
+            Some(stack) => {
+                let crashed = stack.lock().await.crash_service(service);
+                match crashed {
+                    Err(e) => Err(Outcome::Inconclusive(format!(
+                        "restart of {service} failed: {e:#}"
+                    ))),
+                    Ok(()) => {
+                        tokio::time::sleep(Duration::from_secs_f64(down_s.0)).await;
+                        let started = stack.lock().await.start_again(service).await;
+                        started
+                            .map(|()| (json!({"service": service, "down_s": down_s.0}), None))
+                            .map_err(|e| {
+                                Outcome::Inconclusive(format!("restart of {service} failed: {e:#}"))
+                            })
+                    }
+                }
+            }
         },
         Injection::RestartNats { down_s, .. } => match &ctx.target.stack {
             None => Err(Outcome::Inconclusive(
@@ -295,6 +307,24 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
                 .await
                 .map(|figures| (figures, None))
                 .map_err(|e| Outcome::Inconclusive(format!("backup drill failed: {e:#}")))
+        }
+        Injection::ConcurrentWrites {
+            writers,
+            keys,
+            ops_per_writer,
+            cas,
+            ..
+        } => {
+            let plan = crate::cas::WritePlan {
+                writers: writers.0,
+                keys: keys.0,
+                ops_per_writer: ops_per_writer.0,
+                cas: *cas,
+            };
+            crate::cas::run(&ctx.target, &ctx.run, plan)
+                .await
+                .map(|figures| (figures, None))
+                .map_err(|e| Outcome::Inconclusive(format!("concurrent writes failed: {e:#}")))
         }
     };
     match outcome {

@@ -207,6 +207,10 @@ pub enum Check {
     PoolFull,
     /// The event policy engine's mesh consumer has nothing pending or unacknowledged.
     MeshConsumersCaughtUp,
+    /// The narrative log has no gap: clarity's consumer of `BULWARK_NARRATIVES` has appended
+    /// every stored narrative (nothing pending or unacknowledged) and `clarity.verify` finds the
+    /// audit chain intact with consecutive sequences.
+    NarrativeLogComplete,
 }
 
 impl Check {
@@ -219,6 +223,7 @@ impl Check {
             Check::TaskQueueEmpty => "task_queue_empty",
             Check::PoolFull => "pool_full",
             Check::MeshConsumersCaughtUp => "mesh_consumers_caught_up",
+            Check::NarrativeLogComplete => "narrative_log_complete",
         }
     }
 }
@@ -390,6 +395,29 @@ pub enum Injection {
         #[serde(default = "default_damage")]
         damage: BackupDamage,
     },
+    /// Concurrent writers on shared KV records (JEPSEN04): `writers` writers each apply
+    /// `ops_per_writer` updates round-robin over `keys` records of the bucket
+    /// `bulwark_chaos_cas`, with compare-and-set (`cas = true`, bulwark's `kv::update`) or blind
+    /// read-modify-put (`cas = false`); then the history is checked (no lost update, no
+    /// duplicate, real-time order) and narrated on `clarity.narrative.chaos_checker`.
+    ConcurrentWrites {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// Concurrent writers.
+        writers: AtLeastOne,
+        /// Shared records.
+        #[serde(default = "one")]
+        keys: AtLeastOne,
+        /// Updates per writer.
+        ops_per_writer: AtLeastOne,
+        /// Compare-and-set (the safeguard); false writes blindly.
+        #[serde(default = "yes")]
+        cas: bool,
+    },
 }
 
 /// What `backup_drill` does to the newest backup.
@@ -402,6 +430,10 @@ pub enum BackupDamage {
     Truncate,
     /// Left intact.
     None,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn two() -> AtLeastOne {
@@ -467,6 +499,7 @@ impl Injection {
             Injection::RestartService { .. } => "restart_service",
             Injection::RestartNats { .. } => "restart_nats",
             Injection::BackupDrill { .. } => "backup_drill",
+            Injection::ConcurrentWrites { .. } => "concurrent_writes",
         }
     }
 
@@ -487,7 +520,8 @@ impl Injection {
             | Injection::Cascade { name, .. }
             | Injection::RestartService { name, .. }
             | Injection::RestartNats { name, .. }
-            | Injection::BackupDrill { name, .. } => name.as_deref(),
+            | Injection::BackupDrill { name, .. }
+            | Injection::ConcurrentWrites { name, .. } => name.as_deref(),
         }
     }
 
@@ -501,7 +535,8 @@ impl Injection {
             | Injection::Cascade { at_s, .. }
             | Injection::RestartService { at_s, .. }
             | Injection::RestartNats { at_s, .. }
-            | Injection::BackupDrill { at_s, .. } => at_s.0,
+            | Injection::BackupDrill { at_s, .. }
+            | Injection::ConcurrentWrites { at_s, .. } => at_s.0,
         }
     }
 
@@ -522,6 +557,7 @@ impl Injection {
                 interval_s,
                 ..
             } => interval_s.0 * backups.0.saturating_sub(1) as f64,
+            Injection::ConcurrentWrites { .. } => 0.0,
         }
     }
 
@@ -571,6 +607,14 @@ impl Injection {
             } => {
                 *at_s = s(*at_s);
                 *interval_s = s(*interval_s);
+            }
+            Injection::ConcurrentWrites {
+                at_s,
+                ops_per_writer,
+                ..
+            } => {
+                *at_s = s(*at_s);
+                *ops_per_writer = n(*ops_per_writer);
             }
             Injection::RestartService { at_s, down_s, .. }
             | Injection::RestartNats { at_s, down_s, .. } => {
@@ -989,7 +1033,8 @@ fn validate_method(method: &[Injection]) -> Result<(), (String, String)> {
             Injection::PauseScheduler { .. }
             | Injection::KillWorkers { .. }
             | Injection::RestartNats { .. }
-            | Injection::BackupDrill { .. } => {}
+            | Injection::BackupDrill { .. }
+            | Injection::ConcurrentWrites { .. } => {}
         }
     }
     Ok(())

@@ -289,6 +289,16 @@ impl Stack {
         self.start_service(key).await
     }
 
+    /// Starts `name` again after [`Stack::crash_service`].
+    pub async fn start_again(&mut self, name: &str) -> anyhow::Result<()> {
+        let key = SERVICES
+            .iter()
+            .find(|s| **s == name)
+            .copied()
+            .with_context(|| format!("no service {name} in the stack"))?;
+        self.start_service(key).await
+    }
+
     /// Kills the nats-server, waits `down`, starts it on the same port and store.
     pub async fn restart_nats(&mut self, down: Duration) -> anyhow::Result<()> {
         tokio::task::block_in_place(|| self.nats.kill());

@@ -178,7 +178,51 @@ impl Target {
                     None => Err("the event policy engine's mesh consumer is missing".into()),
                 }
             }
+            Check::NarrativeLogComplete => {
+                let (backlog, stored, report) = self.narrative_log().await?;
+                if backlog > 0 {
+                    Err(format!(
+                        "clarity has {backlog} of {stored} stored narrative(s) still to append"
+                    ))
+                } else if report["ok"] != true {
+                    Err(format!(
+                        "clarity.verify: the audit chain is broken at {} ({})",
+                        report["first_bad_seq"], report["reason"]
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
         }
+    }
+
+    /// The narrative log: clarity's backlog on `BULWARK_NARRATIVES` (pending plus
+    /// unacknowledged), the narratives stored, and the `clarity.verify` report.
+    pub async fn narrative_log(&self) -> Result<(u64, u64, Value), String> {
+        let mut stream = self
+            .js
+            .get_stream(streams::NARRATIVES_STREAM)
+            .await
+            .map_err(|e| format!("no {} stream: {e}", streams::NARRATIVES_STREAM))?;
+        let stored = stream
+            .info()
+            .await
+            .map(|i| i.state.messages)
+            .map_err(|e| format!("{} info: {e}", streams::NARRATIVES_STREAM))?;
+        let mut consumer: jetstream::consumer::PullConsumer = stream
+            .get_consumer(bulwark_clarity::service::CONSUMER)
+            .await
+            .map_err(|e| format!("clarity's narrative consumer is missing: {e}"))?;
+        let info = consumer
+            .info()
+            .await
+            .map_err(|e| format!("clarity's narrative consumer: {e}"))?;
+        let backlog = info.num_pending + info.num_ack_pending as u64;
+        let report = self
+            .ask(subjects::CLARITY_VERIFY, "{}")
+            .await
+            .ok_or_else(|| "clarity.verify did not answer".to_owned())?;
+        Ok((backlog, stored, report))
     }
 
     /// Runs every check; the failures, each with its reason.
