@@ -684,3 +684,85 @@ async fn task_bookkeeping_does_not_open_the_breaker_but_the_same_count_of_foreig
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_storm_guards_announce_once_and_the_standby_takes_over_from_a_crashed_leader() {
+    let s = stack("").await;
+    let mut cfg = s.config();
+    cfg.replicas.lease_ttl_s = 1.0;
+    cfg.mesh.storm_threshold = 1_000_000;
+    cfg.mesh.breaker_threshold = 100;
+    cfg.mesh.breaker_window_s = 2.0;
+    cfg.mesh.cooldown_s = 1.0;
+    cfg.mesh.half_open_s = 1.0;
+    let leader = start_storm_guard(cfg.clone()).await;
+    let _standby = start_storm_guard(cfg.clone()).await;
+    let mut opened = s
+        .client
+        .subscribe(subjects::MESH_BREAKER_OPENED)
+        .await
+        .expect("subscribe");
+    s.client.flush().await.expect("flush");
+    let flood = |tag: &'static str| {
+        let client = s.client.clone();
+        async move {
+            for i in 0..300 {
+                let body = json!({"event_type": "test.flood", "source": tag, "payload": {"n": i}});
+                client
+                    .publish("mesh.test.flood", body.to_string().into())
+                    .await
+                    .expect("publish");
+            }
+            client.flush().await.expect("flush");
+        }
+    };
+    flood("first").await;
+    let first = next_json(&mut opened, "the breaker opened").await;
+    // One announcement, however many replicas saw it.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), opened.next())
+            .await
+            .is_err(),
+        "a second opening was announced: {first:?}"
+    );
+    let bucket =
+        s.js.get_key_value(streams::BREAKER_BUCKET)
+            .await
+            .expect("bucket");
+    let stored: bulwark_common::mesh::BreakerRecord = serde_json::from_slice(
+        &bucket
+            .get(streams::BREAKER_KEY)
+            .await
+            .expect("read")
+            .expect("record"),
+    )
+    .expect("record");
+    let first_token = stored.leader_token;
+    assert!(first_token > 0, "written under the lease: {stored:?}");
+
+    // The leader dies; once the breaker closed again, the next flood is announced by the other.
+    leader.crash().await;
+    eventually(PATIENCE, "the breaker closed again", || {
+        let bucket = bucket.clone();
+        async move {
+            let r: bulwark_common::mesh::BreakerRecord =
+                serde_json::from_slice(&bucket.get(streams::BREAKER_KEY).await.ok()??).ok()?;
+            (r.state == BreakerState::Closed).then_some(())
+        }
+    })
+    .await;
+    flood("second").await;
+    next_json(&mut opened, "the standby opened the breaker").await;
+    let stored: bulwark_common::mesh::BreakerRecord = serde_json::from_slice(
+        &bucket
+            .get(streams::BREAKER_KEY)
+            .await
+            .expect("read")
+            .expect("record"),
+    )
+    .expect("record");
+    assert!(
+        stored.leader_token > first_token,
+        "the new leader writes under a newer token: {stored:?} (first {first_token})"
+    );
+}

@@ -90,6 +90,10 @@ pub struct BreakerRecord {
     /// The storm guard instance that made the last transition.
     #[serde(default)]
     pub updated_by: String,
+    /// The fencing token of the storm guard lease under which the last automatic transition
+    /// was written (0 for a forced one): a replica whose token is older may not overwrite it.
+    #[serde(default)]
+    pub leader_token: u64,
 }
 
 /// Why a mesh consumer could not start.

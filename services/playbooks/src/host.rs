@@ -208,7 +208,10 @@ impl Host {
         let result = if self.dry_run {
             let mut reply = json!({"dry_run": true, "subject": subject});
             match function {
-                "shed_tasks" => reply["shed"] = json!(0),
+                "shed_tasks" => {
+                    reply["shed"] = json!(0);
+                    reply["queue_depth"] = Value::Null;
+                }
                 "replay_tasks" => reply["replayed"] = json!(0),
                 "respawn_worker" | "respawn_workers" => reply["respawned"] = json!([]),
                 _ => {}

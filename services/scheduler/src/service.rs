@@ -1544,9 +1544,19 @@ impl Scheduler {
                             "older_than_s": older_than_s, "max": max, "task_ids": shed}));
         self.narrator.publish(n).await;
         self.wake.notify_one();
+        // The depth right after shedding, read from the stream (not the last sweep's figure),
+        // so a caller shedding in batches knows when to stop.
+        let in_flight = self.lock().in_flight.len() as u64;
+        let queue_depth = match self.js.get_stream(streams::TASKS_STREAM).await {
+            Ok(mut tasks) => match tasks.info().await {
+                Ok(info) => Some(info.state.messages.saturating_sub(in_flight)),
+                Err(_) => None,
+            },
+            Err(_) => None,
+        };
         Ok(
             json!({"shed": shed.len(), "examined": examined, "below_priority": below, "older_than_s": older_than_s,
-                  "max": max, "task_ids": shed}),
+                  "max": max, "task_ids": shed, "queue_depth": queue_depth}),
         )
     }
 

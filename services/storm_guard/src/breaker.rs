@@ -192,7 +192,19 @@ impl Breaker {
             event_count: self.opened_with,
             opened_count: self.opened_count,
             updated_by: updated_by.to_owned(),
+            leader_token: 0,
         }
+    }
+
+    /// Takes the stored record as it is, newer or not: what a standby replica does, since the
+    /// stored record is the leader's and the standby's own decisions are not.
+    pub fn replace(&mut self, record: &BreakerRecord) {
+        self.state = record.state;
+        self.since_ms = record.since_ms;
+        self.opened_with = record.event_count;
+        self.opened_count = self.opened_count.max(record.opened_count);
+        self.window.clear();
+        self.probe_count = 0;
     }
 
     /// Adopts a stored record (after a restart, or another replica's transition) when it is

@@ -155,6 +155,12 @@ struct StormGuard {
     counters: Arc<Counters>,
     guard: Arc<Mutex<Guard>>,
     clock: Clock,
+    /// The `storm_guard` lease: only its holder announces storms and automatic breaker
+    /// transitions (every replica counts; forced transitions come from one request and are a
+    /// compare-and-set, so any replica may make them).
+    leadership: bulwark_common::lease::Leadership,
+    /// The breaker record last seen in KV.
+    stored: Mutex<BreakerRecord>,
 }
 
 /// The storm guard's endpoints.
@@ -204,7 +210,20 @@ pub async fn run(
         storms: StormDetector::new(m.storm_threshold, (m.storm_window_s * 1000.0) as i64),
         breaker,
     }));
+    let (leadership, elector) = bulwark_common::lease::spawn(
+        bulwark_common::lease::bucket(&js).await?,
+        js.clone(),
+        SERVICE_NAME,
+        &instance,
+        Duration::from_secs_f64(cfg.replicas.lease_ttl_s),
+        Narrator::new(js.clone(), SERVICE_NAME, &instance),
+        shutdown.clone(),
+    );
+    // A lone instance takes the empty lease at once; a standby goes on after a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(2), leadership.until_leader(&shutdown)).await;
     let sg = Arc::new(StormGuard {
+        leadership,
+        stored: Mutex::new(stored.clone()),
         narrator: Narrator::new(js.clone(), SERVICE_NAME, &instance),
         js,
         bucket: bucket.clone(),
@@ -295,6 +314,7 @@ pub async fn run(
 
     shutdown.cancelled().await;
     bulwark_common::micro::finish(SERVICE_NAME, service, tracker, SHUTDOWN_GRACE).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, elector).await;
     Ok(())
 }
 
@@ -413,7 +433,11 @@ async fn adopt(
             changed = breaker.changed() => if changed.is_err() { break },
         }
         let record = breaker.borrow_and_update().clone();
-        if sg.lock().breaker.restore(&record) {
+        *sg.stored.lock().unwrap_or_else(|p| p.into_inner()) = record.clone();
+        if !sg.leadership.is_leader() {
+            // A standby mirrors the leader's record exactly.
+            sg.lock().breaker.replace(&record);
+        } else if sg.lock().breaker.restore(&record) {
             tracing::info!(state = record.state.as_str(), by = %record.updated_by, "storm guard: adopted the stored breaker state");
         }
     }
@@ -423,7 +447,11 @@ async fn adopt(
 async fn announce(sg: Arc<StormGuard>, mut rx: mpsc::UnboundedReceiver<Announcement>) {
     while let Some(announcement) = rx.recv().await {
         match announcement {
+            Announcement::Storm(storm) if !sg.leadership.is_leader() => {
+                tracing::debug!(event_type = %storm.event_type, "storm seen by a standby: the leader announces it");
+            }
             Announcement::Storm(storm) => sg.announce_storm(storm).await,
+            Announcement::StormEnded(_) if !sg.leadership.is_leader() => {}
             Announcement::StormEnded(end) => sg.announce_storm_end(end).await,
             Announcement::Transition(t, record) => sg.announce_transition(t, record, None).await,
         }
@@ -570,15 +598,41 @@ impl StormGuard {
         record: BreakerRecord,
         forced: Option<(&str, &str)>,
     ) {
+        // An automatic transition is the lease holder's to write, under its fencing token; a
+        // forced one (a request) may come to any replica.
+        let token = match forced {
+            Some(_) => 0,
+            None => match self.leadership.token() {
+                Some(token) => token,
+                None => {
+                    tracing::debug!(
+                        to = t.to.as_str(),
+                        "breaker transition seen by a standby: the leader writes it"
+                    );
+                    // Back to the leader's record: a standby's own decisions do not count.
+                    let stored = self
+                        .stored
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    self.lock().breaker.replace(&stored);
+                    return;
+                }
+            },
+        };
         // Only the instance that moves the stored record announces the transition.
         let written = kvx::update(
             &self.bucket,
             streams::BREAKER_KEY,
             |stored: &mut BreakerRecord| {
-                if stored.state != t.from || stored.since_ms >= record.since_ms {
+                if stored.state != t.from
+                    || stored.since_ms >= record.since_ms
+                    || (forced.is_none() && stored.leader_token > token)
+                {
                     return Ok::<_, std::convert::Infallible>(Change::Keep(false));
                 }
                 *stored = record.clone();
+                stored.leader_token = token;
                 Ok(Change::Write(true))
             },
         )
