@@ -17,6 +17,7 @@
 //!   reader.
 //! - [`target`]: the system under test and its steady-state checks.
 //! - [`stack`]: the runner's own nats-server and in-process services.
+//! - [`cas`]: the `concurrent_writes` injection and its linearizability checker (JEPSEN04).
 //! - [`drill`]: the `backup_drill` injection (backups, damage, restores onto a scratch server).
 //! - [`runner`]: control, then scenario; verdicts with evidence.
 //! - [`report`]: the JSON journal, the Markdown report and its SVG charts.
@@ -32,6 +33,7 @@
 //! `BULWARK_MESH` stream (through its own durable consumer `chaos_<run>`, deleted afterwards).
 
 pub mod autoloop;
+pub mod cas;
 pub mod checker;
 pub mod drill;
 pub mod inject;
