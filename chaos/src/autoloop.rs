@@ -468,6 +468,16 @@ pub fn at_difficulty(s: &Scenario, d: u8) -> Scenario {
             Injection::RestartService { down_s, .. } | Injection::RestartNats { down_s, .. } => {
                 *down_s = t(*down_s)
             }
+            Injection::ResourceSiege {
+                cpu_threads,
+                memory_mb,
+                duration_s,
+                ..
+            } => {
+                *cpu_threads = n(*cpu_threads);
+                *memory_mb = ((*memory_mb as f64) * k).round() as u64;
+                *duration_s = t(*duration_s);
+            }
             Injection::Cascade { .. } => {}
             #[allow(unreachable_patterns)]
             _ => {}
@@ -534,7 +544,12 @@ pub fn missing_report(result: &ScenarioResult, difficulty: u8, command: &str) ->
          wanted, copy into `playbooks/`.\n",
         result.id, result.seed, result.started_at
     );
-    let _ = writeln!(md, "Replay: `{command}`\n");
+    let _ = writeln!(
+        md,
+        "Replay: `{command}` runs the file as written (difficulty 1); the loop multiplied the \
+         method's rates, counts, outages and kill fractions by {:.2}.\n",
+        intensity(difficulty)
+    );
     let _ = writeln!(md, "## What did not fire\n");
     let _ = writeln!(md, "| safeguard | subject | fired | detail |");
     let _ = writeln!(md, "|---|---|---|---|");

@@ -201,6 +201,18 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
         ..Default::default()
     };
     let outcome = match &injection {
+        Injection::ResourceSiege {
+            duration_s,
+            cpu_threads,
+            memory_mb,
+            ..
+        } => {
+            // The guard releases everything even when this future is dropped mid-siege.
+            let siege = crate::siege::Siege::start(cpu_threads.0, *memory_mb);
+            tokio::time::sleep(Duration::from_secs_f64(duration_s.0)).await;
+            let applied = tokio::task::block_in_place(|| siege.end());
+            Ok((serde_json::to_value(applied).unwrap_or_default(), None))
+        }
         Injection::PublishEvents {
             rate_per_s,
             duration_s,

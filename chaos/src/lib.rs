@@ -21,6 +21,7 @@
 //! - [`drill`]: the `backup_drill` injection (backups, damage, restores onto a scratch server).
 //! - [`runner`]: control, then scenario; verdicts with evidence.
 //! - [`report`]: the JSON journal, the Markdown report and its SVG charts.
+//! - [`siege`]: the `resource_siege` injection (bounded CPU and memory pressure).
 //! - [`autoloop`]: the chaos loop's schedule, scoring, learning record, difficulty and
 //!   missing-safeguard reports.
 //!
@@ -41,6 +42,7 @@ pub mod observe;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod siege;
 pub mod stack;
 pub mod target;
 

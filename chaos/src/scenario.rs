@@ -243,6 +243,25 @@ pub type SubjectPattern = String;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Injection {
+    /// CPU and memory pressure on this machine (DIRT03): `cpu_threads` busy-loop threads and
+    /// `memory_mb` allocated and touched, for `duration_s`; bounded and always released
+    /// ([`crate::siege`]).
+    ResourceSiege {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// How long the pressure lasts.
+        duration_s: Seconds,
+        /// Busy-loop threads (at most 64).
+        #[serde(default = "one")]
+        cpu_threads: AtLeastOne,
+        /// MiB allocated and touched (at most half of what is available).
+        #[serde(default)]
+        memory_mb: u64,
+    },
     /// Publish mesh events at a rate for a duration (JetStream, acknowledgements awaited).
     PublishEvents {
         /// Name other sections refer to.
@@ -491,6 +510,7 @@ impl Injection {
     /// The injection's kind as written in the file.
     pub fn kind(&self) -> &'static str {
         match self {
+            Injection::ResourceSiege { .. } => "resource_siege",
             Injection::PublishEvents { .. } => "publish_events",
             Injection::SubmitIntents { .. } => "submit_intents",
             Injection::PauseScheduler { .. } => "pause_scheduler",
@@ -513,6 +533,7 @@ impl Injection {
     /// The name given in the file.
     pub fn name(&self) -> Option<&str> {
         match self {
+            Injection::ResourceSiege { name, .. } => name.as_deref(),
             Injection::PublishEvents { name, .. }
             | Injection::SubmitIntents { name, .. }
             | Injection::PauseScheduler { name, .. }
@@ -528,6 +549,7 @@ impl Injection {
     /// Seconds after the method start.
     pub fn at_s(&self) -> f64 {
         match self {
+            Injection::ResourceSiege { at_s, .. } => at_s.0,
             Injection::PublishEvents { at_s, .. }
             | Injection::SubmitIntents { at_s, .. }
             | Injection::PauseScheduler { at_s, .. }
@@ -544,6 +566,7 @@ impl Injection {
     /// lasts as long as it takes).
     pub fn planned_duration_s(&self) -> f64 {
         match self {
+            Injection::ResourceSiege { duration_s, .. } => duration_s.0,
             Injection::PublishEvents { duration_s, .. }
             | Injection::PauseScheduler { duration_s, .. } => duration_s.0,
             Injection::SubmitIntents { duration_s, .. } => duration_s.map(|d| d.0).unwrap_or(0.0),
@@ -575,6 +598,12 @@ impl Injection {
         let n = |x: AtLeastOne| AtLeastOne(((x.0 as f64) * count).round().max(1.0) as u64);
         let mut out = self.clone();
         match &mut out {
+            Injection::ResourceSiege {
+                at_s, duration_s, ..
+            } => {
+                *at_s = s(*at_s);
+                *duration_s = s(*duration_s);
+            }
             Injection::PublishEvents {
                 at_s, duration_s, ..
             } => {
@@ -1030,6 +1059,7 @@ fn validate_method(method: &[Injection]) -> Result<(), (String, String)> {
                     ));
                 }
             }
+            Injection::ResourceSiege { .. } => {}
             Injection::PauseScheduler { .. }
             | Injection::KillWorkers { .. }
             | Injection::RestartNats { .. }

@@ -430,9 +430,9 @@ async fn chaos_loop(
             let plan = autoloop::at_difficulty(&l.scenario, *d);
             let r = bulwark_chaos::runner::run_scenario(&plan, &opts).await;
             let command = format!(
-                "bulwark chaos loop --once --layer {} --seed {seed}{} (difficulty {d})",
-                l.scenario.category.layer_name(),
-                if args.quick { " --quick" } else { "" }
+                "bulwark chaos run {} --seed {seed}{}",
+                l.scenario.id,
+                if args.quick { " --quick" } else { "" },
             );
             let at = jiff::Timestamp::now().to_string();
             let change = learning.record(&r, &at);
