@@ -338,6 +338,14 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
                 .map(|figures| (figures, None))
                 .map_err(|e| Outcome::Inconclusive(format!("concurrent writes failed: {e:#}")))
         }
+        Injection::NarrativeLogAudit {
+            duration_s,
+            settle_s,
+            ..
+        } => crate::narlog::run(&ctx.target, duration_s.0, settle_s.0)
+            .await
+            .map(|figures| (figures, None))
+            .map_err(|e| Outcome::Inconclusive(format!("narrative log audit failed: {e:#}"))),
     };
     match outcome {
         Ok((figures, share)) => {

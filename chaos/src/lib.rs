@@ -18,6 +18,7 @@
 //! - [`target`]: the system under test and its steady-state checks.
 //! - [`stack`]: the runner's own nats-server and in-process services.
 //! - [`cas`]: the `concurrent_writes` injection and its linearizability checker (JEPSEN04).
+//! - [`narlog`]: the `narrative_log_audit` injection: clarity's backlog, gaps and duplicates (JEPSEN01).
 //! - [`drill`]: the `backup_drill` injection (backups, damage, restores onto a scratch server).
 //! - [`runner`]: control, then scenario; verdicts with evidence.
 //! - [`report`]: the JSON journal, the Markdown report and its SVG charts.
@@ -38,6 +39,7 @@ pub mod cas;
 pub mod checker;
 pub mod drill;
 pub mod inject;
+pub mod narlog;
 pub mod observe;
 pub mod report;
 pub mod runner;

@@ -437,6 +437,21 @@ pub enum Injection {
         #[serde(default = "yes")]
         cas: bool,
     },
+    /// The narrative log audit (JEPSEN01): watches clarity's backlog for `duration_s`, waits up
+    /// to `settle_s` for it to drain, then checks every stored narrative is in the audit chain
+    /// exactly once and the chain verifies; narrated on `clarity.narrative.chaos_checker`.
+    NarrativeLogAudit {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// How long the backlog is watched.
+        duration_s: Seconds,
+        /// How long the backlog may take to drain afterwards.
+        settle_s: Seconds,
+    },
 }
 
 /// What `backup_drill` does to the newest backup.
@@ -520,6 +535,7 @@ impl Injection {
             Injection::RestartNats { .. } => "restart_nats",
             Injection::BackupDrill { .. } => "backup_drill",
             Injection::ConcurrentWrites { .. } => "concurrent_writes",
+            Injection::NarrativeLogAudit { .. } => "narrative_log_audit",
         }
     }
 
@@ -542,7 +558,8 @@ impl Injection {
             | Injection::RestartService { name, .. }
             | Injection::RestartNats { name, .. }
             | Injection::BackupDrill { name, .. }
-            | Injection::ConcurrentWrites { name, .. } => name.as_deref(),
+            | Injection::ConcurrentWrites { name, .. }
+            | Injection::NarrativeLogAudit { name, .. } => name.as_deref(),
         }
     }
 
@@ -558,7 +575,8 @@ impl Injection {
             | Injection::RestartService { at_s, .. }
             | Injection::RestartNats { at_s, .. }
             | Injection::BackupDrill { at_s, .. }
-            | Injection::ConcurrentWrites { at_s, .. } => at_s.0,
+            | Injection::ConcurrentWrites { at_s, .. }
+            | Injection::NarrativeLogAudit { at_s, .. } => at_s.0,
         }
     }
 
@@ -581,6 +599,7 @@ impl Injection {
                 ..
             } => interval_s.0 * backups.0.saturating_sub(1) as f64,
             Injection::ConcurrentWrites { .. } => 0.0,
+            Injection::NarrativeLogAudit { duration_s, .. } => duration_s.0,
         }
     }
 
@@ -644,6 +663,16 @@ impl Injection {
             } => {
                 *at_s = s(*at_s);
                 *ops_per_writer = n(*ops_per_writer);
+            }
+            Injection::NarrativeLogAudit {
+                at_s,
+                duration_s,
+                settle_s,
+                ..
+            } => {
+                *at_s = s(*at_s);
+                *duration_s = s(*duration_s);
+                *settle_s = s(*settle_s);
             }
             Injection::RestartService { at_s, down_s, .. }
             | Injection::RestartNats { at_s, down_s, .. } => {
@@ -1064,7 +1093,8 @@ fn validate_method(method: &[Injection]) -> Result<(), (String, String)> {
             | Injection::KillWorkers { .. }
             | Injection::RestartNats { .. }
             | Injection::BackupDrill { .. }
-            | Injection::ConcurrentWrites { .. } => {}
+            | Injection::ConcurrentWrites { .. }
+            | Injection::NarrativeLogAudit { .. } => {}
         }
     }
     Ok(())
