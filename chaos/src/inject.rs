@@ -218,6 +218,8 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
             duration_s,
             patterns,
             types_per_pattern,
+            skew_s,
+            jitter_s,
             ..
         } => {
             publish_events(
@@ -227,6 +229,7 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
                 patterns,
                 types_per_pattern.0,
                 index,
+                (skew_s.0, jitter_s.0),
             )
             .await
         }
@@ -387,8 +390,10 @@ async fn publish_events(
     patterns: &[String],
     types_per_pattern: u64,
     index: usize,
+    (skew_s, jitter_s): (f64, f64),
 ) -> Done {
     let types = expand_patterns(patterns, types_per_pattern);
+    let mut skew_rng = Rng::new(ctx.seed ^ 0x5EED_C10C);
     let total = (rate as f64 * duration_s).round() as u64;
     let start = tokio::time::Instant::now();
     let mut pending: FuturesUnordered<AckWait> = FuturesUnordered::new();
@@ -408,9 +413,22 @@ async fn publish_events(
             }
             let event_type = &types[(published as usize) % types.len()];
             let id = bulwark_common::ids::new_id();
+            // The sender's clock, skewed (JEPSEN02): earlier and later in turn, plus jitter.
+            let timestamp = if skew_s > 0.0 || jitter_s > 0.0 {
+                let sign = if published.is_multiple_of(2) {
+                    -1.0
+                } else {
+                    1.0
+                };
+                let jitter = (skew_rng.unit() * 2.0 - 1.0) * jitter_s;
+                let offset_ms = ((sign * skew_s + jitter) * 1000.0) as i64;
+                time::format_ms(time::now_ms() + offset_ms)
+            } else {
+                time::now()
+            };
             let body = json!({
                 "event_id": id, "event_type": event_type, "source": "chaos",
-                "actor": format!("chaos/{}", ctx.run), "timestamp": time::now(),
+                "actor": format!("chaos/{}", ctx.run), "timestamp": timestamp,
                 "correlation_id": id, "depth": 0,
                 "payload": {"chaos_run": ctx.run, "injection": index, "n": published},
             });

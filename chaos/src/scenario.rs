@@ -280,6 +280,13 @@ pub enum Injection {
         /// Distinct tokens per `*`.
         #[serde(default = "one")]
         types_per_pattern: AtLeastOne,
+        /// Sender clock skew (JEPSEN02): each event's `timestamp` is the sender's now moved by
+        /// `skew_s`, earlier and later in turn; 0 by default.
+        #[serde(default)]
+        skew_s: Seconds,
+        /// Plus a uniform jitter of up to this many seconds either way (seeded).
+        #[serde(default)]
+        jitter_s: Seconds,
     },
     /// Submit intents on `htm.intent.submit`, a share of them invalid.
     SubmitIntents {
