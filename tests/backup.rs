@@ -250,3 +250,57 @@ async fn latest_falls_back_to_the_newest_backup_that_verifies() {
         .await
         .expect("the fallback restores");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restoring_an_older_backup_is_detected_as_a_rollback_and_refused() {
+    let (server, _, _) = loaded_server(3).await;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    let root = tempfile::tempdir().expect("tempdir");
+    let (older, manifest) = backup::backup(&client, root.path()).await.expect("backup");
+    // The system moves on after the backup.
+    for i in 0..5 {
+        js.publish(
+            subjects::narrative("backup_test"),
+            json!({"who": "backup_test", "what": "later", "n": i})
+                .to_string()
+                .into(),
+        )
+        .await
+        .expect("sent")
+        .await
+        .expect("stored");
+    }
+    let (_, now_last) = stream_state(&js, streams::NARRATIVES_STREAM).await;
+    let then_last = manifest
+        .stream(streams::NARRATIVES_STREAM)
+        .expect("in the backup")
+        .last_seq;
+    assert!(now_last > then_last);
+    let err = backup::restore(&client, &older, true)
+        .await
+        .expect_err("a rollback is refused");
+    match &err {
+        BackupError::Rollback(streams) => {
+            let expected = format!(
+                "{} from sequence {now_last} to {then_last}",
+                streams::NARRATIVES_STREAM
+            );
+            assert!(streams.contains(&expected), "{err}");
+        }
+        other => panic!("expected Rollback, got {other}"),
+    }
+    // Nothing was touched.
+    assert_eq!(
+        stream_state(&js, streams::NARRATIVES_STREAM).await.1,
+        now_last
+    );
+    // Accepted explicitly, the streams go back to the backup's sequences.
+    backup::restore_with(&client, &older, true, true)
+        .await
+        .expect("an accepted rollback restores");
+    assert_eq!(
+        stream_state(&js, streams::NARRATIVES_STREAM).await.1,
+        then_last
+    );
+}

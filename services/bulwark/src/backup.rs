@@ -39,6 +39,11 @@ pub struct RestoreArgs {
     /// services first). Without it an existing stream is refused.
     #[arg(long)]
     pub replace: bool,
+    /// With --replace: accept a backup older than the server's streams (a rollback: whatever
+    /// happened after the backup is lost, and tasks completed since may run again). Without it,
+    /// a rollback is refused naming each stream and both sequences.
+    #[arg(long, requires = "replace")]
+    pub allow_rollback: bool,
     /// Only verify the backup; touch nothing.
     #[arg(long)]
     pub verify_only: bool,
@@ -92,7 +97,7 @@ pub async fn run_restore(cfg: BulwarkConfig, args: RestoreArgs) -> anyhow::Resul
         return Ok(ExitCode::SUCCESS);
     }
     let client = client(&cfg).await?;
-    let restored = backup::restore(&client, &dir, args.replace).await?;
+    let restored = backup::restore_with(&client, &dir, args.replace, args.allow_rollback).await?;
     if restored.is_empty() {
         bail!("{} holds no streams", dir.display());
     }

@@ -117,6 +117,9 @@ pub enum BackupError {
     /// No backup to restore.
     #[error("{0}")]
     NoBackup(String),
+    /// The backup is older than what the server holds: restoring it would roll streams back.
+    #[error("restoring would roll back {}: refused (restore with --allow-rollback to accept the loss)", .0.join(", "))]
+    Rollback(Vec<String>),
 }
 
 fn io_err(path: &Path, err: impl std::fmt::Display) -> BackupError {
@@ -424,11 +427,25 @@ pub struct Restored {
 }
 
 /// Restores the backup in `dir` (verified first; nothing is touched when it does not verify).
-/// An existing stream is refused unless `replace`, which deletes it first.
+/// An existing stream is refused unless `replace`, which deletes it first; a rollback (an
+/// existing stream further on than the backup) is refused: see [`restore_with`].
 pub async fn restore(
     client: &async_nats::Client,
     dir: &Path,
     replace: bool,
+) -> Result<Vec<Restored>, BackupError> {
+    restore_with(client, dir, replace, false).await
+}
+
+/// [`restore`], and with `allow_rollback` a backup older than the server's streams replaces
+/// them. Without it, when any existing stream's last sequence is beyond the backup's, nothing
+/// is touched and [`BackupError::Rollback`] names each such stream with both sequences
+/// (the rollback is detected by sequence regression).
+pub async fn restore_with(
+    client: &async_nats::Client,
+    dir: &Path,
+    replace: bool,
+    allow_rollback: bool,
 ) -> Result<Vec<Restored>, BackupError> {
     let manifest = verify(dir)?;
     let js = jetstream::new(client.clone());
@@ -443,6 +460,32 @@ pub async fn restore(
             &clash.stream,
             "exists on the server; restore with --replace to overwrite it",
         ));
+    }
+    let mut regressions = Vec::new();
+    for entry in manifest
+        .streams
+        .iter()
+        .filter(|e| existing.contains(&e.stream))
+    {
+        let mut stream = js
+            .get_stream(&entry.stream)
+            .await
+            .map_err(|e| server_err(&entry.stream, e))?;
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| server_err(&entry.stream, e))?
+            .state
+            .last_sequence;
+        if last > entry.last_seq {
+            regressions.push(format!(
+                "{} from sequence {last} to {}",
+                entry.stream, entry.last_seq
+            ));
+        }
+    }
+    if !regressions.is_empty() && !allow_rollback {
+        return Err(BackupError::Rollback(regressions));
     }
     let mut done = Vec::new();
     for entry in &manifest.streams {
