@@ -32,6 +32,8 @@ pub struct DrillPlan {
     pub interval_s: f64,
     /// What is done to the newest.
     pub damage: BackupDamage,
+    /// Then restore the oldest over the restored one (a rollback when they differ).
+    pub rollback: bool,
 }
 
 async fn narrate(target: &Target, what: &str, why: &str, context: Value) {
@@ -208,8 +210,42 @@ pub async fn run(target: &Target, plan: DrillPlan) -> anyhow::Result<Value> {
         context.clone(),
     )
     .await;
+    // 4. JEPSEN03: the oldest backup restored over the newer state.
+    let mut rollback = Value::Null;
+    if plan.rollback
+        && let Some((oldest, _)) = taken.first()
+    {
+        let (client, _) =
+            connect::connect(&cfg.nats, "chaos-drill-rollback", Role::Service).await?;
+        match backup::restore(&client, oldest, true).await {
+            Err(BackupError::Rollback(streams)) => {
+                narrate(
+                    target,
+                    "restore_rollback_refused",
+                    "the backup is older than the server's streams: restoring it would roll them back",
+                    json!({"backup": oldest.file_name().map(|f| f.to_string_lossy().into_owned()),
+                           "streams": streams.len(), "regressions": streams}),
+                )
+                .await;
+                rollback = json!({"refused": true, "regressions": streams});
+            }
+            Ok(restored) => {
+                narrate(
+                    target,
+                    "restore_replaced",
+                    "the backup replaced streams no further on than it",
+                    json!({"streams": restored.len()}),
+                )
+                .await;
+                rollback = json!({"refused": false, "streams": restored.len()});
+            }
+            Err(other) => return Err(other.into()),
+        }
+        let _ = client.drain().await;
+    }
     drop(scratch);
     Ok(json!({
+        "rollback": rollback,
         "backups": taken.iter().map(|(_, c)| c.clone()).collect::<Vec<_>>(),
         "damage": format!("{:?}", plan.damage).to_lowercase(),
         "damaged_file": damaged,

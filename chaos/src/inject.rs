@@ -311,12 +311,14 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
             backups,
             interval_s,
             damage,
+            rollback,
             ..
         } => {
             let plan = crate::drill::DrillPlan {
                 backups: backups.0,
                 interval_s: interval_s.0,
                 damage: *damage,
+                rollback: *rollback,
             };
             crate::drill::run(&ctx.target, plan)
                 .await

@@ -420,6 +420,10 @@ pub enum Injection {
         /// snapshot), `truncate` (the intents bucket's snapshot cut in half) or `none`.
         #[serde(default = "default_damage")]
         damage: BackupDamage,
+        /// JEPSEN03: then restore the oldest backup over the restored one with `--replace` (a
+        /// rollback, which must be detected and refused when the system moved on in between).
+        #[serde(default)]
+        rollback: bool,
     },
     /// Concurrent writers on shared KV records (JEPSEN04): `writers` writers each apply
     /// `ops_per_writer` updates round-robin over `keys` records of the bucket
