@@ -836,3 +836,67 @@ async fn the_pool_respawns_a_crashed_worker_but_a_hung_one_waits_for_a_respawn_r
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_back_under_the_same_id_loses_its_old_tasks_to_a_reassignment_at_once() {
+    // Redelivery would take two minutes: only the restart detection can finish in time.
+    let htm = htm_with(|cfg| {
+        cfg.worker.respawn_delay_s = 0.2;
+        cfg.scheduler.ack_wait_s = 120.0;
+        cfg.scheduler.heartbeat_timeout_s = 5.0;
+    })
+    .await;
+    let _scheduler = start_scheduler(htm.cfg.clone()).await;
+    let _pool = start_pool(htm.cfg.clone(), &["q-1", "q-2"]).await;
+    eventually(Duration::from_secs(20), "2 healthy workers", || {
+        let client = htm.client.clone();
+        async move { (readiness(&client).await["healthy_workers"] == 2).then_some(()) }
+    })
+    .await;
+    for i in 0..4 {
+        submit(
+            &htm.client,
+            &format!("long-{i}"),
+            5,
+            json!({"work_ms": 3000}),
+        )
+        .await;
+    }
+    // Wait until q-1 holds at least one of them, then crash it.
+    let held = eventually(Duration::from_secs(20), "q-1 runs a task", || {
+        let client = htm.client.clone();
+        async move {
+            let mut held = Vec::new();
+            for i in 0..4 {
+                let id = format!("long-{i}");
+                let s = status(&client, &id).await;
+                if s["worker_id"] == "q-1" && s["status"] == "running" {
+                    held.push(id);
+                }
+            }
+            (!held.is_empty()).then_some(held)
+        }
+    })
+    .await;
+    let (reply, code) = request_json(
+        &htm.client,
+        subjects::POOL_KILL,
+        r#"{"worker_id": "q-1", "mode": "crash"}"#,
+    )
+    .await;
+    assert_eq!(code, None, "{reply}");
+    for id in &held {
+        let done = wait_status(&htm.client, id, "completed", Duration::from_secs(60)).await;
+        let history = done["history"].to_string();
+        assert!(history.contains("restarted and lost it"), "{id}: {done}");
+    }
+    for i in 0..4 {
+        wait_status(
+            &htm.client,
+            &format!("long-{i}"),
+            "completed",
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+}

@@ -36,6 +36,11 @@ pub struct Heartbeat {
     pub uptime_seconds: f64,
     /// When, RFC 3339 UTC.
     pub timestamp: String,
+    /// Identifies this run of the worker (new at every start), so a worker back under the same
+    /// id is told from one that kept running; optional (without it, a lower `uptime_seconds`
+    /// tells).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
 }
 
 /// A task handed to one worker.

@@ -27,6 +27,10 @@ pub struct WorkerState {
     pub recent: VecDeque<bool>,
     /// True until its first heartbeat (known only from a task it holds, after a restart).
     pub unconfirmed: bool,
+    /// Its uptime by its last heartbeat, seconds (a lower one means it restarted).
+    pub uptime_s: f64,
+    /// The run id of its last heartbeat (another one means it restarted).
+    pub run_id: Option<String>,
 }
 
 /// The pool.
@@ -46,7 +50,9 @@ pub struct Choice {
 
 impl Pool {
     /// Records a heartbeat.
-    pub fn heartbeat(&mut self, hb: &Heartbeat, now: Instant) {
+    /// Returns the worker's uptime when this heartbeat shows it restarted (its uptime went
+    /// down since the last one).
+    pub fn heartbeat(&mut self, hb: &Heartbeat, now: Instant) -> Option<std::time::Duration> {
         let w = self
             .workers
             .entry(hb.worker_id.clone())
@@ -58,12 +64,26 @@ impl Pool {
                 last_seen: now,
                 recent: VecDeque::new(),
                 unconfirmed: false,
+                uptime_s: hb.uptime_seconds,
+                run_id: hb.run_id.clone(),
             });
+        let restarted = !w.unconfirmed
+            && match (&w.run_id, &hb.run_id) {
+                (Some(before), Some(now)) => before != now,
+                _ => {
+                    hb.uptime_seconds.is_finite()
+                        && hb.uptime_seconds >= 0.0
+                        && hb.uptime_seconds < w.uptime_s
+                }
+            };
+        w.run_id = hb.run_id.clone();
         w.reported = hb.in_flight;
         w.capacity = hb.capacity;
         w.cpu_percent = hb.cpu_percent;
         w.last_seen = now;
         w.unconfirmed = false;
+        w.uptime_s = hb.uptime_seconds;
+        restarted.then(|| std::time::Duration::from_secs_f64(hb.uptime_seconds))
     }
 
     /// Notes a worker known only from a task it holds (after a scheduler restart, before its
@@ -80,6 +100,8 @@ impl Pool {
                 last_seen: now,
                 recent: VecDeque::new(),
                 unconfirmed: true,
+                uptime_s: 0.0,
+                run_id: None,
             });
         w.assigned += 1;
     }
@@ -235,8 +257,35 @@ mod tests {
             tasks_completed: 0,
             tasks_failed: 0,
             uptime_seconds: 1.0,
+            run_id: None,
             timestamp: String::new(),
         }
+    }
+
+    #[test]
+    fn a_new_run_id_or_a_lower_uptime_is_a_restart() {
+        let mut pool = Pool::default();
+        let now = Instant::now();
+        let mut b = hb("w", 4, 0.0);
+        b.run_id = Some("run-1".into());
+        assert_eq!(pool.heartbeat(&b, now), None, "first sight");
+        b.uptime_seconds = 5.0;
+        assert_eq!(pool.heartbeat(&b, now), None, "same run");
+        b.run_id = Some("run-2".into());
+        b.uptime_seconds = 9.0;
+        assert!(
+            pool.heartbeat(&b, now).is_some(),
+            "another run id, whatever the uptime"
+        );
+        // Without run ids (a foreign worker), the uptime going down tells.
+        let mut c = hb("x", 4, 0.0);
+        c.uptime_seconds = 30.0;
+        assert_eq!(pool.heartbeat(&c, now), None);
+        c.uptime_seconds = 0.5;
+        assert_eq!(
+            pool.heartbeat(&c, now),
+            Some(std::time::Duration::from_secs_f64(0.5))
+        );
     }
 
     #[test]

@@ -117,6 +117,8 @@ struct InFlight {
     fence: u64,
     /// Attempt of the current assignment.
     attempt: u32,
+    /// When the current assignment was made.
+    assigned_at: Instant,
 }
 
 struct State {
@@ -146,6 +148,8 @@ struct Scheduler {
     counters: Counters,
     wake: Notify,
     timeout: Duration,
+    /// The lease TTL, seconds: how long a request waits for a leader during an election.
+    lease_ttl_s: f64,
     /// Serialises shedding and replay (they move tasks between streams in batches).
     maintenance: tokio::sync::Mutex<()>,
     /// This replica's part in the `scheduler` lease.
@@ -231,6 +235,7 @@ pub async fn run(
         shutdown.clone(),
     );
     let scheduler = Arc::new(Scheduler {
+        lease_ttl_s: cfg.replicas.lease_ttl_s,
         narrator,
         leadership,
         state: std::sync::Mutex::new(State {
@@ -471,7 +476,13 @@ async fn read_heartbeats(
                 if subjects::worker_heartbeat(&hb.worker_id) == msg.subject.as_str()
                     && hb.capacity > 0 =>
             {
-                s.lock().pool.heartbeat(&hb, Instant::now());
+                let now = Instant::now();
+                let restarted = s.lock().pool.heartbeat(&hb, now);
+                if let Some(uptime) = restarted
+                    && s.leadership.is_leader()
+                {
+                    s.clone().worker_restarted(&hb.worker_id, now, uptime).await;
+                }
                 s.wake.notify_one();
             }
             Ok(hb) => {
@@ -636,31 +647,84 @@ impl Scheduler {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// A worker came back under the same id (its uptime went down): the tasks its previous run
+    /// held are reassigned now, not after the queue's redelivery (`ack_wait_s`); tasks handed to
+    /// the new run stay with it.
+    async fn worker_restarted(self: Arc<Self>, worker: &str, now: Instant, uptime: Duration) {
+        let started = now.checked_sub(uptime).unwrap_or(now);
+        let orphans: Vec<String> = self
+            .lock()
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.worker_id == worker && f.assigned_at < started)
+            .map(|(id, _)| id.clone())
+            .collect();
+        tracing::info!(
+            worker,
+            tasks = orphans.len(),
+            "worker restarted: reassigning the tasks of its previous run"
+        );
+        let n = self
+            .narrator
+            .narrative("worker_restarted", "worker heartbeat: uptime went down")
+            .why(format!(
+                "{worker} restarted ({:.1} s ago): its previous run's tasks are lost with it",
+                uptime.as_secs_f64()
+            ))
+            .why(format!(
+                "{} task(s) it held are reassigned now",
+                orphans.len()
+            ))
+            .context(
+                json!({"worker_id": worker, "uptime_s": uptime.as_secs_f64(), "tasks": orphans}),
+            );
+        self.narrator.publish(n).await;
+        for task_id in orphans {
+            let s = self.clone();
+            let worker = worker.to_owned();
+            tokio::spawn(async move {
+                let why = format!("{worker} restarted and lost it");
+                s.reassign_and_deliver(&task_id, Some(&worker), true, &why)
+                    .await;
+            });
+        }
+    }
+
     /// Answers a micro request: here when this replica leads, else through the leader.
     async fn serve(&self, op: Op, request: &Request) {
-        if self.leadership.is_leader() {
-            api::respond(request, self.handle(op, &request.message.payload).await).await;
-            return;
-        }
-        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        let forwarded = tokio::time::timeout(
-            self.timeout,
-            self.client.request(
-                subjects::scheduler_leader(op.name()),
-                request.message.payload.clone(),
-            ),
-        )
-        .await;
-        let outcome = match forwarded {
-            Ok(Ok(reply)) => match reply.headers {
-                Some(headers) => {
-                    request
-                        .respond_with_headers(Ok(reply.payload), headers)
-                        .await
+        // During an election (at start, or a failover) nobody may lead for up to a lease TTL:
+        // keep trying for that long before answering 503.
+        let patience = Duration::from_secs_f64(self.lease_ttl_s).max(self.timeout);
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            if self.leadership.is_leader() {
+                api::respond(request, self.handle(op, &request.message.payload).await).await;
+                return;
+            }
+            self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+            let forwarded = tokio::time::timeout(
+                self.timeout,
+                self.client.request(
+                    subjects::scheduler_leader(op.name()),
+                    request.message.payload.clone(),
+                ),
+            )
+            .await;
+            if let Ok(Ok(reply)) = forwarded {
+                let outcome = match reply.headers {
+                    Some(headers) => {
+                        request
+                            .respond_with_headers(Ok(reply.payload), headers)
+                            .await
+                    }
+                    None => request.respond(Ok(reply.payload)).await,
+                };
+                if let Err(err) = outcome {
+                    tracing::debug!(error = %err, "scheduler: relayed reply not sent");
                 }
-                None => request.respond(Ok(reply.payload)).await,
-            },
-            Ok(Err(_)) | Err(_) => {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
                 let leader = match self.leadership.role() {
                     lease::Role::Standby {
                         leader: Some(l), ..
@@ -674,9 +738,7 @@ impl Scheduler {
                 .await;
                 return;
             }
-        };
-        if let Err(err) = outcome {
-            tracing::debug!(error = %err, "scheduler: relayed reply not sent");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -886,6 +948,7 @@ impl Scheduler {
                     worker_id: worker_id.clone(),
                     fence,
                     attempt,
+                    assigned_at: Instant::now(),
                 },
             );
             st.queue_depth
@@ -937,6 +1000,7 @@ impl Scheduler {
                     worker_id: a.worker_id.clone(),
                     fence: a.fence,
                     attempt: a.attempt,
+                    assigned_at: Instant::now(),
                 },
             );
         }
@@ -1157,6 +1221,7 @@ impl Scheduler {
             Reassigned::To { fence, attempt } => {
                 let worker = target.unwrap_or_default();
                 if let Some(flight) = self.lock().in_flight.get_mut(task_id) {
+                    flight.assigned_at = Instant::now();
                     flight.worker_id = worker.clone();
                     flight.fence = fence;
                     flight.attempt = attempt;

@@ -362,6 +362,7 @@ async fn heartbeats(worker: Arc<Worker>, shutdown: CancellationToken) {
     let pid = Pid::from_u32(std::process::id());
     let mut system = System::new();
     let started = Instant::now();
+    let run_id = ids::new_id();
     let subject = subjects::worker_heartbeat(&worker.id);
     let mut ticker =
         tokio::time::interval(Duration::from_secs_f64(worker.cfg.heartbeat_interval_s));
@@ -396,6 +397,7 @@ async fn heartbeats(worker: Arc<Worker>, shutdown: CancellationToken) {
             tasks_failed: worker.counters.failed.load(Ordering::Relaxed),
             uptime_seconds: started.elapsed().as_secs_f64(),
             timestamp: bulwark_common::time::now(),
+            run_id: Some(run_id.clone()),
         };
         let sent = bulwark_common::connect::publish_flushed(
             &worker.client,
