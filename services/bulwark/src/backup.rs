@@ -109,6 +109,12 @@ pub async fn run_restore(cfg: BulwarkConfig, args: RestoreArgs) -> anyhow::Resul
             r.last_seq,
             if r.replaced { "  (replaced)" } else { "" }
         );
+        if (r.messages, r.last_seq) != (r.manifest_messages, r.manifest_last_seq) {
+            println!(
+                "{:<28} note: the manifest says {} messages up to {} (the stream changed while the backup was taken)",
+                "", r.manifest_messages, r.manifest_last_seq
+            );
+        }
     }
     println!("restored {}", dir.display());
     Ok(ExitCode::SUCCESS)
