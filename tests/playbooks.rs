@@ -525,7 +525,9 @@ async fn scheduler_recovery_resumes_a_stalled_dispatch() {
     cfg.watchdog.check_interval_s = 0.5;
     cfg.playbooks.overrides.insert(
         "scheduler_recovery".into(),
-        [("resume_paused".to_owned(), json!(true))].into_iter().collect(),
+        [("resume_paused".to_owned(), json!(true))]
+            .into_iter()
+            .collect(),
     );
     let client = server.client().await;
     let _gov = start_governance(cfg.clone()).await;
