@@ -81,7 +81,7 @@ pub struct RunArgs {
     /// Seed of every random choice (printed by each run, for replay).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Report directory [default: chaos/reports/<timestamp>/].
+    /// Report directory (default: `chaos/reports/<timestamp>/`).
     #[arg(long)]
     pub report: Option<PathBuf>,
     /// Scenario directory [default: chaos/scenarios].

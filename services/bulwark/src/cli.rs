@@ -54,7 +54,7 @@ pub enum Command {
         choice: Choice,
         /// The voter's name (one of governance.voters.names); default: the NATS user the CLI
         /// connects as (nats.cli_user). Voting as that user goes through
-        /// unified_logic.vote.<user>, so the server vouches for the voter (docs/security.md).
+        /// `unified_logic.vote.<user>`, so the server vouches for the voter (docs/security.md).
         #[arg(long)]
         voter: Option<String>,
         /// Why.
@@ -189,7 +189,7 @@ pub enum ReviewAction {
         /// The intent id.
         intent_id: String,
         /// Who decides; default: the NATS user the CLI connects as (nats.cli_user). Deciding as
-        /// that user goes through governance.review.decide.<user> (docs/security.md).
+        /// that user goes through `governance.review.decide.<user>` (docs/security.md).
         #[arg(long)]
         reviewer: Option<String>,
         /// Why.
@@ -201,7 +201,7 @@ pub enum ReviewAction {
         /// The intent id.
         intent_id: String,
         /// Who decides; default: the NATS user the CLI connects as (nats.cli_user). Deciding as
-        /// that user goes through governance.review.decide.<user> (docs/security.md).
+        /// that user goes through `governance.review.decide.<user>` (docs/security.md).
         #[arg(long)]
         reviewer: Option<String>,
         /// Why.

@@ -1,6 +1,7 @@
-//! The host API: the only powers a playbook has. Every function is registered on the run's
-//! engine by [`Host::register`], every call is recorded (arguments, result, whether it acted)
-//! for the step's narrative and event, and every action goes through the same request a person
+//! The host API: the only powers a playbook has. Every function is registered on the shared
+//! engine by [`register`] (each acts for the run on the evaluating thread, [`Host::enter`]),
+//! every call is recorded (arguments, result, whether it acted) for the step's narrative and
+//! event, and every action goes through the same request a person
 //! would send (`scheduler.shed`, `storm_guard.limit`, `htm.pool.respawn`...). Scripts never
 //! see the NATS client: they see these functions.
 //!
