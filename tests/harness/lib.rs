@@ -570,6 +570,13 @@ pub async fn start_worker_with(
     let running = spawn_service(worker_id, cfg, move |cfg, client, token| {
         bulwark_worker::run_worker(cfg, client, token, id, handlers)
     });
+    wait_for_task_endpoint(&probe, worker_id).await;
+    running
+}
+
+/// Waits until worker `worker_id` serves its task subject: an empty body is refused as invalid,
+/// so any reply proves the endpoint is subscribed.
+async fn wait_for_task_endpoint(probe: &async_nats::Client, worker_id: &str) {
     let subject = bulwark_common::subjects::worker_task(worker_id);
     eventually(
         Duration::from_secs(20),
@@ -578,7 +585,6 @@ pub async fn start_worker_with(
             let probe = probe.clone();
             let subject = subject.clone();
             async move {
-                // An empty body is refused as invalid: any reply proves the endpoint is subscribed.
                 let reply = tokio::time::timeout(
                     Duration::from_millis(500),
                     probe.request(subject, "".into()),
@@ -589,7 +595,6 @@ pub async fn start_worker_with(
         },
     )
     .await;
-    running
 }
 
 /// Starts a worker pool (`htm_pool`) running the workers `ids`, and waits until the pool serves
@@ -598,32 +603,13 @@ pub async fn start_worker_with(
 pub async fn start_pool(cfg: BulwarkConfig, ids: &[&str]) -> RunningService {
     let probe = probe_client(&cfg).await;
     let ids: Vec<String> = ids.iter().map(|s| (*s).to_owned()).collect();
-    let subjects: Vec<String> = ids
-        .iter()
-        .map(|id| bulwark_common::subjects::worker_task(id))
-        .collect();
+    let workers = ids.clone();
     let running = start_service("htm_pool", cfg, move |cfg, client, token| {
         bulwark_worker::pool::run_pool(cfg, client, token, ids)
     })
     .await;
-    for subject in subjects {
-        eventually(
-            Duration::from_secs(20),
-            "a pool worker's task endpoint",
-            || {
-                let probe = probe.clone();
-                let subject = subject.clone();
-                async move {
-                    let reply = tokio::time::timeout(
-                        Duration::from_millis(500),
-                        probe.request(subject, "".into()),
-                    )
-                    .await;
-                    matches!(reply, Ok(Ok(_))).then_some(())
-                }
-            },
-        )
-        .await;
+    for worker_id in &workers {
+        wait_for_task_endpoint(&probe, worker_id).await;
     }
     running
 }

@@ -711,19 +711,33 @@ pub async fn limits_bucket(js: &jetstream::Context) -> Result<kv::Store, streams
     .await
 }
 
-/// Follows every limit in the bucket until `shutdown` (re-established after an error); an
-/// unreadable entry is ignored with a warning.
-pub fn watch_limits(
+/// Which entries [`follow_kv`] watches.
+enum Watched {
+    /// One key, from its latest value.
+    Key(&'static str),
+    /// Every key, from the start of the bucket.
+    All,
+}
+
+/// Hands every entry of `watched` to `on_entry` until `shutdown`, re-establishing the watch
+/// after an error (`what` names it in the logs).
+fn follow_kv(
     bucket: kv::Store,
+    watched: Watched,
+    what: &'static str,
     shutdown: CancellationToken,
-) -> watch::Receiver<Arc<HashMap<String, RateLimit>>> {
-    let (tx, rx) = watch::channel(Arc::new(HashMap::new()));
+    mut on_entry: impl FnMut(kv::Entry) + Send + 'static,
+) {
     tokio::spawn(async move {
         while !shutdown.is_cancelled() {
-            let mut entries = match bucket.watch_all_from_revision(1).await {
+            let watch = match watched {
+                Watched::Key(key) => bucket.watch_with_history(key).await,
+                Watched::All => bucket.watch_all_from_revision(1).await,
+            };
+            let mut entries = match watch {
                 Ok(entries) => entries,
                 Err(err) => {
-                    tracing::warn!(error = %err, "cannot watch the rate limits; retrying");
+                    tracing::warn!(error = %err, "cannot watch {what}; retrying");
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -737,28 +751,44 @@ pub fn watch_limits(
                     entry = entries.next() => entry,
                 };
                 match entry {
-                    Some(Ok(entry)) => {
-                        let mut limits = HashMap::clone(&tx.borrow());
-                        if entry.operation == kv::Operation::Put {
-                            match serde_json::from_slice::<RateLimit>(&entry.value) {
-                                Ok(limit) => {
-                                    limits.insert(entry.key.clone(), limit);
-                                }
-                                Err(err) => {
-                                    tracing::warn!(key = %entry.key, error = %err, "rate limit entry unreadable; ignored");
-                                }
-                            }
-                        } else {
-                            limits.remove(&entry.key);
-                        }
-                        tx.send_replace(Arc::new(limits));
-                    }
-                    Some(Err(err)) => tracing::debug!(error = %err, "rate limit watch error"),
+                    Some(Ok(entry)) => on_entry(entry),
+                    Some(Err(err)) => tracing::debug!(error = %err, "{what} watch error"),
                     None => break,
                 }
             }
         }
     });
+}
+
+/// Follows every limit in the bucket until `shutdown` (re-established after an error); an
+/// unreadable entry is ignored with a warning.
+pub fn watch_limits(
+    bucket: kv::Store,
+    shutdown: CancellationToken,
+) -> watch::Receiver<Arc<HashMap<String, RateLimit>>> {
+    let (tx, rx) = watch::channel(Arc::new(HashMap::new()));
+    follow_kv(
+        bucket,
+        Watched::All,
+        "the rate limits",
+        shutdown,
+        move |entry| {
+            let mut limits = HashMap::clone(&tx.borrow());
+            if entry.operation == kv::Operation::Put {
+                match serde_json::from_slice::<RateLimit>(&entry.value) {
+                    Ok(limit) => {
+                        limits.insert(entry.key.clone(), limit);
+                    }
+                    Err(err) => {
+                        tracing::warn!(key = %entry.key, error = %err, "rate limit entry unreadable; ignored");
+                    }
+                }
+            } else {
+                limits.remove(&entry.key);
+            }
+            tx.send_replace(Arc::new(limits));
+        },
+    );
     rx
 }
 
@@ -769,44 +799,26 @@ pub fn watch_breaker(
     shutdown: CancellationToken,
 ) -> watch::Receiver<BreakerRecord> {
     let (tx, rx) = watch::channel(BreakerRecord::default());
-    tokio::spawn(async move {
-        while !shutdown.is_cancelled() {
-            let mut entries = match bucket.watch_with_history(streams::BREAKER_KEY).await {
-                Ok(entries) => entries,
-                Err(err) => {
-                    tracing::warn!(error = %err, "cannot watch the breaker; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+    follow_kv(
+        bucket,
+        Watched::Key(streams::BREAKER_KEY),
+        "the breaker",
+        shutdown,
+        move |entry| {
+            let record = if entry.operation == kv::Operation::Put {
+                serde_json::from_slice(&entry.value).unwrap_or_else(|err| {
+                    tracing::warn!(error = %err, "breaker entry unreadable; treating it as open");
+                    BreakerRecord {
+                        state: BreakerState::Open,
+                        ..Default::default()
                     }
-                }
+                })
+            } else {
+                BreakerRecord::default()
             };
-            loop {
-                let entry = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => return,
-                    entry = entries.next() => entry,
-                };
-                match entry {
-                    Some(Ok(entry)) => {
-                        let record = if entry.operation == kv::Operation::Put {
-                            serde_json::from_slice(&entry.value).unwrap_or_else(|err| {
-                                tracing::warn!(error = %err, "breaker entry unreadable; treating it as open");
-                                BreakerRecord { state: BreakerState::Open, ..Default::default() }
-                            })
-                        } else {
-                            BreakerRecord::default()
-                        };
-                        tx.send_replace(record);
-                    }
-                    Some(Err(err)) => {
-                        tracing::debug!(error = %err, "breaker watch error");
-                    }
-                    None => break,
-                }
-            }
-        }
-    });
+            tx.send_replace(record);
+        },
+    );
     rx
 }
 
