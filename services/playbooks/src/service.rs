@@ -649,18 +649,13 @@ impl Service {
             )
             .why(format!("started by {trigger_text} for resource {resource}"))
             .why(format!(
-                "{} step(s): {}{}",
+                "{} step(s): {}",
                 meta.steps.len(),
                 meta.steps
                     .iter()
                     .map(|s| s.title.clone())
                     .collect::<Vec<_>>()
-                    .join("; "),
-                if plan.dry_run {
-                    " (dry run: actions are recorded, not taken)"
-                } else {
-                    ""
-                }
+                    .join("; ")
             ))
             .context(json!({"playbook": name, "run_id": run_id, "params": params}));
         self.narrator.publish(n).await;
@@ -694,17 +689,13 @@ impl Service {
             }
         };
 
-        let repeats = if plan.dry_run {
-            // A dry run holds no slot: the real run on the same key keeps its own.
-            0
-        } else {
+        // (A dry run never gets here: it holds no slot, see `dry_run`.)
+        let repeats = {
             let mut runs = self.lock_runs();
             let repeats = runs.active.remove(&key).map_or(0, |a| a.repeats);
-            {
-                let cooldown = meta.cooldown_s * self.settings.time_scale;
-                runs.cooldown
-                    .insert(key, (Instant::now() + Duration::from_secs_f64(cooldown), 0));
-            }
+            let cooldown = meta.cooldown_s * self.settings.time_scale;
+            runs.cooldown
+                .insert(key, (Instant::now() + Duration::from_secs_f64(cooldown), 0));
             repeats
         };
         let (kind, what, counter) = match outcome.status {
@@ -765,24 +756,22 @@ impl Service {
                                  "duration_ms": outcome.duration_ms, "repeats": repeats}),
         );
         self.narrator.publish(n).await;
-        if !plan.dry_run {
-            let last = LastRun {
-                run_id: run_id.clone(),
-                status: match outcome.status {
-                    Status::Completed => "completed".into(),
-                    Status::Failed => "failed".into(),
-                },
-                resource,
-                started: started_at,
-                duration_ms: outcome.duration_ms,
-                error: outcome.error.clone(),
-                rollback: outcome.rollback,
-                trigger: trigger_text,
-                repeats,
-            };
-            if let Err(err) = self.runs_bucket.put(&name, api::to_bytes(&last)).await {
-                tracing::warn!(error = %err, playbook = %name, "last run not stored");
-            }
+        let last = LastRun {
+            run_id: run_id.clone(),
+            status: match outcome.status {
+                Status::Completed => "completed".into(),
+                Status::Failed => "failed".into(),
+            },
+            resource,
+            started: started_at,
+            duration_ms: outcome.duration_ms,
+            error: outcome.error.clone(),
+            rollback: outcome.rollback,
+            trigger: trigger_text,
+            repeats,
+        };
+        if let Err(err) = self.runs_bucket.put(&name, api::to_bytes(&last)).await {
+            tracing::warn!(error = %err, playbook = %name, "last run not stored");
         }
         outcome
     }
@@ -863,12 +852,7 @@ impl Service {
                     ));
                 for call in &step.calls {
                     n = n.why(format!(
-                        "{}{}({}) -> {}",
-                        if call.action && plan.dry_run {
-                            "would call "
-                        } else {
-                            ""
-                        },
+                        "{}({}) -> {}",
                         call.function,
                         call.args,
                         call.error
