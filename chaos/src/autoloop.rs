@@ -435,8 +435,9 @@ pub fn intensity(d: u8) -> f64 {
 }
 
 /// `s` as the loop runs it at difficulty `d`: in the method (the control keeps its normal load)
-/// event and intent rates, intent counts and concurrency are multiplied by
-/// [`intensity`]; scheduler pauses and service or server outages last that much longer; the
+/// event, intent, query and review rates (the ramp's too), intent counts and concurrency are
+/// multiplied by [`intensity`]; scheduler pauses and service or server outages (random ones
+/// too) last that much longer; the
 /// fraction of workers killed grows by it (at most all of them) and the kills come that much
 /// closer together. Cascades keep their shape (the checker verifies it exactly). Expectations
 /// keep their limits: harder runs must still meet them.
@@ -479,6 +480,31 @@ pub fn at_difficulty(s: &Scenario, d: u8) -> Scenario {
                 *duration_s = t(*duration_s);
             }
             Injection::Cascade { .. } => {}
+            Injection::QueryStatus {
+                rate_per_s,
+                concurrency,
+                ..
+            } => {
+                *rate_per_s = n(*rate_per_s);
+                *concurrency = n(*concurrency);
+            }
+            Injection::ReviewIntents { rate_per_s, .. } => *rate_per_s = n(*rate_per_s),
+            Injection::RandomOutage {
+                min_down_s,
+                max_down_s,
+                ..
+            } => {
+                *min_down_s = t(*min_down_s);
+                *max_down_s = t(*max_down_s);
+            }
+            Injection::RampIntents {
+                from_per_s,
+                to_per_s,
+                ..
+            } => {
+                *from_per_s = n(*from_per_s);
+                *to_per_s = n(*to_per_s);
+            }
             #[allow(unreachable_patterns)]
             _ => {}
         }

@@ -18,6 +18,8 @@ pub enum Expected {
     Delivered,
     /// Invalid on purpose: it must be refused, and never run.
     Refused,
+    /// Rejected by a human review (FIT01): it must end `rejected`, and never run.
+    Rejected,
 }
 
 /// What the system reported about an id.
@@ -30,8 +32,13 @@ pub enum Observation {
     Refused,
     /// Known to the system but not finished yet (queued, running, parked, held by the breaker).
     Held(String),
-    /// Finished without success (failed for good, rejected).
+    /// Finished without success (failed for good).
     Failed(String),
+    /// Rejected (by a review or a vote): finished, never to run.
+    Rejected(String),
+    /// Shed into the replayable park (`htm.task.parked.<priority>`): at rest, not lost, not
+    /// finished; `scheduler.replay` brings it back.
+    Parked(String),
 }
 
 /// The class of an id.
@@ -49,6 +56,8 @@ pub enum Class {
     Unexpected,
     /// Still waiting in the system when the check ran.
     StillHeld,
+    /// Acknowledged and shed into the replayable park: not lost, not done (FIT03).
+    Parked,
 }
 
 impl Class {
@@ -60,6 +69,7 @@ impl Class {
             Class::Duplicated => "duplicated",
             Class::Unexpected => "unexpected",
             Class::StillHeld => "still_held",
+            Class::Parked => "parked",
         }
     }
 }
@@ -89,6 +99,8 @@ pub struct CheckResult {
     pub unexpected: u64,
     /// Not finished yet.
     pub still_held: u64,
+    /// Shed into the replayable park and still there: not lost, not done.
+    pub parked: u64,
     /// Up to ten ids per class other than ok, with why.
     pub examples: BTreeMap<String, Vec<String>>,
 }
@@ -107,6 +119,7 @@ impl CheckResult {
         self.duplicated += other.duplicated;
         self.unexpected += other.unexpected;
         self.still_held += other.still_held;
+        self.parked += other.parked;
         for (k, v) in &other.examples {
             let mine = self.examples.entry(k.clone()).or_default();
             for e in v {
@@ -117,10 +130,16 @@ impl CheckResult {
         }
     }
 
-    /// `ok 10, lost 0, duplicated 0, unexpected 0, still held 0 (of 10)`.
+    /// `ok 10, lost 0, duplicated 0, unexpected 0, still held 0 (of 10 sent)`; `, parked n`
+    /// is added when some ids are in the park.
     pub fn summary(&self) -> String {
+        let parked = if self.parked > 0 {
+            format!(", parked {} (replayable, not lost)", self.parked)
+        } else {
+            String::new()
+        };
         format!(
-            "ok {}, lost {}, duplicated {}, unexpected {}, still held {} (of {} sent)",
+            "ok {}, lost {}, duplicated {}, unexpected {}, still held {}{parked} (of {} sent)",
             self.ok, self.lost, self.duplicated, self.unexpected, self.still_held, self.sent
         )
     }
@@ -168,8 +187,16 @@ impl Ledger {
             Observation::Failed(why) => Some(why.clone()),
             _ => None,
         });
+        let rejected = seen.iter().find_map(|o| match o {
+            Observation::Rejected(why) => Some(why.clone()),
+            _ => None,
+        });
         let held = seen.iter().find_map(|o| match o {
             Observation::Held(why) => Some(why.clone()),
+            _ => None,
+        });
+        let parked = seen.iter().find_map(|o| match o {
+            Observation::Parked(why) => Some(why.clone()),
             _ => None,
         });
         match self.expected.get(id) {
@@ -182,20 +209,46 @@ impl Ledger {
                     )
                 } else if refused {
                     (Class::Ok, "refused".into())
-                } else if let Some(why) = held.or(failed) {
+                } else if let Some(why) = held.or(failed).or(rejected).or(parked) {
                     (Class::Unexpected, format!("invalid, yet accepted ({why})"))
                 } else {
                     (Class::Unexpected, "invalid, and never refused".into())
+                }
+            }
+            Some(Expected::Rejected) => {
+                if completions > 0 {
+                    (
+                        Class::Unexpected,
+                        format!("rejected by its review, yet ran {completions} time(s)"),
+                    )
+                } else if let Some(why) = rejected {
+                    (Class::Ok, format!("rejected ({why})"))
+                } else if let Some(why) = failed.or(parked) {
+                    (
+                        Class::Unexpected,
+                        format!("rejected by its review, yet {why}"),
+                    )
+                } else if refused {
+                    (Class::Unexpected, "valid, yet refused at intake".into())
+                } else if let Some(why) = held {
+                    (Class::StillHeld, why)
+                } else {
+                    (Class::Lost, "acknowledged, then nothing".into())
                 }
             }
             Some(Expected::Delivered) => match completions {
                 1 => (Class::Ok, "completed once".into()),
                 n if n > 1 => (Class::Duplicated, format!("completed {n} times")),
                 _ if refused => (Class::Unexpected, "valid, yet refused".into()),
-                _ => match (failed, held) {
-                    (Some(why), _) => (Class::Unexpected, format!("failed: {why}")),
-                    (None, Some(why)) => (Class::StillHeld, why),
-                    (None, None) => (Class::Lost, "acknowledged, then nothing".into()),
+                _ => match (
+                    failed.or(rejected.map(|r| format!("rejected: {r}"))),
+                    held,
+                    parked,
+                ) {
+                    (Some(why), _, _) => (Class::Unexpected, format!("failed: {why}")),
+                    (None, Some(why), _) => (Class::StillHeld, why),
+                    (None, None, Some(why)) => (Class::Parked, why),
+                    (None, None, None) => (Class::Lost, "acknowledged, then nothing".into()),
                 },
             },
         }
@@ -222,6 +275,7 @@ impl Ledger {
                 Class::Duplicated => result.duplicated += 1,
                 Class::Unexpected => result.unexpected += 1,
                 Class::StillHeld => result.still_held += 1,
+                Class::Parked => result.parked += 1,
             }
             if class != Class::Ok {
                 let examples = result
@@ -323,6 +377,47 @@ mod tests {
             "still held is reported, not a violation by itself"
         );
         assert_eq!(r.examples["still_held"], vec!["waiting: queued".to_owned()]);
+    }
+
+    #[test]
+    fn reviews_and_the_park_are_told_apart() {
+        let mut l = history(2);
+        // A review rejected it: it must end rejected and never run.
+        l.expect("rejected-ok", Expected::Rejected);
+        l.observe("rejected-ok", Observation::Rejected("by chaos".into()));
+        l.expect("rejected-ran", Expected::Rejected);
+        l.observe("rejected-ran", Observation::Completed);
+        l.expect("rejected-waiting", Expected::Rejected);
+        l.observe(
+            "rejected-waiting",
+            Observation::Held("pending_review".into()),
+        );
+        // An approved one rejected is unexpected.
+        l.expect("approved-rejected", Expected::Delivered);
+        l.observe("approved-rejected", Observation::Rejected("by x".into()));
+        // Shed into the park: neither lost nor held.
+        l.expect("shed", Expected::Delivered);
+        l.observe("shed", Observation::Parked("shed, in the park".into()));
+        l.expect("shed-invalid", Expected::Refused);
+        l.observe("shed-invalid", Observation::Parked("shed".into()));
+        let r = l.classify();
+        assert_eq!(
+            (r.ok, r.unexpected, r.still_held, r.parked, r.lost),
+            (3, 3, 1, 1, 0),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.examples["parked"],
+            vec!["shed: shed, in the park".to_owned()]
+        );
+        assert!(r.summary().contains("parked 1 (replayable, not lost)"));
+        let mut only_parked = history(1);
+        only_parked.expect("p", Expected::Delivered);
+        only_parked.observe("p", Observation::Parked("shed".into()));
+        assert!(
+            only_parked.classify().valid(),
+            "parked is not a violation by itself"
+        );
     }
 
     #[test]

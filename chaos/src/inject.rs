@@ -93,6 +93,10 @@ pub struct Sent {
     pub cascades: Vec<SentCascade>,
     /// Worker kills: (seconds after the method start, worker id).
     pub kills: Vec<(f64, String)>,
+    /// Latency of the status queries (`query_status`: first attempt to answer), ms.
+    pub query_ms: Histogram<u64>,
+    /// API operations of the FIT injections and their failures after retries.
+    pub api: crate::fit::ApiTally,
 }
 
 impl Default for Sent {
@@ -104,6 +108,8 @@ impl Default for Sent {
             submit_ms: new_histogram(),
             cascades: Vec::new(),
             kills: Vec::new(),
+            query_ms: new_histogram(),
+            api: Default::default(),
         }
     }
 }
@@ -139,6 +145,7 @@ pub struct InjectionReport {
 }
 
 /// Context of one run's injections.
+#[derive(Clone)]
 pub struct Ctx {
     /// The system.
     pub target: Arc<Target>,
@@ -351,6 +358,79 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
             .await
             .map(|figures| (figures, None))
             .map_err(|e| Outcome::Inconclusive(format!("narrative log audit failed: {e:#}"))),
+        // The FIT injections (crate::fit).
+        Injection::QueryStatus {
+            rate_per_s,
+            duration_s,
+            concurrency,
+            ..
+        } => crate::fit::query_status(&ctx, rate_per_s.0, duration_s.0, concurrency.0 as usize)
+            .await
+            .map_err(Outcome::Inconclusive),
+        Injection::ReviewIntents {
+            rate_per_s,
+            duration_s,
+            concurrency,
+            reject_share,
+            intent_type,
+            work_ms,
+            priority,
+            ..
+        } => {
+            let plan = crate::fit::ReviewPlan {
+                rate: rate_per_s.0,
+                duration_s: duration_s.0,
+                concurrency: concurrency.0 as usize,
+                reject_share: reject_share.0,
+                intent_type: intent_type.clone(),
+                work_ms: *work_ms,
+                priority: *priority,
+            };
+            crate::fit::review_intents(&ctx, index, plan)
+                .await
+                .map_err(Outcome::Inconclusive)
+        }
+        Injection::RandomOutage {
+            over_s,
+            outages,
+            targets,
+            min_down_s,
+            max_down_s,
+            ..
+        } => crate::fit::random_outage(
+            &ctx,
+            over_s.0,
+            outages.0,
+            targets,
+            (min_down_s.0, max_down_s.0),
+        )
+        .await
+        .map_err(Outcome::Inconclusive),
+        Injection::RampIntents {
+            from_per_s,
+            to_per_s,
+            duration_s,
+            max_in_flight,
+            intent_type,
+            work_ms,
+            attempts,
+            timeout_ms,
+            ..
+        } => {
+            let plan = crate::fit::RampPlan {
+                from: from_per_s.0,
+                to: to_per_s.0,
+                duration_s: duration_s.0,
+                max_in_flight: max_in_flight.0 as usize,
+                intent_type: intent_type.clone(),
+                work_ms: *work_ms,
+                attempts: attempts.0,
+                timeout: Duration::from_millis(timeout_ms.0),
+            };
+            crate::fit::ramp_intents(&ctx, index, plan)
+                .await
+                .map_err(Outcome::Inconclusive)
+        }
     };
     match outcome {
         Ok((figures, share)) => {
@@ -752,7 +832,16 @@ async fn kill_workers(ctx: &Ctx, fraction: f64, over_s: f64, mode: &str) -> Done
     for (at, id) in plan {
         tokio::time::sleep_until(start + Duration::from_secs_f64(at)).await;
         let body = json!({"worker_id": id, "mode": mode}).to_string();
-        match ctx.target.ask(subjects::POOL_KILL, &body).await {
+        // Retried when nobody answers (the server may be down for a moment: FIT01).
+        let mut reply = None;
+        for _ in 0..10 {
+            reply = ctx.target.ask(subjects::POOL_KILL, &body).await;
+            if reply.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        match reply {
             Some(r) if r.get("error").is_none() => {
                 Live::bump(&ctx.live.kills);
                 let t = ctx.now_s();

@@ -20,6 +20,8 @@
 //! - [`cas`]: the `concurrent_writes` injection and its linearizability checker (JEPSEN04).
 //! - [`narlog`]: the `narrative_log_audit` injection: clarity's backlog, gaps and duplicates (JEPSEN01).
 //! - [`drill`]: the `backup_drill` injection (backups, damage, restores onto a scratch server).
+//! - [`fit`]: the FIT injections: `query_status`, `review_intents`, `random_outage`,
+//!   `ramp_intents`, and the API tally behind the error rate.
 //! - [`runner`]: control, then scenario; verdicts with evidence.
 //! - [`report`]: the JSON journal, the Markdown report and its SVG charts.
 //! - [`siege`]: the `resource_siege` injection (bounded CPU and memory pressure).
@@ -38,6 +40,7 @@ pub mod autoloop;
 pub mod cas;
 pub mod checker;
 pub mod drill;
+pub mod fit;
 pub mod inject;
 pub mod narlog;
 pub mod observe;

@@ -134,6 +134,13 @@ pub struct PhaseResult {
     pub submit_latency: Option<Percentiles>,
     /// Completion latency (intent queued to completed; event published to processed).
     pub completion_latency: Option<Percentiles>,
+    /// Status query latency (`query_status`: first attempt to answer).
+    pub query_latency: Option<Percentiles>,
+    /// API operations and failures after retries (submissions, status queries, review
+    /// decisions), when the phase made FIT requests.
+    pub api: Option<ApiSummary>,
+    /// What became of the intents beyond their class (critical ones, the park, reviews).
+    pub intent_fates: IntentFates,
     /// Seconds from the end of the method until the steady state held again.
     pub recovery_s: Option<f64>,
     /// The recovery limit.
@@ -317,6 +324,9 @@ fn empty_phase(phase: Phase, s: &Scenario, verdict: Verdict, reason: String) -> 
         check: CheckResult::default(),
         submit_latency: None,
         completion_latency: None,
+        query_latency: None,
+        api: None,
+        intent_fates: IntentFates::default(),
         recovery_s: None,
         recovery_limit_s: s.recovery_limit_s.0,
         cascade_levels: BTreeMap::new(),
@@ -513,7 +523,17 @@ async fn execute(
     let timeline = timeline.samples.lock().await.clone();
     let firings = watch.firings.lock().await.clone();
 
+    // 4b. The park replayed (FIT03): in batches the queue can take, until it is empty; then
+    // the replayed intents must complete like the others.
+    let replay = if s.verify.replay_park {
+        let r = replay_park(&target, &sent, settle_deadline + limit).await;
+        Some(r)
+    } else {
+        None
+    };
+
     // 5. The checker.
+    let mut fates = IntentFates::default();
     let mut check = CheckResult::default();
     let mut completion_ms = inject::new_histogram();
     let sent = sent.lock().await;
@@ -533,7 +553,17 @@ async fn execute(
     }
     if !sent.intents.is_empty() {
         let observed = completions.lock().await.clone();
-        check.absorb(&check_intents(&target, &sent, &observed, &mut completion_ms).await);
+        check.absorb(
+            &check_intents(
+                &target,
+                &sent,
+                &observed,
+                &mut completion_ms,
+                s.verify.critical_priority,
+                &mut fates,
+            )
+            .await,
+        );
     }
     for cascade in &sent.cascades {
         let (result, levels) = check_cascade(&target, s, method, cascade, mesh_start_seq).await;
@@ -545,6 +575,9 @@ async fn execute(
     }
     out.submit_latency = Percentiles::of(&sent.submit_ms);
     out.completion_latency = Percentiles::of(&completion_ms);
+    out.query_latency = Percentiles::of(&sent.query_ms);
+    out.api = ApiSummary::of(&sent);
+    out.intent_fates = fates.clone();
     out.check = check;
     out.timeline = timeline;
     out.recovery_s = recovery_s;
@@ -593,6 +626,61 @@ async fn execute(
             out.check.summary(),
             out.check.examples
         ));
+    }
+    if out.check.parked > s.verify.parked_max {
+        out.verdict = out.verdict.max(Verdict::Fail);
+        out.reasons.push(format!(
+            "{} acknowledged intent(s) left in the park (not lost; at most {} allowed{}): {:?}",
+            out.check.parked,
+            s.verify.parked_max,
+            if s.verify.replay_park {
+                ", and the park was replayed"
+            } else {
+                ""
+            },
+            out.check.examples.get("parked")
+        ));
+    }
+    if let Some(r) = &replay {
+        out.evidence.push(format!(
+            "park replayed after the recovery: {} task(s) in {} batch(es){}",
+            r.replayed,
+            r.batches,
+            r.error
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        ));
+        if let Some(e) = &r.error {
+            out.verdict = out.verdict.max(Verdict::Fail);
+            out.reasons
+                .push(format!("the park could not be replayed: {e}"));
+        }
+    }
+    if fates.ever_parked > 0 || s.verify.replay_park {
+        out.evidence.push(format!(
+            "park: {} intent(s) shed into it during the run; {} completed after the replay, {} still parked (replayable, not lost)",
+            fates.ever_parked, fates.replayed_completed, fates.parked_now
+        ));
+    }
+    if fates.rejected > 0 {
+        out.evidence.push(format!(
+            "reviews: {} intent(s) rejected and never run",
+            fates.rejected
+        ));
+    }
+    if let Some(c) = s.verify.critical_priority {
+        out.evidence.push(format!(
+            "critical intents (priority >= {c}): {} acknowledged, {} completed",
+            fates.critical, fates.critical_completed
+        ));
+        if fates.critical_completed < fates.critical {
+            out.verdict = out.verdict.max(Verdict::Fail);
+            out.reasons.push(format!(
+                "critical intents not all served: {} of {} acknowledged completed",
+                fates.critical_completed, fates.critical
+            ));
+        }
     }
     if out.check.still_held > s.verify.still_held_max {
         out.verdict = out.verdict.max(Verdict::Fail);
@@ -646,6 +734,44 @@ async fn execute(
             out.reasons.push(format!(
                 "completion p99 {} ms is above the limit of {max:.0} ms",
                 p.p99_ms
+            ));
+        }
+    }
+    if let Some(p) = &out.query_latency {
+        out.evidence.push(format!(
+            "status query latency over {} queries: p50 {} ms, p99 {} ms, max {} ms",
+            p.count, p.p50_ms, p.p99_ms, p.max_ms
+        ));
+        if phase == Phase::Scenario
+            && let Some(max) = s.verify.query_p99_ms_max
+            && p.p99_ms as f64 > max
+        {
+            out.verdict = out.verdict.max(Verdict::Fail);
+            out.reasons.push(format!(
+                "status query p99 {} ms is above the limit of {max:.0} ms",
+                p.p99_ms
+            ));
+        }
+    }
+    if let Some(api) = &out.api {
+        out.evidence.push(format!(
+            "API operations: {} made, {} failed after the client's retries ({:.2} %); by kind {:?}, failed {:?}",
+            api.ops,
+            api.errors,
+            api.error_rate * 100.0,
+            api.by_kind,
+            api.errors_by_kind
+        ));
+        if phase == Phase::Scenario
+            && let Some(max) = s.verify.error_rate_max
+            && api.error_rate > max.0
+        {
+            out.verdict = out.verdict.max(Verdict::Fail);
+            out.reasons.push(format!(
+                "API error rate {:.2} % is above the limit of {:.2} %: {:?}",
+                api.error_rate * 100.0,
+                max.0 * 100.0,
+                api.examples
             ));
         }
     }
@@ -850,7 +976,133 @@ async fn watch_completions(
     seen
 }
 
-/// Accepted intents not yet in a final status (sampled: stops counting at the first 50).
+/// API operations of a phase, after the client's retries.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiSummary {
+    /// Operations made: submissions, status queries, review decisions.
+    pub ops: u64,
+    /// Of those, failed after the client's retries (no answer, or an error that is not the
+    /// planned refusal of an invalid intent).
+    pub errors: u64,
+    /// `errors / ops`.
+    pub error_rate: f64,
+    /// Operations by kind.
+    pub by_kind: BTreeMap<String, u64>,
+    /// Failures by kind.
+    pub errors_by_kind: BTreeMap<String, u64>,
+    /// Up to ten failures.
+    pub examples: Vec<String>,
+}
+
+impl ApiSummary {
+    /// The summary when the phase made status queries or review decisions (FIT01); the
+    /// submissions count too (one failed when it got no decision after its retries).
+    fn of(sent: &Sent) -> Option<ApiSummary> {
+        if sent.api.total_ops() == 0 {
+            return None;
+        }
+        let mut by_kind = sent.api.ops.clone();
+        let mut errors_by_kind = sent.api.errors.clone();
+        let submissions = sent.intents.len() as u64;
+        let unanswered = sent.intents.values().filter(|i| i.unanswered).count() as u64;
+        by_kind.insert("submit".into(), submissions);
+        errors_by_kind.insert("submit".into(), unanswered);
+        let ops: u64 = by_kind.values().sum();
+        let errors: u64 = errors_by_kind.values().sum();
+        let mut examples = sent.api.examples.clone();
+        let mut unanswered_ids: Vec<&String> = sent
+            .intents
+            .iter()
+            .filter(|(_, i)| i.unanswered)
+            .map(|(id, _)| id)
+            .collect();
+        unanswered_ids.sort();
+        for id in unanswered_ids.into_iter().take(3) {
+            examples.push(format!("submit: {id}: no decision after the retries"));
+        }
+        Some(ApiSummary {
+            ops,
+            errors,
+            error_rate: errors as f64 / ops.max(1) as f64,
+            by_kind,
+            errors_by_kind,
+            examples,
+        })
+    }
+}
+
+/// What replaying the park did.
+struct ReplayReport {
+    replayed: u64,
+    batches: u64,
+    error: Option<String>,
+}
+
+/// Replays the park with `scheduler.replay` in batches of half the queue's warning depth
+/// (so the replayed tasks do not trip the queue guard and get shed again), waiting for the
+/// queue to drain between batches, until a batch comes back empty; then waits for every
+/// acknowledged intent to be at rest again. Gives up at `deadline`.
+async fn replay_park(
+    target: &Target,
+    sent: &Arc<Mutex<Sent>>,
+    deadline: tokio::time::Instant,
+) -> ReplayReport {
+    let batch = (target.cfg.scheduler.queue_warn / 2).clamp(10, 500);
+    let mut report = ReplayReport {
+        replayed: 0,
+        batches: 0,
+        error: None,
+    };
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            report.error = Some("the park was not empty before the deadline".into());
+            return report;
+        }
+        let body = json!({ "max": batch }).to_string();
+        let reply = tokio::time::timeout(
+            Duration::from_secs(30),
+            target
+                .client
+                .request(bulwark_common::subjects::SCHEDULER_REPLAY, body.into()),
+        )
+        .await;
+        let answer = match reply {
+            Ok(Ok(msg)) => serde_json::from_slice::<Value>(&msg.payload).unwrap_or(Value::Null),
+            _ => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Some(n) = answer["replayed"].as_u64() else {
+            report.error = Some(format!("scheduler.replay answered {answer}"));
+            return report;
+        };
+        if n == 0 {
+            break;
+        }
+        report.replayed += n;
+        report.batches += 1;
+        // Let the queue drain below half a batch before the next one.
+        while tokio::time::Instant::now() < deadline {
+            let depth = target
+                .readiness()
+                .await
+                .and_then(|r| r["queue_depth"].as_u64())
+                .unwrap_or(u64::MAX);
+            if depth <= batch / 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    while tokio::time::Instant::now() < deadline && intents_pending(target, sent).await > 0 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    report
+}
+
+/// Accepted intents not yet at rest: neither finished nor parked (sampled: stops counting at the
+/// first 50).
 async fn intents_pending(target: &Target, sent: &Arc<Mutex<Sent>>) -> usize {
     let ids: Vec<String> = sent
         .lock()
@@ -877,7 +1129,7 @@ async fn intents_pending(target: &Target, sent: &Arc<Mutex<Sent>>) -> usize {
         let done = entry
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
             .and_then(|v| v["status"].as_str().map(str::to_owned))
-            .is_some_and(|s| matches!(s.as_str(), "completed" | "failed" | "rejected"));
+            .is_some_and(|s| matches!(s.as_str(), "completed" | "failed" | "rejected" | "shed"));
         if !done {
             pending += 1;
             if pending >= 50 {
@@ -925,11 +1177,30 @@ fn check_events(
     ledger.classify()
 }
 
+/// What became of the intents beyond their class: the critical ones, the park.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IntentFates {
+    /// Intents at or above `verify.critical_priority` acknowledged.
+    pub critical: u64,
+    /// Of those, completed.
+    pub critical_completed: u64,
+    /// Intents whose history shows they were shed into the park at some point.
+    pub ever_parked: u64,
+    /// Of those, completed after a replay.
+    pub replayed_completed: u64,
+    /// Intents in the park at the check.
+    pub parked_now: u64,
+    /// Intents rejected by a review.
+    pub rejected: u64,
+}
+
 async fn check_intents(
     target: &Target,
     sent: &Sent,
     observed: &HashMap<String, u64>,
     latency: &mut Histogram<u64>,
+    critical: Option<u8>,
+    fates: &mut IntentFates,
 ) -> CheckResult {
     let mut ledger = Ledger::new();
     let kv = target.js.get_key_value(streams::INTENTS_BUCKET).await.ok();
@@ -966,6 +1237,17 @@ async fn check_intents(
         let Some(record) = record else { continue };
         let status = record["status"].as_str().unwrap_or("?").to_owned();
         let history = record["history"].as_array().cloned().unwrap_or_default();
+        let priority = record["intent"]["priority"].as_u64().unwrap_or(0);
+        let is_critical = critical.is_some_and(|c| priority >= u64::from(c));
+        let ever_parked = history.iter().any(|h| h["status"] == "shed");
+        if is_critical {
+            fates.critical += 1;
+            fates.critical_completed += u64::from(status == "completed");
+        }
+        if ever_parked {
+            fates.ever_parked += 1;
+            fates.replayed_completed += u64::from(status == "completed");
+        }
         let completions = history
             .iter()
             .filter(|h| h["status"] == "completed")
@@ -990,13 +1272,36 @@ async fn check_intents(
                     let _ = latency.record((d - q).max(1) as u64);
                 }
             }
-            "failed" | "rejected" => ledger.observe(
+            "failed" => ledger.observe(
                 id.clone(),
                 Observation::Failed(format!(
                     "{status}: {}",
                     record["error"].as_str().unwrap_or("")
                 )),
             ),
+            "rejected" => {
+                fates.rejected += 1;
+                ledger.observe(
+                    id.clone(),
+                    Observation::Rejected(record["error"].as_str().unwrap_or("").to_owned()),
+                )
+            }
+            "shed" if is_critical => ledger.observe(
+                id.clone(),
+                Observation::Failed(format!(
+                    "critical (priority {priority}) yet shed into the park"
+                )),
+            ),
+            "shed" => {
+                fates.parked_now += 1;
+                ledger.observe(
+                    id.clone(),
+                    Observation::Parked(format!(
+                        "priority {priority}, shed into {} (replayable)",
+                        streams::TASKS_PARKED_STREAM
+                    )),
+                )
+            }
             other => ledger.observe(id.clone(), Observation::Held(other.to_owned())),
         }
     }

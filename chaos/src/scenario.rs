@@ -463,6 +463,132 @@ pub enum Injection {
         /// How long the backlog may take to drain afterwards.
         settle_s: Seconds,
     },
+    /// Intent status queries over the request API (FIT01): `htm.intent.status` at a rate for a
+    /// duration, each for an intent this run submitted (picked at random, seeded); the answer
+    /// must be the intent's status. Latency (first attempt to answer) and errors are measured
+    /// ([`crate::fit`]).
+    QueryStatus {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// Queries per second.
+        rate_per_s: AtLeastOne,
+        /// How long.
+        duration_s: Seconds,
+        /// Queries in flight at most.
+        #[serde(default = "default_query_concurrency")]
+        concurrency: AtLeastOne,
+    },
+    /// Human reviews (FIT01): intents of a `human_review` tier type submitted at a rate, each
+    /// then approved or rejected on `governance.review.decide` (a seeded `reject_share` of
+    /// them); approved ones must complete once, rejected ones must end `rejected` and never run.
+    ReviewIntents {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// Intents per second.
+        rate_per_s: AtLeastOne,
+        /// How long.
+        duration_s: Seconds,
+        /// Submissions and decisions in flight at most.
+        #[serde(default = "default_query_concurrency")]
+        concurrency: AtLeastOne,
+        /// Share of the reviews that reject.
+        #[serde(default = "half")]
+        reject_share: Share,
+        /// The intent type (its tier must route to human review: tier 0).
+        #[serde(default = "default_review_type")]
+        intent_type: String,
+        /// Simulated work of the approved ones (`payload.work_ms`).
+        #[serde(default)]
+        work_ms: u64,
+        /// Priorities cycle from 0 to 9 when absent.
+        #[serde(default)]
+        priority: Option<u8>,
+    },
+    /// Random outages of bulwark's dependencies (FIT01, FIT02), seeded and replayable with
+    /// `--seed`: `outages` outages one after the other within `over_s`, each of a target drawn
+    /// from `targets` (every target once, in a random order, before any repeats) for a length
+    /// drawn between `min_down_s` and `max_down_s` (self-contained runs only).
+    RandomOutage {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// The outages happen within this many seconds.
+        over_s: Seconds,
+        /// How many.
+        outages: AtLeastOne,
+        /// What may go down: `nats` (the server killed and restarted on its port and store),
+        /// `workers` (the whole worker pool crashed), or a service of [`RESTARTABLE`].
+        targets: Vec<String>,
+        /// Shortest outage.
+        min_down_s: Seconds,
+        /// Longest outage.
+        max_down_s: Seconds,
+    },
+    /// An offered load that ramps linearly from `from_per_s` to `to_per_s` intents per second
+    /// over `duration_s` (FIT03), open loop: an intent is offered on time whatever the system
+    /// does; at most `max_in_flight` submissions wait at once, and an intent due while that
+    /// many wait is counted as not sent (the generator's own limit, reported). Priorities cycle
+    /// 0-9; each submission is tried `attempts` times with the same id, `timeout_ms` each.
+    RampIntents {
+        /// Name other sections refer to.
+        #[serde(default)]
+        name: Option<String>,
+        /// Seconds after the method starts.
+        #[serde(default)]
+        at_s: Seconds,
+        /// Offered rate at the start.
+        from_per_s: AtLeastOne,
+        /// Offered rate at the end.
+        to_per_s: AtLeastOne,
+        /// How long the ramp lasts.
+        duration_s: Seconds,
+        /// Submissions waiting at most.
+        #[serde(default = "default_ramp_in_flight")]
+        max_in_flight: AtLeastOne,
+        /// The intent type (it must be queued at once: tier 1, 2 or 4).
+        #[serde(default = "default_intent_type")]
+        intent_type: String,
+        /// Simulated work per task.
+        #[serde(default)]
+        work_ms: u64,
+        /// Attempts per intent (503s and timeouts are retried with the same id).
+        #[serde(default = "two")]
+        attempts: AtLeastOne,
+        /// How long one attempt waits for its answer, milliseconds.
+        #[serde(default = "default_ramp_timeout_ms")]
+        timeout_ms: AtLeastOne,
+    },
+}
+
+fn default_query_concurrency() -> AtLeastOne {
+    AtLeastOne(16)
+}
+
+fn default_ramp_in_flight() -> AtLeastOne {
+    AtLeastOne(2000)
+}
+
+fn default_ramp_timeout_ms() -> AtLeastOne {
+    AtLeastOne(5000)
+}
+
+fn half() -> Share {
+    Share(0.5)
+}
+
+fn default_review_type() -> String {
+    "modify_governance".to_owned()
 }
 
 /// What `backup_drill` does to the newest backup.
@@ -521,8 +647,12 @@ fn default_kill_mode() -> KillMode {
     KillMode::Crash
 }
 
+/// What `random_outage` can take down besides the services of [`RESTARTABLE`]: the
+/// nats-server, and the worker pool (`htm_pool`).
+pub const OUTAGE_TARGETS: [&str; 2] = ["nats", "workers"];
+
 /// The services `restart_service` can restart.
-pub const RESTARTABLE: [&str; 7] = [
+pub const RESTARTABLE: [&str; 8] = [
     "governance",
     "clarity",
     "storm_guard",
@@ -530,6 +660,7 @@ pub const RESTARTABLE: [&str; 7] = [
     "scheduler",
     "watchdog",
     "htm_pool",
+    "playbooks",
 ];
 
 impl Injection {
@@ -547,6 +678,10 @@ impl Injection {
             Injection::BackupDrill { .. } => "backup_drill",
             Injection::ConcurrentWrites { .. } => "concurrent_writes",
             Injection::NarrativeLogAudit { .. } => "narrative_log_audit",
+            Injection::QueryStatus { .. } => "query_status",
+            Injection::ReviewIntents { .. } => "review_intents",
+            Injection::RandomOutage { .. } => "random_outage",
+            Injection::RampIntents { .. } => "ramp_intents",
         }
     }
 
@@ -570,7 +705,11 @@ impl Injection {
             | Injection::RestartNats { name, .. }
             | Injection::BackupDrill { name, .. }
             | Injection::ConcurrentWrites { name, .. }
-            | Injection::NarrativeLogAudit { name, .. } => name.as_deref(),
+            | Injection::NarrativeLogAudit { name, .. }
+            | Injection::QueryStatus { name, .. }
+            | Injection::ReviewIntents { name, .. }
+            | Injection::RandomOutage { name, .. }
+            | Injection::RampIntents { name, .. } => name.as_deref(),
         }
     }
 
@@ -587,7 +726,11 @@ impl Injection {
             | Injection::RestartNats { at_s, .. }
             | Injection::BackupDrill { at_s, .. }
             | Injection::ConcurrentWrites { at_s, .. }
-            | Injection::NarrativeLogAudit { at_s, .. } => at_s.0,
+            | Injection::NarrativeLogAudit { at_s, .. }
+            | Injection::QueryStatus { at_s, .. }
+            | Injection::ReviewIntents { at_s, .. }
+            | Injection::RandomOutage { at_s, .. }
+            | Injection::RampIntents { at_s, .. } => at_s.0,
         }
     }
 
@@ -610,7 +753,11 @@ impl Injection {
                 ..
             } => interval_s.0 * backups.0.saturating_sub(1) as f64,
             Injection::ConcurrentWrites { .. } => 0.0,
-            Injection::NarrativeLogAudit { duration_s, .. } => duration_s.0,
+            Injection::NarrativeLogAudit { duration_s, .. }
+            | Injection::QueryStatus { duration_s, .. }
+            | Injection::ReviewIntents { duration_s, .. }
+            | Injection::RampIntents { duration_s, .. } => duration_s.0,
+            Injection::RandomOutage { over_s, .. } => over_s.0,
         }
     }
 
@@ -618,7 +765,9 @@ impl Injection {
     pub fn needs_own_stack(&self) -> bool {
         matches!(
             self,
-            Injection::RestartService { .. } | Injection::RestartNats { .. }
+            Injection::RestartService { .. }
+                | Injection::RestartNats { .. }
+                | Injection::RandomOutage { .. }
         )
     }
 
@@ -690,6 +839,41 @@ impl Injection {
                 *at_s = s(*at_s);
                 *down_s = s(*down_s);
             }
+            Injection::QueryStatus {
+                at_s, duration_s, ..
+            }
+            | Injection::ReviewIntents {
+                at_s, duration_s, ..
+            } => {
+                *at_s = s(*at_s);
+                *duration_s = s(*duration_s);
+            }
+            Injection::RandomOutage {
+                at_s,
+                over_s,
+                min_down_s,
+                max_down_s,
+                ..
+            } => {
+                *at_s = s(*at_s);
+                *over_s = s(*over_s);
+                *min_down_s = s(*min_down_s);
+                *max_down_s = s(*max_down_s);
+            }
+            Injection::RampIntents {
+                at_s,
+                duration_s,
+                from_per_s,
+                to_per_s,
+                max_in_flight,
+                ..
+            } => {
+                *at_s = s(*at_s);
+                *duration_s = s(*duration_s);
+                *from_per_s = n(*from_per_s);
+                *to_per_s = n(*to_per_s);
+                *max_in_flight = n(*max_in_flight);
+            }
         }
         out
     }
@@ -758,6 +942,26 @@ pub struct Verify {
     /// The load reached at least this share of what was asked (else the run is inconclusive).
     #[serde(default = "default_load_share")]
     pub min_load_share: Share,
+    /// The 99th percentile of the status queries (`query_status`: first attempt to answer), at
+    /// most, in milliseconds.
+    #[serde(default)]
+    pub query_p99_ms_max: Option<f64>,
+    /// Share of the API operations (submissions, status queries, review decisions) that failed
+    /// after the client's retries, at most.
+    #[serde(default)]
+    pub error_rate_max: Option<Share>,
+    /// Intents of this priority or more are critical: every one acknowledged must complete,
+    /// none may be parked.
+    #[serde(default)]
+    pub critical_priority: Option<u8>,
+    /// After the recovery, replay the park (`scheduler.replay`, in batches the queue can take)
+    /// and wait for the replayed intents to complete; without it, parked intents are counted as
+    /// parked (not lost) and must not exceed `parked_max`.
+    #[serde(default)]
+    pub replay_park: bool,
+    /// Intents left in the park at the check, at most.
+    #[serde(default)]
+    pub parked_max: u64,
 }
 
 fn default_load_share() -> Share {
@@ -967,6 +1171,14 @@ impl Scenario {
                 ));
             }
         }
+        if let Some(p) = scenario.verify.critical_priority
+            && p > 9
+        {
+            return Err(err(
+                find("critical_priority"),
+                format!("verify.critical_priority must be 0-9, got {p}"),
+            ));
+        }
         for (section, table) in [
             ("[system]", &scenario.system),
             ("[quick.system]", &scenario.quick.system),
@@ -1100,6 +1312,62 @@ fn validate_method(method: &[Injection]) -> Result<(), (String, String)> {
                 }
             }
             Injection::ResourceSiege { .. } => {}
+            Injection::ReviewIntents {
+                intent_type,
+                priority,
+                ..
+            } => {
+                if priority.is_some_and(|p| p > 9) {
+                    return Err(("priority".into(), "priority must be 0-9".into()));
+                }
+                if intent_type.is_empty() {
+                    return Err(("intent_type".into(), "intent_type is empty".into()));
+                }
+            }
+            Injection::RampIntents {
+                intent_type,
+                from_per_s,
+                to_per_s,
+                ..
+            } => {
+                if intent_type.is_empty() {
+                    return Err(("intent_type".into(), "intent_type is empty".into()));
+                }
+                if from_per_s.0 > 100_000 || to_per_s.0 > 100_000 {
+                    return Err((
+                        "ramp_intents".into(),
+                        "ramp_intents: rates above 100,000 per second are refused".into(),
+                    ));
+                }
+            }
+            Injection::RandomOutage {
+                targets,
+                min_down_s,
+                max_down_s,
+                ..
+            } => {
+                if targets.is_empty() {
+                    return Err(("targets".into(), "random_outage: targets is empty".into()));
+                }
+                for t in targets {
+                    if !OUTAGE_TARGETS.contains(&t.as_str()) && !RESTARTABLE.contains(&t.as_str()) {
+                        return Err((
+                            format!("{t:?}"),
+                            format!(
+                                "random_outage: unknown target {t:?} (one of nats, workers, {})",
+                                RESTARTABLE.join(", ")
+                            ),
+                        ));
+                    }
+                }
+                if min_down_s > max_down_s {
+                    return Err((
+                        "min_down_s".into(),
+                        "random_outage: min_down_s is above max_down_s".into(),
+                    ));
+                }
+            }
+            Injection::QueryStatus { .. } => {}
             Injection::PauseScheduler { .. }
             | Injection::KillWorkers { .. }
             | Injection::RestartNats { .. }
