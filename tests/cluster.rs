@@ -146,10 +146,17 @@ async fn wait_completed(kv: &jetstream::kv::Store, ids: &[String]) {
     let deadline = Instant::now() + PATIENCE;
     let mut pending: HashSet<String> = ids.iter().cloned().collect();
     while !pending.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "not completed after {PATIENCE:?}: {pending:?}"
-        );
+        if Instant::now() >= deadline {
+            let mut states = Vec::new();
+            for id in &pending {
+                let state = match kv.get(id).await {
+                    Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                    other => format!("{other:?}"),
+                };
+                states.push(format!("{id}: {state}"));
+            }
+            panic!("not completed after {PATIENCE:?}:\n{}", states.join("\n"));
+        }
         let ids: Vec<String> = pending.iter().cloned().collect();
         for id in ids {
             if let Ok(Some(bytes)) = kv.get(&id).await

@@ -900,3 +900,71 @@ async fn a_worker_back_under_the_same_id_loses_its_old_tasks_to_a_reassignment_a
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_died_while_no_scheduler_watched_is_declared_dead_by_the_next_one() {
+    let h = htm_with(|c| {
+        c.scheduler.ack_wait_s = 4.0;
+        c.replicas.lease_ttl_s = 2.0;
+    })
+    .await;
+    let sched = start_scheduler(h.cfg.clone()).await;
+    let victim = start_worker(h.cfg.clone(), "victim").await;
+    submit(&h.client, "orphan", 6, json!({"work_ms": 3_000})).await;
+    wait_status(&h.client, "orphan", "running", Duration::from_secs(10)).await;
+    // The registry knows the victim before anything dies.
+    let registry =
+        h.js.get_key_value(bulwark_scheduler::registry::WORKERS_BUCKET)
+            .await
+            .expect("worker registry bucket");
+    eventually(Duration::from_secs(10), "victim registered", || async {
+        registry.get("victim").await.ok().flatten().map(|_| ())
+    })
+    .await;
+    // The scheduler and the worker die together: nobody sees the worker go.
+    sched.crash().await;
+    victim.crash().await;
+    let _next = start_scheduler(h.cfg.clone()).await;
+    let _rescuer = start_worker(h.cfg.clone(), "rescuer").await;
+
+    let st = wait_status(&h.client, "orphan", "completed", Duration::from_secs(60)).await;
+    assert_eq!(st["result"]["handled_by"], "rescuer");
+    assert!(
+        st["history"]
+            .to_string()
+            .contains("reassigned: victim was declared dead"),
+        "{st}"
+    );
+    let narratives = stored_narratives(&h.js).await;
+    let position = |what: &str, worker: &str| {
+        narratives.iter().position(|n| {
+            n["what"] == what
+                && (n["context"]["worker_id"] == worker
+                    || n["context"]["workers"]
+                        .as_array()
+                        .is_some_and(|w| w.iter().any(|x| x == worker)))
+        })
+    };
+    let expected = position("workers_expected", "victim").expect("the takeover names the victim");
+    let dead = position("worker_declared_dead", "victim").expect("the victim is declared dead");
+    assert!(
+        expected < dead,
+        "expected from the registry, then declared dead"
+    );
+    assert_eq!(
+        narratives[dead]["context"]["tasks"],
+        json!([]),
+        "declared dead from the registry, before its task came back from the queue"
+    );
+    assert!(
+        registry.get("victim").await.expect("read").is_none(),
+        "a dead worker leaves the registry"
+    );
+    let r = record(&h.js, "orphan").await;
+    let completions = r
+        .history
+        .iter()
+        .filter(|c| c.status == bulwark_common::intent::IntentStatus::Completed)
+        .count();
+    assert_eq!(completions, 1, "{:?}", r.history);
+}

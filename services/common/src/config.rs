@@ -717,7 +717,10 @@ pub struct SchedulerConfig {
     /// Attempts of a task before it fails for good and goes to the dead-letter stream.
     pub max_attempts: u32,
     /// How long a dispatched task may stay unacknowledged in the queue before JetStream
-    /// redelivers it (the scheduler then re-checks it; it never runs twice).
+    /// redelivers it (the scheduler then re-checks it; it never runs twice). The leader keeps
+    /// the tasks its workers confirmed from redelivery with progress acknowledgements, so this
+    /// is how soon an unconfirmed assignment is sent again and how soon a scheduler taking
+    /// over sees the tasks its predecessor left.
     pub ack_wait_s: f64,
     /// Time a worker has to confirm an assignment. A refusal or an absent worker moves the task
     /// on; no answer in time keeps it with the worker (it may have taken it) until the queue
@@ -753,7 +756,7 @@ impl Default for SchedulerConfig {
             min_workers: 3,
             heartbeat_timeout_s: 30.0,
             max_attempts: 3,
-            ack_wait_s: 60.0,
+            ack_wait_s: 20.0,
             dispatch_timeout_ms: 2_000,
             max_in_flight: 10_000,
             queue_warn: 500,

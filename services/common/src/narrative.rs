@@ -1,12 +1,15 @@
 //! 5W1H narratives: every decision a service makes is explained on `clarity.narrative.<who>`
 //! (CONTRACT section 4) with the numbers that drove it. Narratives go through JetStream (the
 //! `BULWARK_NARRATIVES` stream) so none is lost before the clarity service reads it; the
-//! acknowledgement is awaited off the caller's path and failures are counted and logged.
+//! acknowledgement is awaited off the caller's path, refusals are retried through elections and
+//! restarts, and what still fails is counted and logged.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_nats::jetstream;
+use async_nats::jetstream::context::PublishAckFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -93,38 +96,72 @@ impl Narrator {
     }
 
     /// Publishes `narrative`. Sending waits only for the client's buffer; the stream's
-    /// acknowledgement is awaited in the background, and a failure is counted and logged with
-    /// the narrative so that it is never lost silently.
+    /// acknowledgement is awaited in the background. A refusal or a missing acknowledgement
+    /// (the stream changing leader in a cluster, a broker restarting) is retried with backoff
+    /// for up to [`RETRY_FOR`], under one `Nats-Msg-Id` so that a narrative stored whose
+    /// acknowledgement was lost is not stored twice; only then is it counted failed and logged
+    /// with its content, so it is never lost silently.
     pub async fn publish(&self, narrative: Narrative) {
-        let body = match serde_json::to_vec(&narrative) {
-            Ok(body) => body,
+        let body: bytes::Bytes = match serde_json::to_vec(&narrative) {
+            Ok(body) => body.into(),
             Err(err) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %err, what = %narrative.what, "narrative could not be encoded");
                 return;
             }
         };
-        let stats = self.stats.clone();
-        match self.js.publish(self.subject.clone(), body.into()).await {
-            Ok(ack) => {
-                tokio::spawn(async move {
-                    match ack.await {
-                        Ok(_) => {
-                            stats.published.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(err) => {
-                            stats.failed.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(error = %err, narrative = ?narrative, "narrative not stored");
-                        }
-                    }
-                });
+        let msg_id = crate::ids::new_id();
+        let first = self.send(&body, &msg_id).await;
+        let (js, subject, stats) = (self.js.clone(), self.subject.clone(), self.stats.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut pause = Duration::from_millis(100);
+            let mut outcome = match first {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            let mut attempts = 1u32;
+            while let Err(err) = &outcome {
+                if started.elapsed() >= RETRY_FOR {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %err, attempts, narrative = ?narrative, "narrative not stored");
+                    return;
+                }
+                tracing::debug!(error = %err, attempts, what = %narrative.what, "narrative not stored yet; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                attempts += 1;
+                outcome = match send(&js, &subject, &body, &msg_id).await {
+                    Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
             }
-            Err(err) => {
-                stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %err, narrative = ?narrative, "narrative not sent");
-            }
-        }
+            stats.published.fetch_add(1, Ordering::Relaxed);
+        });
     }
+
+    async fn send(&self, body: &bytes::Bytes, msg_id: &str) -> Result<PublishAckFuture, String> {
+        send(&self.js, &self.subject, body, msg_id).await
+    }
+}
+
+/// How long a narrative the stream did not acknowledge is retried: longer than a JetStream
+/// leader election, shorter than the narrative stream's two-minute duplicate window (so the
+/// retries of one narrative are recognised as one).
+pub const RETRY_FOR: Duration = Duration::from_secs(60);
+
+async fn send(
+    js: &jetstream::Context,
+    subject: &str,
+    body: &bytes::Bytes,
+    msg_id: &str,
+) -> Result<PublishAckFuture, String> {
+    let publish = jetstream::message::PublishMessage::build()
+        .payload(body.clone())
+        .message_id(msg_id);
+    js.send_publish(subject.to_owned(), publish)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 impl Narrative {

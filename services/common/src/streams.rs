@@ -106,51 +106,67 @@ pub async fn bucket(
     description: &str,
 ) -> Result<kv::Store, StoreError> {
     let replicas = replicas(js).await;
-    if let Ok(store) = js.get_key_value(name).await {
-        scale(js, &format!("KV_{name}"), replicas).await?;
-        return Ok(store);
+    let store = match js.get_key_value(name).await {
+        Ok(store) => store,
+        Err(_) => {
+            let created = js
+                .create_key_value(kv::Config {
+                    bucket: name.to_owned(),
+                    description: description.to_owned(),
+                    history: 1,
+                    storage: jetstream::stream::StorageType::File,
+                    num_replicas: replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|create_err| store_error(name, create_err));
+            match created {
+                Ok(store) => store,
+                // Another service may have created it between our get and create.
+                Err(err) => js.get_key_value(name).await.map_err(|_| err)?,
+            }
+        }
+    };
+    if conform(js, &format!("KV_{name}"), replicas).await? {
+        // The store caches its stream's settings (how it reads): open it again.
+        return js
+            .get_key_value(name)
+            .await
+            .map_err(|e| store_error(name, e));
     }
-    let created = js
-        .create_key_value(kv::Config {
-            bucket: name.to_owned(),
-            description: description.to_owned(),
-            history: 1,
-            storage: jetstream::stream::StorageType::File,
-            num_replicas: replicas,
-            ..Default::default()
-        })
-        .await
-        .map_err(|create_err| store_error(name, create_err));
-    match created {
-        Ok(store) => Ok(store),
-        // Another service may have created it between our get and create.
-        Err(err) => js.get_key_value(name).await.map_err(|_| err),
-    }
+    Ok(store)
 }
 
-/// Scales stream `name` (a bucket's stream `KV_<bucket>` included) to `replicas` copies when it
-/// has another count.
-async fn scale(js: &jetstream::Context, name: &str, replicas: usize) -> Result<(), StoreError> {
+/// Brings stream `name` (a bucket's stream `KV_<bucket>` included) to `replicas` copies, and,
+/// when replicated, turns off direct gets: with them any replica answers a read, and a follower
+/// that has not applied the latest write yet answers with the value before it, or "not found"
+/// for a key just created (nats-server issues 4162 and 4171). Bulwark decides on what it reads
+/// (an intent's status and fence, a lease's holder), so every read goes to the stream leader.
+/// True when the stream was changed.
+async fn conform(js: &jetstream::Context, name: &str, replicas: usize) -> Result<bool, StoreError> {
     let mut stream = js
         .get_stream(name)
         .await
         .map_err(|e| store_error(name, e))?;
     let info = stream.info().await.map_err(|e| store_error(name, e))?;
-    if info.config.num_replicas == replicas {
-        return Ok(());
+    let direct = replicas == 1;
+    if info.config.num_replicas == replicas && info.config.allow_direct == direct {
+        return Ok(false);
     }
     let mut config = info.config.clone();
     tracing::info!(
         stream = name,
         from = config.num_replicas,
         to = replicas,
-        "scaling stream replicas"
+        direct_gets = direct,
+        "scaling stream replicas and read path"
     );
     config.num_replicas = replicas;
+    config.allow_direct = direct;
     js.update_stream(config)
         .await
         .map_err(|e| store_error(name, e))?;
-    Ok(())
+    Ok(true)
 }
 
 /// What distinguishes one of bulwark's streams; everything else (file storage, the replica

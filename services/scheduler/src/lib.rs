@@ -23,16 +23,20 @@
 //!   (`htm_worker_recovery`, `scheduler_load_shedding`), `mesh.deadletter` (malformed reports
 //!   and heartbeats).
 //! - `htm.task.parked.<priority>`, `htm.task.dead` (JetStream).
+//! - KV `bulwark_intents` (task status, assignments and fences) and `bulwark_workers` (the
+//!   worker registry).
 //! - `clarity.narrative.scheduler`; `telemetry.scheduler` and `telemetry.htm_orchestrator`.
 //!
 //! # Modules
 //! - [`pool`]: the workers, their load, and the least-loaded choice (pure).
 //! - [`guards`]: queue thresholds with one alert per crossing (pure).
 //! - [`sla`]: latency percentiles and SLA breaches (pure).
+//! - [`registry`]: the workers a leader has heard from (KV `bulwark_workers`), read at takeover.
 //! - [`service`]: the dispatch loop, reports, watchdog and endpoints.
 
 pub mod guards;
 pub mod pool;
+pub mod registry;
 pub mod service;
 pub mod sla;
 

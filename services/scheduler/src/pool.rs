@@ -67,15 +67,17 @@ impl Pool {
                 uptime_s: hb.uptime_seconds,
                 run_id: hb.run_id.clone(),
             });
-        let restarted = !w.unconfirmed
-            && match (&w.run_id, &hb.run_id) {
-                (Some(before), Some(now)) => before != now,
-                _ => {
-                    hb.uptime_seconds.is_finite()
-                        && hb.uptime_seconds >= 0.0
-                        && hb.uptime_seconds < w.uptime_s
-                }
-            };
+        // A different run id means a new run (also for a worker known only from the registry);
+        // without run ids, a lower uptime does, once a heartbeat confirmed the worker.
+        let restarted = match (&w.run_id, &hb.run_id) {
+            (Some(before), Some(now)) => before != now,
+            _ => {
+                !w.unconfirmed
+                    && hb.uptime_seconds.is_finite()
+                    && hb.uptime_seconds >= 0.0
+                    && hb.uptime_seconds < w.uptime_s
+            }
+        };
         w.run_id = hb.run_id.clone();
         w.reported = hb.in_flight;
         w.capacity = hb.capacity;
@@ -104,6 +106,33 @@ impl Pool {
                 run_id: None,
             });
         w.assigned += 1;
+    }
+
+    /// Notes a worker known from the registry (a scheduler taking over): unconfirmed until its
+    /// heartbeat, declared dead by [`remove_dead`](Self::remove_dead) if none comes within the
+    /// timeout from `now`; a heartbeat under another run id shows it restarted.
+    pub fn expect(&mut self, worker_id: &str, run_id: Option<String>, now: Instant) {
+        self.workers
+            .entry(worker_id.to_owned())
+            .or_insert_with(|| WorkerState {
+                assigned: 0,
+                reported: 0,
+                capacity: 1,
+                cpu_percent: 0.0,
+                last_seen: now,
+                recent: VecDeque::new(),
+                unconfirmed: true,
+                uptime_s: 0.0,
+                run_id,
+            });
+    }
+
+    /// Forgets the tasks counted as handed out (a scheduler tenure begins or ends); each
+    /// worker's load is then what its heartbeat reports until tasks are handed out again.
+    pub fn forget_assignments(&mut self) {
+        for w in self.workers.values_mut() {
+            w.assigned = 0;
+        }
     }
 
     /// Takes no new work to `worker_id` until its next heartbeat (it did not accept a task).
@@ -260,6 +289,53 @@ mod tests {
             run_id: None,
             timestamp: String::new(),
         }
+    }
+
+    #[test]
+    fn a_worker_known_only_from_the_registry_is_declared_dead_without_a_heartbeat() {
+        let mut pool = Pool::default();
+        let start = Instant::now();
+        pool.expect("gone", Some("run-1".into()), start);
+        pool.expect("back", Some("run-1".into()), start);
+        pool.expect("same", Some("run-1".into()), start);
+        assert_eq!(pool.free_slots(), 0, "unconfirmed workers take no work");
+        let mut back = hb("back", 4, 0.0);
+        back.run_id = Some("run-2".into());
+        assert!(
+            pool.heartbeat(&back, start).is_some(),
+            "a new run of a registered worker is a restart"
+        );
+        let mut same = hb("same", 4, 0.0);
+        same.run_id = Some("run-1".into());
+        assert_eq!(pool.heartbeat(&same, start), None, "the same run goes on");
+        assert_eq!(pool.free_slots(), 8);
+        let later = start + Duration::from_secs(11);
+        pool.heartbeat(&back, later);
+        pool.heartbeat(&same, later);
+        assert_eq!(
+            pool.remove_dead(later, Duration::from_secs(10)),
+            vec!["gone".to_owned()]
+        );
+    }
+
+    #[test]
+    fn forgetting_assignments_leaves_the_heartbeat_load() {
+        let mut pool = Pool::default();
+        let now = Instant::now();
+        let mut w = hb("w", 2, 0.0);
+        pool.heartbeat(&w, now);
+        assert!(pool.choose(None).is_some());
+        assert!(pool.choose(None).is_some());
+        assert_eq!(pool.free_slots(), 0);
+        pool.forget_assignments();
+        assert_eq!(pool.free_slots(), 2);
+        w.in_flight = 1;
+        pool.heartbeat(&w, now);
+        assert_eq!(
+            pool.free_slots(),
+            1,
+            "what the worker reports running still counts"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! sends: a record or a worker that has seen a newer token refuses an older leader's late write
 //! or assignment.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -44,6 +44,7 @@ use bulwark_common::{ids, streams, subjects, telemetry, time};
 
 use crate::guards::{Guard, Level};
 use crate::pool::Pool;
+use crate::registry::{Registry, Sighting};
 use crate::sla::Latency;
 
 /// Name under which the service registers (CONTRACT section 5).
@@ -119,7 +120,20 @@ struct InFlight {
     attempt: u32,
     /// When the current assignment was made.
     assigned_at: Instant,
+    /// The worker accepted the assignment (or reported on it): the queue message is kept from
+    /// redelivery with progress acknowledgements. Until then redelivery after `ack_wait_s`
+    /// sends the assignment again.
+    confirmed: bool,
+    /// When the queue last heard from this replica about the message (delivery or progress).
+    progress_at: Instant,
+    /// When the queue last delivered the message: progress acknowledgements stop
+    /// [`PROGRESS_SPAN`] `ack_wait_s` after it, so the assignment is still sent again now and
+    /// then (a worker that gave up its report runs the task again and reports).
+    delivered_at: Instant,
 }
+
+/// For how many `ack_wait_s` after a delivery a confirmed task is kept from redelivery.
+const PROGRESS_SPAN: f64 = 5.0;
 
 struct State {
     pool: Pool,
@@ -134,6 +148,24 @@ struct State {
     last_roll: Instant,
     /// When `telemetry.scheduler` last measured the dispatch rate.
     last_dispatch_roll: Instant,
+    /// What this tenure wrote to the worker registry: worker id and run id.
+    registered: HashMap<String, Option<String>>,
+    /// Workers this tenure declared dead and has not heard from since: their tasks, when the
+    /// queue brings them back, are reassigned at once.
+    declared_dead: HashSet<String>,
+}
+
+impl State {
+    /// Forgets the tasks in flight (a tenure ends or begins) and the worker slots counted for
+    /// them, so the pool counts only what this tenure hands out (the workers' heartbeats still
+    /// report what they run); the tasks come back from the queue after `ack_wait` and are
+    /// adopted under their current fence, taking a slot again.
+    fn forget_in_flight(&mut self) {
+        self.in_flight.clear();
+        self.pool.forget_assignments();
+        self.registered.clear();
+        self.declared_dead.clear();
+    }
 }
 
 struct Scheduler {
@@ -141,6 +173,7 @@ struct Scheduler {
     js: jetstream::Context,
     client: Client,
     intents: kv::Store,
+    registry: Registry,
     narrator: Narrator,
     consumers: Vec<PullConsumer>,
     parked: PullConsumer,
@@ -185,6 +218,7 @@ pub async fn run(
     streams::narratives(&js).await?;
     let intents = streams::bucket(&js, streams::INTENTS_BUCKET, "bulwark intent records").await?;
     let leases = lease::bucket(&js).await?;
+    let registry = Registry::open(&js).await?;
     let mut consumers = Vec::new();
     for priority in 0..=9u8 {
         let name = format!("scheduler-p{priority}");
@@ -250,11 +284,14 @@ pub async fn run(
             last_completed: 0,
             last_roll: Instant::now(),
             last_dispatch_roll: Instant::now(),
+            registered: HashMap::new(),
+            declared_dead: HashSet::new(),
         }),
         cfg: sc,
         js,
         client: client.clone(),
         intents,
+        registry,
         consumers,
         parked,
         counters: Counters::default(),
@@ -415,7 +452,8 @@ async fn lead(s: Arc<Scheduler>, tracker: TaskTracker, shutdown: CancellationTok
         };
         // Forget what a previous tenure left: tasks it dispatched come back from the queue
         // (after ack_wait) and are adopted under their current fence.
-        s.lock().in_flight.clear();
+        s.lock().forget_in_flight();
+        s.take_over_registry().await;
         tracing::info!(token, "scheduler: leading");
         s.wake.notify_one();
         loop {
@@ -453,7 +491,7 @@ async fn lead(s: Arc<Scheduler>, tracker: TaskTracker, shutdown: CancellationTok
         let _ = sub.unsubscribe().await;
         // Stepping down: the queue messages of the tasks in flight are left unacknowledged for
         // the next leader (redelivered after ack_wait).
-        s.lock().in_flight.clear();
+        s.lock().forget_in_flight();
         if shutdown.is_cancelled() {
             break;
         }
@@ -477,9 +515,23 @@ async fn read_heartbeats(
                     && hb.capacity > 0 =>
             {
                 let now = Instant::now();
-                let restarted = s.lock().pool.heartbeat(&hb, now);
+                let leader = s.leadership.is_leader();
+                let (restarted, register) = {
+                    let mut st = s.lock();
+                    let restarted = st.pool.heartbeat(&hb, now);
+                    st.declared_dead.remove(&hb.worker_id);
+                    let register = leader && st.registered.get(&hb.worker_id) != Some(&hb.run_id);
+                    if register {
+                        st.registered
+                            .insert(hb.worker_id.clone(), hb.run_id.clone());
+                    }
+                    (restarted, register)
+                };
+                if register {
+                    s.register(&hb);
+                }
                 if let Some(uptime) = restarted
-                    && s.leadership.is_leader()
+                    && leader
                 {
                     s.clone().worker_restarted(&hb.worker_id, now, uptime).await;
                 }
@@ -570,7 +622,9 @@ async fn watchdog(
     mut tasks: jetstream::stream::Stream,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = tokio::time::interval(Duration::from_secs_f64(s.cfg.check_interval_s));
+    // Also often enough for the progress acknowledgements of tasks in flight.
+    let interval = s.cfg.check_interval_s.min(s.cfg.ack_wait_s / 3.0);
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(interval));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -595,8 +649,22 @@ async fn watchdog(
                 .collect();
             (dead, orphans)
         };
+        if !dead.is_empty() {
+            let mut st = s.lock();
+            for worker in &dead {
+                st.registered.remove(worker);
+                st.declared_dead.insert(worker.clone());
+            }
+        }
         for worker in &dead {
             s.counters.dead_workers.fetch_add(1, Ordering::Relaxed);
+            let registry = s.registry.clone();
+            let gone = worker.clone();
+            tracker.spawn(async move {
+                if let Err(err) = registry.forget(&gone).await {
+                    tracing::warn!(worker_id = %gone, error = %err, "worker registry: dead worker not removed");
+                }
+            });
             let held: Vec<&String> = orphans
                 .iter()
                 .filter(|(_, w)| w == worker)
@@ -628,6 +696,7 @@ async fn watchdog(
                     .await;
             });
         }
+        s.keep_confirmed_tasks().await;
         match tasks.info().await {
             Ok(info) => {
                 let in_flight = s.lock().in_flight.len() as u64;
@@ -688,6 +757,113 @@ impl Scheduler {
                     .await;
             });
         }
+    }
+
+    /// The worker has the task under `fence`: from now on its queue message is kept from
+    /// redelivery (see [`keep_confirmed_tasks`](Self::keep_confirmed_tasks)).
+    fn confirm(&self, task_id: &str, fence: u64) {
+        if let Some(flight) = self.lock().in_flight.get_mut(task_id)
+            && flight.fence == fence
+        {
+            flight.confirmed = true;
+        }
+    }
+
+    /// Tells the queue that confirmed tasks are still being worked on (JetStream progress
+    /// acknowledgements, at least every third of `ack_wait_s`, for [`PROGRESS_SPAN`] times
+    /// `ack_wait_s` after each delivery), so a long task is redelivered (and its assignment
+    /// sent again) seldom and `ack_wait_s` can stay short: it is how soon a scheduler taking
+    /// over sees the tasks its predecessor left.
+    async fn keep_confirmed_tasks(&self) {
+        let every = Duration::from_secs_f64(self.cfg.ack_wait_s / 3.0);
+        let span = Duration::from_secs_f64(self.cfg.ack_wait_s * PROGRESS_SPAN);
+        let now = Instant::now();
+        let replies: Vec<async_nats::Subject> = {
+            let mut st = self.lock();
+            st.in_flight
+                .values_mut()
+                .filter(|f| {
+                    f.confirmed
+                        && now.saturating_duration_since(f.progress_at) >= every
+                        && now.saturating_duration_since(f.delivered_at) < span
+                })
+                .filter_map(|f| {
+                    let reply = f.msg.as_ref()?.reply.clone()?;
+                    f.progress_at = now;
+                    Some(reply)
+                })
+                .collect()
+        };
+        for reply in replies {
+            if let Err(err) = self
+                .client
+                .publish(reply, bytes::Bytes::from_static(b"+WPI"))
+                .await
+            {
+                tracing::debug!(error = %err, "progress acknowledgement not sent; the task may be redelivered (it never runs twice)");
+            }
+        }
+    }
+
+    /// Records a worker heard from for the first time in this tenure, or under a new run, in
+    /// the registry (in the background: the heartbeat loop does not wait for the store).
+    fn register(self: &Arc<Self>, hb: &Heartbeat) {
+        let sighting = Sighting {
+            worker_id: hb.worker_id.clone(),
+            run_id: hb.run_id.clone(),
+            since: time::now(),
+        };
+        let s = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = s.registry.record(&sighting).await {
+                tracing::warn!(worker_id = %sighting.worker_id, error = %err, "worker registry: not recorded; retried at the next heartbeat");
+                s.lock().registered.remove(&sighting.worker_id);
+            }
+        });
+    }
+
+    /// At the start of a tenure: the workers the registry lists and this replica has not heard
+    /// from are expected (unconfirmed, taking no work); those that stay silent for
+    /// `heartbeat_timeout_s` are declared dead by the watchdog like any other.
+    async fn take_over_registry(&self) {
+        let sightings = match self.registry.load().await {
+            Ok(v) => v,
+            Err(err) => {
+                tracing::warn!(error = %err, "worker registry unavailable at takeover; workers that died unseen are found only when their tasks come back from the queue");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut expected = Vec::new();
+        {
+            let mut st = self.lock();
+            for sighting in &sightings {
+                if !st.pool.contains(&sighting.worker_id) {
+                    st.pool
+                        .expect(&sighting.worker_id, sighting.run_id.clone(), now);
+                    expected.push(sighting.worker_id.clone());
+                }
+                st.registered
+                    .insert(sighting.worker_id.clone(), sighting.run_id.clone());
+            }
+        }
+        if expected.is_empty() {
+            return;
+        }
+        let n = self
+            .narrator
+            .narrative("workers_expected", "worker registry read at takeover")
+            .why(format!(
+                "{} worker(s) recorded by an earlier leader have not been heard from by this one: {}",
+                expected.len(),
+                expected.join(", ")
+            ))
+            .why(format!(
+                "each is declared dead unless it sends a heartbeat within {:.1} s",
+                self.cfg.heartbeat_timeout_s
+            ))
+            .context(json!({"workers": expected, "registered": sightings.len()}));
+        self.narrator.publish(n).await;
     }
 
     /// Answers a micro request: here when this replica leads, else through the leader.
@@ -819,6 +995,8 @@ impl Scheduler {
                 // handle and send the assignment again, in case the first one never arrived
                 // (a worker that has it accepts without running it twice).
                 flight.msg = Some(msg);
+                flight.delivered_at = Instant::now();
+                flight.progress_at = Instant::now();
                 let handover = Handover {
                     task,
                     worker_id: flight.worker_id.clone(),
@@ -949,6 +1127,9 @@ impl Scheduler {
                     fence,
                     attempt,
                     assigned_at: Instant::now(),
+                    confirmed: false,
+                    progress_at: Instant::now(),
+                    delivered_at: Instant::now(),
                 },
             );
             st.queue_depth
@@ -986,13 +1167,18 @@ impl Scheduler {
             ack(&msg).await;
             return;
         };
-        {
+        let dead = {
             let mut st = self.lock();
             if let Some(flight) = st.in_flight.get_mut(&task.task_id) {
                 flight.msg = Some(msg);
+                flight.delivered_at = Instant::now();
+                flight.progress_at = Instant::now();
                 return;
             }
-            st.pool.adopt(&a.worker_id, Instant::now());
+            let dead = st.declared_dead.contains(&a.worker_id) && !st.pool.contains(&a.worker_id);
+            if !dead {
+                st.pool.adopt(&a.worker_id, Instant::now());
+            }
             st.in_flight.insert(
                 task.task_id.clone(),
                 InFlight {
@@ -1001,8 +1187,20 @@ impl Scheduler {
                     fence: a.fence,
                     attempt: a.attempt,
                     assigned_at: Instant::now(),
+                    confirmed: false,
+                    progress_at: Instant::now(),
+                    delivered_at: Instant::now(),
                 },
             );
+            dead
+        };
+        if dead {
+            // Its worker died while no scheduler watched it (declared dead at takeover): a new
+            // attempt elsewhere, now.
+            let why = format!("{} was declared dead", a.worker_id);
+            self.reassign_and_deliver(&task.task_id, Some(&a.worker_id), true, &why)
+                .await;
+            return;
         }
         // The previous scheduler may have died before the assignment reached the worker: send
         // it again under the same fence. A worker already running it accepts without starting
@@ -1051,7 +1249,10 @@ impl Scheduler {
             )
             .await
             {
-                Ok(Ok(reply)) if reply.headers.is_none() => return,
+                Ok(Ok(reply)) if reply.headers.is_none() => {
+                    self.confirm(&task_id, fence);
+                    return;
+                }
                 Ok(Ok(reply)) if error_code(&reply.payload).as_deref() == Some("stale_leader") => {
                     // The worker has seen a newer leader: this replica lost its lease.
                     self.counters.fenced.fetch_add(1, Ordering::Relaxed);
@@ -1366,7 +1567,24 @@ impl Scheduler {
                 }
             })
             .await;
-        if let Ok(Ok((Report::Repeated, _))) = &applied {
+        if let Ok(Ok((Report::Repeated, record))) = &applied {
+            if record.status == IntentStatus::Completed {
+                // Its first copy was recorded but the answer lost (a store or leader change in
+                // between): finish the bookkeeping that answer would have done, once.
+                let flight = {
+                    let mut st = self.lock();
+                    let flight = st.in_flight.remove(&report.task_id);
+                    if let Some(f) = &flight
+                        && !f.worker_id.is_empty()
+                    {
+                        st.pool.release(&f.worker_id, Some(true));
+                    }
+                    flight
+                };
+                if let Some(msg) = flight.and_then(|f| f.msg) {
+                    ack(&msg).await;
+                }
+            }
             return Ok(json!({"accepted": true, "task_id": report.task_id, "repeated": true}));
         }
         let record = match applied {
@@ -1410,7 +1628,7 @@ impl Scheduler {
         };
         let task = Task::for_intent(&record.intent, record.decision.priority, tier_of(&record));
         match outcome {
-            Outcome::Started => {}
+            Outcome::Started => self.confirm(&report.task_id, fence),
             Outcome::Completed => {
                 let queued_ms = record
                     .history
@@ -1421,11 +1639,15 @@ impl Scheduler {
                 let latency_ms = queued_ms.map(|q| (time::now_ms() - q).max(0) as u64);
                 let flight = {
                     let mut st = self.lock();
-                    st.pool.release(&worker, Some(true));
                     if let Some(ms) = latency_ms {
                         st.latency.record(ms);
                     }
-                    st.in_flight.remove(&report.task_id)
+                    let flight = st.in_flight.remove(&report.task_id);
+                    // The slot is this tenure's only if it handed the task out (or adopted it).
+                    if flight.as_ref().is_some_and(|f| !f.worker_id.is_empty()) {
+                        st.pool.release(&worker, Some(true));
+                    }
+                    flight
                 };
                 if let Some(msg) = flight.and_then(|f| f.msg) {
                     ack(&msg).await;
@@ -1445,14 +1667,21 @@ impl Scheduler {
                     .error
                     .clone()
                     .unwrap_or_else(|| "the handler failed without a message".into());
-                self.lock().pool.release(&worker, Some(false));
+                {
+                    // The slot is released here (with the failure remembered) if this tenure
+                    // holds it; the in-flight entry stops naming the worker, so neither
+                    // `reassign` nor `fail_for_good` releases it again.
+                    let mut guard = self.lock();
+                    let st = &mut *guard;
+                    if let Some(flight) = st.in_flight.get_mut(&report.task_id)
+                        && !flight.worker_id.is_empty()
+                    {
+                        flight.worker_id.clear();
+                        st.pool.release(&worker, Some(false));
+                    }
+                }
                 let attempt = record.assignment.as_ref().map_or(1, |a| a.attempt);
                 if report.retryable && attempt < self.cfg.max_attempts {
-                    // The worker's slot is released above (with the failure remembered), so the
-                    // in-flight entry stops naming it and `reassign` does not release it again.
-                    if let Some(flight) = self.lock().in_flight.get_mut(&report.task_id) {
-                        flight.worker_id.clear();
-                    }
                     let why = format!("{worker} failed attempt {attempt}: {error}");
                     self.reassign_and_deliver(&report.task_id, Some(&worker), true, &why)
                         .await;
