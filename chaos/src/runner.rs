@@ -550,6 +550,25 @@ async fn execute(
             None => 0,
         };
         check.absorb(&check_events(&sent, &seen, backlog, &mut completion_ms));
+        // When an event was processed twice, when (seconds after the method start): the
+        // evidence that ties a redelivery to a fault.
+        let t0_ms = time::now_ms() - t0.elapsed().as_millis() as i64;
+        let mut twice: Vec<(&String, &Vec<i64>)> =
+            seen.iter().filter(|(_, times)| times.len() > 1).collect();
+        twice.sort_by_key(|(_, times)| times.iter().min().copied());
+        for (id, times) in twice.into_iter().take(5) {
+            let at = |ms: i64| format!("{:.1} s", (ms - t0_ms) as f64 / 1000.0);
+            let published = sent.events.get(id.as_str()).map(|ms| at(*ms));
+            out.evidence.push(format!(
+                "event {id} published at {}, processed at {}",
+                published.unwrap_or_else(|| "?".into()),
+                times
+                    .iter()
+                    .map(|ms| at(*ms))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ));
+        }
     }
     if !sent.intents.is_empty() {
         let observed = completions.lock().await.clone();
@@ -1302,7 +1321,16 @@ async fn check_intents(
                     )),
                 )
             }
-            other => ledger.observe(id.clone(), Observation::Held(other.to_owned())),
+            other => {
+                // The last transition's reason says how it got there (e.g. "replayed from the
+                // park"), which is the evidence when it stays there.
+                let why = history
+                    .last()
+                    .and_then(|h| h["reason"].as_str())
+                    .map(|r| format!("{other} ({r})"))
+                    .unwrap_or_else(|| other.to_owned());
+                ledger.observe(id.clone(), Observation::Held(why))
+            }
         }
     }
     // Completions announced for intents of this run that were never sent.

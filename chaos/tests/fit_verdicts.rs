@@ -1,0 +1,95 @@
+//! FIT03 against a real stack with its safeguard disabled: with the scheduler's shedding limit
+//! at 0 (no priority may be shed) the overload still raises the shedding incident, but nothing
+//! is parked; the run FAILS naming the safeguards that never fired, while the checker still
+//! finds every acknowledged intent, the critical ones included, completed exactly once.
+
+use bulwark_chaos::runner::{self, Options, Verdict};
+use bulwark_chaos::scenario::{self, Scenario};
+
+fn load(id: &str) -> Scenario {
+    let dir = bulwark_chaos::scenarios_dir();
+    scenario::load_file(&dir.join(format!("{id}.toml")))
+        .expect("the scenario loads")
+        .scenario
+}
+
+/// Layers `toml_text` over the scenario's `[quick.system]`.
+fn system(s: &mut Scenario, toml_text: &str) {
+    let extra: toml::Table = toml::from_str(toml_text).expect("toml");
+    for (section, v) in extra {
+        match (s.quick.system.get_mut(&section), v) {
+            (Some(toml::Value::Table(into)), toml::Value::Table(over)) => {
+                into.extend(over);
+            }
+            (_, v) => {
+                s.quick.system.insert(section, v);
+            }
+        }
+    }
+}
+
+fn options() -> Options {
+    Options {
+        external: false,
+        quick: true,
+        seed: 42,
+        cfg: bulwark_common::BulwarkConfig::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overload_with_shedding_disabled_fails_naming_the_shedding() {
+    let mut s = load("FIT03_combined_load_chaos");
+    // Shedding is there but may take no priority at all: the playbook's request is refused.
+    system(&mut s, "[scheduler]\nshed_below_priority = 0\n");
+    let r = runner::run_scenario(&s, &options()).await;
+    assert_eq!(r.verdict, Verdict::Fail, "{:#?}", r.scenario.reasons);
+    assert_eq!(
+        r.control.verdict,
+        Verdict::Pass,
+        "the control is unaffected: {:#?}",
+        r.control.reasons
+    );
+    let reasons = r.scenario.reasons.join("\n");
+    for silent in [
+        "load shedding (tasks parked)",
+        "self-healing resumed (shedding decision)",
+    ] {
+        assert!(
+            reasons.contains(&format!("{silent}: never fired")),
+            "{silent} is named as never fired:\n{reasons}"
+        );
+    }
+    let guard = r
+        .scenario
+        .safeguards
+        .iter()
+        .find(|g| g.safeguard == "queue guard (shedding incident)")
+        .expect("the guard is judged");
+    assert!(
+        guard.ok,
+        "the overload still raised the incident: {}",
+        guard.detail
+    );
+    // Nothing was parked, and nothing acknowledged was lost or run twice.
+    let check = &r.scenario.check;
+    assert!(check.valid(), "{}", check.summary());
+    assert_eq!(check.parked, 0, "{}", check.summary());
+    assert_eq!(r.scenario.intent_fates.ever_parked, 0);
+    let fates = &r.scenario.intent_fates;
+    assert!(
+        fates.critical > 0 && fates.critical_completed == fates.critical,
+        "every critical intent served: {fates:?}"
+    );
+    let ramp = r
+        .scenario
+        .injections
+        .iter()
+        .find(|i| i.kind == "ramp_intents")
+        .expect("the ramp ran");
+    assert!(
+        ramp.figures["offered"].as_u64().is_some_and(|n| n > 1000),
+        "the journal says what the ramp offered: {:?}",
+        ramp.figures
+    );
+}
