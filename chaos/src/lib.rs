@@ -30,7 +30,8 @@
 //!
 //! # Subjects
 //! Produces `mesh.test.*`, `mesh.chaos.*` (the events of `publish_events` and `cascade`),
-//! `htm.intent.submit`, `scheduler.pause|resume`, `htm.pool.kill`; reads `htm.readiness`,
+//! `htm.intent.submit`, `htm.intent.status`, `governance.review.decide`, `scheduler.pause|resume`,
+//! `scheduler.replay`, `htm.pool.kill`; reads `htm.readiness`,
 //! `storm_guard.status`, `htm.pool.status`, `event_policy.rules`, `$SRV.PING`, the subjects of
 //! the expectations (`mesh.event.incident`, `mesh.breaker.*`, `mesh.layer2.*`,
 //! `clarity.narrative.*`, ...), `mesh.task.completed`, the `bulwark_intents` bucket and the

@@ -987,7 +987,7 @@ pub struct Control {
 pub struct Quick {
     /// Factor on every injection's times (`at_s`, `duration_s`, `over_s`, `down_s`).
     pub time_scale: f64,
-    /// Factor on closed-loop intent counts.
+    /// Factor on closed-loop intent counts, the writers' operations and the ramp's rates.
     pub count_scale: f64,
     /// Replaces `recovery_limit_s`.
     pub recovery_limit_s: Option<Seconds>,
