@@ -313,3 +313,126 @@ async fn restoring_an_older_backup_is_detected_as_a_rollback_and_refused() {
         then_last
     );
 }
+
+/// Submits `id` (a low-risk query that governance queues at once) and checks it was queued.
+async fn submit_queued(client: &async_nats::Client, id: &str) {
+    let body = json!({"intent_id": id, "intent_type": "query_knowledge", "actor": "rollback_test",
+                      "priority": 5, "payload": {}, "mission_context": {"learning_impact": true}});
+    let (reply, code) = request_json(client, subjects::INTENT_SUBMIT, body.to_string()).await;
+    assert_eq!(
+        (code, reply["status"].as_str()),
+        (None, Some("queued")),
+        "{reply}"
+    );
+}
+
+async fn intent_status(kv: &jetstream::kv::Store, id: &str) -> Option<String> {
+    let bytes = kv.get(id).await.ok().flatten()?;
+    let record: Value = serde_json::from_slice(&bytes).ok()?;
+    record["status"].as_str().map(str::to_owned)
+}
+
+async fn wait_all_completed(kv: &jetstream::kv::Store, ids: &[String]) {
+    for id in ids {
+        eventually(PATIENCE, &format!("{id} completed"), || async {
+            (intent_status(kv, id).await.as_deref() == Some("completed")).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_rollback_is_reconciled_no_intent_runs_twice_and_none_is_lost() {
+    init_logging();
+    let server = NatsServer::start();
+    let mut cfg = server.config();
+    cfg.worker.heartbeat_interval_s = 0.2;
+    cfg.scheduler.heartbeat_timeout_s = 3.0;
+    cfg.scheduler.check_interval_s = 0.2;
+    cfg.scheduler.ack_wait_s = 3.0;
+    cfg.scheduler.min_workers = 1;
+    cfg.replicas.lease_ttl_s = 2.0;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    let runs = Runs::default();
+    let gov = start_governance(cfg.clone()).await;
+    let sched = start_scheduler(cfg.clone()).await;
+    let _worker = start_counting_worker(&cfg, "rw-1", &runs, 5).await;
+    let ids = |prefix: &str, n: usize| (0..n).map(|i| format!("{prefix}-{i}")).collect::<Vec<_>>();
+    let (before, after, waiting) = (ids("before", 10), ids("after", 10), ids("waiting", 5));
+
+    // "before": queued (the scheduler paused) when the backup is taken, run afterwards.
+    request_json(&client, subjects::SCHEDULER_PAUSE, "{}").await;
+    for id in &before {
+        submit_queued(&client, id).await;
+    }
+    let root = tempfile::tempdir().expect("tempdir");
+    let (old, _) = backup::backup(&client, root.path()).await.expect("backup");
+    request_json(&client, subjects::SCHEDULER_RESUME, "{}").await;
+    let kv = js
+        .get_key_value(streams::INTENTS_BUCKET)
+        .await
+        .expect("intents");
+    wait_all_completed(&kv, &before).await;
+    // "after": submitted and run after the backup; "waiting": acknowledged, not run yet.
+    for id in &after {
+        submit_queued(&client, id).await;
+    }
+    wait_all_completed(&kv, &after).await;
+    request_json(&client, subjects::SCHEDULER_PAUSE, "{}").await;
+    for id in &waiting {
+        submit_queued(&client, id).await;
+    }
+
+    // The operator stops bulwark and restores the old backup, accepting the rollback.
+    sched.stop().await.expect("scheduler stops");
+    gov.stop().await.expect("governance stops");
+    let refused = backup::restore(&client, &old, true)
+        .await
+        .expect_err("a rollback is refused by default");
+    assert!(matches!(refused, BackupError::Rollback(_)), "{refused}");
+    let outcome = backup::restore_with(&client, &old, true, true)
+        .await
+        .expect("rollback accepted");
+    assert!(
+        outcome
+            .regressions
+            .iter()
+            .any(|r| r.starts_with("KV_bulwark_intents")),
+        "{:?}",
+        outcome.regressions
+    );
+    let r = outcome
+        .reconciliation
+        .expect("the intent records were reconciled");
+    assert_eq!(
+        (r.examined, r.carried_forward, r.finished_kept, r.requeued),
+        (25, 25, 20, 5),
+        "{r:?}"
+    );
+
+    // Bulwark comes back: everything acknowledged completes, and nothing ran twice.
+    let kv = js
+        .get_key_value(streams::INTENTS_BUCKET)
+        .await
+        .expect("intents");
+    let _gov = start_governance(cfg.clone()).await;
+    let _sched = start_scheduler(cfg.clone()).await;
+    let all: Vec<String> = [&before[..], &after[..], &waiting[..]].concat();
+    wait_all_completed(&kv, &all).await;
+    // The restored queue still held the "before" tasks: give the scheduler time to take them
+    // (they are dropped, their intents having completed) before counting.
+    eventually(PATIENCE, "the task queue to drain", || async {
+        let (messages, _) = stream_state(&js, streams::TASKS_STREAM).await;
+        (messages == 0).then_some(())
+    })
+    .await;
+    let counted = runs.snapshot();
+    for id in &all {
+        assert_eq!(
+            counted.get(id),
+            Some(&1),
+            "{id} ran exactly once: {counted:?}"
+        );
+    }
+}

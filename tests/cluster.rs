@@ -6,8 +6,7 @@
 //! counting handler), so "executed twice" means the work really ran twice, not that a report
 //! was recorded twice.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -18,49 +17,11 @@ use bulwark_common::kv::Change;
 use bulwark_common::lease::LeaseRecord;
 use bulwark_common::{streams, subjects};
 use bulwark_tests::*;
-use bulwark_worker::handlers::{Handler, HandlerError, Handlers};
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use serde_json::{Value, json};
 
 /// Long enough for anything these tests wait for on two shared cores; never a pass/fail figure.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-/// Runs per intent id, counted where the work happens.
-#[derive(Clone, Default)]
-struct Runs(Arc<Mutex<HashMap<String, u32>>>);
-
-impl Runs {
-    fn snapshot(&self) -> HashMap<String, u32> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-/// A handler that counts each run and takes `work_ms`.
-struct Counting {
-    runs: Runs,
-    work_ms: u64,
-}
-
-impl Handler for Counting {
-    fn handle<'a>(
-        &'a self,
-        worker_id: &'a str,
-        task: &'a Task,
-    ) -> BoxFuture<'a, Result<Value, HandlerError>> {
-        Box::pin(async move {
-            *self
-                .runs
-                .0
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(task.intent_id.clone())
-                .or_default() += 1;
-            tokio::time::sleep(Duration::from_millis(self.work_ms)).await;
-            Ok(json!({"worker": worker_id}))
-        })
-    }
-}
 
 /// Test timings that tolerate a broker failover: workers heartbeat often but are declared dead
 /// only after 10 s (a reconnect is not a death), redelivery after 5 s, 2 s leases.
@@ -74,15 +35,6 @@ fn scale_config(mut cfg: BulwarkConfig) -> BulwarkConfig {
     cfg.scheduler.min_workers = 1;
     cfg.replicas.lease_ttl_s = 2.0;
     cfg
-}
-
-async fn start_counting_worker(cfg: &BulwarkConfig, id: &str, runs: &Runs) -> RunningService {
-    let handler: Arc<dyn Handler> = Arc::new(Counting {
-        runs: runs.clone(),
-        work_ms: 20,
-    });
-    let handlers = Handlers::default().with("query_knowledge", handler);
-    start_worker_with(cfg.clone(), id, handlers).await
 }
 
 /// Submits `id` until governance answers (the same id again after a lost reply: idempotent).
@@ -233,8 +185,8 @@ async fn a_broker_node_dies_while_intents_flow_and_no_acknowledged_intent_is_los
     let runs = Runs::default();
     let _gov = start_governance(cfg.clone()).await;
     let _sched = start_scheduler(cfg.clone()).await;
-    let _w1 = start_counting_worker(&cfg, "cw-1", &runs).await;
-    let _w2 = start_counting_worker(&cfg, "cw-2", &runs).await;
+    let _w1 = start_counting_worker(&cfg, "cw-1", &runs, 20).await;
+    let _w2 = start_counting_worker(&cfg, "cw-2", &runs, 20).await;
     let client = cluster.client().await;
     let js = jetstream::new(client.clone());
 
@@ -320,8 +272,8 @@ async fn the_scheduler_leader_dies_under_load_the_standby_takes_over_and_the_old
         (found.len() == 2).then_some(())
     })
     .await;
-    let _w1 = start_counting_worker(&cfg, "lw-1", &runs).await;
-    let _w2 = start_counting_worker(&cfg, "lw-2", &runs).await;
+    let _w1 = start_counting_worker(&cfg, "lw-1", &runs, 20).await;
+    let _w2 = start_counting_worker(&cfg, "lw-2", &runs, 20).await;
 
     const N: usize = 60;
     let (progress, mut seen) = tokio::sync::watch::channel(0);

@@ -227,7 +227,31 @@ pub async fn run(target: &Target, plan: DrillPlan) -> anyhow::Result<Value> {
                            "streams": streams.len(), "regressions": streams}),
                 )
                 .await;
-                rollback = json!({"refused": true, "regressions": streams});
+                // The operator accepts the loss (`--allow-rollback`): the intent records are
+                // reconciled; none may end up knowing less than before the rollback.
+                let before = bulwark_common::rollback::read_ledger(&js_of(&client)).await?;
+                let outcome = backup::restore_with(&client, oldest, true, true).await?;
+                let after = bulwark_common::rollback::read_ledger(&js_of(&client)).await?;
+                let now = after.progress();
+                let regressed = before
+                    .progress()
+                    .iter()
+                    .filter(|(id, len)| now.get(*id).is_none_or(|n| n < *len))
+                    .count();
+                let r = outcome.reconciliation.unwrap_or_default();
+                narrate(
+                    target,
+                    "restore_rollback_reconciled",
+                    "rollback accepted (--allow-rollback); intent records read before, carried forward after",
+                    json!({"examined": r.examined, "carried_forward": r.carried_forward,
+                           "finished_kept": r.finished_kept, "requeued": r.requeued,
+                           "regressed": regressed, "streams": outcome.regressions.len()}),
+                )
+                .await;
+                rollback = json!({"refused": true, "regressions": streams,
+                                  "reconciled": {"examined": r.examined, "carried_forward": r.carried_forward,
+                                                 "finished_kept": r.finished_kept, "requeued": r.requeued,
+                                                 "regressed": regressed}});
             }
             Ok(restored) => {
                 narrate(
@@ -253,4 +277,8 @@ pub async fn run(target: &Target, plan: DrillPlan) -> anyhow::Result<Value> {
         "restore": context,
         "verify": report,
     }))
+}
+
+fn js_of(client: &async_nats::Client) -> async_nats::jetstream::Context {
+    async_nats::jetstream::new(client.clone())
 }

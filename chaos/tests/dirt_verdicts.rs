@@ -80,8 +80,13 @@ async fn a_siege_with_the_queue_guard_blind_fails_naming_the_silent_safeguards()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kernel_kill_without_the_pool_respawn_fails_naming_it() {
     let mut s = load("DIRT01_critical_kernel_kill");
-    // The pool never brings the crashed workers back within the run.
-    system(&mut s, "[worker]\nrespawn_delay_s = 100000.0\n");
+    // The pool never brings the crashed workers back within the run, and the playbooks (whose
+    // worker recovery would respawn them on the "declared dead" incident) find every incident
+    // too old to act on.
+    system(
+        &mut s,
+        "[worker]\nrespawn_delay_s = 100000.0\n[playbooks]\nmax_incident_age_s = 0.001\n",
+    );
     s.quick.recovery_limit_s = Some(scenario::Seconds(20.0));
     let r = runner::run_scenario(&s, &options()).await;
     assert_eq!(r.verdict, Verdict::Fail, "{:#?}", r.scenario.reasons);

@@ -673,3 +673,62 @@ where
 pub fn init_logging() {
     bulwark_common::logging::init("warn");
 }
+
+/// Runs per intent id, counted where the work happens (handlers in the test process), so "ran
+/// twice" means the work really ran twice, not that a report was recorded twice.
+#[derive(Clone, Default)]
+pub struct Runs(std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>);
+
+impl Runs {
+    /// Runs so far, per intent id.
+    pub fn snapshot(&self) -> std::collections::HashMap<String, u32> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A handler that counts each run and takes `work_ms`.
+pub struct Counting {
+    /// Where runs are counted.
+    pub runs: Runs,
+    /// How long each run takes.
+    pub work_ms: u64,
+}
+
+impl bulwark_worker::handlers::Handler for Counting {
+    fn handle<'a>(
+        &'a self,
+        worker_id: &'a str,
+        task: &'a bulwark_common::intent::Task,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<serde_json::Value, bulwark_worker::handlers::HandlerError>,
+    > {
+        Box::pin(async move {
+            *self
+                .runs
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(task.intent_id.clone())
+                .or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(self.work_ms)).await;
+            Ok(serde_json::json!({"worker": worker_id}))
+        })
+    }
+}
+
+/// A worker `id` whose `query_knowledge` handler counts its runs in `runs`.
+pub async fn start_counting_worker(
+    cfg: &BulwarkConfig,
+    id: &str,
+    runs: &Runs,
+    work_ms: u64,
+) -> RunningService {
+    let handler: std::sync::Arc<dyn bulwark_worker::handlers::Handler> =
+        std::sync::Arc::new(Counting {
+            runs: runs.clone(),
+            work_ms,
+        });
+    let handlers = bulwark_worker::handlers::Handlers::default().with("query_knowledge", handler);
+    start_worker_with(cfg.clone(), id, handlers).await
+}

@@ -97,11 +97,12 @@ pub async fn run_restore(cfg: BulwarkConfig, args: RestoreArgs) -> anyhow::Resul
         return Ok(ExitCode::SUCCESS);
     }
     let client = client(&cfg).await?;
-    let restored = backup::restore_with(&client, &dir, args.replace, args.allow_rollback).await?;
+    let outcome = backup::restore_with(&client, &dir, args.replace, args.allow_rollback).await?;
+    let restored = &outcome.streams;
     if restored.is_empty() {
         bail!("{} holds no streams", dir.display());
     }
-    for r in &restored {
+    for r in restored {
         println!(
             "{:<28} {:>9} messages  last seq {:>9}{}",
             r.stream,
@@ -115,6 +116,15 @@ pub async fn run_restore(cfg: BulwarkConfig, args: RestoreArgs) -> anyhow::Resul
                 "", r.manifest_messages, r.manifest_last_seq
             );
         }
+    }
+    for regression in &outcome.regressions {
+        println!("rolled back: {regression} (accepted with --allow-rollback)");
+    }
+    if let Some(r) = &outcome.reconciliation {
+        println!(
+            "reconciled: {} intent records read before the rollback; {} carried forward ({} finished, not run again; {} queued again)",
+            r.examined, r.carried_forward, r.finished_kept, r.requeued
+        );
     }
     println!("restored {}", dir.display());
     Ok(ExitCode::SUCCESS)

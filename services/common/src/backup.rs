@@ -445,19 +445,33 @@ pub async fn restore(
     dir: &Path,
     replace: bool,
 ) -> Result<Vec<Restored>, BackupError> {
-    restore_with(client, dir, replace, false).await
+    Ok(restore_with(client, dir, replace, false).await?.streams)
+}
+
+/// What a restore did.
+#[derive(Debug)]
+pub struct RestoreOutcome {
+    /// Each stream restored.
+    pub streams: Vec<Restored>,
+    /// The streams that went back (`<stream> from sequence <a> to <b>`), when a rollback was
+    /// accepted.
+    pub regressions: Vec<String>,
+    /// What reconciling the intent records did, when a rollback of them was accepted.
+    pub reconciliation: Option<crate::rollback::Reconciliation>,
 }
 
 /// [`restore`], and with `allow_rollback` a backup older than the server's streams replaces
 /// them. Without it, when any existing stream's last sequence is beyond the backup's, nothing
 /// is touched and [`BackupError::Rollback`] names each such stream with both sequences
-/// (the rollback is detected by sequence regression).
+/// (the rollback is detected by sequence regression). An accepted rollback of the intent
+/// records is reconciled ([`crate::rollback`]): they are read before and carried forward after,
+/// so no intent runs twice and none acknowledged is lost.
 pub async fn restore_with(
     client: &async_nats::Client,
     dir: &Path,
     replace: bool,
     allow_rollback: bool,
-) -> Result<Vec<Restored>, BackupError> {
+) -> Result<RestoreOutcome, BackupError> {
     let manifest = verify(dir)?;
     let js = jetstream::new(client.clone());
     let existing = bulwark_streams(&js).await?;
@@ -498,6 +512,15 @@ pub async fn restore_with(
     if !regressions.is_empty() && !allow_rollback {
         return Err(BackupError::Rollback(regressions));
     }
+    let intents_stream = format!("KV_{}", crate::streams::INTENTS_BUCKET);
+    let ledger = if !regressions.is_empty()
+        && existing.contains(&intents_stream)
+        && manifest.stream(&intents_stream).is_some()
+    {
+        Some(crate::rollback::read_ledger(&js).await?)
+    } else {
+        None
+    };
     let mut done = Vec::new();
     for entry in &manifest.streams {
         let replaced = existing.contains(&entry.stream);
@@ -516,7 +539,15 @@ pub async fn restore_with(
             manifest_last_seq: entry.last_seq,
         });
     }
-    Ok(done)
+    let reconciliation = match ledger {
+        Some(ledger) => Some(crate::rollback::reconcile(&js, ledger).await?),
+        None => None,
+    };
+    Ok(RestoreOutcome {
+        streams: done,
+        regressions,
+        reconciliation,
+    })
 }
 
 async fn restore_stream(

@@ -39,6 +39,7 @@ pub mod micro;
 pub mod narrative;
 pub mod nats_server;
 pub mod replica;
+pub mod rollback;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;
