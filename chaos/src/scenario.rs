@@ -1607,6 +1607,52 @@ time_scale = 0.5
     }
 
     #[test]
+    fn fit_injections_are_checked_and_scaled() {
+        let outage = GOOD.replace(
+            "[[expect]]",
+            "[[inject]]\nkind = \"random_outage\"\nover_s = 60.0\noutages = 2\ntargets = [\"nats\", \"scheduler\"]\nmin_down_s = 10.0\nmax_down_s = 20.0\n\n[[expect]]",
+        );
+        let s = parse(&outage).expect("loads");
+        assert!(s.method[1].needs_own_stack());
+        let q = s.quick();
+        match &q.method[1] {
+            Injection::RandomOutage {
+                over_s,
+                min_down_s,
+                max_down_s,
+                ..
+            } => assert_eq!((over_s.0, min_down_s.0, max_down_s.0), (30.0, 5.0, 10.0)),
+            other => panic!("{other:?}"),
+        }
+        let e = parse(&outage.replace("\"scheduler\"]", "\"databse\"]")).expect_err("no");
+        assert!(e.reason.contains("unknown target \"databse\""), "{e}");
+        let e = parse(&outage.replace("min_down_s = 10.0", "min_down_s = 30.0")).expect_err("no");
+        assert!(e.reason.contains("min_down_s is above max_down_s"), "{e}");
+        let ramp = GOOD.replace(
+            "[[expect]]",
+            "[[inject]]\nkind = \"ramp_intents\"\nfrom_per_s = 1000\nto_per_s = 10000\nduration_s = 60.0\n\n[[expect]]",
+        )
+        .replace("time_scale = 0.5", "time_scale = 0.5\ncount_scale = 0.1");
+        let q = parse(&ramp).expect("loads").quick();
+        match &q.method[1] {
+            Injection::RampIntents {
+                from_per_s,
+                to_per_s,
+                duration_s,
+                max_in_flight,
+                ..
+            } => assert_eq!(
+                (from_per_s.0, to_per_s.0, duration_s.0, max_in_flight.0),
+                (100, 1000, 30.0, 200)
+            ),
+            other => panic!("{other:?}"),
+        }
+        let e = parse(&GOOD.replace("[verify]\n", "[verify]\ncritical_priority = 12\n"))
+            .expect_err("no");
+        assert!(e.reason.contains("critical_priority must be 0-9"), "{e}");
+    }
+
+    #[test]
     fn the_repository_scenarios_load() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
         let loaded = load_dir(&dir).unwrap_or_else(|errors| {
