@@ -1,0 +1,40 @@
+//! JEPSEN04 against a real stack with its safeguard disabled: the writers read, modify and put
+//! blindly instead of compare-and-set; the run FAILS, naming the history check that found lost
+//! updates and the conflict refusals that never happened.
+
+use bulwark_chaos::runner::{self, Options, Verdict};
+use bulwark_chaos::scenario::{self, Injection};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_without_compare_and_set_fail_with_lost_updates() {
+    let dir = bulwark_chaos::scenarios_dir();
+    let mut s = scenario::load_file(&dir.join("JEPSEN04_concurrent_write_conflict.toml"))
+        .expect("the scenario loads")
+        .scenario;
+    let mut disabled = 0;
+    for injection in s.method.iter_mut() {
+        if let Injection::ConcurrentWrites { cas, .. } = injection {
+            *cas = false;
+            disabled += 1;
+        }
+    }
+    assert_eq!(disabled, 1, "the scenario has its writers");
+    let options = Options {
+        external: false,
+        quick: true,
+        seed: 42,
+        cfg: bulwark_common::BulwarkConfig::default(),
+    };
+    let r = runner::run_scenario(&s, &options).await;
+    assert_eq!(r.verdict, Verdict::Fail, "{:#?}", r.scenario.reasons);
+    let reasons = r.scenario.reasons.join("\n");
+    for silent in [
+        "compare-and-set refused stale writes",
+        "history linearizable",
+    ] {
+        assert!(
+            reasons.contains(&format!("{silent}: never fired")),
+            "{silent} is named as never fired:\n{reasons}"
+        );
+    }
+}
