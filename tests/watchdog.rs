@@ -309,3 +309,54 @@ async fn a_queue_over_the_htm_threshold_raises_the_warning() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_watchdog_replicas_alert_once_and_recover_once() {
+    let mut s = stack(3, |_| {}).await;
+    let _second = start_watchdog(s.cfg.clone()).await;
+    wait_report(&s.client, "healthy first", healthy_and_ready).await;
+    // Both replicas answer reports (one queue group); exactly one of them announces.
+    let mut seen = std::collections::BTreeMap::new();
+    let deadline = std::time::Instant::now() + LIMIT;
+    while seen.len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both replicas answer reports: {seen:?}"
+        );
+        let r = report(&s.client).await;
+        if let Some(replica) = r["watchdog_replica"].as_str() {
+            seen.insert(replica.to_owned(), r["announcing"].as_bool());
+        }
+    }
+    assert_eq!(
+        seen.values().filter(|a| **a == Some(true)).count(),
+        1,
+        "one announcing replica: {seen:?}"
+    );
+
+    s.scheduler
+        .take()
+        .expect("scheduler")
+        .stop()
+        .await
+        .expect("scheduler stops cleanly");
+    s.alerts
+        .wait("scheduler", "heartbeat_missing", "raised")
+        .await;
+    sweeps(&s.client, 15).await;
+    assert_eq!(
+        s.alerts.count("scheduler", "heartbeat_missing", "raised"),
+        1,
+        "two replicas, one alert"
+    );
+    let _scheduler = start_scheduler(s.cfg.clone()).await;
+    s.alerts
+        .wait("scheduler", "heartbeat_missing", "recovered")
+        .await;
+    sweeps(&s.client, 5).await;
+    assert_eq!(
+        s.alerts
+            .count("scheduler", "heartbeat_missing", "recovered"),
+        1
+    );
+}

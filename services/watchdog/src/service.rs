@@ -2,7 +2,9 @@
 //! (`$SRV.PING`, `htm.readiness`, rules, alerts), the `watchdog.report` endpoint and the
 //! announcements (`mesh.layer2.<severity>_alert`, narratives, `telemetry.layer2`).
 //!
-//! The state lives behind one mutex that is never held across an await.
+//! The state lives behind one mutex that is never held across an await. Replicas share the
+//! `watchdog` lease (KV `bulwark_leases`): all of them sweep, only the holder announces, so two
+//! watchdogs raise an alert once; a standby that takes over goes on from the same state.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,11 +19,12 @@ use tokio_util::task::TaskTracker;
 use bulwark_common::api::{self, ApiError};
 use bulwark_common::config::BulwarkConfig;
 use bulwark_common::envelope::MeshEvent;
+use bulwark_common::lease::{self, Leadership};
 use bulwark_common::mesh_publisher::{MeshPublisher, PublishError};
 use bulwark_common::micro::{self, EndpointSpec};
 use bulwark_common::narrative::Narrator;
 use bulwark_common::replica::ReplicaBeat;
-use bulwark_common::{streams, subjects, telemetry, time};
+use bulwark_common::{ids, streams, subjects, telemetry, time};
 
 use crate::health::{Alert, AlertState, Rules, Watch};
 
@@ -60,6 +63,11 @@ struct Watchdog {
     replicas: Mutex<BTreeMap<(String, String), (ReplicaBeat, Instant)>>,
     /// A replica silent this long is reported `missing`.
     replica_timeout: Duration,
+    /// This replica's part in the `watchdog` lease: every replica sweeps (so a standby's view
+    /// is current when it takes over), only the holder announces alerts.
+    leadership: Leadership,
+    /// Alerts a standby computed and left to the leader.
+    left_to_leader: std::sync::atomic::AtomicU64,
 }
 
 impl Watchdog {
@@ -141,6 +149,21 @@ pub async fn run(
     bulwark_common::mesh::mesh_stream(&js, &cfg.mesh).await?;
     let publisher =
         MeshPublisher::new(client.clone(), js.clone(), SERVICE_NAME, THROTTLE_FOR).await?;
+    let holder = format!(
+        "{SERVICE_NAME}@{}/{}/{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
+        std::process::id(),
+        &ids::new_id()[28..]
+    );
+    let (leadership, elector) = lease::spawn(
+        lease::bucket(&js).await?,
+        js.clone(),
+        SERVICE_NAME,
+        &holder,
+        Duration::from_secs_f64(cfg.replicas.lease_ttl_s),
+        Narrator::new(js.clone(), SERVICE_NAME, &holder),
+        shutdown.clone(),
+    );
     let watchdog = Arc::new(Watchdog {
         client: client.clone(),
         watch: Mutex::new(Watch::new(rules(&cfg), Instant::now())),
@@ -154,6 +177,8 @@ pub async fn run(
         alert_failures: Default::default(),
         replicas: Mutex::new(BTreeMap::new()),
         replica_timeout: Duration::from_secs_f64(cfg.replicas.heartbeat_interval_s * 3.0),
+        leadership,
+        left_to_leader: Default::default(),
     });
 
     let tracker = TaskTracker::new();
@@ -200,6 +225,8 @@ pub async fn run(
             async move {
                 let mut report = state.lock().report(Instant::now());
                 report["replicas"] = state.replicas_report(Instant::now());
+                report["announcing"] = json!(state.leadership.is_leader());
+                report["watchdog_replica"] = json!(state.leadership.holder());
                 let report: Result<Value, ApiError> = Ok(report);
                 api::respond(&request, report).await;
             }
@@ -221,6 +248,11 @@ pub async fn run(
                     .alert_failures
                     .load(std::sync::atomic::Ordering::Relaxed)
             );
+            t["alerts_left_to_leader"] = json!(
+                figures
+                    .left_to_leader
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            );
             t
         },
     );
@@ -232,6 +264,7 @@ pub async fn run(
 
     shutdown.cancelled().await;
     micro::finish(SERVICE_NAME, service, tracker, SHUTDOWN_GRACE).await;
+    let _ = elector.await;
     Ok(())
 }
 
@@ -278,12 +311,20 @@ async fn sweep_loop(w: Arc<Watchdog>, every: Duration, shutdown: CancellationTok
     }
 }
 
-/// Pings, asks for readiness, applies the rules and announces the alerts.
+/// Pings, asks for readiness, applies the rules and announces the alerts (the lease holder
+/// only; a standby keeps the same state and notes what it left to the leader).
 async fn sweep(w: &Watchdog) {
     let (answering, readiness) = tokio::join!(ping(w), readiness(w));
     let alerts = w.lock().sweep(&answering, readiness, Instant::now());
+    let leader = w.leadership.is_leader();
     for alert in alerts {
-        announce(w, &alert).await;
+        if leader {
+            announce(w, &alert).await;
+        } else {
+            w.lock().note_sent(&alert, &time::now());
+            w.left_to_leader
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 
