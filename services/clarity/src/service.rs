@@ -32,8 +32,7 @@ use bulwark_common::api::{self, ApiError};
 use bulwark_common::config::{BulwarkConfig, ClarityConfig};
 use bulwark_common::kv::{self as kvx, Change};
 use bulwark_common::lease::{self, Leadership};
-use bulwark_common::narrative::Narrator;
-use bulwark_common::{ids, streams, subjects, telemetry, time};
+use bulwark_common::{streams, subjects, telemetry, time};
 
 use crate::chain::{self, AuditRecord, Bounds, Head, Stored, Verifier, VerifyReport};
 use crate::query::{Filter, INVALID_QUERY, Newest};
@@ -149,21 +148,13 @@ pub async fn run(
         .await
         .map_err(|e| ClarityError::Consumer(e.to_string()))?;
 
-    let holder = format!(
-        "{SERVICE_NAME}@{}/{}/{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
-        std::process::id(),
-        &ids::new_id()[28..]
-    );
-    let (leadership, elector) = lease::spawn(
-        lease::bucket(&js).await?,
-        js.clone(),
+    let (_, leadership, elector) = lease::elect(
+        &js,
         SERVICE_NAME,
-        &holder,
         Duration::from_secs_f64(cfg.replicas.lease_ttl_s),
-        Narrator::new(js.clone(), SERVICE_NAME, &holder),
         shutdown.clone(),
-    );
+    )
+    .await?;
     let clarity = Arc::new(Clarity {
         js,
         head_kv,

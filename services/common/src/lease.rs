@@ -228,6 +228,33 @@ pub async fn bucket(js: &jetstream::Context) -> Result<kv::Store, streams::Store
     .await
 }
 
+/// This process's name as a holder of `service`'s lease: `<service>@<host>/<pid>/<random>`
+/// (the random part tells two runs of one process id apart).
+pub fn holder_name(service: &str) -> String {
+    format!(
+        "{service}@{}/{}/{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
+        std::process::id(),
+        &crate::ids::new_id()[28..]
+    )
+}
+
+/// The usual election of a service's replicas: opens the lease bucket and takes part in the
+/// election for the duty `service` under [`holder_name`], transitions narrated by a narrator
+/// of `service` at that holder. Returns the holder name with [`spawn`]'s result.
+pub async fn elect(
+    js: &jetstream::Context,
+    service: &str,
+    ttl: Duration,
+    shutdown: CancellationToken,
+) -> Result<(String, Leadership, tokio::task::JoinHandle<()>), streams::StoreError> {
+    let holder = holder_name(service);
+    let store = bucket(js).await?;
+    let narrator = Narrator::new(js.clone(), service, &holder);
+    let (leadership, elector) = spawn(store, js.clone(), service, &holder, ttl, narrator, shutdown);
+    Ok((holder, leadership, elector))
+}
+
 /// Takes part in the election for `duty` as `holder` until `shutdown` (then releases the lease
 /// if held). Transitions are narrated with `narrator`. Returns at once; the returned
 /// [`Leadership`] follows the election.

@@ -33,6 +33,24 @@ pub struct WorkerState {
     pub run_id: Option<String>,
 }
 
+impl WorkerState {
+    /// A worker known before its first heartbeat (from a task it holds, or from the registry):
+    /// it takes no work until that heartbeat.
+    fn unconfirmed(now: Instant, run_id: Option<String>) -> Self {
+        WorkerState {
+            assigned: 0,
+            reported: 0,
+            capacity: 1,
+            cpu_percent: 0.0,
+            last_seen: now,
+            recent: VecDeque::new(),
+            unconfirmed: true,
+            uptime_s: 0.0,
+            run_id,
+        }
+    }
+}
+
 /// The pool.
 #[derive(Debug, Default)]
 pub struct Pool {
@@ -94,17 +112,7 @@ impl Pool {
         let w = self
             .workers
             .entry(worker_id.to_owned())
-            .or_insert_with(|| WorkerState {
-                assigned: 0,
-                reported: 0,
-                capacity: 1,
-                cpu_percent: 0.0,
-                last_seen: now,
-                recent: VecDeque::new(),
-                unconfirmed: true,
-                uptime_s: 0.0,
-                run_id: None,
-            });
+            .or_insert_with(|| WorkerState::unconfirmed(now, None));
         w.assigned += 1;
     }
 
@@ -114,17 +122,7 @@ impl Pool {
     pub fn expect(&mut self, worker_id: &str, run_id: Option<String>, now: Instant) {
         self.workers
             .entry(worker_id.to_owned())
-            .or_insert_with(|| WorkerState {
-                assigned: 0,
-                reported: 0,
-                capacity: 1,
-                cpu_percent: 0.0,
-                last_seen: now,
-                recent: VecDeque::new(),
-                unconfirmed: true,
-                uptime_s: 0.0,
-                run_id,
-            });
+            .or_insert_with(|| WorkerState::unconfirmed(now, run_id));
     }
 
     /// Forgets the tasks counted as handed out (a scheduler tenure begins or ends); each

@@ -217,7 +217,6 @@ pub async fn run(
     streams::tasks_dead(&js).await?;
     streams::narratives(&js).await?;
     let intents = streams::bucket(&js, streams::INTENTS_BUCKET, "bulwark intent records").await?;
-    let leases = lease::bucket(&js).await?;
     let registry = Registry::open(&js).await?;
     let mut consumers = Vec::new();
     for priority in 0..=9u8 {
@@ -252,22 +251,14 @@ pub async fn run(
         .await
         .map_err(|e| SchedulerError::Consumer(e.to_string()))?;
 
-    let holder = format!(
-        "{SERVICE_NAME}@{}/{}/{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
-        std::process::id(),
-        &ids::new_id()[28..]
-    );
-    let narrator = Narrator::new(js.clone(), SERVICE_NAME, &holder);
-    let (leadership, elector) = lease::spawn(
-        leases,
-        js.clone(),
+    let (holder, leadership, elector) = lease::elect(
+        &js,
         SERVICE_NAME,
-        &holder,
         Duration::from_secs_f64(cfg.replicas.lease_ttl_s),
-        narrator.clone(),
         shutdown.clone(),
-    );
+    )
+    .await?;
+    let narrator = Narrator::new(js.clone(), SERVICE_NAME, &holder);
     let scheduler = Arc::new(Scheduler {
         lease_ttl_s: cfg.replicas.lease_ttl_s,
         narrator,

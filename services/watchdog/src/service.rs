@@ -24,7 +24,7 @@ use bulwark_common::mesh_publisher::{MeshPublisher, PublishError};
 use bulwark_common::micro::{self, EndpointSpec};
 use bulwark_common::narrative::Narrator;
 use bulwark_common::replica::ReplicaBeat;
-use bulwark_common::{ids, streams, subjects, telemetry, time};
+use bulwark_common::{streams, subjects, telemetry, time};
 
 use crate::health::{Alert, AlertState, Rules, Watch};
 
@@ -149,21 +149,13 @@ pub async fn run(
     bulwark_common::mesh::mesh_stream(&js, &cfg.mesh).await?;
     let publisher =
         MeshPublisher::new(client.clone(), js.clone(), SERVICE_NAME, THROTTLE_FOR).await?;
-    let holder = format!(
-        "{SERVICE_NAME}@{}/{}/{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned()),
-        std::process::id(),
-        &ids::new_id()[28..]
-    );
-    let (leadership, elector) = lease::spawn(
-        lease::bucket(&js).await?,
-        js.clone(),
+    let (_, leadership, elector) = lease::elect(
+        &js,
         SERVICE_NAME,
-        &holder,
         Duration::from_secs_f64(cfg.replicas.lease_ttl_s),
-        Narrator::new(js.clone(), SERVICE_NAME, &holder),
         shutdown.clone(),
-    );
+    )
+    .await?;
     let watchdog = Arc::new(Watchdog {
         client: client.clone(),
         watch: Mutex::new(Watch::new(rules(&cfg), Instant::now())),
