@@ -518,19 +518,20 @@ async fn execute(
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.cancel();
-    let timeline = timeline.samples.lock().await.clone();
-    let firings = watch.firings.lock().await.clone();
-
     // 4b. The park replayed (FIT03): in batches the queue can take, until it is empty; then
-    // the replayed intents must complete like the others.
+    // the replayed intents must complete like the others. The watchers and the timeline keep
+    // running meanwhile (a playbook may still be narrating its decision).
     let replay = if s.verify.replay_park {
         let r = replay_park(&target, &sent, settle_deadline + limit).await;
         Some(r)
     } else {
         None
     };
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let timeline = timeline.samples.lock().await.clone();
+    let firings = watch.firings.lock().await.clone();
 
     // 5. The checker.
     let mut fates = IntentFates::default();
@@ -1057,16 +1058,28 @@ struct ReplayReport {
     error: Option<String>,
 }
 
-/// Replays the park with `scheduler.replay` in batches of half the queue's warning depth
-/// (so the replayed tasks do not trip the queue guard and get shed again), waiting for the
-/// queue to drain between batches, until a batch comes back empty; then waits for every
+/// Replays the park with `scheduler.replay` in batches of half the queue's warning depth (and
+/// of half the shedding playbook's `target_depth` override), so the replayed tasks do not trip
+/// the queue guard and get shed again, waiting for the queue to drain between batches, until a batch comes back empty; then waits for every
 /// acknowledged intent to be at rest again. Gives up at `deadline`.
 async fn replay_park(
     target: &Target,
     sent: &Arc<Mutex<Sent>>,
     deadline: tokio::time::Instant,
 ) -> ReplayReport {
-    let batch = (target.cfg.scheduler.queue_warn / 2).clamp(10, 500);
+    // Half the queue's warning depth, and half the shedding playbook's target depth when it is
+    // configured: a replayed batch then neither trips the guard nor keeps a shedding run going.
+    let target_depth = target
+        .cfg
+        .playbooks
+        .overrides
+        .get("scheduler_load_shedding")
+        .and_then(|o| o.get("target_depth"))
+        .and_then(Value::as_u64)
+        .unwrap_or(u64::MAX);
+    let batch = (target.cfg.scheduler.queue_warn / 2)
+        .min(target_depth / 2)
+        .clamp(10, 500);
     let mut report = ReplayReport {
         replayed: 0,
         batches: 0,
