@@ -3,8 +3,9 @@
 //! dependencies, and an open-loop ramp of offered intents.
 //!
 //! Every API operation is counted with its outcome after the client's retries in
-//! [`ApiTally`] (the error rate of FIT01); query latencies go to [`Sent::query_ms`]; intents
-//! sent are recorded in [`Sent::intents`] like those of `submit_intents`, so the checker
+//! [`ApiTally`] (the error rate of FIT01); query latencies go to
+//! [`Sent::query_ms`](crate::inject::Sent::query_ms); intents sent are recorded in
+//! [`Sent::intents`](crate::inject::Sent::intents) like those of `submit_intents`, so the checker
 //! classifies them the same way (a rejected review must end `rejected` and never run).
 //!
 //! Subjects: `htm.intent.submit`, `htm.intent.status`, `governance.review.decide` (requests);
@@ -61,8 +62,6 @@ impl ApiTally {
         self.errors.values().sum()
     }
 }
-
-pub use crate::inject::Sent;
 
 /// One answered request: the micro error code (when it is an error) and the JSON body.
 struct Answer {
@@ -212,12 +211,14 @@ pub async fn query_status(ctx: &Ctx, rate: u64, duration_s: f64, concurrency: us
                         break;
                     }
                     Some(Answer { code, body }) => {
+                        // A refusal (unknown intent, bad request): retrying changes nothing.
+                        let refused = code.as_deref().is_some_and(|c| c.starts_with('4'));
                         failure = Some(format!(
                             "{id}: answered {} {}",
                             code.unwrap_or_default(),
                             body
                         ));
-                        if body["error"]["code"] == "invalid_status" {
+                        if refused {
                             break;
                         }
                     }
