@@ -1,7 +1,9 @@
-//! FIT03 against a real stack with its safeguard disabled: with the scheduler's shedding limit
-//! at 0 (no priority may be shed) the overload still raises the shedding incident, but nothing
-//! is parked; the run FAILS naming the safeguards that never fired, while the checker still
-//! finds every acknowledged intent, the critical ones included, completed exactly once.
+//! FIT03 and FIT02 against a real stack with a safeguard disabled: each FAILS naming the
+//! safeguards that never fired, while the checker still finds every acknowledged intent
+//! completed exactly once. FIT03: with the scheduler's shedding limit at 0 (no priority may be
+//! shed) the overload still raises the shedding incident, but nothing is parked, and every
+//! critical intent is still served. FIT02: with the watchdog asleep the dependency outages go
+//! unannounced, and queue persistence still brings every intent through.
 
 use bulwark_chaos::runner::{self, Options, Verdict};
 use bulwark_chaos::scenario::{self, Scenario};
@@ -91,5 +93,44 @@ async fn an_overload_with_shedding_disabled_fails_naming_the_shedding() {
         ramp.figures["offered"].as_u64().is_some_and(|n| n > 1000),
         "the journal says what the ramp offered: {:?}",
         ramp.figures
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dependency_outages_with_the_watchdog_asleep_fail_naming_it() {
+    let mut s = load("FIT02_dependency_chaos");
+    // The watchdog sweeps once at its start and then not again within the run.
+    system(&mut s, "[watchdog]\ncheck_interval_s = 100000.0\n");
+    let r = runner::run_scenario(&s, &options()).await;
+    assert_eq!(r.verdict, Verdict::Fail, "{:#?}", r.scenario.reasons);
+    let reasons = r.scenario.reasons.join("\n");
+    for silent in [
+        "watchdog notices a dependency down",
+        "watchdog announces the recovery",
+    ] {
+        assert!(
+            reasons.contains(&format!("{silent}: never fired")),
+            "{silent} is named as never fired:\n{reasons}"
+        );
+    }
+    // The outages happened as planned (seeded), and queue persistence still held.
+    let outages = r
+        .scenario
+        .injections
+        .iter()
+        .find(|i| i.kind == "random_outage")
+        .expect("the outages ran");
+    assert_eq!(
+        outages.figures["outages"].as_array().map(Vec::len),
+        Some(4),
+        "{:?}",
+        outages.figures
+    );
+    let check = &r.scenario.check;
+    assert!(check.valid(), "{}", check.summary());
+    assert!(
+        check.sent > 0 && check.ok == check.sent,
+        "{}",
+        check.summary()
     );
 }
