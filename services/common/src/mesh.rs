@@ -18,7 +18,9 @@
 //!   watched, [`RateLimit`]): an event over the rate is not dropped but deferred (negatively
 //!   acknowledged with the delay of its reserved slot) and processed when its slot comes;
 //! - hands the event to the service's handler and acknowledges it only after the handler
-//!   succeeded (a failure is negatively acknowledged and redelivered).
+//!   succeeded (a failure is negatively acknowledged and redelivered); a redelivery of an event
+//!   it already handled (the acknowledgement was lost, e.g. with a crashed broker) is
+//!   acknowledged again without handling it twice (the last 65,536 handled, in memory).
 //!
 //! # Subjects
 //! Consumes `mesh.>` (stream `BULWARK_MESH`) and the `bulwark_breaker` and
@@ -140,6 +142,9 @@ pub struct ConsumerStats {
     pub failures: AtomicU64,
     /// Events offered under a rate limit from `bulwark_mesh_limits`.
     pub limited: AtomicU64,
+    /// Redeliveries of events this consumer had already handled (their acknowledgement was
+    /// lost, e.g. with a broker that crashed): acknowledged again, not handled twice.
+    pub redelivered_skipped: AtomicU64,
 }
 
 impl ConsumerStats {
@@ -154,6 +159,7 @@ impl ConsumerStats {
             "holds": get(&self.holds),
             "failures": get(&self.failures),
             "limited": get(&self.limited),
+            "redelivered_skipped": get(&self.redelivered_skipped),
         })
     }
 }
@@ -275,6 +281,37 @@ pub struct MeshConsumer {
     critical: PullConsumer,
     breaker: watch::Receiver<BreakerRecord>,
     limits: watch::Receiver<Arc<HashMap<String, RateLimit>>>,
+    handled: std::sync::Mutex<Handled>,
+}
+
+/// How many handled stream sequences a consumer remembers.
+const HANDLED_MEMORY: usize = 65_536;
+
+/// The stream sequences a consumer handled most recently, so an event redelivered because its
+/// acknowledgement was lost (the broker crashed after the handler ran) is acknowledged again
+/// instead of handled twice. In memory: a restarted service does not remember, and an event
+/// whose acknowledgement was lost just before a restart is handled again.
+#[derive(Default)]
+struct Handled {
+    order: std::collections::VecDeque<u64>,
+    set: std::collections::HashSet<u64>,
+}
+
+impl Handled {
+    fn contains(&self, seq: u64) -> bool {
+        self.set.contains(&seq)
+    }
+
+    fn insert(&mut self, seq: u64) {
+        if self.set.insert(seq) {
+            self.order.push_back(seq);
+            while self.order.len() > HANDLED_MEMORY {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 impl MeshConsumer {
@@ -340,6 +377,7 @@ impl MeshConsumer {
             critical,
             breaker: watch_breaker(bucket, shutdown.clone()),
             limits: watch_limits(limits, shutdown.clone()),
+            handled: Default::default(),
         })
     }
 
@@ -495,7 +533,15 @@ impl MeshConsumer {
         }
     }
 
-    /// Normalises `msg` and hands it to `handler` (or dead-letters it), then acknowledges.
+    fn remembered(&self, seq: u64) -> bool {
+        self.handled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(seq)
+    }
+
+    /// Normalises `msg` and hands it to `handler` (or dead-letters it), then acknowledges. A
+    /// redelivery of an event this consumer already handled is only acknowledged again.
     async fn deliver<F, Fut>(
         &self,
         msg: &jetstream::Message,
@@ -513,6 +559,16 @@ impl MeshConsumer {
             ),
             Err(_) => (0, crate::time::now_ms()),
         };
+        // Not only when the delivery count says "redelivered": a broker restarted from its disk
+        // may have lost the consumer's last acknowledgements and delivery counts with them.
+        if seq != 0 && self.remembered(seq) {
+            self.stats
+                .redelivered_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(consumer = %self.name, seq, "redelivered event already handled; acknowledged again");
+            ack(msg).await;
+            return;
+        }
         let event = MeshEvent::normalise_assigning(
             &msg.subject,
             &msg.payload,
@@ -543,6 +599,12 @@ impl MeshConsumer {
         let event_id = event.event_id.clone();
         match handler(event, delivery).await {
             Ok(()) => {
+                if seq != 0 {
+                    self.handled
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(seq);
+                }
                 self.stats.processed.fetch_add(1, Ordering::Relaxed);
                 if critical {
                     self.stats
@@ -826,6 +888,20 @@ pub fn watch_breaker(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn handled_sequences_are_remembered_up_to_the_bound() {
+        let mut h = Handled::default();
+        for seq in 1..=(HANDLED_MEMORY as u64 + 10) {
+            h.insert(seq);
+        }
+        h.insert(HANDLED_MEMORY as u64 + 10);
+        assert!(!h.contains(10), "the oldest are forgotten");
+        assert!(h.contains(11));
+        assert!(h.contains(HANDLED_MEMORY as u64 + 10));
+        assert_eq!(h.order.len(), HANDLED_MEMORY);
+        assert_eq!(h.set.len(), HANDLED_MEMORY);
+    }
 
     #[test]
     fn subjects_match_like_nats() {

@@ -1927,6 +1927,31 @@ impl Scheduler {
                     continue;
                 };
                 let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                // The intent moves first: dispatch drops a task whose intent says `shed` (an old
+                // copy), so a copy fetched before the intent said `queued` would be lost.
+                let requeued = self
+                    .update_intent(&task.intent_id, |r: &mut IntentRecord| {
+                        if r.status != IntentStatus::Shed {
+                            return Ok::<_, ()>(Change::Keep(false));
+                        }
+                        r.transition(
+                            IntentStatus::Queued,
+                            None,
+                            Some("replayed from the park".into()),
+                        );
+                        Ok(Change::Write(true))
+                    })
+                    .await;
+                let moved = match requeued {
+                    Ok(Ok((moved, _))) => moved,
+                    Ok(Err(_)) | Err(KvError::NotFound(_)) => false,
+                    Err(err) => {
+                        nak(&msg, RETRY_DELAY).await;
+                        return Err(ApiError::unavailable(format!(
+                            "intent store unavailable during replay: {err}; retry"
+                        )));
+                    }
+                };
                 let back = self
                     .js
                     .send_publish(
@@ -1941,24 +1966,28 @@ impl Scheduler {
                     Err(_) => false,
                 };
                 if !stored {
+                    if moved {
+                        // Back to the park's status, so the intent does not wait as `queued`
+                        // for a task that is not in the queue (the parked copy stays).
+                        let _ = self
+                            .update_intent(&task.intent_id, |r: &mut IntentRecord| {
+                                if r.status != IntentStatus::Queued {
+                                    return Ok::<_, ()>(Change::Keep(()));
+                                }
+                                r.transition(
+                                    IntentStatus::Shed,
+                                    None,
+                                    Some("replay not stored; still parked".into()),
+                                );
+                                Ok(Change::Write(()))
+                            })
+                            .await;
+                    }
                     nak(&msg, RETRY_DELAY).await;
                     return Err(ApiError::unavailable(
                         "task queue did not take a replayed task; retry",
                     ));
                 }
-                let _ = self
-                    .update_intent(&task.intent_id, |r: &mut IntentRecord| {
-                        if r.status != IntentStatus::Shed {
-                            return Ok::<_, ()>(Change::Keep(()));
-                        }
-                        r.transition(
-                            IntentStatus::Queued,
-                            None,
-                            Some("replayed from the park".into()),
-                        );
-                        Ok(Change::Write(()))
-                    })
-                    .await;
                 ack(&msg).await;
                 replayed.push(task.task_id);
             }
