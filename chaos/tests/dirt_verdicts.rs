@@ -1,48 +1,20 @@
 //! DIRT01 and DIRT03 against a real stack with their safeguard disabled: each FAILS, and the
 //! evidence names the safeguard that never fired while the checker still finds nothing lost.
 
-use bulwark_chaos::runner::{self, Options, Verdict};
-use bulwark_chaos::scenario::{self, Scenario};
+mod common;
 
-fn load(id: &str) -> Scenario {
-    let dir = bulwark_chaos::scenarios_dir();
-    scenario::load_file(&dir.join(format!("{id}.toml")))
-        .expect("the scenario loads")
-        .scenario
-}
-
-fn system(s: &mut Scenario, toml_text: &str) {
-    let extra: toml::Table = toml::from_str(toml_text).expect("toml");
-    for (section, v) in extra {
-        match (s.quick.system.get_mut(&section), v) {
-            (Some(toml::Value::Table(into)), toml::Value::Table(over)) => {
-                into.extend(over);
-            }
-            (_, v) => {
-                s.quick.system.insert(section, v);
-            }
-        }
-    }
-}
-
-fn options() -> Options {
-    Options {
-        external: false,
-        quick: true,
-        seed: 42,
-        cfg: bulwark_common::BulwarkConfig::default(),
-    }
-}
+use bulwark_chaos::runner::{self, Verdict};
+use common::{load, options, quick_system};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_siege_with_the_queue_guard_blind_fails_naming_the_silent_safeguards() {
     let mut s = load("DIRT03_sustained_resource_siege");
     // The guard is there but blind: thresholds no queue reaches.
-    system(
+    quick_system(
         &mut s,
         "[scheduler]\nqueue_warn = 1000000\nqueue_critical = 2000000\n",
     );
-    let r = runner::run_scenario(&s, &options()).await;
+    let r = runner::run_scenario(&s, &options(true)).await;
     assert_eq!(r.verdict, Verdict::Fail, "{:#?}", r.scenario.reasons);
     let reasons = r.scenario.reasons.join("\n");
     for silent in [
@@ -83,12 +55,12 @@ async fn a_kernel_kill_without_the_pool_respawn_fails_naming_it() {
     // The pool never brings the crashed workers back within the run, and the playbooks (whose
     // worker recovery would respawn them on the "declared dead" incident) find every incident
     // too old to act on.
-    system(
+    quick_system(
         &mut s,
         "[worker]\nrespawn_delay_s = 100000.0\n[playbooks]\nmax_incident_age_s = 0.001\n",
     );
-    s.quick.recovery_limit_s = Some(scenario::Seconds(20.0));
-    let r = runner::run_scenario(&s, &options()).await;
+    s.quick.recovery_limit_s = Some(bulwark_chaos::scenario::Seconds(20.0));
+    let r = runner::run_scenario(&s, &options(true)).await;
     assert_eq!(r.verdict, Verdict::Fail, "{:#?}", r.scenario.reasons);
     let reasons = r.scenario.reasons.join("\n");
     assert!(

@@ -5,46 +5,17 @@
 //! critical intent is still served. FIT02: with the watchdog asleep the dependency outages go
 //! unannounced, and queue persistence still brings every intent through.
 
-use bulwark_chaos::runner::{self, Options, Verdict};
-use bulwark_chaos::scenario::{self, Scenario};
+mod common;
 
-fn load(id: &str) -> Scenario {
-    let dir = bulwark_chaos::scenarios_dir();
-    scenario::load_file(&dir.join(format!("{id}.toml")))
-        .expect("the scenario loads")
-        .scenario
-}
-
-/// Layers `toml_text` over the scenario's `[quick.system]`.
-fn system(s: &mut Scenario, toml_text: &str) {
-    let extra: toml::Table = toml::from_str(toml_text).expect("toml");
-    for (section, v) in extra {
-        match (s.quick.system.get_mut(&section), v) {
-            (Some(toml::Value::Table(into)), toml::Value::Table(over)) => {
-                into.extend(over);
-            }
-            (_, v) => {
-                s.quick.system.insert(section, v);
-            }
-        }
-    }
-}
-
-fn options() -> Options {
-    Options {
-        external: false,
-        quick: true,
-        seed: 42,
-        cfg: bulwark_common::BulwarkConfig::default(),
-    }
-}
+use bulwark_chaos::runner::{self, Verdict};
+use common::{load, options, quick_system};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overload_with_shedding_disabled_fails_naming_the_shedding() {
     let mut s = load("FIT03_combined_load_chaos");
     // Shedding is there but may take no priority at all: the playbook's request is refused.
-    system(&mut s, "[scheduler]\nshed_below_priority = 0\n");
-    let r = runner::run_scenario(&s, &options()).await;
+    quick_system(&mut s, "[scheduler]\nshed_below_priority = 0\n");
+    let r = runner::run_scenario(&s, &options(true)).await;
     assert_eq!(r.verdict, Verdict::Fail, "{:#?}", r.scenario.reasons);
     assert_eq!(
         r.control.verdict,
@@ -100,8 +71,8 @@ async fn an_overload_with_shedding_disabled_fails_naming_the_shedding() {
 async fn dependency_outages_with_the_watchdog_asleep_fail_naming_it() {
     let mut s = load("FIT02_dependency_chaos");
     // The watchdog sweeps once at its start and then not again within the run.
-    system(&mut s, "[watchdog]\ncheck_interval_s = 100000.0\n");
-    let r = runner::run_scenario(&s, &options()).await;
+    quick_system(&mut s, "[watchdog]\ncheck_interval_s = 100000.0\n");
+    let r = runner::run_scenario(&s, &options(true)).await;
     assert_eq!(r.verdict, Verdict::Fail, "{:#?}", r.scenario.reasons);
     let reasons = r.scenario.reasons.join("\n");
     for silent in [

@@ -2,15 +2,15 @@
 //! blindly instead of compare-and-set; the run FAILS, naming the history check that found lost
 //! updates and the conflict refusals that never happened.
 
-use bulwark_chaos::runner::{self, Options, Verdict};
-use bulwark_chaos::scenario::{self, Injection};
+mod common;
+
+use bulwark_chaos::runner::{self, Verdict};
+use bulwark_chaos::scenario::Injection;
+use common::{load, options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_without_compare_and_set_fail_with_lost_updates() {
-    let dir = bulwark_chaos::scenarios_dir();
-    let mut s = scenario::load_file(&dir.join("JEPSEN04_concurrent_write_conflict.toml"))
-        .expect("the scenario loads")
-        .scenario;
+    let mut s = load("JEPSEN04_concurrent_write_conflict");
     let mut disabled = 0;
     for injection in s.method.iter_mut() {
         if let Injection::ConcurrentWrites { cas, .. } = injection {
@@ -19,13 +19,7 @@ async fn concurrent_writers_without_compare_and_set_fail_with_lost_updates() {
         }
     }
     assert_eq!(disabled, 1, "the scenario has its writers");
-    let options = Options {
-        external: false,
-        quick: true,
-        seed: 42,
-        cfg: bulwark_common::BulwarkConfig::default(),
-    };
-    let r = runner::run_scenario(&s, &options).await;
+    let r = runner::run_scenario(&s, &options(true)).await;
     assert_eq!(r.verdict, Verdict::Fail, "{:#?}", r.scenario.reasons);
     let reasons = r.scenario.reasons.join("\n");
     for silent in [

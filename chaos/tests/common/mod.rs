@@ -1,0 +1,41 @@
+//! What the verdict tests share: a scenario from `chaos/scenarios`, its quick `[system]` with
+//! a safeguard switched off, and the runner's options for a self-contained quick run.
+
+// Each test file is its own crate and uses only part of this.
+#![allow(dead_code)]
+
+use bulwark_chaos::runner::Options;
+use bulwark_chaos::scenario::{self, Scenario};
+
+/// The scenario `id` as its file defines it.
+pub fn load(id: &str) -> Scenario {
+    let dir = bulwark_chaos::scenarios_dir();
+    scenario::load_file(&dir.join(format!("{id}.toml")))
+        .expect("the scenario loads")
+        .scenario
+}
+
+/// Layers `toml_text` over the scenario's `[quick.system]` (a table's keys are merged).
+pub fn quick_system(s: &mut Scenario, toml_text: &str) {
+    let extra: toml::Table = toml::from_str(toml_text).expect("toml");
+    for (section, v) in extra {
+        match (s.quick.system.get_mut(&section), v) {
+            (Some(toml::Value::Table(into)), toml::Value::Table(over)) => {
+                into.extend(over);
+            }
+            (_, v) => {
+                s.quick.system.insert(section, v);
+            }
+        }
+    }
+}
+
+/// A self-contained run, quick or not, with a fixed seed.
+pub fn options(quick: bool) -> Options {
+    Options {
+        external: false,
+        quick,
+        seed: 42,
+        cfg: bulwark_common::BulwarkConfig::default(),
+    }
+}
