@@ -39,3 +39,20 @@ pub fn options(quick: bool) -> Options {
         cfg: bulwark_common::BulwarkConfig::default(),
     }
 }
+
+/// The run FAILED, and its reasons name each safeguard of `silent` as never fired.
+pub fn assert_fails_naming(r: &bulwark_chaos::runner::ScenarioResult, silent: &[&str]) {
+    assert_eq!(
+        r.verdict,
+        bulwark_chaos::runner::Verdict::Fail,
+        "{:#?}",
+        r.scenario.reasons
+    );
+    let reasons = r.scenario.reasons.join("\n");
+    for name in silent {
+        assert!(
+            reasons.contains(&format!("{name}: never fired")),
+            "{name} is named as never fired:\n{reasons}"
+        );
+    }
+}
