@@ -379,6 +379,18 @@ pub async fn run_phase(s: &Scenario, phase: Phase, opts: &Options, seed: u64) ->
     result
 }
 
+/// Fails a phase whose `what` latency p99 is above `limit` (a `[verify]` key), saying both.
+fn p99_limit(out: &mut PhaseResult, what: &str, p99_ms: u64, limit: Option<f64>) {
+    if let Some(max) = limit
+        && p99_ms as f64 > max
+    {
+        out.verdict = out.verdict.max(Verdict::Fail);
+        out.reasons.push(format!(
+            "{what} p99 {p99_ms} ms is above the limit of {max:.0} ms"
+        ));
+    }
+}
+
 async fn execute(
     s: &Scenario,
     phase: Phase,
@@ -730,15 +742,9 @@ async fn execute(
             "intake latency over {} intents: p50 {} ms, p99 {} ms, max {} ms",
             p.count, p.p50_ms, p.p99_ms, p.max_ms
         ));
-        if phase == Phase::Scenario
-            && let Some(max) = s.verify.submit_p99_ms_max
-            && p.p99_ms as f64 > max
-        {
-            out.verdict = out.verdict.max(Verdict::Fail);
-            out.reasons.push(format!(
-                "intake p99 {} ms is above the limit of {max:.0} ms",
-                p.p99_ms
-            ));
+        let p99 = p.p99_ms;
+        if phase == Phase::Scenario {
+            p99_limit(&mut out, "intake", p99, s.verify.submit_p99_ms_max);
         }
     }
     if let Some(p) = &out.completion_latency {
@@ -746,15 +752,9 @@ async fn execute(
             "completion latency over {}: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
             p.count, p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms
         ));
-        if phase == Phase::Scenario
-            && let Some(max) = s.verify.completion_p99_ms_max
-            && p.p99_ms as f64 > max
-        {
-            out.verdict = out.verdict.max(Verdict::Fail);
-            out.reasons.push(format!(
-                "completion p99 {} ms is above the limit of {max:.0} ms",
-                p.p99_ms
-            ));
+        let p99 = p.p99_ms;
+        if phase == Phase::Scenario {
+            p99_limit(&mut out, "completion", p99, s.verify.completion_p99_ms_max);
         }
     }
     if let Some(p) = &out.query_latency {
@@ -762,15 +762,9 @@ async fn execute(
             "status query latency over {} queries: p50 {} ms, p99 {} ms, max {} ms",
             p.count, p.p50_ms, p.p99_ms, p.max_ms
         ));
-        if phase == Phase::Scenario
-            && let Some(max) = s.verify.query_p99_ms_max
-            && p.p99_ms as f64 > max
-        {
-            out.verdict = out.verdict.max(Verdict::Fail);
-            out.reasons.push(format!(
-                "status query p99 {} ms is above the limit of {max:.0} ms",
-                p.p99_ms
-            ));
+        let p99 = p.p99_ms;
+        if phase == Phase::Scenario {
+            p99_limit(&mut out, "status query", p99, s.verify.query_p99_ms_max);
         }
     }
     if let Some(api) = &out.api {
