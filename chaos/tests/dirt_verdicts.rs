@@ -48,12 +48,16 @@ async fn a_siege_with_the_queue_guard_blind_fails_naming_the_silent_safeguards()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kernel_kill_without_the_pool_respawn_fails_naming_it() {
     let mut s = load("DIRT01_critical_kernel_kill");
-    // The pool never brings the crashed workers back within the run, and the playbooks (whose
-    // worker recovery would respawn them on the "declared dead" incident) find every incident
-    // too old to act on.
+    // The pool never brings the crashed workers back within the run, and the playbooks service
+    // (whose worker recovery would respawn them on the "declared dead" incident) has an empty
+    // library: it refuses every incident as naming an unknown playbook.
+    let empty = tempfile::tempdir().expect("tempdir");
     quick_system(
         &mut s,
-        "[worker]\nrespawn_delay_s = 100000.0\n[playbooks]\nmax_incident_age_s = 0.001\n",
+        &format!(
+            "[worker]\nrespawn_delay_s = 100000.0\n[playbooks]\ndir = {:?}\n",
+            empty.path().display().to_string()
+        ),
     );
     s.quick.recovery_limit_s = Some(bulwark_chaos::scenario::Seconds(20.0));
     let r = runner::run_scenario(&s, &options(true)).await;
