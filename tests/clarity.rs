@@ -429,5 +429,11 @@ async fn clarity_stopped_or_crashed_mid_stream_loses_nothing() {
     assert_eq!(numbers(&records).len(), 200, "none twice");
     let report = s.verify().await;
     assert_eq!(report["ok"], true, "{report}");
-    assert_eq!(report["records"], records.len() as u64);
+    // The services' own narratives (a lease changing hands, ...) may still join the chain
+    // between the read above and the verification: it covers at least what was read.
+    assert!(
+        report["records"].as_u64() >= Some(records.len() as u64),
+        "{report} covers the {} records read",
+        records.len()
+    );
 }
