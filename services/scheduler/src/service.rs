@@ -1417,6 +1417,9 @@ impl Scheduler {
                     flight.worker_id = worker.clone();
                     flight.fence = fence;
                     flight.attempt = attempt;
+                    // Unconfirmed until the new worker accepts: if the assignment is lost, the
+                    // queue's redelivery sends it again.
+                    flight.confirmed = false;
                 }
                 self.counters.reassigned.fetch_add(1, Ordering::Relaxed);
                 self.mesh_task(
