@@ -4,7 +4,7 @@
 mod common;
 
 use bulwark_chaos::runner;
-use common::{assert_fails_naming, load, options, quick_system};
+use common::{assert_fails_naming, injection, load, options, quick_system};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_siege_with_the_queue_guard_blind_fails_naming_the_silent_safeguards() {
@@ -30,12 +30,7 @@ async fn a_siege_with_the_queue_guard_blind_fails_naming_the_silent_safeguards()
         "{}",
         check.summary()
     );
-    let siege = r
-        .scenario
-        .injections
-        .iter()
-        .find(|i| i.kind == "resource_siege")
-        .expect("the siege ran");
+    let siege = injection(&r, "resource_siege");
     assert!(
         siege.figures["touched_mb"]
             .as_u64()

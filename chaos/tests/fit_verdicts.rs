@@ -8,7 +8,7 @@
 mod common;
 
 use bulwark_chaos::runner::{self, Verdict};
-use common::{assert_fails_naming, load, options, quick_system};
+use common::{assert_fails_naming, injection, load, options, quick_system};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overload_with_shedding_disabled_fails_naming_the_shedding() {
@@ -50,12 +50,7 @@ async fn an_overload_with_shedding_disabled_fails_naming_the_shedding() {
         fates.critical > 0 && fates.critical_completed == fates.critical,
         "every critical intent served: {fates:?}"
     );
-    let ramp = r
-        .scenario
-        .injections
-        .iter()
-        .find(|i| i.kind == "ramp_intents")
-        .expect("the ramp ran");
+    let ramp = injection(&r, "ramp_intents");
     assert!(
         ramp.figures["offered"].as_u64().is_some_and(|n| n > 1000),
         "the journal says what the ramp offered: {:?}",
@@ -77,12 +72,7 @@ async fn dependency_outages_with_the_watchdog_asleep_fail_naming_it() {
         ],
     );
     // The outages happened as planned (seeded), and queue persistence still held.
-    let outages = r
-        .scenario
-        .injections
-        .iter()
-        .find(|i| i.kind == "random_outage")
-        .expect("the outages ran");
+    let outages = injection(&r, "random_outage");
     assert_eq!(
         outages.figures["outages"].as_array().map(Vec::len),
         Some(4),

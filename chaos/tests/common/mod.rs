@@ -56,3 +56,15 @@ pub fn assert_fails_naming(r: &bulwark_chaos::runner::ScenarioResult, silent: &[
         );
     }
 }
+
+/// The report of the scenario phase's injection of `kind` (it must have run).
+pub fn injection<'a>(
+    r: &'a bulwark_chaos::runner::ScenarioResult,
+    kind: &str,
+) -> &'a bulwark_chaos::inject::InjectionReport {
+    r.scenario
+        .injections
+        .iter()
+        .find(|i| i.kind == kind)
+        .unwrap_or_else(|| panic!("the {kind} injection ran"))
+}
