@@ -377,6 +377,13 @@ pub struct NatsConfig {
     pub token: String,
     /// Token the CLI connects with instead of `cli_user` and `cli_password`; empty for none.
     pub cli_token: String,
+    /// User bulwark's own HTM workers connect as (the `WORKERS` account of `nats.conf`): a
+    /// worker identity, never the services' user.
+    pub worker_user: String,
+    /// Password of `worker_user`.
+    pub worker_password: String,
+    /// Token the workers connect with instead of `worker_user` and `worker_password`.
+    pub worker_token: String,
     /// PEM file of the CA that signed the server's TLS certificate (else the system's roots).
     /// Setting it requires TLS (docs/security.md).
     pub tls_ca: String,
@@ -408,6 +415,9 @@ impl Default for NatsConfig {
             cli_password: "operator-dev".into(),
             token: String::new(),
             cli_token: String::new(),
+            worker_user: "worker".into(),
+            worker_password: "worker-dev".into(),
+            worker_token: String::new(),
             tls_ca: String::new(),
             tls_cert: String::new(),
             tls_key: String::new(),
@@ -430,6 +440,9 @@ impl std::fmt::Debug for NatsConfig {
             cli_password,
             token,
             cli_token,
+            worker_user,
+            worker_password,
+            worker_token,
             tls_ca,
             tls_cert,
             tls_key,
@@ -447,6 +460,9 @@ impl std::fmt::Debug for NatsConfig {
             .field("cli_password", &hidden(cli_password))
             .field("token", &hidden(token))
             .field("cli_token", &hidden(cli_token))
+            .field("worker_user", worker_user)
+            .field("worker_password", &hidden(worker_password))
+            .field("worker_token", &hidden(worker_token))
             .field("tls_ca", tls_ca)
             .field("tls_cert", tls_cert)
             .field("tls_key", tls_key)

@@ -70,6 +70,19 @@ pub enum Role {
     Service,
     /// A CLI command: operator credentials, fails fast when no server answers.
     Cli,
+    /// One of bulwark's own HTM workers: worker credentials, keeps retrying like a service.
+    Worker,
+}
+
+/// The inbox prefix of a client connecting as `user`: `_INBOX_<user>` outside bulwark's own
+/// account (`nats.conf` lets each person and worker subscribe only to its own, so nobody reads
+/// another's replies), the plain `_INBOX` for the services and for no user at all.
+pub fn inbox_prefix(role: Role, user: &str) -> String {
+    if role == Role::Service || user.is_empty() {
+        "_INBOX".to_owned()
+    } else {
+        format!("_INBOX_{user}")
+    }
 }
 
 /// `urls` (one URL or a comma-separated list) with the password or token of each URL's
@@ -169,6 +182,7 @@ pub async fn connect(
     let (user, password, token) = match role {
         Role::Service => (&cfg.user, &cfg.password, &cfg.token),
         Role::Cli => (&cfg.cli_user, &cfg.cli_password, &cfg.cli_token),
+        Role::Worker => (&cfg.worker_user, &cfg.worker_password, &cfg.worker_token),
     };
     let mut options = ConnectOptions::new()
         .name(name)
@@ -176,17 +190,26 @@ pub async fn connect(
         .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms)))
         .event_callback(event_logger(name.to_owned(), stats.clone()));
     // Credentials embedded in a URL win over the configured ones.
-    match url_auth {
+    let user_name = match url_auth {
         Some(UrlAuth::UserPassword(user, password)) => {
-            options = options.user_and_password(user, password);
+            options = options.user_and_password(user.clone(), password);
+            user
         }
-        Some(UrlAuth::Token(token)) => options = options.token(token),
-        None if !token.is_empty() => options = options.token(token.clone()),
+        Some(UrlAuth::Token(token)) => {
+            options = options.token(token);
+            String::new()
+        }
+        None if !token.is_empty() => {
+            options = options.token(token.clone());
+            String::new()
+        }
         None if !user.is_empty() => {
             options = options.user_and_password(user.clone(), password.clone());
+            user.clone()
         }
-        None => {}
-    }
+        None => String::new(),
+    };
+    options = options.custom_inbox_prefix(inbox_prefix(role, &user_name));
     if !cfg.tls_ca.is_empty() {
         options = options.add_root_certificates(cfg.tls_ca.clone().into());
     }
@@ -198,7 +221,7 @@ pub async fn connect(
         options = options.require_tls(true);
     }
     let client = match role {
-        Role::Service => options.retry_on_initial_connect().connect(addrs).await,
+        Role::Service | Role::Worker => options.retry_on_initial_connect().connect(addrs).await,
         Role::Cli => {
             let attempt = options.max_reconnects(Some(3)).connect(addrs);
             match tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), attempt).await

@@ -6,6 +6,7 @@
 //! - [`backup`]: backup and restore of those streams and buckets (JetStream snapshots, verified manifest).
 //! - [`envelope`]: the trigger mesh event envelope (CONTRACT section 1) and its normalisation.
 //! - [`htm`]: the worker protocol: heartbeats, assignments, task reports.
+//! - [`identity`]: who sent a message, from the server-set `Nats-Request-Info` header.
 //! - [`intent`]: intents, autonomy tiers, statuses and the durable intent record.
 //! - [`mesh_publisher`]: publishing mesh events durably, honouring throttle advisories.
 //! - [`mesh`]: the mesh consumer (normalise, dead-letter, obey the breaker, pace per type).
@@ -28,6 +29,7 @@ pub mod config;
 pub mod connect;
 pub mod envelope;
 pub mod htm;
+pub mod identity;
 pub mod ids;
 pub mod intent;
 pub mod kv;
