@@ -545,16 +545,18 @@ event_type = "partial.seen"
         "a root's correlation is its own id"
     );
     assert_eq!(child["depth"], 1, "the partial event was depth 0");
-    assert_eq!(child["lineage"], json!([["partial.x", "me"]]));
+    // The source is the identity the event came from (the anonymous agent), not the body's claim.
+    assert_eq!(child["lineage"], json!([["partial.x", "agent"]]));
 
     let mut reasons = BTreeMap::new();
     for _ in 0..malformed.len() {
         let (_, letter) = next_json(&mut dead, "dead letter").await;
         reasons.insert(
+            // The agent's mesh.<type> arrived as ingress.mesh.agent.<type>.
             letter["payload"]["subject"]
                 .as_str()
                 .expect("subject")
-                .to_owned(),
+                .replace("ingress.mesh.agent.", "mesh."),
             letter["payload"]["reason"]
                 .as_str()
                 .expect("reason")

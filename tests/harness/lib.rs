@@ -273,9 +273,16 @@ impl NatsServer {
         cfg
     }
 
-    /// A client with the given credentials.
+    /// A client with the given credentials, and the inbox prefix `nats.conf` grants that user
+    /// (`_INBOX` for the services, `_INBOX_<user>` for everyone else).
     pub async fn client_as(&self, (user, password): (&str, &str)) -> async_nats::Client {
+        let role = if user == SERVICE_USER.0 {
+            bulwark_common::connect::Role::Service
+        } else {
+            bulwark_common::connect::Role::Cli
+        };
         async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+            .custom_inbox_prefix(bulwark_common::connect::inbox_prefix(role, user))
             .connect(self.url())
             .await
             .expect("client connects")

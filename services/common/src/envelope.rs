@@ -136,8 +136,21 @@ impl MeshEvent {
                 crate::api::json_kind(&value)
             ));
         };
-        let subject_type = subject.strip_prefix("mesh.").unwrap_or(subject).to_owned();
-        let event_type = opt_string(&mut obj, "event_type")?.unwrap_or(subject_type);
+        let subject_type = crate::subjects::mesh_subject(subject)
+            .map(|m| m.event_type)
+            .unwrap_or(subject)
+            .to_owned();
+        // The type is the subject's: a body that claims another is refused, not believed.
+        let event_type = match opt_string(&mut obj, "event_type")? {
+            Some(claimed) if claimed != subject_type => {
+                return Err(format!(
+                    "event_type {} disagrees with the subject {} (the subject decides the type)",
+                    crate::api::excerpt(&claimed, 128),
+                    crate::api::excerpt(subject, 128)
+                ));
+            }
+            _ => subject_type,
+        };
         if !crate::subjects::is_valid_event_type(&event_type) {
             return Err(format!(
                 "event_type {} is not dot-separated tokens of [a-z0-9_-]",
@@ -211,6 +224,36 @@ impl MeshEvent {
             payload,
             lineage,
         })
+    }
+}
+
+impl MeshEvent {
+    /// This event as published by `user`, a client of another account (it arrived on
+    /// `ingress.mesh.<user>.<type>`): its source is the user, whatever the body said; it is a root
+    /// (depth 0, no causation, no lineage), since only services' events may continue a causal
+    /// chain; a correlation id it chose is kept under the user's name (`<user>:<id>`), so it
+    /// cannot spend another flow's budget. The safeguards' own types
+    /// ([`MESH_RESERVED`](crate::subjects::MESH_RESERVED)) are refused.
+    pub fn from_identity(mut self, user: &str) -> Result<MeshEvent, String> {
+        if let Some(reserved) = crate::subjects::MESH_RESERVED
+            .iter()
+            .find(|pattern| crate::mesh::subject_matches(pattern, &self.event_type))
+        {
+            return Err(format!(
+                "event type {} is reserved for bulwark's services ({reserved}); {user} may not publish it",
+                self.event_type
+            ));
+        }
+        self.source = user.to_owned();
+        self.depth = 0;
+        self.causation_id = None;
+        self.lineage.clear();
+        self.correlation_id = if self.correlation_id == self.event_id {
+            self.event_id.clone()
+        } else {
+            format!("{user}:{}", self.correlation_id)
+        };
+        Ok(self)
     }
 }
 
@@ -304,7 +347,14 @@ mod tests {
             (br#"{"depth": -1}"#, "depth must be an integer from 0"),
             (br#"{"depth": 1e9}"#, "depth must be an integer"),
             (br#"{"source": 5}"#, "source must be a string"),
-            (br#"{"event_type": "Bad Type"}"#, "is not dot-separated"),
+            (
+                br#"{"event_type": "Bad Type"}"#,
+                "disagrees with the subject",
+            ),
+            (
+                br#"{"event_type": "layer2.critical_alert"}"#,
+                "disagrees with the subject",
+            ),
             (br#"{"payload": "x"}"#, "payload must be a JSON object"),
             (br#"{"lineage": [["a", 1]]}"#, "lineage entries"),
             (
@@ -320,5 +370,54 @@ mod tests {
                 .expect_err("big")
                 .contains("over the limit")
         );
+        assert!(
+            MeshEvent::normalise("mesh.Bad", b"{}", 1024)
+                .expect_err("bad subject type")
+                .contains("is not dot-separated")
+        );
+    }
+
+    #[test]
+    fn the_subject_decides_the_type_on_both_subject_spaces() {
+        let own = MeshEvent::normalise("mesh.x.y", br#"{"event_type":"x.y"}"#, 1024).expect("ok");
+        assert_eq!(own.event_type, "x.y");
+        let ingress = MeshEvent::normalise("ingress.mesh.agent.x.y", b"{}", 1024).expect("ok");
+        assert_eq!(ingress.event_type, "x.y");
+    }
+
+    #[test]
+    fn an_identitys_event_is_its_own_root() {
+        let body = br#"{"event_id":"e1","source":"watchdog","depth":9,"causation_id":"c",
+                        "correlation_id":"victim","lineage":[["a","b"]]}"#;
+        let e = MeshEvent::normalise("ingress.mesh.agent.agent.x", body, 1024)
+            .expect("ok")
+            .from_identity("agent")
+            .expect("allowed type");
+        assert_eq!(e.source, "agent");
+        assert_eq!(e.depth, 0);
+        assert_eq!(e.causation_id, None);
+        assert!(e.lineage.is_empty());
+        assert_eq!(e.correlation_id, "agent:victim");
+        let plain =
+            MeshEvent::normalise("ingress.mesh.agent.agent.x", br#"{"event_id":"e2"}"#, 1024)
+                .expect("ok")
+                .from_identity("agent")
+                .expect("allowed");
+        assert_eq!(
+            plain.correlation_id, "e2",
+            "a root's correlation is its own id"
+        );
+        for reserved in [
+            "layer2.critical_alert",
+            "event.incident",
+            "task.failed",
+            "deadletter",
+        ] {
+            let err = MeshEvent::normalise(&format!("ingress.mesh.agent.{reserved}"), b"{}", 1024)
+                .expect("ok")
+                .from_identity("agent")
+                .expect_err("reserved");
+            assert!(err.contains("reserved for bulwark's services"), "{err}");
+        }
     }
 }

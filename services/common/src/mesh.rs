@@ -145,6 +145,9 @@ pub struct ConsumerStats {
     /// Redeliveries of events this consumer had already handled (their acknowledgement was
     /// lost, e.g. with a broker that crashed): acknowledged again, not handled twice.
     pub redelivered_skipped: AtomicU64,
+    /// Events whose source had already published the same event id (a replay): acknowledged,
+    /// not handled again.
+    pub replays_skipped: AtomicU64,
 }
 
 impl ConsumerStats {
@@ -160,6 +163,7 @@ impl ConsumerStats {
             "failures": get(&self.failures),
             "limited": get(&self.limited),
             "redelivered_skipped": get(&self.redelivered_skipped),
+            "replays_skipped": get(&self.replays_skipped),
         })
     }
 }
@@ -295,9 +299,28 @@ const HANDLED_MEMORY: usize = 65_536;
 struct Handled {
     order: std::collections::VecDeque<u64>,
     set: std::collections::HashSet<u64>,
+    /// `source NUL event_id` of the events handled most recently (a replay is recognised by
+    /// its source and id, whatever its stream sequence).
+    event_order: std::collections::VecDeque<String>,
+    events: std::collections::HashSet<String>,
 }
 
 impl Handled {
+    fn seen_event(&self, key: &str) -> bool {
+        self.events.contains(key)
+    }
+
+    fn insert_event(&mut self, key: String) {
+        if self.events.insert(key.clone()) {
+            self.event_order.push_back(key);
+            while self.event_order.len() > HANDLED_MEMORY {
+                if let Some(old) = self.event_order.pop_front() {
+                    self.events.remove(&old);
+                }
+            }
+        }
+    }
+
     fn contains(&self, seq: u64) -> bool {
         self.set.contains(&seq)
     }
@@ -475,9 +498,8 @@ impl MeshConsumer {
                     continue;
                 }
                 let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-                let key = msg
-                    .subject
-                    .strip_prefix("mesh.")
+                let key = subjects::mesh_subject(&msg.subject)
+                    .map(|m| m.event_type)
                     .unwrap_or(&msg.subject)
                     .to_owned();
                 let now = clock.elapsed().as_millis() as u64;
@@ -574,7 +596,8 @@ impl MeshConsumer {
             &msg.payload,
             self.cfg.max_event_bytes,
             || Assigned::stored(seq, stored_ms),
-        );
+        )
+        .and_then(|event| stamp_sender(event, &msg.subject));
         let event = match event {
             Ok(event) => event,
             Err(reason) => {
@@ -597,13 +620,27 @@ impl MeshConsumer {
             breaker,
         };
         let event_id = event.event_id.clone();
+        let replay_key = format!("{}\u{0}{}", event.source, event.event_id);
+        if self
+            .handled
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .seen_event(&replay_key)
+        {
+            // The same source published the same event id again: a replay, not a new event.
+            self.stats.replays_skipped.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(consumer = %self.name, %event_id, seq, "replayed mesh event (same source and event id) not handled again");
+            ack(msg).await;
+            return;
+        }
         match handler(event, delivery).await {
             Ok(()) => {
-                if seq != 0 {
-                    self.handled
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(seq);
+                {
+                    let mut handled = self.handled.lock().unwrap_or_else(|p| p.into_inner());
+                    if seq != 0 {
+                        handled.insert(seq);
+                    }
+                    handled.insert_event(replay_key);
                 }
                 self.stats.processed.fetch_add(1, Ordering::Relaxed);
                 if critical {
@@ -633,7 +670,7 @@ impl MeshConsumer {
         let stored = dead_letter_event(&self.name, subject, body, seq, reason);
         let publish = PublishMessage::build()
             .payload(crate::api::to_bytes(&stored))
-            .message_id(format!("deadletter:{seq}"));
+            .message_id(private_id(&format!("deadletter:{seq}")));
         let ack = self
             .js
             .send_publish(subjects::MESH_DEADLETTER, publish)
@@ -662,6 +699,18 @@ impl MeshConsumer {
             );
         self.narrator.publish(narrative).await;
         Ok(())
+    }
+}
+
+/// `event` with the facts that come from where it arrived: an event on
+/// `ingress.mesh.<identity>.<type>` was published by a client of another account, and
+/// `nats.conf`'s import put the identity in the subject; [`MeshEvent::from_identity`] makes it
+/// that identity's root event. An event on `mesh.<type>` was published inside bulwark's account
+/// by a service, and its body's causal facts stand.
+pub fn stamp_sender(event: MeshEvent, subject: &str) -> Result<MeshEvent, String> {
+    match subjects::mesh_subject(subject).and_then(|m| m.identity) {
+        Some(identity) => event.from_identity(identity),
+        None => Ok(event),
     }
 }
 
@@ -724,17 +773,75 @@ async fn nak(msg: &jetstream::Message, delay: Option<Duration>) {
     }
 }
 
-/// Creates (or updates) the mesh stream with the retention of `cfg`.
+/// Creates (or updates) the mesh stream with the retention of `cfg`, and loads the key of
+/// [`private_id`] (created once per deployment).
 pub async fn mesh_stream(
     js: &jetstream::Context,
     cfg: &MeshConfig,
 ) -> Result<jetstream::stream::Stream, streams::StoreError> {
-    streams::mesh(
+    let stream = streams::mesh(
         js,
         Duration::from_secs(cfg.max_age_days.saturating_mul(86_400)),
         Duration::from_secs_f64(cfg.duplicate_window_s),
     )
-    .await
+    .await?;
+    load_id_key(js).await?;
+    Ok(stream)
+}
+
+// ---- private deduplication ids ------------------------------------------------------------------
+
+/// The deployment's key for [`private_id`], loaded by [`mesh_stream`].
+static ID_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Key of the deduplication id key in [`streams::SECRETS_BUCKET`].
+const ID_KEY_NAME: &str = "mesh_msg_id";
+
+async fn load_id_key(js: &jetstream::Context) -> Result<(), streams::StoreError> {
+    if ID_KEY.get().is_some() {
+        return Ok(());
+    }
+    let bucket = streams::bucket(
+        js,
+        streams::SECRETS_BUCKET,
+        "bulwark's own secrets (e.g. the key of the mesh's deduplication ids); readable only inside bulwark's account",
+    )
+    .await?;
+    let fresh = format!(
+        "{}{}",
+        uuid::Uuid::now_v7().simple(),
+        uuid::Uuid::now_v7().simple()
+    );
+    // The first service to get here creates it; everyone else reads that one.
+    let _ = bucket.create(ID_KEY_NAME, fresh.clone().into()).await;
+    let key = match bucket.get(ID_KEY_NAME).await {
+        Ok(Some(value)) => String::from_utf8_lossy(&value).into_owned(),
+        Ok(None) | Err(_) => {
+            return Err(streams::StoreError {
+                name: streams::SECRETS_BUCKET.to_owned(),
+                reason: "the deduplication id key could not be read".to_owned(),
+            });
+        }
+    };
+    let _ = ID_KEY.set(key);
+    Ok(())
+}
+
+/// The `Nats-Msg-Id` under which a service stores an event whose natural id (`raw`, e.g.
+/// `storm:<type>:<second>`) anyone could predict: a keyed hash of it. Replicas of a service
+/// agree on it (they share the key), so their duplicates still collapse; a client of another
+/// account, whose events share the mesh stream, cannot compute it, so it cannot pre-publish an
+/// id to make a real incident vanish as a "duplicate".
+pub fn private_id(raw: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let key = ID_KEY.get().map(String::as_str).unwrap_or_default();
+    let mut hash = Sha256::new();
+    hash.update(key.as_bytes());
+    hash.update([0u8]);
+    hash.update(raw.as_bytes());
+    let digest = hash.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("p:{hex}")
 }
 
 /// Opens the breaker bucket, creating it when missing.

@@ -124,6 +124,12 @@ pub async fn serve_requests<F, Fut>(
                 None => break,
             },
         };
+        if let Some(reply) = request.message.reply.as_deref()
+            && !is_inbox(reply)
+        {
+            refuse_aimed_reply(&request, reply).await;
+            continue;
+        }
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break;
         };
@@ -134,6 +140,46 @@ pub async fn serve_requests<F, Fut>(
         });
     }
 }
+
+/// Requests refused because their reply subject was not an inbox, in this process.
+pub static AIMED_REPLIES_REFUSED: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// True when `reply` is an inbox a service may answer to: the services' own `_INBOX.`, a
+/// person's or worker's `_INBOX_<user>.`, or `_R_.`, the reply subject the server gives a request
+/// that crossed an account import. Anything else (`$KV.…`, `$JS.API.…`, a stream's subject)
+/// would make the service write where the requester aimed it: a confused deputy.
+pub fn is_inbox(reply: &str) -> bool {
+    reply.starts_with("_INBOX.") || reply.starts_with("_INBOX_") || reply.starts_with("_R_.")
+}
+
+/// Refuses a request whose reply subject is not an inbox: it is not handled and not answered
+/// (an answer would go where the requester aimed it); counted, logged and narrated.
+async fn refuse_aimed_reply(request: &async_nats::service::Request, reply: &str) {
+    let total = AIMED_REPLIES_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let subject = request.message.subject.to_string();
+    let reply = crate::api::excerpt(reply, 128);
+    tracing::warn!(%subject, %reply, total, "request refused: its reply subject is not an inbox");
+    let Some(client) = NARRATION_CLIENT.get() else {
+        return;
+    };
+    let narrator = crate::Narrator::new(
+        async_nats::jetstream::new(client.clone()),
+        "trust_boundary",
+        "micro",
+    );
+    let narrative = narrator
+        .narrative("aimed_reply_refused", "reply subject check")
+        .why(format!(
+            "a request on {subject} asked for its answer on {reply}, which is not an inbox"
+        ))
+        .why("answering would write where the requester aimed it; the request was not handled")
+        .context(serde_json::json!({"subject": subject, "reply": reply, "refused_total": total}));
+    narrator.publish(narrative).await;
+}
+
+/// The connection refusals are narrated on (the first service registered in this process).
+static NARRATION_CLIENT: std::sync::OnceLock<Client> = std::sync::OnceLock::new();
 
 /// Ends a service after its shutdown signal: deregisters the micro service (it stops taking
 /// work), then gives the tasks on `tracker` `grace` to finish.
@@ -179,6 +225,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     use async_nats::service::ServiceExt;
+    let _ = NARRATION_CLIENT.set(client.clone());
     let service = client
         .service_builder()
         .description(description)

@@ -356,7 +356,7 @@ pub async fn guard(
                     fault.reason.as_deref().unwrap_or("unspecified")
                 );
                 let tripped = replica.error(fault.errors, &what);
-                if let Some(reply) = msg.reply {
+                if let Some(reply) = msg.reply.filter(|r| crate::micro::is_inbox(r)) {
                     let _ = client
                         .publish(reply, crate::api::to_bytes(&replica.beat()))
                         .await;

@@ -38,6 +38,10 @@ pub const TASKS_STREAM: &str = "BULWARK_TASKS";
 /// Stream of narratives.
 pub const NARRATIVES_STREAM: &str = "BULWARK_NARRATIVES";
 
+/// KV bucket of bulwark's own secrets (the key of [`crate::mesh::private_id`]): inside
+/// bulwark's account, so no agent, person or worker can read it.
+pub const SECRETS_BUCKET: &str = "bulwark_secrets";
+
 /// KV bucket of leader leases.
 pub const LEASES_BUCKET: &str = "bulwark_leases";
 
@@ -174,7 +178,7 @@ async fn conform(js: &jetstream::Context, name: &str, replicas: usize) -> Result
 struct Spec {
     name: &'static str,
     description: &'static str,
-    subject: &'static str,
+    subjects: &'static [&'static str],
     retention: stream::RetentionPolicy,
     /// Zero keeps messages until retention removes them otherwise.
     max_age: Duration,
@@ -187,7 +191,7 @@ async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, S
     let config = stream::Config {
         name: spec.name.to_owned(),
         description: Some(spec.description.to_owned()),
-        subjects: vec![spec.subject.to_owned()],
+        subjects: spec.subjects.iter().map(|s| s.to_string()).collect(),
         retention: spec.retention,
         storage: stream::StorageType::File,
         max_age: spec.max_age,
@@ -203,6 +207,7 @@ async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, S
     if current.max_age != spec.max_age
         || current.duplicate_window != spec.duplicate_window
         || current.num_replicas != config.num_replicas
+        || current.subjects != config.subjects
     {
         js.update_stream(config)
             .await
@@ -218,7 +223,7 @@ pub async fn tasks(js: &jetstream::Context) -> Result<stream::Stream, StoreError
         Spec {
             name: TASKS_STREAM,
             description: "bulwark task queue: approved intents waiting for a worker",
-            subject: subjects::TASK_QUEUE_ALL,
+            subjects: &[subjects::TASK_QUEUE_ALL],
             retention: stream::RetentionPolicy::WorkQueue,
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(120),
@@ -234,7 +239,7 @@ pub async fn narratives(js: &jetstream::Context) -> Result<stream::Stream, Store
         Spec {
             name: NARRATIVES_STREAM,
             description: "bulwark 5W1H narratives, in order",
-            subject: subjects::NARRATIVE_ALL,
+            subjects: &[subjects::NARRATIVE_ALL],
             retention: stream::RetentionPolicy::Limits,
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(120),
@@ -260,7 +265,7 @@ pub async fn audit(
         Spec {
             name: AUDIT_STREAM,
             description: "bulwark clarity audit: every narrative, hash-chained, in order",
-            subject: subjects::CLARITY_AUDIT,
+            subjects: &[subjects::CLARITY_AUDIT],
             retention: stream::RetentionPolicy::Limits,
             max_age,
             duplicate_window,
@@ -281,7 +286,7 @@ pub async fn tasks_parked(js: &jetstream::Context) -> Result<stream::Stream, Sto
         Spec {
             name: TASKS_PARKED_STREAM,
             description: "bulwark shed tasks, parked until replayed",
-            subject: subjects::TASK_PARKED_ALL,
+            subjects: &[subjects::TASK_PARKED_ALL],
             retention: stream::RetentionPolicy::WorkQueue,
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(120),
@@ -297,7 +302,7 @@ pub async fn tasks_dead(js: &jetstream::Context) -> Result<stream::Stream, Store
         Spec {
             name: TASKS_DEAD_STREAM,
             description: "bulwark tasks that failed after their last attempt, with history",
-            subject: subjects::TASK_DEAD,
+            subjects: &[subjects::TASK_DEAD],
             retention: stream::RetentionPolicy::Limits,
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(120),
@@ -306,7 +311,8 @@ pub async fn tasks_dead(js: &jetstream::Context) -> Result<stream::Stream, Store
     .await
 }
 
-/// Stream capturing every trigger mesh event, `mesh.>`.
+/// Stream capturing every trigger mesh event: the services' own on `mesh.>`, and those of
+/// agents, people and workers on `ingress.mesh.>` (where the accounts' imports put them).
 pub const MESH_STREAM: &str = "BULWARK_MESH";
 /// KV bucket holding the mesh circuit breaker's state (key [`BREAKER_KEY`]).
 pub const BREAKER_BUCKET: &str = "bulwark_breaker";
@@ -328,8 +334,8 @@ pub async fn mesh(
         js,
         Spec {
             name: MESH_STREAM,
-            description: "bulwark trigger mesh: every mesh.> event, in order",
-            subject: subjects::MESH_ALL,
+            description: "bulwark trigger mesh: every mesh.> event of the services and ingress.mesh.> event of other accounts, in order",
+            subjects: &[subjects::MESH_ALL, subjects::MESH_INGRESS_ALL],
             retention: stream::RetentionPolicy::Limits,
             max_age,
             duplicate_window,

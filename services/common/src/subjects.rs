@@ -65,6 +65,52 @@ pub fn narrative(who: &str) -> String {
 pub const MESH_PREFIX: &str = "mesh";
 /// Wildcard covering every mesh event.
 pub const MESH_ALL: &str = "mesh.>";
+/// Where a mesh event published by a client of another account arrives in bulwark's account:
+/// `ingress.mesh.<identity>.<event_type>`, as `nats.conf`'s imports map that account's `mesh.>`
+/// (the identity is chosen by the server's configuration, never by the publisher).
+pub const MESH_INGRESS_PREFIX: &str = "ingress.mesh";
+/// Every ingress mesh event.
+pub const MESH_INGRESS_ALL: &str = "ingress.mesh.>";
+/// Event types only bulwark's services may produce (the safeguards' own); an ingress event of one
+/// of these types is dead-lettered.
+pub const MESH_RESERVED: [&str; 8] = [
+    "task.>",
+    "breaker.>",
+    "layer2.>",
+    "playbook.>",
+    "deadletter",
+    "event.emergency",
+    "event.incident",
+    "advisory.>",
+];
+
+/// Where a mesh subject came from and what its event type is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeshSubject<'a> {
+    /// The event type: the subject after `mesh.` or after `ingress.mesh.<identity>.`.
+    pub event_type: &'a str,
+    /// The publishing identity of an ingress event; `None` for the services' own `mesh.>`.
+    pub identity: Option<&'a str>,
+}
+
+/// Parses a mesh subject: `mesh.a.b` -> type `a.b` from a service; `ingress.mesh.agent.a.b` ->
+/// type `a.b` from identity `agent`. `None` for other subjects (and an ingress subject without a
+/// type).
+pub fn mesh_subject(subject: &str) -> Option<MeshSubject<'_>> {
+    if let Some(rest) = subject.strip_prefix("ingress.mesh.") {
+        let (identity, event_type) = rest.split_once('.')?;
+        Some(MeshSubject {
+            event_type,
+            identity: Some(identity),
+        })
+    } else {
+        subject.strip_prefix("mesh.").map(|event_type| MeshSubject {
+            event_type,
+            identity: None,
+        })
+    }
+}
+
 /// Dead letters of the mesh: malformed events with the reason.
 pub const MESH_DEADLETTER: &str = "mesh.deadletter";
 /// Incidents raised by the safeguards (they name the playbook to run).

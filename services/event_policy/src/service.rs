@@ -361,7 +361,7 @@ impl Engine {
     async fn publish(&self, event: &MeshEvent, msg_id: String) -> Result<(), String> {
         let publish = PublishMessage::build()
             .payload(api::to_bytes(event))
-            .message_id(msg_id);
+            .message_id(bulwark_common::mesh::private_id(&msg_id));
         self.js
             .send_publish(subjects::mesh(&event.event_type), publish)
             .await

@@ -531,7 +531,9 @@ impl Service {
         let stored = mesh::dead_letter_event(SERVICE_NAME, subject, body, seq, reason);
         let publish = PublishMessage::build()
             .payload(api::to_bytes(&stored))
-            .message_id(format!("deadletter:{seq}"));
+            .message_id(bulwark_common::mesh::private_id(&format!(
+                "deadletter:{seq}"
+            )));
         match self
             .js
             .send_publish(subjects::MESH_DEADLETTER, publish)
@@ -889,7 +891,10 @@ impl Service {
         event.subsystem = Some("playbooks".to_owned());
         let publish = PublishMessage::build()
             .payload(api::to_bytes(&event))
-            .message_id(format!("{kind}:{run_id}:{}", event.event_id));
+            .message_id(bulwark_common::mesh::private_id(&format!(
+                "{kind}:{run_id}:{}",
+                event.event_id
+            )));
         let stored = match self.js.send_publish(subjects::mesh(kind), publish).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(err) => Err(err.to_string()),

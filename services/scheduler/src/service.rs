@@ -461,6 +461,10 @@ async fn lead(s: Arc<Scheduler>, tracker: TaskTracker, shutdown: CancellationTok
                         .next()
                         .and_then(Op::from_name);
                     let (Some(op), Some(reply)) = (op, msg.reply.clone()) else { continue };
+                    if !bulwark_common::micro::is_inbox(&reply) {
+                        tracing::warn!(subject = %msg.subject, "forwarded request refused: its reply subject is not an inbox");
+                        continue;
+                    }
                     let s2 = s.clone();
                     tracker.spawn(async move {
                         let result = s2.handle(op, &msg.payload).await;

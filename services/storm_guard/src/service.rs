@@ -233,10 +233,16 @@ pub async fn run(
         guard,
         clock: Clock::new(),
     });
-    let subscription = client
+    // The services' own events and those of other accounts (agents, people), as one stream.
+    let own = client
         .subscribe(subjects::MESH_ALL)
         .await
         .map_err(|e| StormGuardError::Subscribe(e.to_string()))?;
+    let ingress = client
+        .subscribe(subjects::MESH_INGRESS_ALL)
+        .await
+        .map_err(|e| StormGuardError::Subscribe(e.to_string()))?;
+    let subscription = futures::stream::select(own, ingress);
 
     let tracker = TaskTracker::new();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -327,7 +333,7 @@ struct SourceOnly<'a> {
 /// Counts every mesh event as it arrives; decisions go to the announcer.
 async fn ingest(
     sg: Arc<StormGuard>,
-    mut subscription: async_nats::Subscriber,
+    mut subscription: impl futures::Stream<Item = async_nats::Message> + Unpin,
     tx: mpsc::UnboundedSender<Announcement>,
     clock: Clock,
     shutdown: CancellationToken,
@@ -350,16 +356,21 @@ async fn ingest(
             sg.counters.own_events.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let event_type = subject.strip_prefix("mesh.").unwrap_or(subject);
+        let (event_type, identity) = subjects::mesh_subject(subject)
+            .map(|m| (m.event_type, m.identity))
+            .unwrap_or((subject, None));
         let parsed = serde_json::from_slice::<SourceOnly>(&msg.payload);
-        let source = match &parsed {
-            Ok(SourceOnly { source: Some(s) }) if !s.is_empty() => s.as_ref(),
-            Ok(_) => "unknown",
-            Err(_) => {
-                sg.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                "unknown"
-            }
+        // An event from another account is counted against the identity its subject names (the
+        // server's import put it there); only the services' own events name their source in the
+        // body.
+        let source = match (&parsed, identity) {
+            (_, Some(identity)) => identity,
+            (Ok(SourceOnly { source: Some(s) }), None) if !s.is_empty() => s.as_ref(),
+            (_, None) => "unknown",
         };
+        if parsed.is_err() {
+            sg.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        }
         let now = clock.now_ms();
         let (storm, transition) = {
             let mut guard = sg.lock();
@@ -377,7 +388,8 @@ async fn ingest(
             let _ = tx.send(Announcement::Transition(t, record));
         }
     }
-    subscription.unsubscribe().await.ok();
+    // Dropping the subscriptions unsubscribes them.
+    drop(subscription);
 }
 
 /// Applies the time-based changes: breaker cooldown and probe, storms that ended.
@@ -502,7 +514,7 @@ impl StormGuard {
     async fn publish(&self, event: &MeshEvent, msg_id: String) -> bool {
         let publish = PublishMessage::build()
             .payload(api::to_bytes(event))
-            .message_id(msg_id);
+            .message_id(mesh::private_id(&msg_id));
         let stored = match self
             .js
             .send_publish(subjects::mesh(&event.event_type), publish)

@@ -1,0 +1,149 @@
+"""A foreign client that attacks bulwark's trust boundary, as an agent (or another identity) would.
+
+Usage: python3 attacks.py ATTACK NATS_URL [ARGS...]  (connects without credentials, so as the
+anonymous `agent`, unless USER and PASSWORD are set in the environment).
+Prints one JSON line of what it did and saw; tests/trust_boundary.rs judges the effect on bulwark.
+
+Attacks:
+  forge-safeguard              a body claiming `layer2.critical_alert` from the watchdog, on an
+                               allowed subject; then the real safeguard subject (refused)
+  forge-facts TYPE EVENT_ID    an event on mesh.TYPE claiming source, depth, lineage, causation
+                               and a victim's correlation id; published twice (a replay)
+  aim-replies                  requests whose reply subjects are aimed at a KV key, a stream
+                               subject and the JetStream API
+  snoop SECONDS                subscribes to every inbox it may and reports what it read
+  prepublish TYPE SECONDS      publishes events whose Nats-Msg-Id are the storm guard's natural
+                               incident ids for TYPE, for the coming SECONDS
+"""
+import asyncio
+import json
+import os
+import sys
+import time
+
+import nats
+
+
+async def connect(url):
+    errors = []
+
+    async def on_error(e):
+        errors.append(str(e))
+
+    user, password = os.environ.get("USER_NAME"), os.environ.get("USER_PASSWORD")
+    options = {"error_cb": on_error, "allow_reconnect": False}
+    if user:
+        options.update(user=user, password=password, inbox_prefix=f"_INBOX_{user}")
+    nc = await nats.connect(url, **options)
+    return nc, errors
+
+
+async def forge_safeguard(nc, errors, _args):
+    body = {
+        "event_type": "layer2.critical_alert",
+        "source": "watchdog",
+        "payload": {"alert": "scheduler_stalled", "resume_paused": True, "component": "scheduler"},
+    }
+    await nc.publish("mesh.custom.alert", json.dumps(body).encode())
+    await nc.publish("mesh.layer2.critical_alert", json.dumps(body).encode())
+    await nc.flush()
+    await asyncio.sleep(0.5)
+    return {"published": 2, "errors": errors}
+
+
+async def forge_facts(nc, errors, args):
+    event_type, event_id = args[0], args[1]
+    body = {
+        "event_id": event_id,
+        "event_type": event_type,
+        "source": "watchdog",
+        "depth": 9,
+        "lineage": [["task.failed", "scheduler"]] * 9,
+        "causation_id": "victim-cause",
+        "correlation_id": "victim-flow",
+        "payload": {"forged": True},
+    }
+    for _ in range(2):
+        await nc.publish(f"mesh.{event_type}", json.dumps(body).encode())
+    await nc.flush()
+    await asyncio.sleep(0.3)
+    return {"published": 2, "errors": errors}
+
+
+AIMED = [
+    "$KV.bulwark_breaker.mesh",
+    "$KV.bulwark_intents.aimed-victim",
+    "$KV.bulwark_leases.scheduler",
+    "htm.task.queue.5",
+    "clarity.audit",
+    "$JS.API.STREAM.DELETE.BULWARK_MESH",
+    "$JS.API.STREAM.PURGE.BULWARK_TASKS",
+]
+
+
+async def aim_replies(nc, errors, _args):
+    sent = 0
+    for target in AIMED:
+        for subject, body in [
+            ("htm.intent.status", {"intent_id": "aimed-victim"}),
+            ("htm.intent.submit", {"intent_type": "query_knowledge", "actor": "a", "payload": {}}),
+            ("storm_guard.status", {}),
+            ("watchdog.report", {}),
+        ]:
+            await nc.publish(subject, json.dumps(body).encode(), reply=target)
+            sent += 1
+    await nc.flush()
+    await asyncio.sleep(1.0)
+    return {"sent": sent, "targets": AIMED, "errors": errors}
+
+
+async def snoop(nc, errors, args):
+    seconds = float(args[0])
+    seen = []
+
+    async def cb(msg):
+        seen.append({"subject": msg.subject, "data": msg.data.decode("utf-8", "replace")[:2000]})
+
+    for pattern in ["_INBOX.>", "_INBOX_operator.>", "_INBOX_worker.>", "$JS.>", "$KV.>", ">"]:
+        try:
+            await nc.subscribe(pattern, cb=cb)
+        except Exception as e:  # a refused subscription arrives as an async error too
+            errors.append(f"{pattern}: {e}")
+    await nc.flush()
+    await asyncio.sleep(seconds)
+    return {"seen": len(seen), "subjects": sorted({m["subject"].split(".")[0] for m in seen}),
+            "samples": seen[:20], "errors": errors}
+
+
+async def prepublish(nc, errors, args):
+    event_type, seconds = args[0], int(args[1])
+    now = int(time.time())
+    sent = 0
+    for sec in range(now - 2, now + seconds):
+        for raw in [f"storm:{event_type}:{sec}", f"storm:{event_type}:{sec * 1000}"]:
+            await nc.publish(f"mesh.{event_type}", b'{"payload":{}}', headers={"Nats-Msg-Id": raw})
+            sent += 1
+    await nc.flush()
+    return {"sent": sent, "errors": errors}
+
+
+ATTACKS = {
+    "forge-safeguard": forge_safeguard,
+    "forge-facts": forge_facts,
+    "aim-replies": aim_replies,
+    "snoop": snoop,
+    "prepublish": prepublish,
+}
+
+
+async def main(attack, url, args):
+    nc, errors = await connect(url)
+    try:
+        result = await ATTACKS[attack](nc, errors, args)
+    finally:
+        await nc.close()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3:]))
