@@ -14,6 +14,8 @@ Attacks:
   snoop SECONDS                subscribes to every inbox it may and reports what it read
   prepublish TYPE SECONDS      publishes events whose Nats-Msg-Id are the storm guard's natural
                                incident ids for TYPE, for the coming SECONDS
+  flood-reviews COUNT BYTES    submits COUNT tier-0 intents with BYTES of payload each, to make
+                               the review list larger than the server carries
 """
 import asyncio
 import json
@@ -127,7 +129,19 @@ async def prepublish(nc, errors, args):
     return {"sent": sent, "errors": errors}
 
 
+async def flood_reviews(nc, errors, args):
+    count, size = int(args[0]), int(args[1])
+    answers = []
+    for i in range(count):
+        intent = {"intent_id": f"big-{i}", "intent_type": "change_charter", "actor": "flooder",
+                  "payload": {"blob": "x" * size}}
+        reply = await nc.request("htm.intent.submit", json.dumps(intent).encode(), timeout=10)
+        answers.append(json.loads(reply.data).get("status") or json.loads(reply.data).get("error", {}).get("code"))
+    return {"answers": answers, "errors": errors}
+
+
 ATTACKS = {
+    "flood-reviews": flood_reviews,
     "forge-safeguard": forge_safeguard,
     "forge-facts": forge_facts,
     "aim-replies": aim_replies,

@@ -76,7 +76,7 @@ pub async fn dispatch(
         Command::Review {
             action: ReviewAction::List { json },
         } => {
-            let reply = request(&cfg, subjects::REVIEW_PENDING, &json!({})).await?;
+            let reply = request_all(&cfg, subjects::REVIEW_PENDING).await?;
             if json {
                 return print_json(&reply);
             }
@@ -114,9 +114,7 @@ pub async fn dispatch(
                 json!({"proposal_id": proposal_id, "voter": voter, "vote": vote, "reason": reason});
             print_json(&request(&cfg, &subject, &body).await?)
         }
-        Command::Proposals => {
-            print_json(&request(&cfg, subjects::PROPOSALS_OPEN, &json!({})).await?)
-        }
+        Command::Proposals => print_json(&request_all(&cfg, subjects::PROPOSALS_OPEN).await?),
         Command::Narratives(args) => crate::narratives::narratives(&cfg, args).await,
         Command::Audit { action } => crate::narratives::audit(&cfg, action).await,
         Command::Status { json } => crate::status::status(&cfg, json).await,
@@ -155,6 +153,24 @@ fn speaker(cfg: &BulwarkConfig, named: Option<String>, plain: &str) -> (String, 
 }
 
 /// Sends `body` to `subject` as the operator and returns the reply; an error reply is an error.
+/// Every item of a paged list (`{"items", "next", "total"}`), page after page, as one
+/// `{"items": [...], "total": N}`.
+pub(crate) async fn request_all(cfg: &BulwarkConfig, subject: &str) -> anyhow::Result<Value> {
+    let mut items = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let body = json!({"limit": bulwark_common::page::MAX_LIMIT, "after": after});
+        let page = request(cfg, subject, &body).await?;
+        if let Some(list) = page["items"].as_array() {
+            items.extend(list.iter().cloned());
+        }
+        match page["next"].as_str() {
+            Some(next) if Some(next) != after.as_deref() => after = Some(next.to_owned()),
+            _ => return Ok(json!({"items": items, "total": page["total"]})),
+        }
+    }
+}
+
 pub(crate) async fn request(
     cfg: &BulwarkConfig,
     subject: &str,

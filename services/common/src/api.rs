@@ -116,11 +116,44 @@ pub fn error_headers(err: &ApiError) -> HeaderMap {
     headers
 }
 
+/// Largest reply the server carries (its `max_payload`, learnt when a service registers), less
+/// room for headers; 0 until known.
+static MAX_REPLY_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Records the server's `max_payload` (see [`respond`]).
+pub fn set_max_payload(max_payload: usize) {
+    MAX_REPLY_BYTES.store(
+        max_payload.saturating_sub(4096),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
 /// Answers a micro request with `result`: the JSON value, or the error body with error headers.
-/// A failed reply (client gone, connection down) is logged; it never ends the caller's loop.
+/// A reply larger than the server carries is answered with 413 `reply_too_large` instead (the
+/// requester would otherwise wait for an answer that never comes). A failed reply (client gone,
+/// connection down) is logged; it never ends the caller's loop.
 pub async fn respond<T: Serialize>(request: &Request, result: Result<T, ApiError>) {
     let outcome = match result {
-        Ok(value) => request.respond(Ok(to_bytes(&value))).await,
+        Ok(value) => {
+            let body = to_bytes(&value);
+            let max = MAX_REPLY_BYTES.load(std::sync::atomic::Ordering::Relaxed);
+            if max > 0 && body.len() > max {
+                let err = ApiError::new(
+                    413,
+                    "reply_too_large",
+                    format!(
+                        "the reply is {} bytes, over the {max} the server carries; ask for less (e.g. a smaller \"limit\")",
+                        body.len()
+                    ),
+                );
+                tracing::warn!(subject = %request.message.subject, bytes = body.len(), max, "reply too large; answered with an error");
+                request
+                    .respond_with_headers(Ok(error_bytes(&err)), error_headers(&err))
+                    .await
+            } else {
+                request.respond(Ok(body)).await
+            }
+        }
         Err(err) => {
             request
                 .respond_with_headers(Ok(error_bytes(&err)), error_headers(&err))
@@ -128,7 +161,7 @@ pub async fn respond<T: Serialize>(request: &Request, result: Result<T, ApiError
         }
     };
     if let Err(err) = outcome {
-        tracing::debug!(error = %err, subject = %request.message.subject, "could not send reply");
+        tracing::warn!(error = %err, subject = %request.message.subject, "could not send reply");
     }
 }
 

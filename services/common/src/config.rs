@@ -545,6 +545,9 @@ pub struct GovernanceConfig {
     /// with 403 `identity_required` on the plain subject. `"*"` binds every name. On a
     /// per-identity subject the name always is the sender (docs/security.md).
     pub bound_identities: Vec<String>,
+    /// Open review items and open proposals one actor may have at once; a submission that would
+    /// open one more is refused with 429 `too_many_open` (0: no cap).
+    pub max_open_per_actor: usize,
 }
 
 impl Default for GovernanceConfig {
@@ -587,6 +590,7 @@ impl Default for GovernanceConfig {
                 })
                 .collect(),
             bound_identities: Vec::new(),
+            max_open_per_actor: 20,
         }
     }
 }

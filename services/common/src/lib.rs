@@ -12,6 +12,7 @@
 //! - [`mesh`]: the mesh consumer (normalise, dead-letter, obey the breaker, pace per type).
 //! - [`narrative`]: 5W1H narratives and the publisher every service explains itself with.
 //! - [`api`]: JSON replies and the NATS micro error convention.
+//! - [`page`]: paged list replies (`limit`, `after`) and summarised payloads.
 //! - [`nats_server`]: finding the nats-server binary (`bulwark up`, tests).
 //! - [`micro`]: NATS micro versioning, readiness and discovery.
 //! - [`connect`]: connecting with timeouts, reconnects and an event callback that surfaces errors.
@@ -40,6 +41,7 @@ pub mod mesh_publisher;
 pub mod micro;
 pub mod narrative;
 pub mod nats_server;
+pub mod page;
 pub mod replica;
 pub mod rollback;
 pub mod shutdown;

@@ -226,6 +226,7 @@ where
 {
     use async_nats::service::ServiceExt;
     let _ = NARRATION_CLIENT.set(client.clone());
+    crate::api::set_max_payload(client.server_info().max_payload);
     let service = client
         .service_builder()
         .description(description)

@@ -24,6 +24,7 @@ use bulwark_common::intent::{
 };
 use bulwark_common::kv::{self as kvx, Change, KvError};
 use bulwark_common::narrative::Narrator;
+use bulwark_common::page::{self, Page, PageRequest};
 use bulwark_common::{ids, streams, subjects, telemetry, time};
 
 use crate::identity::{self, Role, Sender};
@@ -233,7 +234,7 @@ impl Governance {
                 self.reply(request, result).await
             }
             Op::Status => self.reply(request, self.status(body).await).await,
-            Op::ReviewPending => self.reply(request, self.pending_reviews().await).await,
+            Op::ReviewPending => self.reply(request, self.pending_reviews(body).await).await,
             Op::ReviewDecide => {
                 let result = self.decide(body, sender(subjects::REVIEW_DECIDE)).await;
                 self.reply(request, result).await
@@ -242,7 +243,7 @@ impl Governance {
                 let result = self.vote(body, sender(subjects::VOTE)).await;
                 self.reply(request, result).await
             }
-            Op::Proposals => self.reply(request, self.open_proposals().await).await,
+            Op::Proposals => self.reply(request, self.open_proposals(body).await).await,
         }
     }
 
@@ -279,6 +280,17 @@ impl Governance {
             }
         };
         let route = routing::route(&intent, &self.cfg);
+        if route.review.is_some_and(|k| k == ReviewKind::Approval) || route.requires_vote {
+            let exists = kvx::read::<IntentRecord>(&self.intents, &intent.intent_id)
+                .await
+                .map_err(store_err)?
+                .is_some();
+            // A resubmission of an existing intent opens nothing new.
+            if !exists && let Err(err) = self.check_open_cap(&intent.actor).await {
+                self.narrate_refusal("intent_refused", &err, body).await;
+                return Err(err);
+            }
+        }
         let decision = decision(&intent, &route);
         let record = IntentRecord {
             intent: intent.clone(),
@@ -466,18 +478,66 @@ impl Governance {
 
     // ---- human review -------------------------------------------------------------------------
 
-    async fn pending_reviews(&self) -> Result<Value, ApiError> {
-        let mut items = Vec::new();
-        for key in kvx::keys(&self.reviews).await.map_err(store_err)? {
-            if let Some(item) = kvx::read::<ReviewItem>(&self.reviews, &key)
-                .await
-                .map_err(store_err)?
-            {
-                items.push(item.value);
+    /// One page of the review queue, oldest first, payloads summarised.
+    async fn pending_reviews(&self, body: &[u8]) -> Result<Page<ReviewItem>, ApiError> {
+        let request = PageRequest::parse(body)?;
+        let mut items: Vec<(String, ReviewItem)> = self
+            .read_all::<ReviewItem>(&self.reviews)
+            .await?
+            .into_iter()
+            .map(|mut item| {
+                item.payload = page::summarise(&item.payload);
+                (format!("{}|{}", item.created_at, item.intent_id), item)
+            })
+            .collect();
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(page::page(items, &request))
+    }
+
+    /// Every value of `bucket` that reads as a `T`.
+    async fn read_all<T: serde::de::DeserializeOwned>(
+        &self,
+        bucket: &kv::Store,
+    ) -> Result<Vec<T>, ApiError> {
+        let mut values = Vec::new();
+        for key in kvx::keys(bucket).await.map_err(store_err)? {
+            if let Some(entry) = kvx::read::<T>(bucket, &key).await.map_err(store_err)? {
+                values.push(entry.value);
             }
         }
-        items.sort_by(|a, b| a.created_at.cmp(&b.created_at));
-        Ok(json!({ "items": items }))
+        Ok(values)
+    }
+
+    /// Refuses a submission of `actor` that would open one more review item or proposal than
+    /// `governance.max_open_per_actor` allows.
+    async fn check_open_cap(&self, actor: &str) -> Result<(), ApiError> {
+        let cap = self.cfg.max_open_per_actor;
+        if cap == 0 {
+            return Ok(());
+        }
+        let reviews = self.read_all::<ReviewItem>(&self.reviews).await?;
+        let proposals = self.read_all::<Proposal>(&self.proposals).await?;
+        let open = reviews
+            .iter()
+            .filter(|r| r.actor == actor && r.requires_decision)
+            .count()
+            + proposals
+                .iter()
+                .filter(|p| p.actor == actor && p.state == ProposalState::Open)
+                .count();
+        if open >= cap {
+            self.counters
+                .refused_requests
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                429,
+                "too_many_open",
+                format!(
+                    "actor {actor:?} already has {open} open review items and proposals, the cap (governance.max_open_per_actor = {cap}); wait for decisions"
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn decide(&self, body: &[u8], sender: Sender<'_>) -> Result<StatusReply, ApiError> {
@@ -685,18 +745,20 @@ impl Governance {
         Ok(())
     }
 
-    async fn open_proposals(&self) -> Result<Value, ApiError> {
-        let mut items = Vec::new();
-        for key in kvx::keys(&self.proposals).await.map_err(store_err)? {
-            if let Some(p) = kvx::read::<Proposal>(&self.proposals, &key)
-                .await
-                .map_err(store_err)?
-            {
-                items.push(p.value);
-            }
-        }
-        items.sort_by(|a, b| a.opened_at.cmp(&b.opened_at));
-        Ok(json!({ "items": items }))
+    /// One page of the proposals, oldest first, payloads summarised.
+    async fn open_proposals(&self, body: &[u8]) -> Result<Page<Proposal>, ApiError> {
+        let request = PageRequest::parse(body)?;
+        let mut items: Vec<(String, Proposal)> = self
+            .read_all::<Proposal>(&self.proposals)
+            .await?
+            .into_iter()
+            .map(|mut p| {
+                p.payload = page::summarise(&p.payload);
+                (format!("{}|{}", p.opened_at, p.proposal_id), p)
+            })
+            .collect();
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(page::page(items, &request))
     }
 
     async fn vote(&self, body: &[u8], sender: Sender<'_>) -> Result<Tally, ApiError> {

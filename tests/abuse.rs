@@ -1,0 +1,97 @@
+//! Abuse resistance, against a real nats-server running the repository's `nats.conf`, the abuse
+//! performed by a foreign client (`tests/clients/attacks.py`, nats-py) as the anonymous agent:
+//! - lists always answer: a review queue filled with large intents is paged and summarised, and
+//!   one actor cannot open more review items than `governance.max_open_per_actor`.
+
+use serde_json::{Value, json};
+
+use bulwark_common::subjects;
+use bulwark_tests::*;
+
+/// Runs an attack of `tests/clients/attacks.py` as the anonymous agent; its JSON line.
+async fn attack(server: &NatsServer, args: &[&str]) -> Value {
+    let root = repo_root();
+    let output = tokio::process::Command::new("python3")
+        .arg(root.join("tests/clients/attacks.py"))
+        .arg(args[0])
+        .arg(server.url())
+        .args(&args[1..])
+        .env("PYTHONPATH", root.join(".tools/py"))
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "attack {args:?} failed to run: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("attack prints JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_queue_of_large_intents_still_answers_page_by_page() {
+    init_logging();
+    let server = NatsServer::start();
+    let mut cfg = server.config();
+    cfg.governance.max_open_per_actor = 20;
+    let _governance = start_governance(cfg).await;
+
+    // 18 tier-0 intents of 63 KB: over 1 MB together, more than one reply can carry.
+    let result = attack(&server, &["flood-reviews", "18", "63000"]).await;
+    let answers = result["answers"].as_array().expect("answers");
+    assert_eq!(answers.len(), 18);
+    assert!(answers.iter().all(|a| a == "pending_review"), "{result}");
+
+    let operator = server.client_as(OPERATOR_USER).await;
+    let mut seen = Vec::new();
+    let mut after = Value::Null;
+    loop {
+        let (page, code) = request_json(
+            &operator,
+            subjects::REVIEW_PENDING,
+            json!({"limit": 5, "after": after}).to_string(),
+        )
+        .await;
+        assert_eq!(code, None, "{page}");
+        assert_eq!(page["total"], 18);
+        for item in page["items"].as_array().expect("items") {
+            assert_eq!(
+                item["payload"]["summarised"], true,
+                "large payloads are summarised"
+            );
+            seen.push(item["intent_id"].as_str().expect("id").to_owned());
+        }
+        match &page["next"] {
+            Value::String(next) => after = json!(next),
+            _ => break,
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 18, "every item once across the pages");
+    // The default page answers too (an empty body).
+    let (first, code) = request_json(&operator, subjects::REVIEW_PENDING, "").await;
+    assert_eq!(code, None);
+    assert_eq!(first["items"].as_array().map(Vec::len), Some(18));
+
+    // Two more fit under the cap of 20; the next is refused with the reason.
+    let more = attack(&server, &["flood-reviews", "21", "10"]).await;
+    let answers: Vec<&str> = more["answers"]
+        .as_array()
+        .expect("answers")
+        .iter()
+        .map(|a| a.as_str().unwrap_or(""))
+        .collect();
+    // big-0..17 exist already (resubmissions), big-18 and big-19 open, big-20 is refused.
+    assert_eq!(
+        answers[..20]
+            .iter()
+            .filter(|a| **a == "pending_review")
+            .count(),
+        20
+    );
+    assert_eq!(answers[20], "too_many_open", "{more}");
+    let (bad, code) = request_json(&operator, subjects::REVIEW_PENDING, r#"{"limit": 0}"#).await;
+    assert_eq!(code.as_deref(), Some("400"), "{bad}");
+}
