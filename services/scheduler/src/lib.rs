@@ -34,6 +34,7 @@
 //! - [`registry`]: the workers a leader has heard from (KV `bulwark_workers`), read at takeover.
 //! - [`service`]: the dispatch loop, reports, watchdog and endpoints.
 
+pub mod bindings;
 pub mod guards;
 pub mod pool;
 pub mod registry;
