@@ -6,6 +6,7 @@
 //! - it cannot heartbeat or report under a worker id bound to another user (`worker_b`): the real
 //!   worker's task runs once, with its own result;
 //! - a micro service it registers (`governance`) is not seen inside bulwark's account.
+//! - a worker id stays bound across a scheduler restart (the registry keeps the binding).
 //!
 //! The legitimate Python worker is `tests/htm.rs` `a_worker_written_in_python_completes_tasks`.
 
@@ -375,4 +376,40 @@ async fn a_micro_service_registered_by_a_worker_is_not_seen_inside_bulwark() {
     assert!(all.iter().all(|a| a["id"] != "IMPOSTOR"), "{all:?}");
     let report = impostor.finish().await;
     assert!(report["pings_answered"].as_u64() >= Some(1), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_survives_a_scheduler_restart() {
+    init_logging();
+    let server = NatsServer::start();
+    let cfg = config(&server);
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    let first = start_scheduler(cfg.clone()).await;
+    let mut cfg_b = cfg.clone();
+    cfg_b.nats.worker_user = "worker_b".into();
+    cfg_b.nats.worker_password = "worker_b-dev".into();
+    let real = start_worker(cfg_b, "worker_b").await;
+    let registry = js
+        .get_key_value(bulwark_scheduler::registry::WORKERS_BUCKET)
+        .await
+        .expect("worker registry");
+    eventually(LIMIT, "worker_b bound in the registry", || async {
+        let entry = registry.get("worker_b").await.ok().flatten()?;
+        let s: bulwark_scheduler::registry::Sighting = serde_json::from_slice(&entry).ok()?;
+        (s.user.as_deref() == Some("worker_b")).then_some(())
+    })
+    .await;
+    // Nobody heartbeats as worker_b while the next scheduler starts: only the registry knows.
+    real.stop().await.expect("worker stops");
+    first.stop().await.expect("scheduler stops");
+    let _second = start_scheduler(cfg.clone()).await;
+    let thief = Attacker::start(&server, &["steal", "worker_b", "nothing", "5"]).await;
+    let report = thief.finish().await;
+    assert_eq!(report["report_code"], "403", "{report}");
+    eventually(LIMIT, "the thief's heartbeats refused", || async {
+        let (stats, _) = request_json(&client, "$SRV.STATS.scheduler", "").await;
+        (stats["endpoints"][0]["data"]["impostors"].as_u64() >= Some(6)).then_some(())
+    })
+    .await;
 }
