@@ -300,7 +300,7 @@ async fn agents_submit_read_and_use_the_mesh_and_nothing_else() {
             subjects::REVIEW_DECIDE,
             subjects::VOTE,
             subjects::TASK_RESULT,
-            "htm.worker.heartbeat.w1",
+            "htm.heartbeat.w1",
             "htm.worker.w1.task",
             "clarity.verify",
         ]));
@@ -401,7 +401,7 @@ async fn operators_review_vote_and_run_ops_but_forge_nothing() {
     forbidden.extend(impersonation());
     forbidden.extend(strings(&[
         subjects::TASK_RESULT,
-        "htm.worker.heartbeat.w1",
+        "htm.heartbeat.w1",
         "htm.worker.w1.task",
         &subjects::as_identity(subjects::VOTE, "guardian"),
         &subjects::as_identity(subjects::REVIEW_DECIDE, "architect"),
@@ -428,7 +428,7 @@ async fn workers_heartbeat_take_their_tasks_and_report_and_nothing_else() {
         .expect("sub");
     let beat =
         publish_until_seen(&worker, &subjects::worker_heartbeat("w1"), "{}", &mut beats).await;
-    assert_eq!(beat.subject.as_str(), "htm.worker.heartbeat.w1");
+    assert_eq!(beat.subject.as_str(), "htm.heartbeat.w1");
     // Allowed: take an assignment and answer it (allow_responses), report a result.
     let mut tasks = worker
         .subscribe(subjects::worker_task("w1"))

@@ -1,7 +1,8 @@
 """A foreign HTM worker in Python (nats-py), following docs/htm.md (the worker protocol).
 
 Usage: python3 worker.py NATS_URL WORKER_ID TASKS
-Connects as the `worker` identity of nats.conf, heartbeats every 0.2 s, takes assignments on
+Connects as the `worker` identity of nats.conf (with its own inbox prefix, `_INBOX_worker`: the
+only inboxes it may read), heartbeats on htm.heartbeat.<id> every 0.2 s, takes assignments on
 htm.worker.<id>.task, reports started and completed on htm.task.result under the assignment's
 fence, and exits after completing TASKS tasks.
 """
@@ -14,7 +15,7 @@ import nats
 
 
 async def main(url: str, worker_id: str, tasks: int) -> None:
-    nc = await nats.connect(url, user="worker", password="worker-dev")
+    nc = await nats.connect(url, user="worker", password="worker-dev", inbox_prefix="_INBOX_worker")
     started = time.time()
     done = 0
     finished = asyncio.Event()
@@ -28,7 +29,7 @@ async def main(url: str, worker_id: str, tasks: int) -> None:
                 "uptime_seconds": time.time() - started,
                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
             }
-            await nc.publish(f"htm.worker.heartbeat.{worker_id}", json.dumps(beat).encode())
+            await nc.publish(f"htm.heartbeat.{worker_id}", json.dumps(beat).encode())
             await asyncio.sleep(0.2)
 
     async def report(task_id: str, fence: int, outcome: str, result=None) -> bool:

@@ -265,6 +265,7 @@ impl NatsServer {
         if !self.with_auth {
             cfg.nats.user.clear();
             cfg.nats.cli_user.clear();
+            cfg.nats.worker_user.clear();
         }
         cfg.nats.request_timeout_ms = 5_000;
         cfg.telemetry.interval_s = 1.0;
@@ -468,6 +469,21 @@ where
     Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
 {
+    spawn_as(name, bulwark_common::connect::Role::Service, cfg, service)
+}
+
+/// [`spawn_service`] connecting with the credentials of `role`.
+pub fn spawn_as<F, Fut, E>(
+    name: &str,
+    role: bulwark_common::connect::Role,
+    cfg: BulwarkConfig,
+    service: F,
+) -> RunningService
+where
+    F: FnOnce(BulwarkConfig, async_nats::Client, CancellationToken) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name(format!("svc-{name}"))
@@ -480,12 +496,7 @@ where
     let run_token = token.clone();
     runtime.spawn(async move {
         let result = async {
-            let (client, _) = bulwark_common::connect::connect(
-                &cfg.nats,
-                &name,
-                bulwark_common::connect::Role::Service,
-            )
-            .await?;
+            let (client, _) = bulwark_common::connect::connect(&cfg.nats, &name, role).await?;
             service(cfg, client.clone(), run_token).await?;
             let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
             anyhow::Ok(())
@@ -566,7 +577,8 @@ pub async fn start_worker(cfg: BulwarkConfig, worker_id: &str) -> RunningService
     start_worker_with(cfg, worker_id, handlers).await
 }
 
-/// Starts worker `worker_id` with `handlers`, as [`start_worker`] does.
+/// Starts worker `worker_id` with `handlers`, as [`start_worker`] does. It connects as a
+/// worker (`[nats] worker_user`), like bulwark's own workers.
 pub async fn start_worker_with(
     cfg: BulwarkConfig,
     worker_id: &str,
@@ -574,7 +586,8 @@ pub async fn start_worker_with(
 ) -> RunningService {
     let probe = probe_client(&cfg).await;
     let id = worker_id.to_owned();
-    let running = spawn_service(worker_id, cfg, move |cfg, client, token| {
+    let role = bulwark_common::connect::Role::Worker;
+    let running = spawn_as(worker_id, role, cfg, move |cfg, client, token| {
         bulwark_worker::run_worker(cfg, client, token, id, handlers)
     });
     wait_for_task_endpoint(&probe, worker_id).await;

@@ -40,7 +40,7 @@ impl ServiceName {
                 "htm.task.queue.* -> workers; htm.task.result, scheduler.pause|resume|shed|replay, htm.readiness"
             }
             ServiceName::HtmWorker => {
-                "htm.worker.<id>.task, heartbeats on htm.worker.heartbeat.<id>"
+                "htm.worker.<id>.task, heartbeats on htm.heartbeat.<id> (as [nats] worker_user)"
             }
             ServiceName::HtmPool => {
                 "htm.pool.status|kill|respawn; keeps worker.count workers alive"
@@ -121,7 +121,9 @@ async fn run_service(
         ServiceName::StormGuard => bulwark_storm_guard::run(cfg, client, shutdown).await?,
         ServiceName::EventPolicyEngine => bulwark_event_policy::run(cfg, client, shutdown).await?,
         ServiceName::Scheduler => bulwark_scheduler::run(cfg, client, shutdown).await?,
-        ServiceName::HtmWorker => bulwark_worker::run(cfg, client, shutdown).await?,
+        // The worker speaks on a connection of its own, as a worker; this one (a service's)
+        // carries only the replica's heartbeats and narratives.
+        ServiceName::HtmWorker => bulwark_worker::run(cfg, shutdown).await?,
         ServiceName::HtmPool => {
             // Ids unique per process, so pools on several machines do not collide.
             let prefix = &bulwark_common::ids::new_id().replace('-', "")[24..];

@@ -768,6 +768,9 @@ pub struct SchedulerConfig {
     pub shed_max: usize,
     /// Seconds between two watchdog sweeps (dead workers, queue guards).
     pub check_interval_s: f64,
+    /// The most tasks the scheduler hands one worker at once, whatever capacity its heartbeat
+    /// claims: a larger claim is clamped to this, counted and narrated (at least 1).
+    pub max_worker_capacity: u32,
 }
 
 impl Default for SchedulerConfig {
@@ -788,6 +791,7 @@ impl Default for SchedulerConfig {
             shed_older_than_s: 600.0,
             shed_max: 100,
             check_interval_s: 1.0,
+            max_worker_capacity: 16,
         }
     }
 }
@@ -817,6 +821,9 @@ impl SchedulerConfig {
         }
         if self.max_in_flight == 0 || self.dispatch_timeout_ms == 0 {
             return Err("scheduler.max_in_flight and dispatch_timeout_ms must be positive".into());
+        }
+        if self.max_worker_capacity == 0 {
+            return Err("scheduler.max_worker_capacity must be at least 1".into());
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! worker reports back, and its heartbeat (CONTRACT section 3). Any process that speaks these
 //! JSON messages on these subjects is a worker, whatever its language.
 //!
-//! 1. The worker publishes a [`Heartbeat`] on `htm.worker.heartbeat.<worker_id>` every interval.
+//! 1. The worker publishes a [`Heartbeat`] on `htm.heartbeat.<worker_id>` every interval.
 //! 2. The scheduler sends an [`Assignment`] as a request on `htm.worker.<worker_id>.task`; the
 //!    worker answers `{"accepted": true}` at once (or an error reply when it is full).
 //! 3. The worker reports on `htm.task.result` (request/reply, retried until answered): first

@@ -188,10 +188,13 @@ pub const STORM_GUARD_STATUS: &str = "storm_guard.status";
 /// `event_policy_engine`).
 pub const EVENT_POLICY_RULES: &str = "event_policy.rules";
 
-/// Prefix of worker heartbeats, `htm.worker.heartbeat.<worker_id>` (CONTRACT section 3).
-pub const WORKER_HEARTBEAT_PREFIX: &str = "htm.worker.heartbeat";
+/// Prefix of worker heartbeats, `htm.heartbeat.<worker_id>` (CONTRACT section 3 named
+/// `htm.worker.heartbeat.<worker_id>`; moved out of `htm.worker.` because workers live in an
+/// account of their own in `nats.conf`, and an import of heartbeats overlapping the export of
+/// assignments, `htm.worker.*.task`, is a cycle the server refuses).
+pub const WORKER_HEARTBEAT_PREFIX: &str = "htm.heartbeat";
 /// Wildcard covering every worker heartbeat.
-pub const WORKER_HEARTBEAT_ALL: &str = "htm.worker.heartbeat.*";
+pub const WORKER_HEARTBEAT_ALL: &str = "htm.heartbeat.*";
 
 /// Subject of the heartbeat of `worker_id`.
 pub fn worker_heartbeat(worker_id: &str) -> String {
@@ -318,6 +321,8 @@ mod tests {
         assert_eq!(narrative("a.b c"), "clarity.narrative.a_b_c");
         assert_eq!(mesh("task.completed"), "mesh.task.completed");
         assert_eq!(telemetry("scheduler"), "telemetry.scheduler");
+        assert_eq!(worker_heartbeat("w1"), "htm.heartbeat.w1");
+        assert_eq!(worker_task("w1"), "htm.worker.w1.task");
         assert_eq!(as_identity(VOTE, "guardian"), "unified_logic.vote.guardian");
         assert_eq!(
             as_identity(REVIEW_DECIDE, "a.b"),

@@ -13,7 +13,8 @@
 //! # Subjects
 //! Consumes:
 //! - `htm.task.queue.<priority>` (JetStream, durable consumers `scheduler-p<priority>`).
-//! - `htm.worker.heartbeat.*`: worker heartbeats (CONTRACT section 3).
+//! - `htm.heartbeat.*`: worker heartbeats (CONTRACT section 3 named them `htm.worker.heartbeat.*`);
+//!   a worker id is bound to the NATS user that first heartbeats it ([`bindings`]).
 //! - NATS micro service `scheduler`: `htm.task.result` (worker reports), `scheduler.pause`,
 //!   `scheduler.resume`, `scheduler.shed`, `scheduler.replay`, `htm.readiness`.
 //!
@@ -31,9 +32,11 @@
 //! - [`pool`]: the workers, their load, and the least-loaded choice (pure).
 //! - [`guards`]: queue thresholds with one alert per crossing (pure).
 //! - [`sla`]: latency percentiles and SLA breaches (pure).
-//! - [`registry`]: the workers a leader has heard from (KV `bulwark_workers`), read at takeover.
+//! - [`bindings`]: worker ids bound to NATS users, and the bound on claimed capacity (pure).
+//! - [`registry`]: the workers a leader has heard from (KV `bulwark_workers`) and their bindings.
 //! - [`service`]: the dispatch loop, reports, watchdog and endpoints.
 
+pub mod bindings;
 pub mod guards;
 pub mod pool;
 pub mod registry;

@@ -4,7 +4,12 @@
 //! learns from about workers it never heard: one that died while no scheduler watched is still
 //! declared dead after `heartbeat_timeout_s` (and its tasks reassigned), and one that came back
 //! under the same id is recognised as a new run. Written only when membership changes (a new
-//! worker or run, a worker declared dead), never per heartbeat.
+//! worker or run, a new binding, a worker declared dead), never per heartbeat.
+//!
+//! Each entry also holds the NATS user the worker id is bound to ([`crate::bindings`]). A worker
+//! declared dead keeps its entry, marked `departed`, when its id is bound: the binding outlives
+//! the worker, so nobody takes over the id of a dead or hung worker (delete the key with
+//! `nats kv del bulwark_workers <id>` to release an id for good).
 
 use async_nats::jetstream::{self, kv};
 use serde::{Deserialize, Serialize};
@@ -25,6 +30,13 @@ pub struct Sighting {
     pub run_id: Option<String>,
     /// When this run was first heard from, RFC 3339 UTC.
     pub since: String,
+    /// The NATS user the worker id is bound to (absent for a worker heard only from inside
+    /// bulwark's account, and in entries written before bindings existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Declared dead: kept only for its binding, not expected back at a takeover.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub departed: bool,
 }
 
 /// The registry bucket.
@@ -58,12 +70,26 @@ impl Registry {
             .map_err(|e| KvError::Unavailable(e.to_string()))
     }
 
-    /// Removes a worker declared dead.
-    pub async fn forget(&self, worker_id: &str) -> Result<(), KvError> {
-        self.store
-            .delete(worker_id)
-            .await
-            .map_err(|e| KvError::Unavailable(e.to_string()))
+    /// A worker declared dead: its entry is kept, `departed`, when its id is bound to `owner`
+    /// (the binding outlives it), removed otherwise.
+    pub async fn forget(&self, worker_id: &str, owner: Option<&str>) -> Result<(), KvError> {
+        match owner {
+            Some(user) => {
+                self.record(&Sighting {
+                    worker_id: worker_id.to_owned(),
+                    run_id: None,
+                    since: bulwark_common::time::now(),
+                    user: Some(user.to_owned()),
+                    departed: true,
+                })
+                .await
+            }
+            None => self
+                .store
+                .delete(worker_id)
+                .await
+                .map_err(|e| KvError::Unavailable(e.to_string())),
+        }
     }
 
     /// Every recorded worker. An entry that cannot be read is skipped with a warning (it is
@@ -80,5 +106,29 @@ impl Registry {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_before_bindings_still_read() {
+        let old: Sighting = serde_json::from_str(
+            r#"{"worker_id":"w1","run_id":"r","since":"2026-01-01T00:00:00Z"}"#,
+        )
+        .expect("an old entry reads");
+        assert_eq!(old.user, None);
+        assert!(!old.departed);
+        let new = Sighting {
+            user: Some("worker".into()),
+            departed: true,
+            ..old
+        };
+        let text = serde_json::to_string(&new).expect("json");
+        assert!(text.contains(r#""user":"worker""#) && text.contains(r#""departed":true"#));
+        let back: Sighting = serde_json::from_str(&text).expect("reads back");
+        assert_eq!(back, new);
     }
 }

@@ -35,6 +35,7 @@ use bulwark_common::api::{self, ApiError};
 use bulwark_common::config::{BulwarkConfig, SchedulerConfig};
 use bulwark_common::envelope::MeshEvent;
 use bulwark_common::htm::{Assignment, AssignmentRecord, Heartbeat, Outcome, TaskReport};
+use bulwark_common::identity::{self, Sender};
 use bulwark_common::intent::{IntentRecord, IntentStatus, Task};
 use bulwark_common::kv::{self as kvx, Change, KvError};
 use bulwark_common::lease::{self, Leadership};
@@ -42,6 +43,7 @@ use bulwark_common::micro::{self, EndpointSpec};
 use bulwark_common::narrative::Narrator;
 use bulwark_common::{ids, streams, subjects, telemetry, time};
 
+use crate::bindings::{self, Bindings, Heard, NotYours};
 use crate::guards::{Guard, Level};
 use crate::pool::Pool;
 use crate::registry::{Registry, Sighting};
@@ -93,6 +95,11 @@ struct Counters {
     fenced: AtomicU64,
     /// Requests this standby forwarded to the leader.
     forwarded: AtomicU64,
+    /// Heartbeats and reports refused because their sender is not the user the worker id is
+    /// bound to.
+    impostors: AtomicU64,
+    /// Heartbeats whose capacity claim was over `max_worker_capacity` and clamped.
+    capacity_clamped: AtomicU64,
 }
 
 impl Counters {
@@ -104,6 +111,7 @@ impl Counters {
             "stale_reports": get(&self.stale_reports), "malformed": get(&self.malformed),
             "dead_workers": get(&self.dead_workers), "errors": get(&self.errors),
             "fenced": get(&self.fenced), "forwarded": get(&self.forwarded),
+            "impostors": get(&self.impostors), "capacity_clamped": get(&self.capacity_clamped),
         })
     }
 }
@@ -153,6 +161,10 @@ struct State {
     /// Workers this tenure declared dead and has not heard from since: their tasks, when the
     /// queue brings them back, are reassigned at once.
     declared_dead: HashSet<String>,
+    /// Worker ids bound to NATS users (kept across tenures: it is what the registry says).
+    bindings: Bindings,
+    /// The last over-large capacity claim narrated per worker (narrated again when it changes).
+    clamped: HashMap<String, u32>,
 }
 
 impl State {
@@ -277,6 +289,8 @@ pub async fn run(
             last_dispatch_roll: Instant::now(),
             registered: HashMap::new(),
             declared_dead: HashSet::new(),
+            bindings: Bindings::default(),
+            clamped: HashMap::new(),
         }),
         cfg: sc,
         js,
@@ -291,6 +305,8 @@ pub async fn run(
         maintenance: tokio::sync::Mutex::new(()),
     });
 
+    // The bindings of worker ids to users, before the first heartbeat is judged.
+    scheduler.learn_bindings().await;
     let tracker = TaskTracker::new();
     // Heartbeats feed the pool; new tasks wake the dispatch loop.
     let heartbeats = client
@@ -467,7 +483,9 @@ async fn lead(s: Arc<Scheduler>, tracker: TaskTracker, shutdown: CancellationTok
                     }
                     let s2 = s.clone();
                     tracker.spawn(async move {
-                        let result = s2.handle(op, &msg.payload).await;
+                        // The standby passed the original sender on (inside bulwark's account).
+                        let sender = identity::sender(msg.headers.as_ref());
+                        let result = s2.handle(op, &msg.payload, &sender).await;
                         let sent = match result {
                             Ok(value) => s2.client.publish(reply, api::to_bytes(&value)).await,
                             Err(err) => s2.client.publish_with_headers(
@@ -504,50 +522,7 @@ async fn read_heartbeats(
             _ = shutdown.cancelled() => break,
             msg = sub.next() => match msg { Some(m) => m, None => break },
         };
-        match serde_json::from_slice::<Heartbeat>(&msg.payload) {
-            Ok(hb)
-                if subjects::worker_heartbeat(&hb.worker_id) == msg.subject.as_str()
-                    && hb.capacity > 0 =>
-            {
-                let now = Instant::now();
-                let leader = s.leadership.is_leader();
-                let (restarted, register) = {
-                    let mut st = s.lock();
-                    let restarted = st.pool.heartbeat(&hb, now);
-                    st.declared_dead.remove(&hb.worker_id);
-                    let register = leader && st.registered.get(&hb.worker_id) != Some(&hb.run_id);
-                    if register {
-                        st.registered
-                            .insert(hb.worker_id.clone(), hb.run_id.clone());
-                    }
-                    (restarted, register)
-                };
-                if register {
-                    s.register(&hb);
-                }
-                if let Some(uptime) = restarted
-                    && leader
-                {
-                    s.clone().worker_restarted(&hb.worker_id, now, uptime).await;
-                }
-                s.wake.notify_one();
-            }
-            Ok(hb) => {
-                let reason = format!(
-                    "heartbeat of {:?} on {} names another worker or has capacity 0",
-                    hb.worker_id, msg.subject
-                );
-                s.dead_letter(&msg.subject, &msg.payload, &reason).await;
-            }
-            Err(err) => {
-                s.dead_letter(
-                    &msg.subject,
-                    &msg.payload,
-                    &format!("malformed heartbeat: {err}"),
-                )
-                .await
-            }
-        }
+        s.heartbeat(&msg).await;
     }
 }
 
@@ -655,8 +630,9 @@ async fn watchdog(
             s.counters.dead_workers.fetch_add(1, Ordering::Relaxed);
             let registry = s.registry.clone();
             let gone = worker.clone();
+            let owner = s.lock().bindings.owner(worker).map(str::to_owned);
             tracker.spawn(async move {
-                if let Err(err) = registry.forget(&gone).await {
+                if let Err(err) = registry.forget(&gone, owner.as_deref()).await {
                     tracing::warn!(worker_id = %gone, error = %err, "worker registry: dead worker not removed");
                 }
             });
@@ -800,13 +776,162 @@ impl Scheduler {
         }
     }
 
-    /// Records a worker heard from for the first time in this tenure, or under a new run, in
-    /// the registry (in the background: the heartbeat loop does not wait for the store).
-    fn register(self: &Arc<Self>, hb: &Heartbeat) {
+    /// Takes one heartbeat: refused (dead-lettered) when it does not parse, names another
+    /// worker than its subject, claims no capacity, or comes from another user than the one its
+    /// worker id is bound to; its capacity claim bounded by `max_worker_capacity`; then it feeds
+    /// the pool, and the registry when the worker, its run or its binding is new.
+    async fn heartbeat(self: &Arc<Self>, msg: &async_nats::Message) {
+        let mut hb = match serde_json::from_slice::<Heartbeat>(&msg.payload) {
+            Ok(hb) => hb,
+            Err(err) => {
+                let reason = format!("malformed heartbeat: {err}");
+                return self.dead_letter(&msg.subject, &msg.payload, &reason).await;
+            }
+        };
+        if subjects::worker_heartbeat(&hb.worker_id) != msg.subject.as_str() || hb.capacity == 0 {
+            let reason = format!(
+                "heartbeat of {:?} on {} names another worker or has capacity 0",
+                hb.worker_id, msg.subject
+            );
+            return self.dead_letter(&msg.subject, &msg.payload, &reason).await;
+        }
+        let sender = identity::sender(msg.headers.as_ref());
+        let heard = self.lock().bindings.heartbeat(&hb.worker_id, &sender);
+        let (user, first_binding) = match heard {
+            Heard::Service => (None, false),
+            Heard::Owner { user, first } => (Some(user), first),
+            Heard::Impostor { user, owner } => {
+                let what = format!("heartbeat of {}", hb.worker_id);
+                self.refuse_impostor(&what, &hb.worker_id, &user, &owner)
+                    .await;
+                let reason = format!(
+                    "heartbeat of {:?} from NATS user {user:?}, but worker id {:?} is bound to user {owner:?}",
+                    hb.worker_id, hb.worker_id
+                );
+                return self
+                    .send_dead_letter(&msg.subject, &msg.payload, &reason)
+                    .await;
+            }
+        };
+        if let Err(max) = bindings::bounded_capacity(hb.capacity, self.cfg.max_worker_capacity) {
+            self.clamp_capacity(&hb, max, &sender).await;
+            hb.capacity = max;
+        }
+        let now = Instant::now();
+        let leader = self.leadership.is_leader();
+        let (restarted, register) = {
+            let mut st = self.lock();
+            let restarted = st.pool.heartbeat(&hb, now);
+            st.declared_dead.remove(&hb.worker_id);
+            let register =
+                leader && (first_binding || st.registered.get(&hb.worker_id) != Some(&hb.run_id));
+            if register {
+                st.registered
+                    .insert(hb.worker_id.clone(), hb.run_id.clone());
+            }
+            (restarted, register)
+        };
+        if register {
+            self.register(&hb, user);
+        }
+        if let Some(uptime) = restarted
+            && leader
+        {
+            self.clone()
+                .worker_restarted(&hb.worker_id, now, uptime)
+                .await;
+        }
+        self.wake.notify_one();
+    }
+
+    /// Counts, logs and (the first time per worker id and user) narrates a heartbeat or report
+    /// `what` for `worker_id` from `user`, refused because the id is bound to `owner`.
+    async fn refuse_impostor(&self, what: &str, worker_id: &str, user: &str, owner: &str) {
+        self.counters.impostors.fetch_add(1, Ordering::Relaxed);
+        if !self.lock().bindings.first_refusal(worker_id, user) {
+            tracing::debug!(
+                worker_id,
+                user,
+                owner,
+                "{what} refused again: the id is bound to another user"
+            );
+            return;
+        }
+        tracing::warn!(
+            worker_id,
+            user,
+            owner,
+            "{what} refused: the worker id is bound to another NATS user"
+        );
+        let n = self
+            .narrator
+            .narrative("worker_impostor_refused", "worker id bound to a NATS user")
+            .why(format!(
+                "{what} came from NATS user {user}, but worker id {worker_id} belongs to user {owner} (the first to heartbeat it)"
+            ))
+            .why("refused: a worker cannot heartbeat or report under another credential's worker id")
+            .context(json!({"worker_id": worker_id, "user": user, "owner": owner, "what": what}));
+        self.narrator.publish(n).await;
+    }
+
+    /// Counts a heartbeat claiming more than `max` task slots; logs and narrates it when the
+    /// claim is new for its worker.
+    async fn clamp_capacity(&self, hb: &Heartbeat, max: u32, sender: &Sender) {
+        self.counters
+            .capacity_clamped
+            .fetch_add(1, Ordering::Relaxed);
+        let new_claim = self
+            .lock()
+            .clamped
+            .insert(hb.worker_id.clone(), hb.capacity)
+            != Some(hb.capacity);
+        if !new_claim {
+            return;
+        }
+        let (worker, claimed, user) = (&hb.worker_id, hb.capacity, sender.name());
+        tracing::warn!(worker_id = %worker, claimed, max, user, "worker capacity claim clamped");
+        let n = self
+            .narrator
+            .narrative("capacity_clamped", "scheduler.max_worker_capacity")
+            .why(format!(
+                "{worker} (NATS user {user}) claims a capacity of {claimed} task(s), over the bound of {max}"
+            ))
+            .why(format!("it is handed at most {max} task(s) at once"))
+            .context(json!({"worker_id": worker, "claimed": claimed, "max_worker_capacity": max,
+                            "user": user}));
+        self.narrator.publish(n).await;
+    }
+
+    /// Learns the bindings of worker ids to users the registry holds (at start and at a
+    /// takeover); the registry unreadable leaves the ones in memory.
+    async fn learn_bindings(&self) -> Vec<Sighting> {
+        let sightings = match self.registry.load().await {
+            Ok(v) => v,
+            Err(err) => {
+                tracing::warn!(error = %err, "worker registry unavailable: worker ids are bound again by their next heartbeat");
+                return Vec::new();
+            }
+        };
+        let mut st = self.lock();
+        for sighting in &sightings {
+            if let Some(user) = &sighting.user {
+                st.bindings.learn(&sighting.worker_id, user);
+            }
+        }
+        sightings
+    }
+
+    /// Records a worker heard from for the first time in this tenure, or under a new run, or
+    /// newly bound to `user`, in the registry (in the background: the heartbeat loop does not
+    /// wait for the store).
+    fn register(self: &Arc<Self>, hb: &Heartbeat, user: Option<String>) {
+        let user = user.or_else(|| self.lock().bindings.owner(&hb.worker_id).map(str::to_owned));
         let sighting = Sighting {
             worker_id: hb.worker_id.clone(),
             run_id: hb.run_id.clone(),
             since: time::now(),
+            user,
+            departed: false,
         };
         let s = self.clone();
         tokio::spawn(async move {
@@ -821,13 +946,12 @@ impl Scheduler {
     /// from are expected (unconfirmed, taking no work); those that stay silent for
     /// `heartbeat_timeout_s` are declared dead by the watchdog like any other.
     async fn take_over_registry(&self) {
-        let sightings = match self.registry.load().await {
-            Ok(v) => v,
-            Err(err) => {
-                tracing::warn!(error = %err, "worker registry unavailable at takeover; workers that died unseen are found only when their tasks come back from the queue");
-                return;
-            }
-        };
+        let sightings: Vec<Sighting> = self
+            .learn_bindings()
+            .await
+            .into_iter()
+            .filter(|s| !s.departed)
+            .collect();
         let now = Instant::now();
         let mut expected = Vec::new();
         {
@@ -838,8 +962,12 @@ impl Scheduler {
                         .expect(&sighting.worker_id, sighting.run_id.clone(), now);
                     expected.push(sighting.worker_id.clone());
                 }
-                st.registered
-                    .insert(sighting.worker_id.clone(), sighting.run_id.clone());
+                // An entry without the binding this replica knows is written again at the
+                // worker's next heartbeat.
+                if st.bindings.owner(&sighting.worker_id) == sighting.user.as_deref() {
+                    st.registered
+                        .insert(sighting.worker_id.clone(), sighting.run_id.clone());
+                }
             }
         }
         if expected.is_empty() {
@@ -867,16 +995,29 @@ impl Scheduler {
         // keep trying for that long before answering 503.
         let patience = Duration::from_secs_f64(self.lease_ttl_s).max(self.timeout);
         let deadline = tokio::time::Instant::now() + patience;
+        let sender = identity::sender(request.message.headers.as_ref());
+        // Forwarded with the sender the server stamped, so the leader judges the same identity.
+        let mut forward_headers = async_nats::HeaderMap::new();
+        if let Some(info) = request
+            .message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(identity::REQUEST_INFO))
+        {
+            forward_headers.insert(identity::REQUEST_INFO, info.clone());
+        }
         loop {
             if self.leadership.is_leader() {
-                api::respond(request, self.handle(op, &request.message.payload).await).await;
+                let result = self.handle(op, &request.message.payload, &sender).await;
+                api::respond(request, result).await;
                 return;
             }
             self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
             let forwarded = tokio::time::timeout(
                 self.timeout,
-                self.client.request(
+                self.client.request_with_headers(
                     subjects::scheduler_leader(op.name()),
+                    forward_headers.clone(),
                     request.message.payload.clone(),
                 ),
             )
@@ -913,9 +1054,9 @@ impl Scheduler {
         }
     }
 
-    async fn handle(&self, op: Op, body: &[u8]) -> Result<Value, ApiError> {
+    async fn handle(&self, op: Op, body: &[u8], sender: &Sender) -> Result<Value, ApiError> {
         match op {
-            Op::Result => self.report(body).await,
+            Op::Result => self.report(body, sender).await,
             Op::Pause => self.set_paused(true).await,
             Op::Resume => self.set_paused(false).await,
             Op::Shed => self.shed(body).await,
@@ -1244,7 +1385,15 @@ impl Scheduler {
             )
             .await
             {
-                Ok(Ok(reply)) if reply.headers.is_none() => {
+                // Accepted: a reply that is not a micro error (a worker may send headers back,
+                // e.g. nats-py echoes the request's `Nats-Request-Info`).
+                Ok(Ok(reply))
+                    if reply
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(api::SERVICE_ERROR_CODE))
+                        .is_none() =>
+                {
                     self.confirm(&task_id, fence);
                     return;
                 }
@@ -1520,7 +1669,7 @@ impl Scheduler {
 
     // ---- worker reports -----------------------------------------------------------------------
 
-    async fn report(&self, body: &[u8]) -> Result<Value, ApiError> {
+    async fn report(&self, body: &[u8], sender: &Sender) -> Result<Value, ApiError> {
         let report: TaskReport = match api::decode(body, "invalid_report", MAX_BODY) {
             Ok(r) => r,
             Err(err) => {
@@ -1529,6 +1678,7 @@ impl Scheduler {
                 return Err(err);
             }
         };
+        self.check_reporter(&report, body, sender).await?;
         let fence = report.fence;
         let worker = report.worker_id.clone();
         let outcome = report.outcome;
@@ -1698,6 +1848,42 @@ impl Scheduler {
             }
         }
         Ok(json!({"accepted": true, "task_id": report.task_id}))
+    }
+
+    /// A report under a worker id comes from the user the id is bound to (or a service): from
+    /// another user it is refused with 403 (counted, narrated, dead-lettered); from a user
+    /// before any heartbeat bound the id, with 503 (the worker retries; its next heartbeat binds
+    /// the id).
+    async fn check_reporter(
+        &self,
+        report: &TaskReport,
+        body: &[u8],
+        sender: &Sender,
+    ) -> Result<(), ApiError> {
+        let verdict = self.lock().bindings.report(&report.worker_id, sender);
+        match verdict {
+            Ok(()) => Ok(()),
+            Err(NotYours::Owner { user, owner }) => {
+                let what = format!("report {:?} on task {}", report.outcome, report.task_id)
+                    .to_lowercase();
+                self.refuse_impostor(&what, &report.worker_id, &user, &owner)
+                    .await;
+                let reason = format!(
+                    "report for worker {:?} from NATS user {user:?}, but the id is bound to user {owner:?}",
+                    report.worker_id
+                );
+                self.send_dead_letter(subjects::TASK_RESULT, body, &reason)
+                    .await;
+                Err(ApiError::forbidden("not_your_worker", reason))
+            }
+            Err(NotYours::Unbound { user }) => {
+                tracing::debug!(worker_id = %report.worker_id, user, "report before a heartbeat bound the worker id");
+                Err(ApiError::unavailable(format!(
+                    "worker {:?} has not heartbeated as NATS user {user:?} yet; heartbeat, then retry the report",
+                    report.worker_id
+                )))
+            }
+        }
     }
 
     // ---- pause, shed, replay ------------------------------------------------------------------
@@ -2158,6 +2344,11 @@ impl Scheduler {
     /// Records bad input on `mesh.deadletter` with the reason, and counts it.
     async fn dead_letter(&self, subject: &str, body: &[u8], reason: &str) {
         self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+        self.send_dead_letter(subject, body, reason).await;
+    }
+
+    /// Records refused input on `mesh.deadletter` with the reason (counted by the caller).
+    async fn send_dead_letter(&self, subject: &str, body: &[u8], reason: &str) {
         // Hostile input echoed in a decoder's message must not make the log or the letter huge.
         let reason = &api::bounded(reason.to_owned(), api::MAX_MESSAGE_BYTES);
         tracing::warn!(subject, reason, "dead-lettered");

@@ -25,6 +25,9 @@ pub const EVENT_POLICY: &str = "event_policy_engine";
 /// The report's name of the trigger mesh (the storm guard's figures).
 pub const TRIGGER_MESH: &str = "trigger_mesh";
 /// Micro name shared by the HTM workers (counted, not alerted: zero workers is an HTM rule).
+/// Workers live in an account of their own (`nats.conf`), so their micro registrations never
+/// answer bulwark's `$SRV.PING`: they are counted by their heartbeats, the scheduler's
+/// `htm.readiness` `healthy_workers`.
 pub const WORKERS: &str = "htm_worker";
 /// The watchdog itself (its own telemetry and ping are not watched).
 pub const SELF: &str = "watchdog";
@@ -236,8 +239,9 @@ impl Watch {
     }
 
     /// One sweep at `now`: the instances that answered `$SRV.PING` by service name, the
-    /// scheduler's `htm.readiness` reply (None when it did not answer). Returns the alerts to
-    /// announce, in condition order.
+    /// scheduler's `htm.readiness` reply (None when it did not answer). The workers' instances
+    /// are the readiness's `healthy_workers` (see [`WORKERS`]). Returns the alerts to announce,
+    /// in condition order.
     pub fn sweep(
         &mut self,
         answering: &BTreeMap<String, usize>,
@@ -245,6 +249,13 @@ impl Watch {
         now: Instant,
     ) -> Vec<Alert> {
         self.sweeps += 1;
+        let mut answering = answering.clone();
+        if let Some(workers) = readiness
+            .as_ref()
+            .and_then(|r| r["healthy_workers"].as_u64())
+        {
+            answering.insert(WORKERS.to_owned(), workers as usize);
+        }
         for name in answering.keys() {
             self.views.entry(name.clone()).or_default();
         }
@@ -800,6 +811,8 @@ mod tests {
             report["components"][HTM]["key_figures"]["active_workers"],
             3
         );
+        // Workers are counted by the scheduler's heartbeats, not by pings.
+        assert_eq!(report["components"][WORKERS]["instances"], 3, "{report:#}");
     }
 
     #[test]

@@ -4,8 +4,13 @@
 //!
 //! # Subjects
 //! Consumes: `htm.worker.<worker_id>.task` (NATS micro service `htm_worker`, endpoint `task`).
-//! Produces: `htm.worker.heartbeat.<worker_id>` every `worker.heartbeat_interval_s`;
+//! Produces: `htm.heartbeat.<worker_id>` every `worker.heartbeat_interval_s`;
 //! `htm.task.result` reports (request/reply, retried until the scheduler answers).
+//!
+//! A worker connects as a worker (`connect::Role::Worker`, `[nats] worker_user`), in the
+//! `WORKERS` account of `nats.conf`, never as the `bulwark` service user: it reaches bulwark only
+//! through its heartbeats, its assignments and its reports; its micro registration is visible
+//! only inside `WORKERS` (bulwark counts workers by their heartbeats, in `htm.readiness`).
 //!
 //! Everything a worker runs lives in the future [`run_worker`] returns: dropping it (a crash)
 //! stops its heartbeats and its tasks at once, as a killed process would.

@@ -3,7 +3,9 @@
 //!
 //! Each worker runs on its own connection in its own task, so killing it is what a dead process
 //! looks like to the rest of bulwark: heartbeats stop, its micro endpoint disappears, nothing is
-//! reported. A worker that ends by itself (an error, a panic, a `crash` kill) is respawned after
+//! reported. The pool's connection (`client`) is a service's (its operations `htm.pool.>`, its
+//! narratives and telemetry are bulwark's); each worker's connection is a worker's
+//! (`connect::Role::Worker`, the `WORKERS` account of `nats.conf`). A worker that ends by itself (an error, a panic, a `crash` kill) is respawned after
 //! `worker.respawn_delay_s`. A `hang` kill leaves the slot dead without the supervisor noticing,
 //! like a process stuck in a syscall: only the scheduler's heartbeat timeout sees it, and only
 //! an explicit respawn (the `htm_worker_recovery` playbook, or a person) brings it back.
@@ -200,7 +202,9 @@ impl Pool {
         let worker_id = id.to_owned();
         let token = self.shutdown.child_token();
         let worker = tokio::spawn(async move {
-            let (client, _) = connect::connect(&cfg.nats, &worker_id, Role::Service)
+            // The worker's own connection, as a worker: the pool serves its operations and
+            // narrates as a service, its workers speak only as workers.
+            let (client, _) = connect::connect(&cfg.nats, &worker_id, Role::Worker)
                 .await
                 .map_err(|e| e.to_string())?;
             let handlers = Handlers::builtin(cfg.worker.max_work_ms);

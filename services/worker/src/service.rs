@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use bulwark_common::api::{self, ApiError};
 use bulwark_common::config::{BulwarkConfig, WorkerConfig};
+use bulwark_common::connect::{self, Role};
 use bulwark_common::htm::{Assignment, Heartbeat, Outcome, TaskReport};
 use bulwark_common::{ids, subjects};
 
@@ -109,18 +110,25 @@ enum Taken {
     AlreadyRunning,
 }
 
-/// Runs one worker with a generated id (`worker-<8 hex>`) and the built-in handlers.
-pub async fn run(
-    cfg: BulwarkConfig,
-    client: Client,
-    shutdown: CancellationToken,
-) -> Result<(), WorkerError> {
+/// Runs one worker with a generated id (`worker-<8 hex>`) and the built-in handlers, on a
+/// connection of its own as a worker (`[nats] worker_user`), not as a service.
+pub async fn run(cfg: BulwarkConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let id = format!("worker-{}", &ids::new_id().replace('-', "")[24..]);
+    let (client, _) = connect::connect(&cfg.nats, &id, Role::Worker)
+        .await
+        .map_err(|e| WorkerError::Register {
+            worker_id: id.clone(),
+            reason: e.to_string(),
+        })?;
     let handlers = Handlers::builtin(cfg.worker.max_work_ms);
-    run_worker(cfg, client, shutdown, id, handlers).await
+    let ended = run_worker(cfg, client.clone(), shutdown, id, handlers).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+    ended
 }
 
-/// Runs worker `worker_id` with `handlers` until `shutdown`; running tasks get a grace period.
+/// Runs worker `worker_id` with `handlers` on `client` until `shutdown`; running tasks get a
+/// grace period. `client` is the worker's own connection, as a worker
+/// (`connect::Role::Worker`): heartbeats, the assignment endpoint and reports all use it.
 pub async fn run_worker(
     cfg: BulwarkConfig,
     client: Client,
