@@ -321,3 +321,172 @@ async fn the_watchdog_alerts_when_consumers_hold_while_the_storm_guard_says_clos
     let (_, record) = stored_breaker(&js).await;
     assert_eq!(record.map(|r| r.state), Some(BreakerState::Closed));
 }
+
+/// Every `mesh.playbook.*` event's payload, by kind.
+#[derive(Clone, Default)]
+struct RunEvents(Arc<Mutex<Vec<(String, Value)>>>);
+
+impl RunEvents {
+    async fn follow(client: &async_nats::Client) -> Self {
+        let events = RunEvents::default();
+        let mut sub = client
+            .subscribe("mesh.playbook.>")
+            .await
+            .expect("subscribe");
+        client.flush().await.expect("flush");
+        let sink = events.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let event: Value = serde_json::from_slice(&msg.payload).expect("JSON event");
+                let kind = event["event_type"].as_str().unwrap_or_default().to_owned();
+                sink.0
+                    .lock()
+                    .expect("lock")
+                    .push((kind, event["payload"].clone()));
+            }
+        });
+        events
+    }
+
+    /// Waits for the `kind` event of `playbook` whose parameter `component` is `component`.
+    async fn wait(&self, kind: &str, playbook: &str, component: &str) -> Value {
+        eventually(
+            PATIENCE,
+            &format!("{kind} of {playbook} for {component}"),
+            || async {
+                self.0
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .find(|(k, p)| {
+                        k == kind
+                            && p["playbook"] == playbook
+                            && p["params"]["component"] == component
+                    })
+                    .map(|(_, p)| p.clone())
+            },
+        )
+        .await
+    }
+}
+
+fn mesh_body(event_type: &str, source: &str, payload: Value) -> String {
+    json!({"event_id": bulwark_common::ids::new_id(), "event_type": event_type,
+           "source": source, "timestamp": bulwark_common::time::now(), "depth": 0,
+           "payload": payload})
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_parameters_in_a_trigger_payload_do_not_reach_the_playbook() {
+    init_logging();
+    let server = NatsServer::start();
+    let mut cfg = server.config();
+    cfg.playbooks.time_scale = 0.1;
+    cfg.worker.heartbeat_interval_s = 0.2;
+    cfg.scheduler.heartbeat_timeout_s = 1.0;
+    cfg.scheduler.check_interval_s = 0.2;
+    cfg.mesh.policies_dir = repo_root().join("policies");
+    // The operator's choice: two verification tries. resume_paused keeps its default (false).
+    cfg.playbooks.overrides.insert(
+        "scheduler_recovery".into(),
+        [("verify_retries".to_owned(), json!(2))]
+            .into_iter()
+            .collect(),
+    );
+    let client = server.client().await;
+    let _scheduler = start_scheduler(cfg.clone()).await;
+    let _pool = start_pool(cfg.clone(), &["t-1", "t-2", "t-3"]).await;
+    let _engine = start_event_policy(cfg.clone()).await;
+    let _playbooks = start_playbooks(cfg.clone()).await;
+    let runs = RunEvents::follow(&client).await;
+    eventually(PATIENCE, "healthy workers", || async {
+        let (r, _) = request_json(&client, subjects::HTM_READINESS, "{}").await;
+        (r["healthy_workers"].as_u64() >= Some(1)).then_some(())
+    })
+    .await;
+    // An operator pauses dispatch on purpose.
+    let (reply, code) = request_json(&client, subjects::SCHEDULER_PAUSE, "{}").await;
+    assert_eq!(code, None, "{reply}");
+
+    let widening = json!({"resume_paused": true, "verify_retries": 1000,
+                          "verify_interval_s": 0.0, "hold_s": 1e9});
+    // Through the rule's trigger: a critical alert about the scheduler.
+    let mut alert = json!({"component": "scheduler", "severity": "critical",
+                           "condition": "heartbeat_missing", "state": "raised"});
+    alert
+        .as_object_mut()
+        .expect("object")
+        .extend(widening.as_object().cloned().expect("object"));
+    hostile(
+        &server,
+        &[
+            "publish",
+            "mesh.layer2.critical_alert",
+            &mesh_body("layer2.critical_alert", "watchdog", alert),
+        ],
+    )
+    .await;
+    // Straight on the playbook's trigger: an incident naming it.
+    let mut incident = json!({"playbook": "scheduler_recovery", "component": "hostile-scheduler",
+                              "severity": "critical"});
+    incident
+        .as_object_mut()
+        .expect("object")
+        .extend(widening.as_object().cloned().expect("object"));
+    hostile(
+        &server,
+        &[
+            "publish",
+            subjects::MESH_INCIDENT,
+            &mesh_body("event.incident", "watchdog", incident),
+        ],
+    )
+    .await;
+
+    for component in ["scheduler", "hostile-scheduler"] {
+        let started = runs
+            .wait("playbook.started", "scheduler_recovery", component)
+            .await;
+        let params = &started["params"];
+        assert_eq!(params["resume_paused"], false, "{started}");
+        assert_eq!(params["verify_retries"], 2, "the override wins: {started}");
+        assert_eq!(params["verify_interval_s"], 3.0, "the default: {started}");
+        assert!(params.get("hold_s").is_none(), "{started}");
+        assert_eq!(
+            started["forwarded"],
+            json!(["component"]),
+            "the listed key is forwarded: {started}"
+        );
+        let failed = runs
+            .wait("playbook.failed", "scheduler_recovery", component)
+            .await;
+        assert!(
+            failed["error"]
+                .to_string()
+                .contains("resume_paused is false"),
+            "{failed}"
+        );
+    }
+    let direct = runs
+        .wait(
+            "playbook.started",
+            "scheduler_recovery",
+            "hostile-scheduler",
+        )
+        .await;
+    let ignored = direct["ignored"].to_string();
+    for key in [
+        "resume_paused",
+        "verify_retries",
+        "verify_interval_s",
+        "hold_s",
+    ] {
+        assert!(ignored.contains(key), "{key} ignored, visibly: {direct}");
+    }
+    let (readiness, _) = request_json(&client, subjects::HTM_READINESS, "{}").await;
+    assert_eq!(
+        readiness["paused"], true,
+        "the operator's pause stands: {readiness}"
+    );
+}

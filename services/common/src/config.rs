@@ -91,8 +91,9 @@ pub struct PlaybooksConfig {
     pub max_incident_age_s: f64,
     /// How long one request of a host function to another service may take, milliseconds.
     pub host_timeout_ms: u64,
-    /// Parameter values per playbook that replace its defaults (an incident's own values still
-    /// win): `[playbooks.overrides.scheduler_load_shedding] older_than_s = 300.0`.
+    /// Parameter values per playbook that replace its defaults and win over anything an
+    /// incident forwards (an incident only supplies the keys the playbook's `forward` lists):
+    /// `[playbooks.overrides.scheduler_load_shedding] older_than_s = 300.0`.
     pub overrides:
         std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde_json::Value>>,
 }
