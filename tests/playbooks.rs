@@ -583,7 +583,7 @@ fn test_playbooks() -> tempfile::TempDir {
         "undo_on_failed_check",
         &(meta(
             "undo_on_failed_check",
-            "params: #{ event_type: \"string\" }, steps: [\"act\"], verify: \"check\", rollback: \"undo\"",
+            "params: #{ event_type: \"string\" }, forward: [\"event_type\"], steps: [\"act\"], verify: \"check\", rollback: \"undo\"",
         ) + r#"
 fn act(p) { limit_event_type(p.event_type, 5, 60.0); #{ limited: true } }
 fn check(p) { verify(2, 0.1, || false) }
@@ -614,14 +614,14 @@ fn undo(p) { narrate("undone", "lifting the limit on " + p.event_type + ": " + p
         "slow",
         &(meta(
             "slow",
-            "params: #{ target: \"string\" }, resource: \"target\", cooldown_s: 100, steps: [\"nap\"]",
+            "params: #{ target: \"string\" }, forward: [\"target\"], resource: \"target\", cooldown_s: 100, steps: [\"nap\"]",
         ) + "fn nap(p) { wait(10); #{ napped: true } }\n"),
     );
     write(
         "typed",
         &(meta(
             "typed",
-            "params: #{ n: \"int\", name: \"string\" }, steps: [\"s\"]",
+            "params: #{ n: \"int\", name: \"string\" }, forward: [\"n\", \"name\"], steps: [\"s\"]",
         ) + "fn s(p) { #{ doubled: p.n * 2 } }\n"),
     );
     dir
@@ -914,6 +914,7 @@ name = "typed_by_rule"
 on = "mesh.test.typed"
 [rule.playbook]
 name = "typed"
+forward = ["name", "n"]
 params = { n = 2 }
 "#,
     )
@@ -947,7 +948,8 @@ params = { n = 2 }
     let steps = runs.steps(&started["run_id"]);
     assert_eq!(steps[1]["result"]["damped"], true, "{:#?}", steps[1]);
 
-    // A rule's playbook gets the triggering event's payload with the rule's params over it.
+    // A rule's playbook gets the keys of the triggering event the rule forwards, with the
+    // rule's params over them.
     incident(
         &js,
         "test.typed",

@@ -91,8 +91,9 @@ pub struct PlaybooksConfig {
     pub max_incident_age_s: f64,
     /// How long one request of a host function to another service may take, milliseconds.
     pub host_timeout_ms: u64,
-    /// Parameter values per playbook that replace its defaults (an incident's own values still
-    /// win): `[playbooks.overrides.scheduler_load_shedding] older_than_s = 300.0`.
+    /// Parameter values per playbook that replace its defaults and win over anything an
+    /// incident forwards (an incident only supplies the keys the playbook's `forward` lists):
+    /// `[playbooks.overrides.scheduler_load_shedding] older_than_s = 300.0`.
     pub overrides:
         std::collections::BTreeMap<String, std::collections::BTreeMap<String, serde_json::Value>>,
 }
@@ -907,6 +908,10 @@ pub struct MeshConfig {
     /// Held events each mesh consumer may process while the breaker is half-open (the bounded
     /// probe); the rest waits for the breaker to close.
     pub half_open_probe: u64,
+    /// Seconds between two checks of the stored breaker entry by the storm guard's leader: an
+    /// unreadable or missing entry is overwritten with the leader's state at the next check (it
+    /// is also repaired as soon as the leader's watch sees it).
+    pub breaker_check_s: f64,
     /// No event deeper than this is ever produced by a rule (seed: 10).
     pub cascade_depth_limit: u64,
     /// Events (and intents) rules may produce per `correlation_id` (seed: 1000).
@@ -938,6 +943,7 @@ impl Default for MeshConfig {
             cooldown_s: 60.0,
             half_open_s: 10.0,
             half_open_probe: 50,
+            breaker_check_s: 5.0,
             cascade_depth_limit: 10,
             fanout_limit: 1_000,
             policies_dir: std::path::PathBuf::from("policies"),
@@ -957,6 +963,7 @@ impl MeshConfig {
             ("breaker_window_s", self.breaker_window_s),
             ("cooldown_s", self.cooldown_s),
             ("half_open_s", self.half_open_s),
+            ("breaker_check_s", self.breaker_check_s),
             ("ack_wait_s", self.ack_wait_s),
             ("duplicate_window_s", self.duplicate_window_s),
         ];

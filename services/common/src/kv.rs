@@ -143,3 +143,97 @@ pub async fn keys(store: &kv::Store) -> Result<Vec<String>, KvError> {
         .await
         .map_err(|e| KvError::Unavailable(e.to_string()))
 }
+
+/// An entry as stored, whether or not it decodes.
+#[derive(Debug, Clone)]
+pub enum Raw<T> {
+    /// No value: never written, deleted or purged (`revision` of the marker, 0 for none).
+    Missing {
+        /// The revision to name when writing it again.
+        revision: u64,
+    },
+    /// A value that decodes.
+    Readable(Versioned<T>),
+    /// A value that does not decode (junk written by someone else, or another format).
+    Unreadable {
+        /// Its revision.
+        revision: u64,
+        /// Why it does not decode.
+        reason: String,
+        /// Its first bytes, for logs and narratives.
+        excerpt: String,
+    },
+}
+
+/// Reads `key` without failing on a value that does not decode, so a writer can replace junk
+/// (a compare-and-set that parses first would fail on it for ever).
+pub async fn read_raw<T: DeserializeOwned>(
+    store: &kv::Store,
+    key: &str,
+) -> Result<Raw<T>, KvError> {
+    let entry = store
+        .entry(key)
+        .await
+        .map_err(|e| KvError::Unavailable(e.to_string()))?;
+    let Some(entry) = entry else {
+        return Ok(Raw::Missing { revision: 0 });
+    };
+    if entry.operation != kv::Operation::Put {
+        return Ok(Raw::Missing {
+            revision: entry.revision,
+        });
+    }
+    Ok(match serde_json::from_slice(&entry.value) {
+        Ok(value) => Raw::Readable(Versioned {
+            value,
+            revision: entry.revision,
+        }),
+        Err(err) => Raw::Unreadable {
+            revision: entry.revision,
+            reason: err.to_string(),
+            excerpt: crate::api::excerpt(&String::from_utf8_lossy(&entry.value), 64),
+        },
+    })
+}
+
+/// Writes `value` over the entry last seen at `revision` (0: never written), whatever that
+/// entry held. `Ok(false)` when someone wrote in between (read it again).
+pub async fn overwrite<T: Serialize>(
+    store: &kv::Store,
+    key: &str,
+    value: &T,
+    revision: u64,
+) -> Result<bool, KvError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| KvError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let written = if revision == 0 {
+        store
+            .create(key, bytes.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                (
+                    e.kind() == kv::CreateErrorKind::AlreadyExists,
+                    e.to_string(),
+                )
+            })
+    } else {
+        store
+            .update(key, bytes.into(), revision)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                (
+                    e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                    e.to_string(),
+                )
+            })
+    };
+    match written {
+        Ok(()) => Ok(true),
+        Err((true, _)) => Ok(false),
+        Err((false, err)) => Err(KvError::Unavailable(err)),
+    }
+}

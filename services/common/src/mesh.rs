@@ -98,6 +98,44 @@ pub struct BreakerRecord {
     pub leader_token: u64,
 }
 
+/// How the stored breaker entry read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryHealth {
+    /// A record that decodes.
+    #[default]
+    Readable,
+    /// No entry (never written, deleted or purged): read as closed.
+    Missing,
+    /// An entry that does not decode: read as open (see [`watch_breaker`]).
+    Unreadable,
+}
+
+impl EntryHealth {
+    /// `readable`, `missing` or `unreadable`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryHealth::Readable => "readable",
+            EntryHealth::Missing => "missing",
+            EntryHealth::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// What a watcher of the breaker entry saw: the record to obey and how the entry read.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BreakerView {
+    /// The record mesh consumers obey: the stored one; closed for a missing entry; open for
+    /// an unreadable one.
+    pub record: BreakerRecord,
+    /// How the entry read.
+    pub entry: EntryHealth,
+    /// The entry's revision (0: none seen).
+    pub revision: u64,
+    /// Why it did not decode, with its first bytes (unreadable only).
+    pub problem: Option<String>,
+}
+
 /// Why a mesh consumer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
@@ -148,23 +186,105 @@ pub struct ConsumerStats {
     /// Events whose source had already published the same event id (a replay): acknowledged,
     /// not handled again.
     pub replays_skipped: AtomicU64,
+    /// Unreadable breaker entries seen (each revision once): the consumer held events while
+    /// they lasted.
+    pub breaker_unreadable: AtomicU64,
+    /// What the consumer obeys and whether it holds events right now.
+    obeying: std::sync::Mutex<Obeying>,
+}
+
+/// The breaker as a consumer obeys it, for its telemetry.
+#[derive(Debug, Clone, Copy, Default)]
+struct Obeying {
+    state: BreakerState,
+    entry: EntryHealth,
+    holding_since_ms: Option<i64>,
+}
+
+/// A mesh consumer's figures, published in its service's telemetry under `consumer` (the
+/// watchdog reads them: a consumer holding events while the storm guard says closed is an
+/// alert).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsumerFigures {
+    /// Events handled successfully.
+    pub processed: u64,
+    /// Of those, critical events.
+    pub critical_processed: u64,
+    /// Malformed events dead-lettered by this consumer.
+    pub dead_lettered: u64,
+    /// Times an event was deferred by the per-type rate limit.
+    pub deferred: u64,
+    /// Times the consumer stopped fetching because of the breaker.
+    pub holds: u64,
+    /// Handler failures.
+    pub failures: u64,
+    /// Events offered under a rate limit.
+    pub limited: u64,
+    /// Redeliveries acknowledged without handling them twice.
+    pub redelivered_skipped: u64,
+    /// Replays (same source and event id) acknowledged without handling them again.
+    #[serde(default)]
+    pub replays_skipped: u64,
+    /// Unreadable breaker entries seen.
+    #[serde(default)]
+    pub breaker_unreadable: u64,
+    /// The breaker state the consumer obeys.
+    #[serde(default)]
+    pub breaker_state: BreakerState,
+    /// How the stored breaker entry read.
+    #[serde(default)]
+    pub breaker_entry: EntryHealth,
+    /// True while the consumer fetches nothing because of the breaker (open, unreadable, or the
+    /// half-open probe spent).
+    #[serde(default)]
+    pub holding: bool,
+    /// Since when it holds, milliseconds since the epoch.
+    #[serde(default)]
+    pub holding_since_ms: Option<i64>,
+    /// When these figures were taken, milliseconds since the epoch.
+    #[serde(default)]
+    pub reported_ms: i64,
 }
 
 impl ConsumerStats {
-    /// The counters as JSON.
-    pub fn snapshot(&self) -> Value {
+    /// The figures, typed.
+    pub fn figures(&self) -> ConsumerFigures {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        json!({
-            "processed": get(&self.processed),
-            "critical_processed": get(&self.critical_processed),
-            "dead_lettered": get(&self.dead_lettered),
-            "deferred": get(&self.deferred),
-            "holds": get(&self.holds),
-            "failures": get(&self.failures),
-            "limited": get(&self.limited),
-            "redelivered_skipped": get(&self.redelivered_skipped),
-            "replays_skipped": get(&self.replays_skipped),
-        })
+        let obeying = *self.obeying.lock().unwrap_or_else(|p| p.into_inner());
+        ConsumerFigures {
+            processed: get(&self.processed),
+            critical_processed: get(&self.critical_processed),
+            dead_lettered: get(&self.dead_lettered),
+            deferred: get(&self.deferred),
+            holds: get(&self.holds),
+            failures: get(&self.failures),
+            limited: get(&self.limited),
+            redelivered_skipped: get(&self.redelivered_skipped),
+            replays_skipped: get(&self.replays_skipped),
+            breaker_unreadable: get(&self.breaker_unreadable),
+            breaker_state: obeying.state,
+            breaker_entry: obeying.entry,
+            holding: obeying.holding_since_ms.is_some(),
+            holding_since_ms: obeying.holding_since_ms,
+            reported_ms: crate::time::now_ms(),
+        }
+    }
+
+    /// The figures as JSON.
+    pub fn snapshot(&self) -> Value {
+        serde_json::to_value(self.figures()).unwrap_or(Value::Null)
+    }
+
+    /// Records what the consumer obeys and whether it holds.
+    fn obey(&self, view: &BreakerView, holding: bool) {
+        let mut o = self.obeying.lock().unwrap_or_else(|p| p.into_inner());
+        o.state = view.record.state;
+        o.entry = view.entry;
+        o.holding_since_ms = match (holding, o.holding_since_ms) {
+            (false, _) => None,
+            (true, Some(since)) => Some(since),
+            (true, None) => Some(crate::time::now_ms()),
+        };
     }
 }
 
@@ -283,7 +403,7 @@ pub struct MeshConsumer {
     stats: Arc<ConsumerStats>,
     main: PullConsumer,
     critical: PullConsumer,
-    breaker: watch::Receiver<BreakerRecord>,
+    breaker: watch::Receiver<BreakerView>,
     limits: watch::Receiver<Arc<HashMap<String, RateLimit>>>,
     handled: std::sync::Mutex<Handled>,
 }
@@ -410,7 +530,7 @@ impl MeshConsumer {
     }
 
     /// The breaker as this consumer currently sees it.
-    pub fn breaker(&self) -> watch::Receiver<BreakerRecord> {
+    pub fn breaker(&self) -> watch::Receiver<BreakerView> {
         self.breaker.clone()
     }
 
@@ -449,7 +569,7 @@ impl MeshConsumer {
                 continue;
             };
             while let Some(Ok(msg)) = batch.next().await {
-                let breaker = self.breaker.borrow().state;
+                let breaker = self.breaker.borrow().record.state;
                 self.deliver(&msg, true, breaker, &handler).await;
             }
         }
@@ -465,13 +585,20 @@ impl MeshConsumer {
         let clock = tokio::time::Instant::now();
         let mut probe = Probe::default();
         let mut backoff = Duration::from_millis(100);
+        let mut unreadable_seen = 0;
         while !shutdown.is_cancelled() {
             // Wait while the breaker holds events back.
-            let record = breaker.borrow_and_update().clone();
+            let view = breaker.borrow_and_update().clone();
+            if view.entry == EntryHealth::Unreadable && view.revision != unreadable_seen {
+                unreadable_seen = view.revision;
+                self.unreadable_breaker(&view).await;
+            }
+            let record = view.record.clone();
             let allowed = probe.allowance(&record, self.cfg.half_open_probe, self.cfg.fetch_batch);
+            self.stats.obey(&view, allowed == 0);
             if allowed == 0 {
                 self.stats.holds.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(consumer = %self.name, state = record.state.as_str(), "mesh consumer holding events");
+                tracing::debug!(consumer = %self.name, state = record.state.as_str(), entry = view.entry.as_str(), "mesh consumer holding events");
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break,
@@ -491,7 +618,7 @@ impl MeshConsumer {
                     ack(&msg).await;
                     continue;
                 }
-                let record = breaker.borrow().clone();
+                let record = breaker.borrow().record.clone();
                 if probe.allowance(&record, self.cfg.half_open_probe, 1) == 0 {
                     // The breaker opened mid-batch: give it back, to come again in order.
                     nak(&msg, None).await;
@@ -523,6 +650,27 @@ impl MeshConsumer {
                 self.deliver(&msg, false, record.state, &handler).await;
             }
         }
+    }
+
+    /// Counts, logs and narrates an unreadable breaker entry: the consumer holds non-critical
+    /// events until the entry reads again (the storm guard's leader overwrites it).
+    async fn unreadable_breaker(&self, view: &BreakerView) {
+        self.stats
+            .breaker_unreadable
+            .fetch_add(1, Ordering::Relaxed);
+        let problem = view.problem.clone().unwrap_or_default();
+        tracing::warn!(consumer = %self.name, revision = view.revision, %problem, "breaker entry unreadable: holding non-critical events until it is repaired");
+        let n = self
+            .narrator
+            .narrative("breaker_entry_unreadable", "mesh consumer, KV bucket bulwark_breaker")
+            .why(format!(
+                "the stored breaker entry (revision {}) does not decode: {problem}",
+                view.revision
+            ))
+            .why("non-critical events are held (stored, processed in order once it reads again); critical events still pass")
+            .why("the storm guard's leader overwrites an unreadable entry with its state")
+            .context(json!({"consumer": self.name, "revision": view.revision, "problem": problem}));
+        self.narrator.publish(n).await;
     }
 
     async fn fetch(
@@ -961,34 +1109,60 @@ pub fn watch_limits(
     rx
 }
 
-/// Follows the breaker's KV entry until `shutdown`; a missing entry reads as closed. The watch
-/// is re-established after an error.
+/// Follows the breaker's KV entry until `shutdown` (re-established after an error).
+///
+/// A missing entry reads as closed (nothing was ever decided). An **unreadable** entry reads as
+/// **open**, deliberately: a consumer cannot tell whether the breaker opened, and holding loses
+/// nothing (non-critical events stay stored and are processed in order once the entry reads
+/// again; critical events pass regardless). The storm guard's leader overwrites an unreadable
+/// entry with its state as soon as it sees it, and the watchdog alerts when consumers hold while
+/// the storm guard reports closed.
 pub fn watch_breaker(
     bucket: kv::Store,
     shutdown: CancellationToken,
-) -> watch::Receiver<BreakerRecord> {
-    let (tx, rx) = watch::channel(BreakerRecord::default());
+) -> watch::Receiver<BreakerView> {
+    let (tx, rx) = watch::channel(BreakerView::default());
     follow_kv(
         bucket,
         Watched::Key(streams::BREAKER_KEY),
         "the breaker",
         shutdown,
         move |entry| {
-            let record = if entry.operation == kv::Operation::Put {
-                serde_json::from_slice(&entry.value).unwrap_or_else(|err| {
-                    tracing::warn!(error = %err, "breaker entry unreadable; treating it as open");
-                    BreakerRecord {
-                        state: BreakerState::Open,
-                        ..Default::default()
-                    }
-                })
-            } else {
-                BreakerRecord::default()
-            };
-            tx.send_replace(record);
+            tx.send_replace(view_of(&entry));
         },
     );
     rx
+}
+
+/// The view of one breaker entry (see [`watch_breaker`]).
+pub fn view_of(entry: &kv::Entry) -> BreakerView {
+    if entry.operation != kv::Operation::Put {
+        return BreakerView {
+            entry: EntryHealth::Missing,
+            revision: entry.revision,
+            ..Default::default()
+        };
+    }
+    match serde_json::from_slice::<BreakerRecord>(&entry.value) {
+        Ok(record) => BreakerView {
+            record,
+            entry: EntryHealth::Readable,
+            revision: entry.revision,
+            problem: None,
+        },
+        Err(err) => BreakerView {
+            record: BreakerRecord {
+                state: BreakerState::Open,
+                ..Default::default()
+            },
+            entry: EntryHealth::Unreadable,
+            revision: entry.revision,
+            problem: Some(format!(
+                "{err}; it starts {}",
+                crate::api::excerpt(&String::from_utf8_lossy(&entry.value), 64)
+            )),
+        },
+    }
 }
 
 #[cfg(test)]

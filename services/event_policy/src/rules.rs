@@ -16,7 +16,8 @@
 //! ```
 //!
 //! `[rule.intent]` takes `intent_type`, `actor` (default `event_policy_engine`), `priority`
-//! (0-9, optional) and `payload`; `[rule.playbook]` takes `name`, `severity` (default `high`)
+//! (0-9, optional) and `payload`; `[rule.playbook]` takes `name`, `severity` (default `high`),
+//! `forward` (the keys of the event's payload copied into the incident; nothing else of it is)
 //! and `params`. Condition `op`s: `eq`, `ne`, `gt`, `gte`, `lt`, `lte`, `exists`, `in` (value
 //! is an array), `prefix` (value is a string). `field` is an envelope field (`event_type`,
 //! `source`, `actor`, `resource`, `subsystem`, `depth`, `correlation_id`, `causation_id`) or a
@@ -124,10 +125,20 @@ pub struct PlaybookSpec {
     /// Incident severity (default `high`).
     #[serde(default)]
     pub severity: Option<String>,
-    /// Parameters handed to the playbook.
+    /// Keys of the triggering event's payload copied into the incident (nothing else of it
+    /// is): the facts the playbook needs, e.g. `worker_id`. The playbook takes from the
+    /// incident only the keys its own `forward` list names.
+    #[serde(default)]
+    pub forward: Vec<String>,
+    /// Values put into the incident, over forwarded keys of the same name. Like forwarded keys
+    /// they reach the playbook only if it forwards them; safety parameters (retries, intervals,
+    /// limits, `resume_paused`) are set in `[playbooks.overrides]`, never here.
     #[serde(default)]
     pub params: BTreeMap<String, toml::Value>,
 }
+
+/// Keys of an incident a rule writes itself; not forwardable.
+pub const INCIDENT_KEYS: [&str; 5] = ["trigger_id", "playbook", "severity", "rule", "event_type"];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -481,6 +492,14 @@ fn build(spec: RuleSpec, origin: String) -> Result<Rule, String> {
                     "rule {name}: playbook.name {:?} must be 1-64 characters of [a-z0-9_-]",
                     playbook.name
                 ));
+            }
+            for key in &playbook.forward {
+                if !valid_name(key) || INCIDENT_KEYS.contains(&key.as_str()) {
+                    return Err(format!(
+                        "rule {name}: playbook.forward names {key:?}: keys are 1-64 characters of [a-z0-9_-], not one the incident sets itself ({})",
+                        INCIDENT_KEYS.join(", ")
+                    ));
+                }
             }
             Action::Playbook(playbook)
         }

@@ -288,12 +288,14 @@ impl Engine {
                 self.counters.events_emitted.fetch_add(1, Ordering::Relaxed);
             }
             Action::Playbook(playbook) => {
-                // The incident's payload is the playbook's parameters: the triggering event's
-                // payload, the rule's `params` over it, then the incident's own keys.
-                let mut payload = match &parent.payload {
-                    serde_json::Value::Object(p) => p.clone(),
-                    _ => serde_json::Map::new(),
-                };
+                // The incident carries the keys of the triggering event the rule forwards (no
+                // other), the rule's `params` over them, then the incident's own keys. The
+                // playbook takes from it only the keys it forwards itself.
+                let mut payload: serde_json::Map<String, serde_json::Value> = playbook
+                    .forward
+                    .iter()
+                    .filter_map(|k| parent.payload.get(k).map(|v| (k.clone(), v.clone())))
+                    .collect();
                 if let serde_json::Value::Object(params) = to_json(&playbook.params) {
                     payload.extend(params);
                 }

@@ -5,7 +5,8 @@
 //! Consumes:
 //! - `mesh.event.incident` and `mesh.event.emergency` (durable consumer `playbooks` on
 //!   `BULWARK_MESH`, not held by the breaker: remediation must run during a storm). The
-//!   payload's `playbook` names the playbook; the payload is its parameters.
+//!   payload's `playbook` names the playbook. Only the payload keys the playbook's `forward`
+//!   list names become parameters; the operator's `[playbooks.overrides]` win over them.
 //! - NATS micro service `playbooks`: `playbook.run` `{"playbook", "params"?, "dry_run"?,
 //!   "wait"?}`, `playbook.list` `{}`, `playbook.check` `{}`, `playbook.reload` `{}`.
 //!

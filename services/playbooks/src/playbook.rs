@@ -129,6 +129,11 @@ pub struct Meta {
     pub description: String,
     /// Event types that may start it (`event.incident`, `event.emergency`).
     pub triggers: Vec<String>,
+    /// The keys of a triggering event's payload that become parameters (each a declared
+    /// parameter). Every other key of the payload is ignored: the rest of the parameters come
+    /// from the defaults and the operator's `[playbooks.overrides]`, which also win over a
+    /// forwarded key.
+    pub forward: Vec<String>,
     /// Declared parameters.
     pub params: Vec<Param>,
     /// The parameter naming the resource; one run per (playbook, resource) at a time.
@@ -253,10 +258,11 @@ pub fn compile(
     })
 }
 
-const META_KEYS: [&str; 11] = [
+const META_KEYS: [&str; 12] = [
     "name",
     "description",
     "triggers",
+    "forward",
     "params",
     "defaults",
     "resource",
@@ -353,6 +359,7 @@ fn read_meta(
             ));
         }
     }
+    let forward = read_forward(path, map, &params)?;
     let resource = get_str(map, "resource");
     if let Some(r) = &resource
         && !params.iter().any(|p| &p.name == r)
@@ -416,6 +423,7 @@ fn read_meta(
         name,
         description,
         triggers,
+        forward,
         params,
         resource,
         slo_s,
@@ -426,7 +434,71 @@ fn read_meta(
     })
 }
 
+/// Reads `forward`: an array of declared parameter names, each once.
+fn read_forward(path: &Path, map: &Map, params: &[Param]) -> Result<Vec<String>, LoadError> {
+    let Some(v) = map.get("forward") else {
+        return Ok(Vec::new());
+    };
+    let not_names = || meta_error(path, "`forward` must be an array of parameter names");
+    let items = v.clone().try_cast::<rhai::Array>().ok_or_else(not_names)?;
+    let mut forward: Vec<String> = Vec::new();
+    for item in items {
+        let key = item.into_string().map_err(|_| not_names())?;
+        if !params.iter().any(|p| p.name == key) {
+            return Err(meta_error(
+                path,
+                format!("forward names {key:?}, which is not a declared parameter"),
+            ));
+        }
+        if forward.contains(&key) {
+            return Err(meta_error(path, format!("forward names {key:?} twice")));
+        }
+        forward.push(key);
+    }
+    Ok(forward)
+}
+
+/// The parameters a triggering event contributes to a run, and what became of its keys.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Forwarding {
+    /// The given parameters before defaults: the forwarded keys, then the operator's
+    /// overrides over them.
+    pub given: serde_json::Map<String, Value>,
+    /// Payload keys taken as parameters (listed in `forward`, not overridden).
+    pub forwarded: Vec<String>,
+    /// Payload keys not taken: unlisted, or replaced by an operator's override (`playbook`,
+    /// which only names the playbook, is not listed).
+    pub ignored: Vec<String>,
+}
+
 impl Meta {
+    /// What a triggering event's `payload` contributes, with the operator's `overrides` of this
+    /// playbook over it: only the keys of `forward`; an override wins over a forwarded key.
+    pub fn forwarding(
+        &self,
+        payload: &Value,
+        overrides: Option<&BTreeMap<String, Value>>,
+    ) -> Forwarding {
+        let mut out = Forwarding::default();
+        let overridden = |k: &str| overrides.is_some_and(|o| o.contains_key(k));
+        if let Value::Object(payload) = payload {
+            for (key, value) in payload {
+                if self.forward.contains(key) && !overridden(key) {
+                    out.given.insert(key.clone(), value.clone());
+                    out.forwarded.push(key.clone());
+                } else if key != "playbook" {
+                    out.ignored.push(key.clone());
+                }
+            }
+        }
+        for (key, value) in overrides.into_iter().flatten() {
+            out.given.insert(key.clone(), value.clone());
+        }
+        out.forwarded.sort();
+        out.ignored.sort();
+        out
+    }
+
     /// Checks `given` against the declared parameters and fills in defaults; refuses missing
     /// required parameters and wrong types before anything runs. Undeclared keys are kept
     /// (an incident carries more than a playbook needs).
@@ -587,6 +659,31 @@ fn undo(p) { () }
         assert_eq!(m.resource.as_deref(), Some("event_type"));
         let n = m.params.iter().find(|p| p.name == "n").expect("n");
         assert_eq!(n.default, Some(json!(3)));
+    }
+
+    #[test]
+    fn only_forwarded_keys_come_from_the_event_and_overrides_win() {
+        let src = r#"fn playbook() { #{ name: "fw", triggers: ["event.incident"],
+            params: #{ worker_id: "string", resume_paused: "bool", retries: "int" },
+            defaults: #{ resume_paused: false, retries: 3 }, forward: ["worker_id", "retries"],
+            steps: ["s"] } }
+fn s(p) { () }"#;
+        let meta = load("fw", src).expect("loads").meta;
+        assert_eq!(meta.forward, vec!["worker_id", "retries"]);
+        let event = json!({"playbook": "fw", "worker_id": "w-9", "resume_paused": true,
+                           "retries": 99, "extra": 1});
+        let overrides: BTreeMap<String, Value> = [("retries".to_owned(), json!(1))].into();
+        let f = meta.forwarding(&event, Some(&overrides));
+        assert_eq!(f.forwarded, vec!["worker_id"]);
+        assert_eq!(f.ignored, vec!["extra", "resume_paused", "retries"]);
+        let p = meta.bind(&Value::Object(f.given)).expect("binds");
+        assert_eq!(p["worker_id"], "w-9");
+        assert_eq!(p["resume_paused"], false, "not forwarded: the default");
+        assert_eq!(p["retries"], 1, "the override wins over a forwarded key");
+        assert!(!p.contains_key("extra"));
+        let bad = src.replace("\"retries\"]", "\"nope\"]");
+        let err = load("fw", &bad).expect_err("unknown forward key");
+        assert!(err.message.contains("not a declared parameter"), "{err}");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use bulwark_common::narrative::Narrator;
 use bulwark_common::{ids, mesh, streams, subjects, telemetry, time};
 
 use crate::host::Requester;
-use crate::playbook::{Library, Playbook};
+use crate::playbook::{Forwarding, Library, Meta, Playbook};
 use crate::runner::{self, Outcome, Phase, Plan, Progress, Settings, Status};
 use crate::sandbox::{Limits, Packages};
 
@@ -64,6 +64,8 @@ struct Counters {
     refused: AtomicU64,
     stale: AtomicU64,
     malformed: AtomicU64,
+    /// Incidents whose payload carried keys the playbook does not forward (ignored).
+    keys_ignored: AtomicU64,
 }
 
 impl Counters {
@@ -72,7 +74,8 @@ impl Counters {
         json!({"incidents": get(&self.incidents), "runs_started": get(&self.started),
                "runs_completed": get(&self.completed), "runs_failed": get(&self.failed),
                "suppressed": get(&self.suppressed), "refused": get(&self.refused),
-               "stale": get(&self.stale), "malformed": get(&self.malformed)})
+               "stale": get(&self.stale), "malformed": get(&self.malformed),
+               "keys_ignored": get(&self.keys_ignored)})
     }
 }
 
@@ -98,6 +101,13 @@ pub struct LastRun {
     pub trigger: String,
     /// Incidents for the same playbook and resource counted (not run) during it.
     pub repeats: u64,
+    /// Keys of the incident's payload taken as parameters (the playbook's `forward` list);
+    /// empty for a manual run.
+    #[serde(default)]
+    pub forwarded: Vec<String>,
+    /// Keys of the incident's payload not taken (unlisted, or replaced by an override).
+    #[serde(default)]
+    pub ignored: Vec<String>,
 }
 
 struct ActiveRun {
@@ -369,7 +379,14 @@ impl Service {
         self.runs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `given` over the configured overrides of `playbook` (`playbooks.overrides`).
+    /// What an incident's payload contributes to a run of `meta` (its `forward` keys, the
+    /// operator's overrides over them).
+    fn forwarding(&self, meta: &Meta, payload: &Value) -> Forwarding {
+        meta.forwarding(payload, self.cfg.playbooks.overrides.get(&meta.name))
+    }
+
+    /// `given` (a manual run's parameters, the operator's own) over the configured overrides
+    /// of `playbook` (`playbooks.overrides`).
     fn with_overrides(&self, playbook: &str, given: &Value) -> Value {
         let Some(overrides) = self.cfg.playbooks.overrides.get(playbook) else {
             return given.clone();
@@ -475,10 +492,14 @@ impl Service {
             .await;
             return;
         }
-        let params = match playbook
-            .meta
-            .bind(&self.with_overrides(&name, &event.payload))
-        {
+        // The parameters are the playbook's, not the event's: only the keys it forwards are
+        // taken, and the operator's overrides win over them.
+        let forwarding = self.forwarding(&playbook.meta, &event.payload);
+        if !forwarding.ignored.is_empty() {
+            self.counters.keys_ignored.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(playbook = %name, ignored = ?forwarding.ignored, "incident keys not forwarded");
+        }
+        let params = match playbook.meta.bind(&Value::Object(forwarding.given)) {
             Ok(p) => p,
             Err(err) => {
                 self.refuse(&event, &name, err.0).await;
@@ -632,12 +653,17 @@ impl Service {
             |t| format!("{} {}", t.event_type, t.event_id),
         );
         let params = Value::Object(plan.params.clone());
+        let forwarding = trigger
+            .as_ref()
+            .map(|t| self.forwarding(&meta, &t.payload))
+            .unwrap_or_default();
         self.announce(
             trigger.as_ref(),
             "playbook.started",
             &run_id,
             &name,
             json!({"playbook": name, "run_id": run_id, "params": params, "resource": resource,
+                   "forwarded": forwarding.forwarded, "ignored": forwarding.ignored,
                    "dry_run": plan.dry_run, "trigger": trigger_text,
                    "steps": meta.steps.iter().map(|s| s.title.clone()).collect::<Vec<_>>(),
                    "slo_s": meta.slo_s}),
@@ -650,6 +676,15 @@ impl Service {
                 &format!("playbook {name} ({})", plan.playbook.path.display()),
             )
             .why(format!("started by {trigger_text} for resource {resource}"))
+            .why(if trigger.is_none() {
+                "parameters given by hand, over the operator's overrides".to_owned()
+            } else {
+                format!(
+                    "parameters: the defaults, the incident's {} (the keys it forwards), the operator's overrides over them; ignored from the incident: {}",
+                    list_or_none(&forwarding.forwarded),
+                    list_or_none(&forwarding.ignored)
+                )
+            })
             .why(format!(
                 "{} step(s): {}",
                 meta.steps.len(),
@@ -659,7 +694,8 @@ impl Service {
                     .collect::<Vec<_>>()
                     .join("; ")
             ))
-            .context(json!({"playbook": name, "run_id": run_id, "params": params}));
+            .context(json!({"playbook": name, "run_id": run_id, "params": params,
+                            "forwarded": forwarding.forwarded, "ignored": forwarding.ignored}));
         self.narrator.publish(n).await;
 
         let (tx, mut rx) = mpsc::unbounded_channel::<Progress>();
@@ -715,6 +751,7 @@ impl Service {
             &run_id,
             &name,
             json!({"playbook": name, "run_id": run_id, "params": params, "resource": resource,
+                   "forwarded": forwarding.forwarded, "ignored": forwarding.ignored,
                    "status": outcome.status, "error": outcome.error, "error_kind": outcome.error_kind,
                    "verified": outcome.verified, "rollback": outcome.rollback,
                    "duration_ms": outcome.duration_ms, "slo_s": meta.slo_s,
@@ -771,6 +808,8 @@ impl Service {
             rollback: outcome.rollback,
             trigger: trigger_text,
             repeats,
+            forwarded: forwarding.forwarded,
+            ignored: forwarding.ignored,
         };
         if let Err(err) = self.runs_bucket.put(&name, api::to_bytes(&last)).await {
             tracing::warn!(error = %err, playbook = %name, "last run not stored");
@@ -1011,6 +1050,14 @@ impl Service {
             ));
         self.narrator.publish(n).await;
         Ok(json!({"reloaded": true, "playbooks": names}))
+    }
+}
+
+fn list_or_none(keys: &[String]) -> String {
+    if keys.is_empty() {
+        "none".to_owned()
+    } else {
+        keys.join(", ")
     }
 }
 

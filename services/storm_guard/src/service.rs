@@ -26,7 +26,7 @@ use bulwark_common::api::{self, ApiError};
 use bulwark_common::config::{BulwarkConfig, MeshConfig};
 use bulwark_common::envelope::MeshEvent;
 use bulwark_common::kv::{self as kvx, Change};
-use bulwark_common::mesh::{self, BreakerRecord, BreakerState};
+use bulwark_common::mesh::{self, BreakerRecord, BreakerState, EntryHealth};
 use bulwark_common::narrative::Narrator;
 use bulwark_common::{ids, streams, subjects, telemetry, time};
 
@@ -95,6 +95,14 @@ pub struct Counters {
     pub transitions_adopted: AtomicU64,
     /// Announcements JetStream did not acknowledge.
     pub publish_failures: AtomicU64,
+    /// Checks of the stored breaker entry (periodic, every `mesh.breaker_check_s`).
+    pub breaker_checks: AtomicU64,
+    /// Unreadable or missing breaker entries overwritten with this instance's state.
+    pub breaker_repairs: AtomicU64,
+    /// Repairs the store refused (retried at the next check).
+    pub breaker_repair_failures: AtomicU64,
+    /// `storm_guard.breaker.open|close` requests answered 503 because the store refused.
+    pub forced_not_stored: AtomicU64,
 }
 
 impl Counters {
@@ -110,6 +118,10 @@ impl Counters {
             "breaker_opened": get(&self.breaker_opened),
             "transitions_adopted": get(&self.transitions_adopted),
             "publish_failures": get(&self.publish_failures),
+            "breaker_checks": get(&self.breaker_checks),
+            "breaker_repairs": get(&self.breaker_repairs),
+            "breaker_repair_failures": get(&self.breaker_repair_failures),
+            "forced_not_stored": get(&self.forced_not_stored),
         })
     }
 }
@@ -161,6 +173,8 @@ struct StormGuard {
     leadership: bulwark_common::lease::Leadership,
     /// The breaker record last seen in KV.
     stored: Mutex<BreakerRecord>,
+    /// How the stored entry last read.
+    entry: Mutex<EntryHealth>,
 }
 
 /// The storm guard's endpoints.
@@ -192,11 +206,18 @@ pub async fn run(
         cooldown_ms: (m.cooldown_s * 1000.0) as i64,
         half_open_ms: (m.half_open_s * 1000.0) as i64,
     });
-    let stored =
-        match kvx::create_or_get(&bucket, streams::BREAKER_KEY, &BreakerRecord::default()).await? {
-            Some(existing) => existing.value,
-            None => BreakerRecord::default(),
-        };
+    let stored = match kvx::create_or_get(&bucket, streams::BREAKER_KEY, &BreakerRecord::default())
+        .await
+    {
+        Ok(Some(existing)) => existing.value,
+        Ok(None) => BreakerRecord::default(),
+        Err(kvx::KvError::Corrupt { reason, .. }) => {
+            // Not a reason to stay down: the leader overwrites it at its first check.
+            tracing::warn!(%reason, "storm guard: the stored breaker entry is unreadable; starting closed");
+            BreakerRecord::default()
+        }
+        Err(err) => return Err(err.into()),
+    };
     if breaker.restore(&stored) {
         tracing::info!(state = stored.state.as_str(), since = %time::format_ms(stored.since_ms), "storm guard: breaker state restored");
     }
@@ -224,6 +245,7 @@ pub async fn run(
     let sg = Arc::new(StormGuard {
         leadership,
         stored: Mutex::new(stored.clone()),
+        entry: Mutex::new(EntryHealth::Readable),
         narrator: Narrator::new(js.clone(), SERVICE_NAME, &instance),
         js,
         bucket: bucket.clone(),
@@ -261,6 +283,7 @@ pub async fn run(
         mesh::watch_breaker(bucket, shutdown.clone()),
         shutdown.clone(),
     ));
+    tracker.spawn(check(sg.clone(), shutdown.clone()));
 
     let stats = sg.clone();
     let endpoints: [bulwark_common::micro::EndpointSpec<Op>; 6] = [
@@ -432,10 +455,11 @@ async fn tick(
     }
 }
 
-/// Adopts the breaker record when another replica (or an operator) changed it.
+/// Adopts the breaker record when another replica (or an operator) changed it. An unreadable
+/// or missing entry is never adopted: the leader overwrites it with its state at once.
 async fn adopt(
     sg: Arc<StormGuard>,
-    mut breaker: tokio::sync::watch::Receiver<BreakerRecord>,
+    mut breaker: tokio::sync::watch::Receiver<mesh::BreakerView>,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -444,7 +468,14 @@ async fn adopt(
             _ = shutdown.cancelled() => break,
             changed = breaker.changed() => if changed.is_err() { break },
         }
-        let record = breaker.borrow_and_update().clone();
+        let view = breaker.borrow_and_update().clone();
+        *sg.entry.lock().unwrap_or_else(|p| p.into_inner()) = view.entry;
+        if view.entry != EntryHealth::Readable {
+            tracing::warn!(entry = view.entry.as_str(), revision = view.revision, problem = ?view.problem, "storm guard: the stored breaker entry does not read");
+            sg.repair("its watch saw it").await;
+            continue;
+        }
+        let record = view.record;
         *sg.stored.lock().unwrap_or_else(|p| p.into_inner()) = record.clone();
         if !sg.leadership.is_leader() {
             // A standby mirrors the leader's record exactly.
@@ -452,6 +483,22 @@ async fn adopt(
         } else if sg.lock().breaker.restore(&record) {
             tracing::info!(state = record.state.as_str(), by = %record.updated_by, "storm guard: adopted the stored breaker state");
         }
+    }
+}
+
+/// Checks the stored breaker entry every `mesh.breaker_check_s` (the leader repairs an
+/// unreadable or missing one; this also covers an entry that went bad while another replica led).
+async fn check(sg: Arc<StormGuard>, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(sg.cfg.breaker_check_s));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        sg.counters.breaker_checks.fetch_add(1, Ordering::Relaxed);
+        sg.repair("the periodic check found it").await;
     }
 }
 
@@ -465,7 +512,9 @@ async fn announce(sg: Arc<StormGuard>, mut rx: mpsc::UnboundedReceiver<Announcem
             Announcement::Storm(storm) => sg.announce_storm(storm).await,
             Announcement::StormEnded(_) if !sg.leadership.is_leader() => {}
             Announcement::StormEnded(end) => sg.announce_storm_end(end).await,
-            Announcement::Transition(t, record) => sg.announce_transition(t, record, None).await,
+            Announcement::Transition(t, record) => {
+                sg.announce_transition(t, record, None).await;
+            }
         }
     }
 }
@@ -481,6 +530,13 @@ impl StormGuard {
         let mut figures = self.counters.snapshot();
         let guard = self.lock();
         figures["breaker_state"] = json!(guard.breaker.state().as_str());
+        figures["breaker_since_ms"] = json!(guard.breaker.since_ms());
+        figures["breaker_entry"] = json!(
+            self.entry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_str()
+        );
         figures["active_storms"] = json!(guard.storms.active().len());
         figures["health_status"] = json!(match guard.breaker.state() {
             BreakerState::Closed => "healthy",
@@ -602,14 +658,137 @@ impl StormGuard {
         self.narrator.publish(n).await;
     }
 
+    /// Stores a transition's record: a compare-and-set over the stored record when it reads,
+    /// an overwrite when it is unreadable or missing (an automatic transition by the lease
+    /// holder under its fencing token; a forced one by any replica).
+    async fn store_transition(
+        &self,
+        t: Transition,
+        record: &BreakerRecord,
+        token: u64,
+        forced: bool,
+    ) -> Stored {
+        let written = kvx::update(
+            &self.bucket,
+            streams::BREAKER_KEY,
+            |stored: &mut BreakerRecord| {
+                if stored.state != t.from
+                    || stored.since_ms >= record.since_ms
+                    || (!forced && stored.leader_token > token)
+                {
+                    return Ok::<_, std::convert::Infallible>(Change::Keep(false));
+                }
+                *stored = record.clone();
+                stored.leader_token = token;
+                Ok(Change::Write(true))
+            },
+        )
+        .await;
+        match written {
+            Ok(Ok((true, _))) => Stored::Yes,
+            Ok(Ok((false, stored))) => Stored::Adopted(stored),
+            Ok(Err(never)) => match never {},
+            Err(kvx::KvError::Corrupt { .. } | kvx::KvError::NotFound(_)) => {
+                let mut record = record.clone();
+                record.leader_token = token;
+                match self.overwrite_unreadable(&record).await {
+                    Ok(Some(found)) => {
+                        self.counters
+                            .breaker_repairs
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.narrate_repair(&found, &record, "a transition found it")
+                            .await;
+                        Stored::Yes
+                    }
+                    Ok(None) => Stored::Failed("the entry changed while it was repaired".into()),
+                    Err(err) => Stored::Failed(err.to_string()),
+                }
+            }
+            Err(err) => Stored::Failed(err.to_string()),
+        }
+    }
+
+    /// Writes `record` over the breaker entry if it is unreadable or missing; `Some(what was
+    /// found)` when it did, `None` when the entry reads (or changed meanwhile).
+    async fn overwrite_unreadable(
+        &self,
+        record: &BreakerRecord,
+    ) -> Result<Option<String>, kvx::KvError> {
+        let (revision, found) =
+            match kvx::read_raw::<BreakerRecord>(&self.bucket, streams::BREAKER_KEY).await? {
+                kvx::Raw::Readable(_) => return Ok(None),
+                kvx::Raw::Missing { revision } => (revision, "missing".to_owned()),
+                kvx::Raw::Unreadable {
+                    revision,
+                    reason,
+                    excerpt,
+                } => (
+                    revision,
+                    format!("unreadable at revision {revision} ({reason}; it starts {excerpt})"),
+                ),
+            };
+        if !kvx::overwrite(&self.bucket, streams::BREAKER_KEY, record, revision).await? {
+            return Ok(None);
+        }
+        *self.stored.lock().unwrap_or_else(|p| p.into_inner()) = record.clone();
+        Ok(Some(found))
+    }
+
+    /// One check of the stored breaker entry (`found_by`: the periodic check or the watch): the
+    /// lease holder overwrites an unreadable or missing entry with its own state; a standby
+    /// leaves it to the leader.
+    async fn repair(&self, found_by: &str) {
+        let Some(token) = self.leadership.token() else {
+            return;
+        };
+        let mut record = self.lock().breaker.record(&self.instance);
+        record.leader_token = token;
+        match self.overwrite_unreadable(&record).await {
+            Ok(None) => {}
+            Ok(Some(found)) => {
+                self.counters
+                    .breaker_repairs
+                    .fetch_add(1, Ordering::Relaxed);
+                self.narrate_repair(&found, &record, found_by).await;
+            }
+            Err(err) => {
+                self.counters
+                    .breaker_repair_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %err, "storm guard: the breaker entry cannot be repaired; the next check tries again");
+            }
+        }
+    }
+
+    async fn narrate_repair(&self, found: &str, record: &BreakerRecord, found_by: &str) {
+        tracing::warn!(%found, state = record.state.as_str(), %found_by, "storm guard: breaker entry repaired");
+        let n = self
+            .narrator
+            .narrative(
+                "breaker_entry_repaired",
+                "storm guard leader's check of KV bucket bulwark_breaker",
+            )
+            .why(format!("the stored breaker entry was {found} ({found_by})"))
+            .why(format!(
+                "overwritten with the storm guard's state: {} since {}",
+                record.state.as_str(),
+                time::format_ms(record.since_ms)
+            ))
+            .why("mesh consumers held non-critical events while it was unreadable; they obey the repaired entry now")
+            .context(json!({"found": found, "state": record.state, "since_ms": record.since_ms,
+                            "found_by": found_by, "leader_token": record.leader_token}));
+        self.narrator.publish(n).await;
+    }
+
     /// Stores, announces and narrates a transition; `forced` names who moved the breaker by
-    /// hand and why (no emergency is raised for a forced opening).
+    /// hand and why (no emergency is raised for a forced opening). A forced transition that is
+    /// not stored is not announced: the caller undoes it and answers 503.
     async fn announce_transition(
         &self,
         t: Transition,
         record: BreakerRecord,
         forced: Option<(&str, &str)>,
-    ) {
+    ) -> Stored {
         // An automatic transition is the lease holder's to write, under its fencing token; a
         // forced one (a request) may come to any replica.
         let token = match forced {
@@ -628,40 +807,31 @@ impl StormGuard {
                         .unwrap_or_else(|p| p.into_inner())
                         .clone();
                     self.lock().breaker.replace(&stored);
-                    return;
+                    return Stored::Failed("a standby does not write transitions".into());
                 }
             },
         };
         // Only the instance that moves the stored record announces the transition.
-        let written = kvx::update(
-            &self.bucket,
-            streams::BREAKER_KEY,
-            |stored: &mut BreakerRecord| {
-                if stored.state != t.from
-                    || stored.since_ms >= record.since_ms
-                    || (forced.is_none() && stored.leader_token > token)
-                {
-                    return Ok::<_, std::convert::Infallible>(Change::Keep(false));
-                }
-                *stored = record.clone();
-                stored.leader_token = token;
-                Ok(Change::Write(true))
-            },
-        )
-        .await;
-        match written {
-            Ok(Ok((true, _))) => {}
-            Ok(Ok((false, stored))) => {
+        match self
+            .store_transition(t, &record, token, forced.is_some())
+            .await
+        {
+            Stored::Yes => {}
+            Stored::Adopted(stored) => {
                 self.counters
                     .transitions_adopted
                     .fetch_add(1, Ordering::Relaxed);
                 self.lock().breaker.restore(&stored);
-                return;
+                return Stored::Adopted(stored);
             }
-            Ok(Err(never)) => match never {},
-            Err(err) => {
+            Stored::Failed(err) if forced.is_some() => {
+                tracing::warn!(error = %err, "storm guard: forced breaker state not stored");
+                return Stored::Failed(err);
+            }
+            Stored::Failed(err) => {
                 // Announce anyway: holding events back must not depend on KV being up, and the
-                // next transition will store the state.
+                // next transition will store the state (the watchdog alerts meanwhile if mesh
+                // consumers hold while this guard reports closed).
                 tracing::warn!(error = %err, "storm guard: breaker state not stored");
             }
         }
@@ -755,5 +925,16 @@ impl StormGuard {
             .whys(why)
             .context(figures);
         self.narrator.publish(n).await;
+        Stored::Yes
     }
+}
+
+/// What became of a transition's record.
+pub(crate) enum Stored {
+    /// Stored (or, for an automatic transition, announced though the store failed).
+    Yes,
+    /// Another replica or an operator changed the record first: this one, adopted instead.
+    Adopted(BreakerRecord),
+    /// Not stored: why.
+    Failed(String),
 }

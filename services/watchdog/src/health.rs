@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use bulwark_common::mesh::ConsumerFigures;
 use serde_json::{Value, json};
 
 /// The HTM orchestrator (its telemetry is published by the scheduler).
@@ -167,6 +168,18 @@ pub struct Rules {
     pub min_dispatch_rate: f64,
     /// Services that must answer `$SRV.PING` even if never seen.
     pub required: Vec<String>,
+    /// A mesh consumer that has held events at least this long while the storm guard reported
+    /// the breaker closed all that time is alerted (`held_while_breaker_closed`); shorter holds
+    /// are a transition on its way to the consumers.
+    pub hold_grace: Duration,
+}
+
+/// The storm guard's breaker figures, as its telemetry publishes them.
+#[derive(Debug, serde::Deserialize)]
+struct GuardBreaker {
+    breaker_state: bulwark_common::mesh::BreakerState,
+    #[serde(default)]
+    breaker_since_ms: i64,
 }
 
 /// The last telemetry of a component.
@@ -511,6 +524,8 @@ impl Watch {
             }
         }
 
+        out.extend(self.held_while_closed(now));
+
         // Other components: what they say of themselves.
         for (name, view) in &self.views {
             if matches!(name.as_str(), HTM | SCHEDULER | STORM_GUARD | LAYER2) {
@@ -534,6 +549,51 @@ impl Watch {
                     figures["health_status"].as_str().unwrap_or("unhealthy")
                 ),
             });
+        }
+        out
+    }
+
+    /// Mesh consumers (a `consumer` object in a component's telemetry) that have held events
+    /// for at least `hold_grace` while the storm guard reported the breaker closed: they obey a
+    /// stored entry that disagrees with the storm guard (unreadable, or a write that failed).
+    fn held_while_closed(&self, now: Instant) -> Vec<Condition> {
+        let Some(guard) = self
+            .fresh(STORM_GUARD, now)
+            .and_then(|m| serde_json::from_value::<GuardBreaker>(m.clone()).ok())
+        else {
+            return Vec::new();
+        };
+        if guard.breaker_state != bulwark_common::mesh::BreakerState::Closed {
+            return Vec::new();
+        }
+        let grace_ms = self.rules.hold_grace.as_millis() as i64;
+        let mut out = Vec::new();
+        for name in self.views.keys() {
+            let Some(consumer) = self
+                .fresh(name, now)
+                .and_then(|f| f.get("consumer"))
+                .and_then(|c| serde_json::from_value::<ConsumerFigures>(c.clone()).ok())
+            else {
+                continue;
+            };
+            let Some(holding_since) = consumer.holding_since_ms.filter(|_| consumer.holding) else {
+                continue;
+            };
+            let held_ms = consumer.reported_ms - holding_since.max(guard.breaker_since_ms);
+            if held_ms < grace_ms {
+                continue;
+            }
+            out.push(cond(
+                report_name(name),
+                "held_while_breaker_closed",
+                Severity::Critical,
+                format!(
+                    "{name}'s mesh consumer has held non-critical events for {:.1} s while the storm guard reports the breaker closed: it obeys {} (stored entry {})",
+                    held_ms as f64 / 1000.0,
+                    consumer.breaker_state.as_str(),
+                    consumer.breaker_entry.as_str()
+                ),
+            ));
         }
         out
     }
@@ -720,6 +780,7 @@ mod tests {
             required: ["governance", SCHEDULER, STORM_GUARD, EVENT_POLICY]
                 .map(String::from)
                 .to_vec(),
+            hold_grace: S,
         }
     }
 

@@ -134,6 +134,7 @@ pub fn rules(cfg: &BulwarkConfig) -> Rules {
         htm_queue_critical: cfg.scheduler.htm_queue_critical,
         min_dispatch_rate: w.min_dispatch_rate,
         required: w.required_services.clone(),
+        hold_grace: Duration::from_secs_f64(cfg.telemetry.interval_s.max(0.1)),
     }
 }
 

@@ -20,7 +20,7 @@ use bulwark_common::envelope::MeshEvent;
 use bulwark_common::mesh::{BreakerState, RateLimit};
 use bulwark_common::{ids, subjects, time};
 
-use super::StormGuard;
+use super::{Stored, StormGuard};
 
 /// Largest accepted operation request.
 const MAX_BODY: usize = 8 * 1024;
@@ -112,18 +112,46 @@ impl StormGuard {
         let by = req.by.unwrap_or_else(|| "operator".to_owned());
         let transition = {
             let mut guard = self.lock();
+            let before = guard.breaker.clone();
             guard
                 .breaker
                 .force(to, now_ms)
-                .map(|t| (t, guard.breaker.record(&self.instance)))
+                .map(|t| (t, guard.breaker.record(&self.instance), before))
         };
-        let Some((t, record)) = transition else {
+        let Some((t, record, before)) = transition else {
             let guard = self.lock();
             return Ok(json!({"changed": false, "state": guard.breaker.state(),
                              "since": time::format_ms(guard.breaker.since_ms())}));
         };
-        self.announce_transition(t, record.clone(), Some((&by, &req.reason)))
-            .await;
+        match self
+            .announce_transition(t, record.clone(), Some((&by, &req.reason)))
+            .await
+        {
+            Stored::Yes => {}
+            Stored::Adopted(stored) => {
+                return Err(ApiError::conflict(
+                    "breaker_changed",
+                    format!(
+                        "the breaker changed meanwhile (now {} since {}, by {}); nothing stored, ask again",
+                        stored.state.as_str(),
+                        time::format_ms(stored.since_ms),
+                        stored.updated_by
+                    ),
+                ));
+            }
+            Stored::Failed(err) => {
+                // Nothing stored: undo the change here, so this replica does not claim a state
+                // the mesh consumers never saw.
+                self.lock().breaker = before;
+                self.counters
+                    .forced_not_stored
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(ApiError::unavailable(format!(
+                    "the breaker state was not stored ({err}); it stays {}, ask again",
+                    t.from.as_str()
+                )));
+            }
+        }
         Ok(json!({"changed": true, "from": t.from, "state": t.to,
                   "since": time::format_ms(record.since_ms), "by": by, "reason": req.reason}))
     }
