@@ -22,6 +22,7 @@ use bulwark_common::narrative::Narrator;
 use bulwark_common::{streams, subjects};
 use bulwark_tests::*;
 use futures::StreamExt;
+use tokio::io::AsyncBufReadExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -337,21 +338,21 @@ async fn no_identity_reads_another_identitys_replies_or_bulwarks_deliveries() {
     let _pool = start_pool(cfg.clone(), &["snoop-w1"]).await;
     let operator = server.client_as(OPERATOR_USER).await;
 
-    let snooper = {
-        let url = server.url();
-        tokio::spawn(async move {
-            let server_url = url;
-            let root = repo_root();
-            tokio::process::Command::new("python3")
-                .arg(root.join("tests/clients/attacks.py"))
-                .args(["snoop", &server_url, "6"])
-                .env("PYTHONPATH", root.join(".tools/py"))
-                .output()
-                .await
-                .expect("python3 runs")
-        })
-    };
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The snooper subscribes first and says "ready"; only then does the traffic start.
+    let root = repo_root();
+    let mut snooper = tokio::process::Command::new("python3")
+        .arg(root.join("tests/clients/attacks.py"))
+        .args(["snoop", &server.url(), "6"])
+        .env("PYTHONPATH", root.join(".tools/py"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = tokio::io::BufReader::new(snooper.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("the snooper subscribes in time")
+        .expect("stdout readable");
+    assert_eq!(ready.as_deref(), Some("ready"));
     for i in 0..5 {
         let body = json!({"intent_id": format!("secret-{i}"), "intent_type": "query_knowledge",
                           "actor": "op", "payload": {"api_key": "sk-very-secret", "work_ms": 1}});
@@ -365,15 +366,14 @@ async fn no_identity_reads_another_identitys_replies_or_bulwarks_deliveries() {
         )
         .await;
     }
-    let output = snooper.await.expect("snooper joins");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let result: Value =
-        serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or_else(|e| {
-            panic!(
-                "snoop printed no JSON ({e}): {stdout} {}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        });
+    let last = tokio::time::timeout(PATIENCE, lines.next_line())
+        .await
+        .expect("the snooper reports")
+        .expect("stdout readable")
+        .unwrap_or_default();
+    let _ = snooper.wait().await;
+    let result: Value = serde_json::from_str(&last)
+        .unwrap_or_else(|e| panic!("snoop printed no JSON ({e}): {last}"));
     assert!(
         !result.to_string().contains("sk-very-secret") && !result.to_string().contains("secret-"),
         "an agent read another identity's traffic: {result}"

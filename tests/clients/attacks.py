@@ -112,6 +112,7 @@ async def snoop(nc, errors, args):
         except Exception as e:  # a refused subscription arrives as an async error too
             errors.append(f"{pattern}: {e}")
     await nc.flush()
+    print("ready", flush=True)
     await asyncio.sleep(seconds)
     return {"seen": len(seen), "subjects": sorted({m["subject"].split(".")[0] for m in seen}),
             "samples": seen[:20], "errors": errors}
