@@ -28,7 +28,8 @@ use serde_json::{Value, json};
 const PLAYBOOK: &str = r#"
 fn playbook() {
     #{ name: "bench_first_step", triggers: ["event.incident"], params: #{ target: "string", n: "int" },
-       defaults: #{ n: 1 }, resource: "target", slo_s: 10, cooldown_s: 0, steps: ["first"] }
+       forward: ["target", "n"], defaults: #{ n: 1 }, resource: "target", slo_s: 10, cooldown_s: 0,
+       steps: ["first"] }
 }
 fn first(p) { let x = p.n * 2 + 1; #{ x: x } }
 "#;
