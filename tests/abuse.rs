@@ -1,7 +1,9 @@
 //! Abuse resistance, against a real nats-server running the repository's `nats.conf`, the abuse
 //! performed by a foreign client (`tests/clients/attacks.py`, nats-py) as the anonymous agent:
 //! - lists always answer: a review queue filled with large intents is paged and summarised, and
-//!   one actor cannot open more review items than `governance.max_open_per_actor`.
+//!   one actor cannot open more review items than `governance.max_open_per_actor`;
+//! - emergencies and priority must be earned: an agent's emergency goes to a human, its priority
+//!   is capped, its simulated work bounded; the operator's emergency runs at once.
 
 use serde_json::{Value, json};
 
@@ -94,4 +96,32 @@ async fn a_review_queue_of_large_intents_still_answers_page_by_page() {
     assert_eq!(answers[20], "too_many_open", "{more}");
     let (bad, code) = request_json(&operator, subjects::REVIEW_PENDING, r#"{"limit": 0}"#).await;
     assert_eq!(code.as_deref(), Some("400"), "{bad}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_emergency_goes_to_a_human_and_its_priority_and_work_are_bounded() {
+    init_logging();
+    let server = NatsServer::start();
+    let _governance = start_governance(server.config()).await;
+
+    let result = attack(&server, &["claims"]).await;
+    let a = &result["answers"];
+    assert_eq!(a["tier4"]["status"], "pending_review", "{result}");
+    assert_eq!(a["emergency"]["status"], "pending_review", "{result}");
+    assert_eq!(a["priority9"]["error"], "privilege_required", "{result}");
+    assert_eq!(a["priority9"]["code"], "403", "{result}");
+    assert_eq!(a["long_work"]["error"], "invalid_intent", "{result}");
+    assert_eq!(a["long_work"]["code"], "400", "{result}");
+
+    // The operator is a privileged identity: its emergency runs at once at the top priority.
+    let operator = server.client_as(OPERATOR_USER).await;
+    let (decision, code) = request_json(
+        &operator,
+        subjects::INTENT_SUBMIT,
+        json!({"intent_type": "critical_incident", "actor": "ops", "payload": {}}).to_string(),
+    )
+    .await;
+    assert_eq!(code, None, "{decision}");
+    assert_eq!(decision["status"], "queued");
+    assert_eq!(decision["priority"], 9);
 }

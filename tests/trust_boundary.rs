@@ -22,8 +22,8 @@ use bulwark_common::narrative::Narrator;
 use bulwark_common::{streams, subjects};
 use bulwark_tests::*;
 use futures::StreamExt;
-use tokio::io::AsyncBufReadExt;
 use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(30);

@@ -14,6 +14,8 @@ Attacks:
   snoop SECONDS                subscribes to every inbox it may and reports what it read
   prepublish TYPE SECONDS      publishes events whose Nats-Msg-Id are the storm guard's natural
                                incident ids for TYPE, for the coming SECONDS
+  claims                       submits an emergency type, a declared emergency, priority 9 and
+                               ten minutes of work
   flood-reviews COUNT BYTES    submits COUNT tier-0 intents with BYTES of payload each, to make
                                the review list larger than the server carries
 """
@@ -141,7 +143,27 @@ async def flood_reviews(nc, errors, args):
     return {"answers": answers, "errors": errors}
 
 
+async def claims(nc, errors, _args):
+    bodies = {
+        "tier4": {"intent_type": "critical_incident", "actor": "a", "payload": {}},
+        "emergency": {"intent_type": "query_knowledge", "actor": "a", "payload": {},
+                      "mission_context": {"emergency": True}},
+        "priority9": {"intent_type": "query_knowledge", "actor": "a", "payload": {}, "priority": 9},
+        "long_work": {"intent_type": "query_knowledge", "actor": "a",
+                      "payload": {"work_ms": 600000}},
+    }
+    answers = {}
+    for name, body in bodies.items():
+        reply = await nc.request("htm.intent.submit", json.dumps(body).encode(), timeout=10)
+        data = json.loads(reply.data)
+        answers[name] = {"status": data.get("status"), "priority": data.get("priority"),
+                         "error": data.get("error", {}).get("code"),
+                         "code": (reply.headers or {}).get("Nats-Service-Error-Code")}
+    return {"answers": answers, "errors": errors}
+
+
 ATTACKS = {
+    "claims": claims,
     "flood-reviews": flood_reviews,
     "forge-safeguard": forge_safeguard,
     "forge-facts": forge_facts,

@@ -549,6 +549,16 @@ pub struct GovernanceConfig {
     /// Open review items and open proposals one actor may have at once; a submission that would
     /// open one more is refused with 429 `too_many_open` (0: no cap).
     pub max_open_per_actor: usize,
+    /// NATS users (of other accounts) that may declare emergencies (tier 4 types and
+    /// `mission_context.emergency`) and use priorities above `max_unprivileged_priority`.
+    /// bulwark's own services always may. Anyone else's emergency goes to human review, and a
+    /// higher priority is refused with 403 `privilege_required`.
+    pub privileged_identities: Vec<String>,
+    /// The highest priority an unprivileged identity may ask for (0-9).
+    pub max_unprivileged_priority: u8,
+    /// The longest simulated work (`payload.work_ms`) an intent may ask for, in milliseconds; a
+    /// longer one is refused with 400 `invalid_intent` (it would hold a worker slot that long).
+    pub max_work_ms: u64,
 }
 
 impl Default for GovernanceConfig {
@@ -592,6 +602,9 @@ impl Default for GovernanceConfig {
                 .collect(),
             bound_identities: Vec::new(),
             max_open_per_actor: 20,
+            privileged_identities: vec!["operator".to_owned()],
+            max_unprivileged_priority: 5,
+            max_work_ms: 60_000,
         }
     }
 }

@@ -203,6 +203,52 @@ pub fn route(intent: &Intent, cfg: &GovernanceConfig) -> Route {
     route
 }
 
+/// Whether the sender of an intent may claim what only privileged identities may
+/// (`governance.privileged_identities`; bulwark's own services always may).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Privilege {
+    /// A service, or a listed identity.
+    Privileged,
+    /// Any other identity.
+    Unprivileged,
+}
+
+/// What an unprivileged sender asked for beyond its rights: `Err` with the reason to refuse
+/// (priority above the cap), or `Ok` after taking back an emergency it declared: the intent goes
+/// to human review instead of running at once at the emergency priority (a person decides
+/// whether it really is one). `sender` names the identity in the reasons.
+pub fn earn(
+    route: &mut Route,
+    intent: &Intent,
+    privilege: Privilege,
+    sender: &str,
+    cfg: &GovernanceConfig,
+) -> Result<(), String> {
+    if privilege == Privilege::Privileged {
+        return Ok(());
+    }
+    if intent.priority > cfg.max_unprivileged_priority {
+        return Err(format!(
+            "priority {} is above governance.max_unprivileged_priority = {} for {sender}, which is not in governance.privileged_identities",
+            intent.priority, cfg.max_unprivileged_priority
+        ));
+    }
+    let claimed = route.tier == Tier::Emergency || intent.mission_context.emergency;
+    if claimed && route.status != IntentStatus::PendingReview {
+        route.reasoning.push(format!(
+            "An emergency declared by {sender}, which is not in governance.privileged_identities: a human decides (no emergency priority, no alignment bonus until approved)"
+        ));
+        route.status = IntentStatus::PendingReview;
+        route.approved = false;
+        route.requires_human = true;
+        route.requires_vote = false;
+        route.routed_to = Tier::HumanRequired.routed_to();
+        route.review = Some(ReviewKind::Approval);
+        route.priority = intent.priority;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,6 +463,47 @@ mod tests {
             route(&intent("self_improve", resilient()), &cfg_strict).status,
             IntentStatus::PendingVote
         );
+    }
+
+    #[test]
+    fn an_unprivileged_emergency_goes_to_a_human_and_a_high_priority_is_refused() {
+        let cfg = GovernanceConfig::default();
+        let mut high = intent("query_knowledge", resilient());
+        high.priority = 9;
+        let mut route = super::route(&high, &cfg);
+        let err =
+            earn(&mut route, &high, Privilege::Unprivileged, "agent", &cfg).expect_err("refused");
+        assert!(err.contains("max_unprivileged_priority"), "{err}");
+        assert!(earn(&mut route, &high, Privilege::Privileged, "svc", &cfg).is_ok());
+
+        for (kind, ctx) in [
+            ("critical_incident", MissionContext::default()),
+            (
+                "query_knowledge",
+                MissionContext {
+                    emergency: true,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            let claim = intent(kind, ctx);
+            let mut route = super::route(&claim, &cfg);
+            earn(&mut route, &claim, Privilege::Unprivileged, "agent", &cfg).expect("reviewed");
+            assert_eq!(route.status, IntentStatus::PendingReview, "{kind}");
+            assert!(!route.approved);
+            assert_eq!(route.review, Some(ReviewKind::Approval));
+            assert_eq!(route.priority, claim.priority, "no emergency priority");
+            let mut privileged = super::route(&claim, &cfg);
+            earn(
+                &mut privileged,
+                &claim,
+                Privilege::Privileged,
+                "operator",
+                &cfg,
+            )
+            .expect("ok");
+            assert_eq!(privileged.status, IntentStatus::Queued, "{kind}");
+        }
     }
 
     #[test]

@@ -230,7 +230,10 @@ impl Governance {
         let sender = |plain| Sender::of(subject, plain);
         match op {
             Op::Submit => {
-                let result = self.submit(body, sender(subjects::INTENT_SUBMIT)).await;
+                let from = bulwark_common::identity::sender(request.message.headers.as_ref());
+                let result = self
+                    .submit(body, sender(subjects::INTENT_SUBMIT), &from)
+                    .await;
                 self.reply(request, result).await
             }
             Op::Status => self.reply(request, self.status(body).await).await,
@@ -271,15 +274,34 @@ impl Governance {
 
     // ---- submission -------------------------------------------------------------------------
 
-    async fn submit(&self, body: &[u8], sender: Sender<'_>) -> Result<Decision, ApiError> {
-        let intent = match self.parse_intent(body, sender) {
+    async fn submit(
+        &self,
+        body: &[u8],
+        sender: Sender<'_>,
+        from: &bulwark_common::identity::Sender,
+    ) -> Result<Decision, ApiError> {
+        let parsed = self
+            .parse_intent(body, sender)
+            .and_then(|intent| self.check_work(intent));
+        let intent = match parsed {
             Ok(intent) => intent,
             Err(err) => {
                 self.narrate_refusal("intent_refused", &err, body).await;
                 return Err(err);
             }
         };
-        let route = routing::route(&intent, &self.cfg);
+        let mut route = routing::route(&intent, &self.cfg);
+        let privilege = match from.user() {
+            Some(user) if !self.cfg.privileged_identities.iter().any(|p| p == user) => {
+                routing::Privilege::Unprivileged
+            }
+            _ => routing::Privilege::Privileged,
+        };
+        if let Err(reason) = routing::earn(&mut route, &intent, privilege, from.name(), &self.cfg) {
+            let err = ApiError::forbidden("privilege_required", reason);
+            self.narrate_refusal("intent_refused", &err, body).await;
+            return Err(err);
+        }
         if route.review.is_some_and(|k| k == ReviewKind::Approval) || route.requires_vote {
             let exists = kvx::read::<IntentRecord>(&self.intents, &intent.intent_id)
                 .await
@@ -336,6 +358,21 @@ impl Governance {
 
     fn parse_intent(&self, body: &[u8], sender: Sender<'_>) -> Result<Intent, ApiError> {
         decode_submission(body, &self.cfg, sender)
+    }
+
+    /// Refuses simulated work longer than `governance.max_work_ms` (it would hold a worker slot
+    /// that long).
+    fn check_work(&self, intent: Intent) -> Result<Intent, ApiError> {
+        match intent.payload.get("work_ms").and_then(Value::as_f64) {
+            Some(ms) if ms > self.cfg.max_work_ms as f64 => Err(ApiError::bad_request(
+                INVALID_INTENT,
+                format!(
+                    "payload.work_ms {ms} is above governance.max_work_ms = {}",
+                    self.cfg.max_work_ms
+                ),
+            )),
+            _ => Ok(intent),
+        }
     }
 
     /// Performs what `route` requires after the record exists: queue, review item, proposal.
