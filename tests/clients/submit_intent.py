@@ -18,7 +18,7 @@ async def main(url: str) -> None:
         "intent_type": "query_knowledge",
         "actor": "python_agent",
         "payload": {"question": "what is layer 2?"},
-        "priority": 6,
+        "priority": 5,
         "mission_context": {"learning_impact": True},
     }
     reply = await nc.request("htm.intent.submit", json.dumps(intent).encode(), timeout=10)

@@ -18,6 +18,25 @@ fn bulwark(server: Option<&NatsServer>, args: &[&str]) -> Output {
     cmd.output().expect("bulwark runs")
 }
 
+/// `bulwark` as another NATS user (the CLI's `nats.cli_user`), e.g. a reviewer or voter.
+fn bulwark_as(
+    server: Option<&NatsServer>,
+    (user, password): (&str, &str),
+    args: &[&str],
+) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_bulwark"));
+    cmd.args(args)
+        .env_remove("BULWARK_CONFIG")
+        .env("BULWARK_NATS__CLI_USER", user)
+        .env("BULWARK_NATS__CLI_PASSWORD", password)
+        .current_dir(std::env::temp_dir());
+    match server {
+        Some(s) => cmd.env("BULWARK_NATS_URL", s.url()),
+        None => cmd.env("BULWARK_NATS_URL", "nats://127.0.0.1:1"),
+    };
+    cmd.output().expect("bulwark runs")
+}
+
 fn stdout_json(out: &Output) -> Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
@@ -64,6 +83,7 @@ async fn intents_reviews_and_votes_from_the_shell() {
         table.contains("cli-2") && table.contains("approval"),
         "{table}"
     );
+    // The operator submitted cli-2: it may not review it, by any name.
     let out = bulwark(
         s,
         &[
@@ -76,7 +96,23 @@ async fn intents_reviews_and_votes_from_the_shell() {
             "fine",
         ],
     );
-    assert!(out.status.success());
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("own_intent"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A reviewer with credentials of its own may.
+    let out = bulwark_as(
+        s,
+        ("architect", "architect-dev"),
+        &["review", "approve", "cli-2", "--reason", "fine"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout_json(&out)["status"], "queued");
 
     let out = bulwark(
@@ -94,8 +130,15 @@ async fn intents_reviews_and_votes_from_the_shell() {
         ],
     );
     assert_eq!(stdout_json(&out)["mission_alignment"], 0.9);
-    bulwark(s, &["vote", "cli-3", "approve", "--voter", "guardian"]);
-    let out = bulwark(s, &["vote", "cli-3", "approve", "--voter", "steward"]);
+    // The operator submitted cli-3: it may not vote on it under any voter's name.
+    let out = bulwark(s, &["vote", "cli-3", "approve", "--voter", "guardian"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("self_vote"));
+    bulwark_as(
+        s,
+        ("guardian", "guardian-dev"),
+        &["vote", "cli-3", "approve"],
+    );
+    let out = bulwark_as(s, ("steward", "steward-dev"), &["vote", "cli-3", "approve"]);
     assert_eq!(stdout_json(&out)["state"], "approved");
     assert_eq!(
         stdout_json(&bulwark(s, &["intent", "status", "cli-3"]))["status"],

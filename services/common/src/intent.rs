@@ -375,6 +375,11 @@ pub struct IntentRecord {
     /// scheduler holding an older token may not change it (see [`crate::lease`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub leader_token: u64,
+    /// The NATS identity that submitted the intent, as the server named it (or the name of its
+    /// per-identity subject); `None` for bulwark's own services. It may not review or vote on
+    /// its own intent, by any name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_by: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -214,6 +214,16 @@ struct Governance {
     timeout: Duration,
 }
 
+/// The identity speaking: the NATS user the server named, else the per-identity subject's name;
+/// `None` for bulwark's own services.
+fn submitter(from: &bulwark_common::identity::Sender, sender: Sender<'_>) -> Option<String> {
+    match (from.user(), sender) {
+        (Some(user), _) => Some(user.to_owned()),
+        (None, Sender::Identity(name)) => Some(name.to_owned()),
+        (None, Sender::Unnamed) => None,
+    }
+}
+
 fn store_err(err: KvError) -> ApiError {
     match err {
         KvError::Unavailable(reason) => {
@@ -239,11 +249,15 @@ impl Governance {
             Op::Status => self.reply(request, self.status(body).await).await,
             Op::ReviewPending => self.reply(request, self.pending_reviews(body).await).await,
             Op::ReviewDecide => {
-                let result = self.decide(body, sender(subjects::REVIEW_DECIDE)).await;
+                let from = bulwark_common::identity::sender(request.message.headers.as_ref());
+                let result = self
+                    .decide(body, sender(subjects::REVIEW_DECIDE), &from)
+                    .await;
                 self.reply(request, result).await
             }
             Op::Vote => {
-                let result = self.vote(body, sender(subjects::VOTE)).await;
+                let from = bulwark_common::identity::sender(request.message.headers.as_ref());
+                let result = self.vote(body, sender(subjects::VOTE), &from).await;
                 self.reply(request, result).await
             }
             Op::Proposals => self.reply(request, self.open_proposals(body).await).await,
@@ -329,6 +343,7 @@ impl Governance {
             review: None,
             assignment: None,
             leader_token: 0,
+            submitted_by: submitter(from, sender),
         };
         if let Some(existing) = kvx::create_or_get(&self.intents, &intent.intent_id, &record)
             .await
@@ -513,6 +528,40 @@ impl Governance {
         .map_err(store_err)?
     }
 
+    /// Refuses a review or vote on intent `id` by the identity that submitted it, under any
+    /// name: the name given (`who`) is its actor, or the NATS identity speaking (`speaker`) is
+    /// the one that submitted it. 403 with `code`. An unknown intent passes (the caller says
+    /// so in its own words).
+    async fn not_own(
+        &self,
+        id: &str,
+        who: Option<&str>,
+        speaker: Option<&str>,
+        code: &str,
+        act: &str,
+    ) -> Result<(), ApiError> {
+        if !kv_key_ok(id) {
+            return Ok(());
+        }
+        let Some(record) = kvx::read::<IntentRecord>(&self.intents, id)
+            .await
+            .map_err(store_err)?
+            .map(|v| v.value)
+        else {
+            return Ok(());
+        };
+        let own_name = who.is_some_and(|w| w == record.intent.actor);
+        let own_identity = speaker.is_some() && speaker == record.submitted_by.as_deref();
+        if own_name || own_identity {
+            let by = if own_name { who } else { speaker }.unwrap_or_default();
+            return Err(ApiError::forbidden(
+                code,
+                format!("{by} submitted intent {id} and may not {act} it, by any name"),
+            ));
+        }
+        Ok(())
+    }
+
     // ---- human review -------------------------------------------------------------------------
 
     /// One page of the review queue, oldest first, payloads summarised.
@@ -577,7 +626,13 @@ impl Governance {
         Ok(())
     }
 
-    async fn decide(&self, body: &[u8], sender: Sender<'_>) -> Result<StatusReply, ApiError> {
+    async fn decide(
+        &self,
+        body: &[u8],
+        sender: Sender<'_>,
+        from: &bulwark_common::identity::Sender,
+    ) -> Result<StatusReply, ApiError> {
+        let speaker = submitter(from, sender);
         let parsed = ReviewDecision::parse(
             body,
             self.cfg.max_intent_bytes,
@@ -591,7 +646,17 @@ impl Governance {
                 return Err(err);
             }
         };
-        let result = self.apply_decision(&decision).await;
+        let own = self.not_own(
+            &decision.intent_id,
+            Some(&decision.reviewer),
+            speaker.as_deref(),
+            "own_intent",
+            "review",
+        );
+        let result = match own.await {
+            Ok(()) => self.apply_decision(&decision).await,
+            Err(err) => Err(err),
+        };
         if let Err(err) = &result
             && err.status < 500
         {
@@ -798,8 +863,13 @@ impl Governance {
         Ok(page::page(items, &request))
     }
 
-    async fn vote(&self, body: &[u8], sender: Sender<'_>) -> Result<Tally, ApiError> {
-        let result = self.cast(body, sender).await;
+    async fn vote(
+        &self,
+        body: &[u8],
+        sender: Sender<'_>,
+        from: &bulwark_common::identity::Sender,
+    ) -> Result<Tally, ApiError> {
+        let result = self.cast(body, sender, submitter(from, sender)).await;
         if let Err(err) = &result
             && err.status < 500
         {
@@ -808,7 +878,12 @@ impl Governance {
         result
     }
 
-    async fn cast(&self, body: &[u8], sender: Sender<'_>) -> Result<Tally, ApiError> {
+    async fn cast(
+        &self,
+        body: &[u8],
+        sender: Sender<'_>,
+        speaker: Option<String>,
+    ) -> Result<Tally, ApiError> {
         let req = VoteRequest::parse(
             body,
             self.cfg.max_intent_bytes,
@@ -816,6 +891,9 @@ impl Governance {
             &self.cfg.bound_identities,
         )?;
         let id = req.proposal_id.clone();
+        // (A voter named like the actor is refused by the proposal itself, `self_vote`.)
+        self.not_own(&id, None, speaker.as_deref(), "self_vote", "vote on")
+            .await?;
         let unknown = || async {
             match self.record(&id).await {
                 Ok(record) => ApiError::conflict(
