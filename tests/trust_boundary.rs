@@ -426,3 +426,54 @@ async fn pre_published_incident_ids_do_not_silence_a_storm() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_services_answer_on_may_publish_only_to_inboxes() {
+    init_logging();
+    let server = NatsServer::start();
+    let cfg = server.config();
+    let (tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let api = async_nats::ConnectOptions::with_user_and_password(
+        cfg.nats.api_user.clone(),
+        cfg.nats.api_password.clone(),
+    )
+    .event_callback(move |event| {
+        let tx = tx.clone();
+        async move {
+            if let async_nats::Event::ServerError(err) = event {
+                let _ = tx.send(err.to_string());
+            }
+        }
+    })
+    .connect(server.url())
+    .await
+    .expect("the serving user connects");
+    for subject in [
+        "$KV.bulwark_breaker.mesh",
+        "htm.task.queue.5",
+        "clarity.audit",
+    ] {
+        api.publish(subject, "junk".into()).await.expect("enqueued");
+        api.flush().await.expect("flushed");
+        let err = tokio::time::timeout(PATIENCE, errors.recv())
+            .await
+            .expect("the server refuses in time")
+            .expect("channel open");
+        assert!(
+            err.to_lowercase().contains("permissions violation") && err.contains(subject),
+            "{subject}: {err}"
+        );
+    }
+    // Its answers to inboxes go through.
+    let service = server.client().await;
+    let mut inbox = service.subscribe("_INBOX.probe").await.expect("subscribed");
+    service.flush().await.expect("flushed");
+    api.publish("_INBOX.probe", "answer".into())
+        .await
+        .expect("enqueued");
+    let got = tokio::time::timeout(PATIENCE, inbox.next())
+        .await
+        .expect("the answer arrives")
+        .expect("subscription open");
+    assert_eq!(&got.payload[..], b"answer");
+}

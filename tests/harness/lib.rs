@@ -266,8 +266,12 @@ impl NatsServer {
             cfg.nats.user.clear();
             cfg.nats.cli_user.clear();
             cfg.nats.worker_user.clear();
+            cfg.nats.api_user.clear();
         }
         cfg.nats.request_timeout_ms = 5_000;
+        // Tests speak for voters and reviewers by name with one client; the shipped default
+        // binds them (tests/abuse.rs runs the shipped file).
+        cfg.governance.bound_identities.clear();
         cfg.telemetry.interval_s = 1.0;
         // A replica that crashed holding a lease is replaced after 2 s, not 10.
         cfg.replicas.lease_ttl_s = 2.0;

@@ -171,7 +171,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let state = clarity.clone();
     let service = bulwark_common::micro::register(
-        &client,
+        &bulwark_common::micro::serving_client(&cfg.nats, &client, SERVICE_NAME).await,
         SERVICE_NAME,
         "bulwark clarity: hash-chained audit of 5W1H narratives, query and verify",
         move || stats_counters.snapshot(),

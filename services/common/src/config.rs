@@ -378,6 +378,13 @@ pub struct NatsConfig {
     pub token: String,
     /// Token the CLI connects with instead of `cli_user` and `cli_password`; empty for none.
     pub cli_token: String,
+    /// User the services answer requests as (a second connection per service, in the `BULWARK`
+    /// account of `nats.conf`, that may publish only to inboxes): an answer cannot be aimed at
+    /// stored state, and stored state is written on the service's own connection. Empty: answer
+    /// on the service's connection (a server without users).
+    pub api_user: String,
+    /// Password of `api_user`.
+    pub api_password: String,
     /// User bulwark's own HTM workers connect as (the `WORKERS` account of `nats.conf`): a
     /// worker identity, never the services' user.
     pub worker_user: String,
@@ -416,6 +423,8 @@ impl Default for NatsConfig {
             cli_password: "operator-dev".into(),
             token: String::new(),
             cli_token: String::new(),
+            api_user: "bulwark_api".into(),
+            api_password: "bulwark_api-dev".into(),
             worker_user: "worker".into(),
             worker_password: "worker-dev".into(),
             worker_token: String::new(),
@@ -441,6 +450,8 @@ impl std::fmt::Debug for NatsConfig {
             cli_password,
             token,
             cli_token,
+            api_user,
+            api_password,
             worker_user,
             worker_password,
             worker_token,
@@ -461,6 +472,8 @@ impl std::fmt::Debug for NatsConfig {
             .field("cli_password", &hidden(cli_password))
             .field("token", &hidden(token))
             .field("cli_token", &hidden(cli_token))
+            .field("api_user", api_user)
+            .field("api_password", &hidden(api_password))
             .field("worker_user", worker_user)
             .field("worker_password", &hidden(worker_password))
             .field("worker_token", &hidden(worker_token))
@@ -600,7 +613,7 @@ impl Default for GovernanceConfig {
                     )
                 })
                 .collect(),
-            bound_identities: Vec::new(),
+            bound_identities: vec!["architect".into(), "guardian".into(), "steward".into()],
             max_open_per_actor: 20,
             privileged_identities: vec!["operator".to_owned()],
             max_unprivileged_priority: 5,

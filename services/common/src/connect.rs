@@ -72,13 +72,16 @@ pub enum Role {
     Cli,
     /// One of bulwark's own HTM workers: worker credentials, keeps retrying like a service.
     Worker,
+    /// The connection a service answers requests on: `api_user`, which may publish only to
+    /// inboxes; keeps retrying like a service.
+    Api,
 }
 
 /// The inbox prefix of a client connecting as `user`: `_INBOX_<user>` outside bulwark's own
 /// account (`nats.conf` lets each person and worker subscribe only to its own, so nobody reads
 /// another's replies), the plain `_INBOX` for the services and for no user at all.
 pub fn inbox_prefix(role: Role, user: &str) -> String {
-    if role == Role::Service || user.is_empty() {
+    if matches!(role, Role::Service | Role::Api) || user.is_empty() {
         "_INBOX".to_owned()
     } else {
         format!("_INBOX_{user}")
@@ -183,6 +186,7 @@ pub async fn connect(
         Role::Service => (&cfg.user, &cfg.password, &cfg.token),
         Role::Cli => (&cfg.cli_user, &cfg.cli_password, &cfg.cli_token),
         Role::Worker => (&cfg.worker_user, &cfg.worker_password, &cfg.worker_token),
+        Role::Api => (&cfg.api_user, &cfg.api_password, &String::new()),
     };
     let mut options = ConnectOptions::new()
         .name(name)
@@ -221,7 +225,9 @@ pub async fn connect(
         options = options.require_tls(true);
     }
     let client = match role {
-        Role::Service | Role::Worker => options.retry_on_initial_connect().connect(addrs).await,
+        Role::Service | Role::Worker | Role::Api => {
+            options.retry_on_initial_connect().connect(addrs).await
+        }
         Role::Cli => {
             let attempt = options.max_reconnects(Some(3)).connect(addrs);
             match tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), attempt).await

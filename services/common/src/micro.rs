@@ -141,6 +141,39 @@ pub async fn serve_requests<F, Fut>(
     }
 }
 
+/// The connection service `name` answers requests on: a connection of its own as
+/// `nats.api_user`, which `nats.conf` lets publish only to inboxes, so that no request can make
+/// the service write where the requester aimed (the service's state writes use `fallback`, its
+/// own connection). Without an `api_user` (a server without users), or when that connection
+/// cannot be made, `fallback` answers (logged).
+pub async fn serving_client(
+    cfg: &crate::config::NatsConfig,
+    fallback: &Client,
+    name: &str,
+) -> Client {
+    // Refusals are narrated on the service's own connection (the serving one may not write).
+    let _ = NARRATION_CLIENT.set(fallback.clone());
+    if cfg.api_user.is_empty() || (cfg.user.is_empty() && cfg.token.is_empty()) {
+        return fallback.clone();
+    }
+    let client_name = format!("{name}-api");
+    let attempt = crate::connect::connect(cfg, &client_name, crate::connect::Role::Api);
+    match tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), attempt).await {
+        Ok(Ok((client, _))) => client,
+        Ok(Err(err)) => {
+            tracing::warn!(service = name, error = %err, "no connection as nats.api_user; answering on the service's own");
+            fallback.clone()
+        }
+        Err(_) => {
+            tracing::warn!(
+                service = name,
+                "connection as nats.api_user timed out; answering on the service's own"
+            );
+            fallback.clone()
+        }
+    }
+}
+
 /// Requests refused because their reply subject was not an inbox, in this process.
 pub static AIMED_REPLIES_REFUSED: std::sync::atomic::AtomicU64 =
     std::sync::atomic::AtomicU64::new(0);

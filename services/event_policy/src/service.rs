@@ -163,7 +163,7 @@ pub async fn run(
         [("rules", subjects::EVENT_POLICY_RULES, ())];
     let state = engine.clone();
     let service = bulwark_common::micro::register(
-        &client,
+        &bulwark_common::micro::serving_client(&cfg.nats, &client, SERVICE_NAME).await,
         SERVICE_NAME,
         "bulwark event policy engine: rules from policy files turn mesh events into events, intents and playbooks",
         snapshot.clone(),

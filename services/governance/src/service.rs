@@ -145,7 +145,7 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let state = gov.clone();
     let service = bulwark_common::micro::register(
-        &client,
+        &bulwark_common::micro::serving_client(&cfg.nats, &client, SERVICE_NAME).await,
         SERVICE_NAME,
         "bulwark intent governance: autonomy tiers, human review, unified logic votes",
         move || stats_counters.snapshot(),

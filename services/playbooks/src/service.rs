@@ -291,7 +291,7 @@ pub async fn run(
     let stats = service.clone();
     let state = service.clone();
     let registered = micro::register(
-        &client,
+        &micro::serving_client(&service.cfg.nats, &client, SERVICE_NAME).await,
         SERVICE_NAME,
         "bulwark playbooks: incidents start sandboxed Rhai remediation; run, list, check, reload",
         move || stats.counters.snapshot(),

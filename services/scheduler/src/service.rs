@@ -351,7 +351,7 @@ pub async fn run(
     let stats = scheduler.clone();
     let state = scheduler.clone();
     let service = micro::register(
-        &client,
+        &micro::serving_client(&cfg.nats, &client, SERVICE_NAME).await,
         SERVICE_NAME,
         "bulwark HTM scheduler: priority dispatch, worker watchdog, shedding, pause/resume",
         move || stats.counters.snapshot(),

@@ -304,7 +304,7 @@ pub async fn run(
     ];
     let state = sg.clone();
     let service = bulwark_common::micro::register(
-        &client,
+        &bulwark_common::micro::serving_client(&cfg.nats, &client, SERVICE_NAME).await,
         SERVICE_NAME,
         "bulwark storm guard: per-type storm detection, the mesh circuit breaker, rate limits and throttles",
         move || stats.snapshot(),

@@ -205,7 +205,7 @@ pub async fn run(
     let stats = watchdog.clone();
     let state = watchdog.clone();
     let service = micro::register(
-        &client,
+        &micro::serving_client(&cfg.nats, &client, SERVICE_NAME).await,
         SERVICE_NAME,
         "bulwark Layer 2 watchdog: telemetry, pings and readiness into alerts and watchdog.report",
         move || stats.lock().telemetry(Instant::now()),

@@ -144,7 +144,7 @@ pub async fn run_pool(
     let stats = pool.clone();
     let state = pool.clone();
     let service = micro::register(
-        &client,
+        &micro::serving_client(&pool.cfg.nats, &client, SERVICE_NAME).await,
         SERVICE_NAME,
         "bulwark HTM worker pool: keeps the workers alive; status, kill (fault injection), respawn",
         move || stats.status(),
