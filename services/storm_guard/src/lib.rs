@@ -39,6 +39,7 @@
 //! - [`service`]: the subscription, the KV record and the announcements around them.
 
 pub mod breaker;
+pub mod budget;
 pub mod service;
 pub mod storm;
 
