@@ -934,6 +934,17 @@ pub struct MeshConfig {
     /// Held events each mesh consumer may process while the breaker is half-open (the bounded
     /// probe); the rest waits for the breaker to close.
     pub half_open_probe: u64,
+    /// Events one publishing identity of another account (an agent, an operator) may publish in
+    /// `identity_window_s` before it is limited: its further events are held for it alone
+    /// (stored, delivered in order once the limit lifts) and not counted towards the breaker
+    /// (seed-like: 200; 0 turns budgets off). Must stay below `breaker_threshold`, so that one
+    /// identity is limited before it alone could open the breaker.
+    pub identity_budget: u64,
+    /// The sliding window of `identity_budget`, in seconds (seed-like: 10).
+    pub identity_window_s: f64,
+    /// Seconds an identity stays limited before the limit is reconsidered: lifted when the
+    /// identity is back within its budget, extended by another cooldown otherwise (seed-like: 30).
+    pub identity_cooldown_s: f64,
     /// Seconds between two checks of the stored breaker entry by the storm guard's leader: an
     /// unreadable or missing entry is overwritten with the leader's state at the next check (it
     /// is also repaired as soon as the leader's watch sees it).
@@ -969,6 +980,9 @@ impl Default for MeshConfig {
             cooldown_s: 60.0,
             half_open_s: 10.0,
             half_open_probe: 50,
+            identity_budget: 200,
+            identity_window_s: 10.0,
+            identity_cooldown_s: 30.0,
             breaker_check_s: 5.0,
             cascade_depth_limit: 10,
             fanout_limit: 1_000,
@@ -990,6 +1004,8 @@ impl MeshConfig {
             ("cooldown_s", self.cooldown_s),
             ("half_open_s", self.half_open_s),
             ("breaker_check_s", self.breaker_check_s),
+            ("identity_window_s", self.identity_window_s),
+            ("identity_cooldown_s", self.identity_cooldown_s),
             ("ack_wait_s", self.ack_wait_s),
             ("duplicate_window_s", self.duplicate_window_s),
         ];
@@ -1010,6 +1026,12 @@ impl MeshConfig {
             if value == 0 {
                 return Err(format!("mesh.{key} must be at least 1"));
             }
+        }
+        if self.identity_budget >= self.breaker_threshold {
+            return Err(format!(
+                "mesh.identity_budget ({}) must be below mesh.breaker_threshold ({}), so that one identity is limited before it alone can open the breaker (0 turns budgets off)",
+                self.identity_budget, self.breaker_threshold
+            ));
         }
         if self.cascade_depth_limit > crate::envelope::MAX_DEPTH {
             return Err(format!(

@@ -17,6 +17,11 @@
 //!   to the lower limit an operator or a playbook set for it (KV bucket `bulwark_mesh_limits`,
 //!   watched, [`RateLimit`]): an event over the rate is not dropped but deferred (negatively
 //!   acknowledged with the delay of its reserved slot) and processed when its slot comes;
+//! - **holds a limited identity's events** ([`IdentityLimit`], key `identity=<identity>` in the
+//!   same bucket, set by the storm guard when an identity of another account goes over its
+//!   budget): an event whose ingress subject names that identity is negatively acknowledged
+//!   with a delay until the limit is due, so it stays stored and comes again in stream order,
+//!   while other identities' and the services' events flow;
 //! - hands the event to the service's handler and acknowledges it only after the handler
 //!   succeeded (a failure is negatively acknowledged and redelivered); a redelivery of an event
 //!   it already handled (the acknowledgement was lost, e.g. with a crashed broker) is
@@ -180,6 +185,8 @@ pub struct ConsumerStats {
     pub failures: AtomicU64,
     /// Events offered under a rate limit from `bulwark_mesh_limits`.
     pub limited: AtomicU64,
+    /// Times an event was held because its publishing identity was limited (each offer once).
+    pub identity_held: AtomicU64,
     /// Redeliveries of events this consumer had already handled (their acknowledgement was
     /// lost, e.g. with a broker that crashed): acknowledged again, not handled twice.
     pub redelivered_skipped: AtomicU64,
@@ -220,6 +227,9 @@ pub struct ConsumerFigures {
     pub failures: u64,
     /// Events offered under a rate limit.
     pub limited: u64,
+    /// Times an event was held because its publishing identity was limited.
+    #[serde(default)]
+    pub identity_held: u64,
     /// Redeliveries acknowledged without handling them twice.
     pub redelivered_skipped: u64,
     /// Replays (same source and event id) acknowledged without handling them again.
@@ -259,6 +269,7 @@ impl ConsumerStats {
             holds: get(&self.holds),
             failures: get(&self.failures),
             limited: get(&self.limited),
+            identity_held: get(&self.identity_held),
             redelivered_skipped: get(&self.redelivered_skipped),
             replays_skipped: get(&self.replays_skipped),
             breaker_unreadable: get(&self.breaker_unreadable),
@@ -404,7 +415,7 @@ pub struct MeshConsumer {
     main: PullConsumer,
     critical: PullConsumer,
     breaker: watch::Receiver<BreakerView>,
-    limits: watch::Receiver<Arc<HashMap<String, RateLimit>>>,
+    limits: watch::Receiver<Arc<Limits>>,
     handled: std::sync::Mutex<Handled>,
 }
 
@@ -624,6 +635,13 @@ impl MeshConsumer {
                     nak(&msg, None).await;
                     continue;
                 }
+                if let Some(wait) = self.identity_hold(&msg.subject) {
+                    // Its identity is over its budget: held for it alone, offered again when
+                    // the limit is due (in stream order), never dropped.
+                    self.stats.identity_held.fetch_add(1, Ordering::Relaxed);
+                    nak(&msg, Some(wait)).await;
+                    continue;
+                }
                 let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
                 let key = subjects::mesh_subject(&msg.subject)
                     .map(|m| m.event_type)
@@ -633,6 +651,7 @@ impl MeshConsumer {
                 let limit = self
                     .limits
                     .borrow()
+                    .types
                     .get(&key)
                     .filter(|l| l.until_ms > crate::time::now_ms())
                     .map(|l| l.limit_per_second.min(self.cfg.storm_threshold));
@@ -650,6 +669,16 @@ impl MeshConsumer {
                 self.deliver(&msg, false, record.state, &handler).await;
             }
         }
+    }
+
+    /// How long to hold an event whose publishing identity is limited (until its limit is due,
+    /// at least a millisecond); `None` when it may go on.
+    fn identity_hold(&self, subject: &str) -> Option<Duration> {
+        let identity = subjects::mesh_subject(subject)?.identity?;
+        let now = crate::time::now_ms();
+        let limits = self.limits.borrow();
+        let limit = limits.identity(identity, now)?;
+        Some(Duration::from_millis((limit.until_ms - now).max(1) as u64))
     }
 
     /// Counts, logs and narrates an unreadable breaker entry: the consumer holds non-critical
@@ -1077,32 +1106,110 @@ fn follow_kv(
     });
 }
 
-/// Follows every limit in the bucket until `shutdown` (re-established after an error); an
-/// unreadable entry is ignored with a warning.
+/// Prefix of an identity's key in the rate-limit bucket, `identity=<identity>` (event types,
+/// dot-separated tokens of `[a-z0-9_-]`, never contain `=`).
+pub const IDENTITY_LIMIT_PREFIX: &str = "identity=";
+
+/// The key of `identity`'s limit in the rate-limit bucket; `None` when the identity has
+/// characters a KV key cannot hold.
+pub fn identity_limit_key(identity: &str) -> Option<String> {
+    let valid = !identity.is_empty()
+        && identity
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    valid.then(|| format!("{IDENTITY_LIMIT_PREFIX}{identity}"))
+}
+
+/// A publishing identity over its budget, set by the storm guard (key
+/// [`identity_limit_key`] in the rate-limit bucket): every mesh consumer holds that identity's
+/// events until `until_ms` (they stay stored and are delivered in order afterwards), while
+/// other identities' and the services' events flow. The storm guard extends it while the
+/// identity stays over its budget and deletes it when it lifts; a record whose `until_ms` has
+/// passed is not obeyed (a limit never outlives a stopped storm guard by more than its cooldown).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityLimit {
+    /// The limited identity.
+    pub identity: String,
+    /// When it began, milliseconds since the epoch.
+    pub since_ms: i64,
+    /// When it is reconsidered, milliseconds since the epoch.
+    pub until_ms: i64,
+    /// Its events in the window at the crossing event.
+    pub event_count: u64,
+    /// Its budget: events per `window_s`.
+    pub budget: u64,
+    /// The budget's window, seconds.
+    pub window_s: f64,
+    /// Who set it (the storm guard instance).
+    pub set_by: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Every limit in the rate-limit bucket: per event type and per identity.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// Per-type rate limits, by event type.
+    pub types: HashMap<String, RateLimit>,
+    /// Identity limits, by identity.
+    pub identities: HashMap<String, IdentityLimit>,
+}
+
+impl Limits {
+    /// The limit `identity` is under at `now_ms`, if any.
+    pub fn identity(&self, identity: &str, now_ms: i64) -> Option<&IdentityLimit> {
+        self.identities
+            .get(identity)
+            .filter(|l| l.until_ms > now_ms)
+    }
+
+    fn apply(&mut self, entry: &kv::Entry) {
+        let put = entry.operation == kv::Operation::Put;
+        if let Some(identity) = entry.key.strip_prefix(IDENTITY_LIMIT_PREFIX) {
+            if !put {
+                self.identities.remove(identity);
+                return;
+            }
+            match serde_json::from_slice::<IdentityLimit>(&entry.value) {
+                Ok(limit) => {
+                    self.identities.insert(identity.to_owned(), limit);
+                }
+                Err(err) => {
+                    tracing::warn!(key = %entry.key, error = %err, "identity limit entry unreadable; ignored");
+                }
+            }
+            return;
+        }
+        if !put {
+            self.types.remove(&entry.key);
+            return;
+        }
+        match serde_json::from_slice::<RateLimit>(&entry.value) {
+            Ok(limit) => {
+                self.types.insert(entry.key.clone(), limit);
+            }
+            Err(err) => {
+                tracing::warn!(key = %entry.key, error = %err, "rate limit entry unreadable; ignored");
+            }
+        }
+    }
+}
+
+/// Follows every limit in the bucket (per type and per identity) until `shutdown`
+/// (re-established after an error); an unreadable entry is ignored with a warning.
 pub fn watch_limits(
     bucket: kv::Store,
     shutdown: CancellationToken,
-) -> watch::Receiver<Arc<HashMap<String, RateLimit>>> {
-    let (tx, rx) = watch::channel(Arc::new(HashMap::new()));
+) -> watch::Receiver<Arc<Limits>> {
+    let (tx, rx) = watch::channel(Arc::new(Limits::default()));
     follow_kv(
         bucket,
         Watched::All,
         "the rate limits",
         shutdown,
         move |entry| {
-            let mut limits = HashMap::clone(&tx.borrow());
-            if entry.operation == kv::Operation::Put {
-                match serde_json::from_slice::<RateLimit>(&entry.value) {
-                    Ok(limit) => {
-                        limits.insert(entry.key.clone(), limit);
-                    }
-                    Err(err) => {
-                        tracing::warn!(key = %entry.key, error = %err, "rate limit entry unreadable; ignored");
-                    }
-                }
-            } else {
-                limits.remove(&entry.key);
-            }
+            let mut limits = Limits::clone(&tx.borrow());
+            limits.apply(&entry);
             tx.send_replace(Arc::new(limits));
         },
     );

@@ -31,7 +31,9 @@ use bulwark_common::narrative::Narrator;
 use bulwark_common::{ids, streams, subjects, telemetry, time};
 
 use crate::breaker::{Breaker, BreakerConfig, Transition};
+use crate::budget::{BudgetConfig, IdentityBudgets, LimitChange, LimitStart, Verdict};
 
+mod budgets;
 mod ops;
 use crate::storm::{StormDetector, StormEnd, StormStart};
 
@@ -103,6 +105,21 @@ pub struct Counters {
     pub breaker_repair_failures: AtomicU64,
     /// `storm_guard.breaker.open|close` requests answered 503 because the store refused.
     pub forced_not_stored: AtomicU64,
+    /// Counted events the services published themselves (`mesh.>` in bulwark's account).
+    pub service_events: AtomicU64,
+    /// Counted events published by an identity of another account (`ingress.mesh.<identity>.>`).
+    pub identity_events: AtomicU64,
+    /// Of those, events of a limited identity: held by the consumers, not counted towards the
+    /// breaker.
+    pub identity_held: AtomicU64,
+    /// Identity limits this instance set and announced.
+    pub identity_limits: AtomicU64,
+    /// Identity limits extended because the identity stayed over its budget.
+    pub identity_limit_extensions: AtomicU64,
+    /// Identity limits lifted.
+    pub identity_limits_lifted: AtomicU64,
+    /// Identity limit records the store refused (or an identity no key can name).
+    pub identity_limit_failures: AtomicU64,
 }
 
 impl Counters {
@@ -122,6 +139,13 @@ impl Counters {
             "breaker_repairs": get(&self.breaker_repairs),
             "breaker_repair_failures": get(&self.breaker_repair_failures),
             "forced_not_stored": get(&self.forced_not_stored),
+            "service_events": get(&self.service_events),
+            "identity_events": get(&self.identity_events),
+            "identity_held": get(&self.identity_held),
+            "identity_limits": get(&self.identity_limits),
+            "identity_limit_extensions": get(&self.identity_limit_extensions),
+            "identity_limits_lifted": get(&self.identity_limits_lifted),
+            "identity_limit_failures": get(&self.identity_limit_failures),
         })
     }
 }
@@ -130,6 +154,7 @@ impl Counters {
 struct Guard {
     storms: StormDetector,
     breaker: Breaker,
+    budgets: IdentityBudgets,
 }
 
 /// What the subscription loop and the ticker hand to the announcer.
@@ -137,6 +162,8 @@ enum Announcement {
     Storm(StormStart),
     StormEnded(StormEnd),
     Transition(Transition, BreakerRecord),
+    IdentityLimited(LimitStart),
+    IdentityChanged(LimitChange),
 }
 
 /// Milliseconds since the epoch from a monotonic clock (cheap enough for every event).
@@ -161,6 +188,8 @@ impl Clock {
 struct StormGuard {
     js: jetstream::Context,
     bucket: kv::Store,
+    /// The rate-limit bucket, where identity limits are stored.
+    limits: kv::Store,
     cfg: MeshConfig,
     narrator: Narrator,
     instance: String,
@@ -227,9 +256,17 @@ pub async fn run(
         std::process::id(),
         &ids::new_id()[32..]
     );
+    let limits = mesh::limits_bucket(&js).await?;
+    let mut budgets = IdentityBudgets::new(BudgetConfig {
+        budget: m.identity_budget,
+        window_ms: (m.identity_window_s * 1000.0) as i64,
+        cooldown_ms: (m.identity_cooldown_s * 1000.0) as i64,
+    });
+    budgets::restore(&limits, &mut budgets).await;
     let guard = Arc::new(Mutex::new(Guard {
         storms: StormDetector::new(m.storm_threshold, (m.storm_window_s * 1000.0) as i64),
         breaker,
+        budgets,
     }));
     let (leadership, elector) = bulwark_common::lease::spawn(
         bulwark_common::lease::bucket(&js).await?,
@@ -249,6 +286,7 @@ pub async fn run(
         narrator: Narrator::new(js.clone(), SERVICE_NAME, &instance),
         js,
         bucket: bucket.clone(),
+        limits,
         cfg: cfg.mesh.clone(),
         instance,
         counters: Arc::new(Counters::default()),
@@ -395,14 +433,29 @@ async fn ingest(
             sg.counters.malformed.fetch_add(1, Ordering::Relaxed);
         }
         let now = clock.now_ms();
-        let (storm, transition) = {
+        let (storm, verdict, transition) = {
             let mut guard = sg.lock();
             let storm = guard.storms.observe(event_type, source, now);
-            let transition = guard
-                .breaker
-                .observe(now)
-                .map(|t| (t, guard.breaker.record(&sg.instance)));
-            (storm, transition)
+            // An identity's events are measured against its budget first; only what it may
+            // publish reaches the breaker. The services' own events go to the breaker as they are.
+            let verdict = identity.map(|identity| guard.budgets.observe(identity, now));
+            let transition = match verdict {
+                Some(Verdict::Limited(_) | Verdict::Held) => None,
+                Some(Verdict::Counted) | None => guard
+                    .breaker
+                    .observe(now)
+                    .map(|t| (t, guard.breaker.record(&sg.instance))),
+            };
+            (storm, verdict, transition)
+        };
+        match verdict {
+            None => sg.counters.service_events.fetch_add(1, Ordering::Relaxed),
+            Some(Verdict::Counted) => sg.counters.identity_events.fetch_add(1, Ordering::Relaxed),
+            Some(Verdict::Held) => sg.counters.identity_held.fetch_add(1, Ordering::Relaxed),
+            Some(Verdict::Limited(start)) => {
+                let _ = tx.send(Announcement::IdentityLimited(start));
+                sg.counters.identity_held.fetch_add(1, Ordering::Relaxed)
+            }
         };
         if let Some(storm) = storm {
             let _ = tx.send(Announcement::Storm(storm));
@@ -426,7 +479,8 @@ async fn tick(
         .cfg
         .cooldown_s
         .min(sg.cfg.half_open_s)
-        .min(sg.cfg.storm_window_s);
+        .min(sg.cfg.storm_window_s)
+        .min(sg.cfg.identity_cooldown_s);
     let period = Duration::from_secs_f64((shortest / 10.0).clamp(0.01, 0.1));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -437,17 +491,21 @@ async fn tick(
             _ = ticker.tick() => {}
         }
         let now = clock.now_ms();
-        let (ended, transition) = {
+        let (ended, changes, transition) = {
             let mut guard = sg.lock();
             let ended = guard.storms.sweep(now);
+            let changes = guard.budgets.sweep(now);
             let transition = guard
                 .breaker
                 .tick(now)
                 .map(|t| (t, guard.breaker.record(&sg.instance)));
-            (ended, transition)
+            (ended, changes, transition)
         };
         for end in ended {
             let _ = tx.send(Announcement::StormEnded(end));
+        }
+        for change in changes {
+            let _ = tx.send(Announcement::IdentityChanged(change));
         }
         if let Some((t, record)) = transition {
             let _ = tx.send(Announcement::Transition(t, record));
@@ -515,6 +573,15 @@ async fn announce(sg: Arc<StormGuard>, mut rx: mpsc::UnboundedReceiver<Announcem
             Announcement::Transition(t, record) => {
                 sg.announce_transition(t, record, None).await;
             }
+            Announcement::IdentityLimited(_) | Announcement::IdentityChanged(_)
+                if !sg.leadership.is_leader() =>
+            {
+                tracing::debug!(
+                    "identity limit seen by a standby: the leader stores and announces it"
+                );
+            }
+            Announcement::IdentityLimited(start) => sg.announce_identity_limit(start).await,
+            Announcement::IdentityChanged(change) => sg.announce_identity_change(change).await,
         }
     }
 }
@@ -538,6 +605,7 @@ impl StormGuard {
                 .as_str()
         );
         figures["active_storms"] = json!(guard.storms.active().len());
+        figures["limited_identities"] = json!(guard.budgets.active().len());
         figures["health_status"] = json!(match guard.breaker.state() {
             BreakerState::Closed => "healthy",
             BreakerState::HalfOpen => "degraded",
@@ -562,6 +630,12 @@ impl StormGuard {
             },
             "storms": guard.storms.active(),
             "storm_threshold": self.cfg.storm_threshold,
+            "identities": {
+                "budget": self.cfg.identity_budget,
+                "window_s": self.cfg.identity_window_s,
+                "cooldown_s": self.cfg.identity_cooldown_s,
+                "limited": guard.budgets.active(),
+            },
             "counters": self.counters.snapshot(),
         })
     }
