@@ -966,6 +966,8 @@ async fn slots_of(target: &Target, s: &Scenario) -> Option<u64> {
 /// (`slots × 1000 / work_ms` tasks per second at best): offered and accepted, as ratios.
 fn load_vs_capacity(method: &[Injection], reports: &[InjectionReport], slots: u64) -> Vec<String> {
     let mut lines = Vec::new();
+    // Slots the answered intents keep busy: rate x work time, summed over the injections.
+    let mut busy_slots = 0.0;
     for (index, injection) in method.iter().enumerate() {
         let (offered, work_ms) = match injection {
             Injection::SubmitIntents {
@@ -974,7 +976,11 @@ fn load_vs_capacity(method: &[Injection], reports: &[InjectionReport], slots: u6
                 count: None,
                 ..
             } => (format!("{}", r.0), *work_ms),
-            Injection::SubmitIntents { work_ms, .. } => ("closed loop".to_owned(), *work_ms),
+            Injection::SubmitIntents {
+                work_ms,
+                concurrency,
+                ..
+            } => (format!("closed loop of {}", concurrency.0), *work_ms),
             Injection::ReviewIntents {
                 rate_per_s,
                 work_ms,
@@ -993,7 +999,14 @@ fn load_vs_capacity(method: &[Injection], reports: &[InjectionReport], slots: u6
         }
         let capacity = slots as f64 * 1000.0 / work_ms as f64;
         let label = injection.label(index);
-        let ratio = |x: f64| format!("{:.1}x", x / capacity);
+        let ratio = |x: f64| {
+            let r = x / capacity;
+            if r < 0.1 {
+                format!("{r:.2}x")
+            } else {
+                format!("{r:.1}x")
+            }
+        };
         let offered_ratio = offered
             .split(" -> ")
             .filter_map(|r| r.parse::<f64>().ok())
@@ -1009,15 +1022,24 @@ fn load_vs_capacity(method: &[Injection], reports: &[InjectionReport], slots: u6
             .as_f64()
             .or(figures["achieved_rate_per_s"].as_f64());
         lines.push(format!(
-            "load vs capacity, {label}: {slots} task slots at {work_ms} ms a task run at most {capacity:.1} tasks/s; offered {offered} per s{}{}",
+            "load vs capacity, {label}: {slots} task slots at {work_ms} ms a task run at most {capacity:.1} tasks/s; offered {offered}{}{}",
             if offered_ratio.is_empty() {
-                String::new()
+                " submitters".to_owned()
             } else {
-                format!(" ({offered_ratio} capacity)")
+                format!(" per s ({offered_ratio} capacity)")
             },
             achieved
                 .map(|a| format!(", answered {a:.1} per s ({} capacity)", ratio(a)))
                 .unwrap_or_default()
+        ));
+        if let Some(a) = achieved {
+            busy_slots += a * work_ms as f64 / 1000.0;
+        }
+    }
+    if lines.len() > 1 {
+        lines.push(format!(
+            "load vs capacity, together: the answered intents ask {busy_slots:.1} of the {slots} slots ({:.2}x capacity)",
+            busy_slots / slots as f64
         ));
     }
     lines
