@@ -1683,3 +1683,78 @@ fn round1(x: f64) -> f64 {
 pub fn to_json(results: &[ScenarioResult]) -> Value {
     json!(results)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::{Measure, Stress};
+
+    fn sample(t_s: f64, queue: Option<u64>, intents: f64) -> Sample {
+        Sample {
+            t_s,
+            events_per_s: 0.0,
+            intents_per_s: intents,
+            queue_depth: queue,
+            in_flight: None,
+            healthy_workers: None,
+            breaker: None,
+            processed_per_s: 0.0,
+        }
+    }
+
+    fn stress(at_least: f64) -> Stress {
+        Stress {
+            name: "deep".into(),
+            measure: Measure::QueueDepth,
+            at_least,
+            safeguards: vec!["guard".into()],
+        }
+    }
+
+    #[test]
+    fn a_stress_is_measured_from_the_method_start_with_its_numbers() {
+        // Before the method start (t < 0) does not count; the peak and the first crossing do.
+        let timeline = [
+            sample(-1.0, Some(5000), 0.0),
+            sample(0.5, Some(10), 300.0),
+            sample(1.5, Some(450), 420.0),
+            sample(2.5, None, 0.0),
+            sample(3.5, Some(900), 500.0),
+        ];
+        let r = StressResult::measure(&stress(400.0), &timeline);
+        assert!(r.reached);
+        assert_eq!(
+            (r.peak, r.peak_at_s, r.reached_at_s, r.intents_per_s_then),
+            (Some(900.0), Some(3.5), Some(1.5), Some(420.0))
+        );
+        assert!(r.describe().contains("reached"), "{}", r.describe());
+        let r = StressResult::measure(&stress(1000.0), &timeline);
+        assert!(!r.reached);
+        let words = r.describe();
+        assert!(
+            words.contains("NOT reached") && words.contains("peak queue_depth 900 at 3.5 s"),
+            "{words}"
+        );
+    }
+
+    #[test]
+    fn a_count_from_an_injection_follows_its_acts() {
+        let e: Expectation = toml::from_str(
+            "safeguard = \"respawn\"\nsubject = \"x\"\nmin_count = 3\nmin_count_from = \"dropout\"\n",
+        )
+        .expect("expectation");
+        let acts = HashMap::from([("dropout".to_owned(), 2u64)]);
+        let (counted, note) = counted_from_injection(&e, &acts);
+        assert_eq!(counted.min_count, 2, "two workers killed, two respawns");
+        assert!(note.contains("dropout did 2 act(s)"), "{note}");
+        let none = HashMap::from([("dropout".to_owned(), 0u64)]);
+        assert_eq!(
+            counted_from_injection(&e, &none).0.min_count,
+            1,
+            "never 0 (that would mean: must stay silent)"
+        );
+        let (kept, note) = counted_from_injection(&e, &HashMap::new());
+        assert_eq!(kept.min_count, 3);
+        assert!(note.contains("reported no acts"), "{note}");
+    }
+}

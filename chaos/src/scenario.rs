@@ -1743,6 +1743,43 @@ time_scale = 0.5
     }
 
     #[test]
+    fn stresses_and_counts_from_injections_are_checked_and_scaled() {
+        let stress = "[[stress]]\nname = \"deep\"\nmeasure = \"queue_depth\"\nat_least = 1000.0\nsafeguards = [\"breaker\"]\n\n[verify]";
+        let text = GOOD.replace("[verify]", stress) + "[quick.stress.\"deep\"]\nat_least = 400.0\n";
+        let s = parse(&text).expect("loads");
+        assert_eq!(s.stresses[0].measure, Measure::QueueDepth);
+        assert_eq!(s.stresses[0].at_least, 1000.0);
+        assert_eq!(s.quick().stresses[0].at_least, 400.0, "--quick replaces it");
+        let e = parse(&text.replace("safeguards = [\"breaker\"]", "safeguards = [\"brake\"]"))
+            .expect_err("no");
+        assert!(e.reason.contains("unknown safeguard \"brake\""), "{e}");
+        let e = parse(&text.replace("[quick.stress.\"deep\"]", "[quick.stress.\"shallow\"]"))
+            .expect_err("no");
+        assert!(e.reason.contains("unknown stress \"shallow\""), "{e}");
+        let e = parse(&text.replace("measure = \"queue_depth\"", "measure = \"speed\""))
+            .expect_err("no");
+        assert!(e.reason.contains("speed"), "{e}");
+        // min_count_from must name an injection that counts what it did.
+        let counted = GOOD.replace(
+            "after = \"flood\"",
+            "after = \"flood\"\nmin_count_from = \"flood\"",
+        );
+        let e = parse(&counted).expect_err("publish_events counts no acts");
+        assert!(
+            e.reason.contains("min_count_from names no kill_workers"),
+            "{e}"
+        );
+        let killing = counted.replace(
+            "[[expect]]",
+            "[[inject]]\nkind = \"kill_workers\"\nname = \"dropout\"\nfraction = 0.5\nover_s = 1.0\n\n[[expect]]",
+        );
+        let s =
+            parse(&killing.replace("min_count_from = \"flood\"", "min_count_from = \"dropout\""))
+                .expect("kill_workers counts its kills");
+        assert_eq!(s.expectations[0].min_count_from.as_deref(), Some("dropout"));
+    }
+
+    #[test]
     fn fit_injections_are_checked_and_scaled() {
         let outage = GOOD.replace(
             "[[expect]]",
