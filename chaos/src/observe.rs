@@ -86,10 +86,18 @@ impl Watch {
                 Some(name) => target.js.get_stream(name).await.ok(),
                 None => None,
             };
-            match opened {
-                Some(mut stream) => {
-                    let next = stream.info().await?.state.last_sequence + 1;
-                    tokio::spawn(read_stored(stream, next, record, stop.clone()));
+            // The first reader is made here, so a stream this connection may not read (a
+            // running bulwark with other permissions) falls back to a subscription.
+            let mut first = None;
+            if let Some(mut stream) = opened {
+                let next = stream.info().await?.state.last_sequence + 1;
+                if let Ok(reader) = ordered_reader(&stream, &e.subject, next).await {
+                    first = Some((stream, next, reader));
+                }
+            }
+            match first {
+                Some((stream, next, reader)) => {
+                    tokio::spawn(read_stored(stream, (next, reader), record, stop.clone()));
                 }
                 None => {
                     let sub = target.client.subscribe(e.subject.clone()).await?;
@@ -161,26 +169,41 @@ async fn read_live(mut sub: async_nats::Subscriber, record: Recorder, stop: Canc
     }
 }
 
-/// Reads the expectation's subject from `stream`, from sequence `next` on, until `stop`;
-/// a consumer lost to an outage is made again from the next unread sequence.
+type OrderedReader = jetstream::consumer::Consumer<consumer::pull::OrderedConfig>;
+
+/// An ordered consumer of `subject` on `stream` from sequence `next` on.
+async fn ordered_reader(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    next: u64,
+) -> anyhow::Result<OrderedReader> {
+    Ok(stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject.to_owned(),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: next,
+            },
+            ..Default::default()
+        })
+        .await?)
+}
+
+/// Reads the expectation's subject from `stream` with `first` (from its sequence on) until
+/// `stop`; a reader lost to an outage is made again from the next unread sequence.
 async fn read_stored(
     stream: jetstream::stream::Stream,
-    mut next: u64,
+    first: (u64, OrderedReader),
     record: Recorder,
     stop: CancellationToken,
 ) {
-    let filter = record.expectation.subject.clone();
+    let (mut next, reader) = first;
+    let mut reader = Some(reader);
     while !stop.is_cancelled() {
-        let consumer = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: filter.clone(),
-                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: next,
-                },
-                ..Default::default()
-            })
-            .await;
-        let messages = match consumer {
+        let current = match reader.take() {
+            Some(r) => Ok(r),
+            None => ordered_reader(&stream, &record.expectation.subject, next).await,
+        };
+        let messages = match current {
             Ok(c) => c.messages().await.ok(),
             Err(_) => None,
         };
