@@ -140,6 +140,9 @@ pub struct InjectionReport {
     pub figures: Value,
     /// Achieved share of the asked load (rates and counts), when it has one.
     pub load_share: Option<f64>,
+    /// What it actually did, counted (workers killed, outages made, restarts), for the
+    /// expectations whose `min_count_from` names it.
+    pub acts: Option<u64>,
     /// Why the run cannot judge the system (the injection was impossible here).
     pub inconclusive: Option<String>,
 }
@@ -434,6 +437,7 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
     };
     match outcome {
         Ok((figures, share)) => {
+            report.acts = acts_of(&injection, &figures);
             report.figures = figures;
             report.load_share = share;
         }
@@ -441,6 +445,18 @@ pub async fn run(ctx: Ctx, index: usize, injection: Injection) -> InjectionRepor
     }
     report.ended_s = ctx.now_s();
     report
+}
+
+/// How many acts an injection that succeeded made: workers killed (`kill_workers`), outages
+/// made (`random_outage`), one restart (`restart_service`, `restart_nats`).
+fn acts_of(injection: &Injection, figures: &Value) -> Option<u64> {
+    let listed = |key: &str| figures[key].as_array().map(|a| a.len() as u64);
+    match injection {
+        Injection::KillWorkers { .. } => listed("killed"),
+        Injection::RandomOutage { .. } => listed("outages"),
+        Injection::RestartService { .. } | Injection::RestartNats { .. } => Some(1),
+        _ => None,
+    }
 }
 
 /// Why an injection could not be made.

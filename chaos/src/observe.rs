@@ -58,7 +58,12 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// Subscribes to every expectation's subject; firings are timed from `t0`.
+    /// Watches every expectation's subject; firings are timed from `t0`. A subject kept in a
+    /// stream (`clarity.narrative.>` in `BULWARK_NARRATIVES`, `mesh.>` in `BULWARK_MESH`) is
+    /// read from the stream, from its next message on, with an ordered consumer that resumes
+    /// after a nats-server outage: no announcement made while the runner's connection was down
+    /// is missed, a narrative retried by its narrator counts once, and each firing is timed by
+    /// the stream's own timestamp. Other subjects are subscribed to.
     pub async fn start(
         target: &Target,
         expectations: &[Expectation],
@@ -66,39 +71,164 @@ impl Watch {
         stop: &CancellationToken,
     ) -> anyhow::Result<Watch> {
         let firings = Arc::new(Mutex::new(vec![Vec::new(); expectations.len()]));
+        // The wall-clock time of t0, to time stored messages by their stream timestamp.
+        let t0_ms = time::now_ms() + (signed_since(t0) * -1000.0) as i64;
         for (i, e) in expectations.iter().enumerate() {
-            let mut sub = target.client.subscribe(e.subject.clone()).await?;
-            let firings = firings.clone();
-            let e = e.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                loop {
-                    let msg = tokio::select! {
-                        _ = stop.cancelled() => break,
-                        msg = sub.next() => match msg { Some(m) => m, None => break },
-                    };
-                    let Ok(body) = serde_json::from_slice::<Value>(&msg.payload) else {
-                        continue;
-                    };
-                    if !matches(&body, &e.matching) {
-                        continue;
-                    }
-                    let value = e
-                        .value
-                        .as_deref()
-                        .and_then(|p| field(&body, p))
-                        .and_then(Value::as_f64);
-                    let t_s = signed_since(t0);
-                    firings.lock().await[i].push(Firing {
-                        t_s,
-                        value,
-                        subject: msg.subject.to_string(),
-                    });
+            let record = Recorder {
+                firings: firings.clone(),
+                index: i,
+                expectation: e.clone(),
+                t0,
+                t0_ms,
+            };
+            let stream = stream_of(&e.subject);
+            let opened = match stream {
+                Some(name) => target.js.get_stream(name).await.ok(),
+                None => None,
+            };
+            // The first reader is made here, so a stream this connection may not read (a
+            // running bulwark with other permissions) falls back to a subscription.
+            let mut first = None;
+            if let Some(mut stream) = opened {
+                let next = stream.info().await?.state.last_sequence + 1;
+                if let Ok(reader) = ordered_reader(&stream, &e.subject, next).await {
+                    first = Some((stream, next, reader));
                 }
-            });
+            }
+            match first {
+                Some((stream, next, reader)) => {
+                    tokio::spawn(read_stored(stream, (next, reader), record, stop.clone()));
+                }
+                None => {
+                    let sub = target.client.subscribe(e.subject.clone()).await?;
+                    tokio::spawn(read_live(sub, record, stop.clone()));
+                }
+            }
         }
         target.client.flush().await?;
         Ok(Watch { firings })
+    }
+}
+
+/// The stream keeping `subject`, when it is one of bulwark's announcement streams.
+fn stream_of(subject: &str) -> Option<&'static str> {
+    if subject.starts_with("clarity.narrative.") {
+        Some(streams::NARRATIVES_STREAM)
+    } else if subject.starts_with("mesh.") {
+        Some(streams::MESH_STREAM)
+    } else {
+        None
+    }
+}
+
+/// Records the matching announcements of one expectation.
+struct Recorder {
+    firings: Arc<Mutex<Vec<Vec<Firing>>>>,
+    index: usize,
+    expectation: Expectation,
+    t0: tokio::time::Instant,
+    t0_ms: i64,
+}
+
+impl Recorder {
+    /// Records `payload` (on `subject`) when it matches; `stored_ms` is the stream's timestamp.
+    async fn record(&self, subject: &str, payload: &[u8], stored_ms: Option<i64>) {
+        let Ok(body) = serde_json::from_slice::<Value>(payload) else {
+            return;
+        };
+        if !matches(&body, &self.expectation.matching) {
+            return;
+        }
+        let value = self
+            .expectation
+            .value
+            .as_deref()
+            .and_then(|p| field(&body, p))
+            .and_then(Value::as_f64);
+        let t_s = match stored_ms {
+            Some(ms) => (ms - self.t0_ms) as f64 / 1000.0,
+            None => signed_since(self.t0),
+        };
+        self.firings.lock().await[self.index].push(Firing {
+            t_s,
+            value,
+            subject: subject.to_owned(),
+        });
+    }
+}
+
+async fn read_live(mut sub: async_nats::Subscriber, record: Recorder, stop: CancellationToken) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            msg = sub.next() => match msg { Some(m) => m, None => break },
+        };
+        record
+            .record(msg.subject.as_str(), &msg.payload, None)
+            .await;
+    }
+}
+
+type OrderedReader = jetstream::consumer::Consumer<consumer::pull::OrderedConfig>;
+
+/// An ordered consumer of `subject` on `stream` from sequence `next` on.
+async fn ordered_reader(
+    stream: &jetstream::stream::Stream,
+    subject: &str,
+    next: u64,
+) -> anyhow::Result<OrderedReader> {
+    Ok(stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: subject.to_owned(),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: next,
+            },
+            ..Default::default()
+        })
+        .await?)
+}
+
+/// Reads the expectation's subject from `stream` with `first` (from its sequence on) until
+/// `stop`; a reader lost to an outage is made again from the next unread sequence.
+async fn read_stored(
+    stream: jetstream::stream::Stream,
+    first: (u64, OrderedReader),
+    record: Recorder,
+    stop: CancellationToken,
+) {
+    let (mut next, reader) = first;
+    let mut reader = Some(reader);
+    while !stop.is_cancelled() {
+        let current = match reader.take() {
+            Some(r) => Ok(r),
+            None => ordered_reader(&stream, &record.expectation.subject, next).await,
+        };
+        let messages = match current {
+            Ok(c) => c.messages().await.ok(),
+            Err(_) => None,
+        };
+        if let Some(mut messages) = messages {
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = messages.next() => match m { Some(Ok(m)) => m, _ => break },
+                };
+                let stored_ms = match msg.info() {
+                    Ok(info) => {
+                        next = info.stream_sequence + 1;
+                        Some((info.published.unix_timestamp_nanos() / 1_000_000) as i64)
+                    }
+                    Err(_) => None,
+                };
+                record
+                    .record(msg.subject.as_str(), &msg.payload, stored_ms)
+                    .await;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
     }
 }
 

@@ -147,6 +147,8 @@ pub struct PhaseResult {
     pub recovery_limit_s: f64,
     /// Cascades: events per depth, per cascade.
     pub cascade_levels: BTreeMap<String, BTreeMap<u64, u64>>,
+    /// The stresses the method had to reach (scenario phase), and whether it did.
+    pub stresses: Vec<StressResult>,
     /// Every second of the run.
     pub timeline: Vec<Sample>,
     /// The run id marking its events and intents.
@@ -330,6 +332,7 @@ fn empty_phase(phase: Phase, s: &Scenario, verdict: Verdict, reason: String) -> 
         recovery_s: None,
         recovery_limit_s: s.recovery_limit_s.0,
         cascade_levels: BTreeMap::new(),
+        stresses: Vec::new(),
         timeline: Vec::new(),
         run_id: String::new(),
         duration_s: 0.0,
@@ -640,11 +643,48 @@ async fn execute(
         .iter()
         .map(|r| (r.label.clone(), r.started_s))
         .collect();
+    if phase == Phase::Scenario {
+        out.stresses = s
+            .stresses
+            .iter()
+            .map(|st| StressResult::measure(st, &out.timeline))
+            .collect();
+        out.evidence
+            .extend(out.stresses.iter().map(StressResult::describe));
+        if let Some(slots) = slots_of(&target, s).await {
+            out.evidence
+                .extend(load_vs_capacity(method, &out.injections, slots));
+        }
+    }
+    let acts: HashMap<String, u64> = out
+        .injections
+        .iter()
+        .filter_map(|r| r.acts.map(|n| (r.label.clone(), n)))
+        .collect();
     for (i, e) in s.expectations.iter().enumerate() {
-        let result = judge(e, &firings[i], phase, &s.control.absent, &starts);
+        let (e, note) = counted_from_injection(e, &acts);
+        let mut result = judge(&e, &firings[i], phase, &s.control.absent, &starts);
+        result.detail.push_str(&note);
         if !result.ok {
-            out.verdict = out.verdict.max(Verdict::Fail);
-            out.reasons.push(result.detail.clone());
+            let unreached = out
+                .stresses
+                .iter()
+                .find(|st| !st.reached && st.safeguards.contains(&e.safeguard));
+            match unreached {
+                Some(st) => {
+                    out.verdict = out.verdict.max(Verdict::Inconclusive);
+                    out.reasons.push(format!(
+                        "INCONCLUSIVE, a defect of the test design (the method did not reach its stress): {}; so {:?} cannot be judged: {}",
+                        st.describe(),
+                        e.safeguard,
+                        result.detail
+                    ));
+                }
+                None => {
+                    out.verdict = out.verdict.max(Verdict::Fail);
+                    out.reasons.push(result.detail.clone());
+                }
+            }
         }
         out.evidence.push(result.detail.clone());
         out.safeguards.push(result);
@@ -814,6 +854,195 @@ async fn execute(
         }
     }
     out
+}
+
+/// What a stress of the scenario reached during the method.
+#[derive(Debug, Clone, Serialize)]
+pub struct StressResult {
+    /// Its name.
+    pub name: String,
+    /// What was measured.
+    pub measure: String,
+    /// The figure it had to reach.
+    pub at_least: f64,
+    /// The peak seen during the method (none when nothing could be measured).
+    pub peak: Option<f64>,
+    /// Seconds after the method start of the peak.
+    pub peak_at_s: Option<f64>,
+    /// Seconds after the method start it first reached `at_least`.
+    pub reached_at_s: Option<f64>,
+    /// Intent submissions answered per second at that moment (the offered load that got it
+    /// there).
+    pub intents_per_s_then: Option<f64>,
+    /// Whether it was reached.
+    pub reached: bool,
+    /// The safeguards it gates.
+    pub safeguards: Vec<String>,
+}
+
+impl StressResult {
+    /// Measures `st` on the timeline (the samples from the method start on).
+    fn measure(st: &crate::scenario::Stress, timeline: &[Sample]) -> StressResult {
+        let value = |x: &Sample| match st.measure {
+            crate::scenario::Measure::QueueDepth => x.queue_depth.map(|q| q as f64),
+        };
+        let during: Vec<(&Sample, f64)> = timeline
+            .iter()
+            .filter(|x| x.t_s >= 0.0)
+            .filter_map(|x| value(x).map(|v| (x, v)))
+            .collect();
+        let peak = during.iter().max_by(|a, b| a.1.total_cmp(&b.1));
+        let first = during.iter().find(|(_, v)| *v >= st.at_least);
+        StressResult {
+            name: st.name.clone(),
+            measure: st.measure.name().to_owned(),
+            at_least: st.at_least,
+            peak: peak.map(|(_, v)| *v),
+            peak_at_s: peak.map(|(x, _)| x.t_s),
+            reached_at_s: first.map(|(x, _)| x.t_s),
+            intents_per_s_then: first.map(|(x, _)| x.intents_per_s),
+            reached: first.is_some(),
+            safeguards: st.safeguards.clone(),
+        }
+    }
+
+    /// In words, with the numbers.
+    fn describe(&self) -> String {
+        let peak = match (self.peak, self.peak_at_s) {
+            (Some(p), Some(t)) => format!("peak {} {p} at {t:.1} s", self.measure),
+            _ => format!("{} never measured", self.measure),
+        };
+        match self.reached_at_s {
+            Some(t) => format!(
+                "stress {:?} reached: {} at least {} from {t:.1} s ({} intents/s answered then); {peak}",
+                self.name,
+                self.measure,
+                self.at_least,
+                self.intents_per_s_then.unwrap_or(0.0)
+            ),
+            None => format!(
+                "stress {:?} NOT reached: {peak}, at least {} needed",
+                self.name, self.at_least
+            ),
+        }
+    }
+}
+
+/// `e` with its `min_count` taken from the acts of the injection its `min_count_from` names
+/// (at least one), and the note saying so for the evidence.
+fn counted_from_injection(e: &Expectation, acts: &HashMap<String, u64>) -> (Expectation, String) {
+    let mut e = e.clone();
+    let Some(from) = e.min_count_from.clone() else {
+        return (e, String::new());
+    };
+    match acts.get(&from) {
+        Some(&n) => {
+            e.min_count = n.max(1);
+            let note = format!(
+                " [{from} did {n} act(s): at least {} firing(s) expected]",
+                e.min_count
+            );
+            (e, note)
+        }
+        None => {
+            let note = format!(" [{from} reported no acts: min_count {} kept]", e.min_count);
+            (e, note)
+        }
+    }
+}
+
+/// Task slots of the system under test: the stack's workers times `worker.capacity`, or the
+/// running pool's size times it.
+async fn slots_of(target: &Target, s: &Scenario) -> Option<u64> {
+    let per_worker = u64::from(target.cfg.worker.capacity);
+    if target.stack.is_some() {
+        return Some(s.stack.workers as u64 * per_worker);
+    }
+    let pool = target.pool().await?;
+    pool["desired"].as_u64().map(|w| w * per_worker)
+}
+
+/// The load of each intent injection with a fixed work time against what the slots can run
+/// (`slots × 1000 / work_ms` tasks per second at best): offered and accepted, as ratios.
+fn load_vs_capacity(method: &[Injection], reports: &[InjectionReport], slots: u64) -> Vec<String> {
+    let mut lines = Vec::new();
+    // Slots the answered intents keep busy: rate x work time, summed over the injections.
+    let mut busy_slots = 0.0;
+    for (index, injection) in method.iter().enumerate() {
+        let (offered, work_ms) = match injection {
+            Injection::SubmitIntents {
+                rate_per_s: Some(r),
+                work_ms,
+                count: None,
+                ..
+            } => (format!("{}", r.0), *work_ms),
+            Injection::SubmitIntents {
+                work_ms,
+                concurrency,
+                ..
+            } => (format!("closed loop of {}", concurrency.0), *work_ms),
+            Injection::ReviewIntents {
+                rate_per_s,
+                work_ms,
+                ..
+            } => (format!("{}", rate_per_s.0), *work_ms),
+            Injection::RampIntents {
+                from_per_s,
+                to_per_s,
+                work_ms,
+                ..
+            } => (format!("{} -> {}", from_per_s.0, to_per_s.0), *work_ms),
+            _ => continue,
+        };
+        if work_ms == 0 {
+            continue;
+        }
+        let capacity = slots as f64 * 1000.0 / work_ms as f64;
+        let label = injection.label(index);
+        let ratio = |x: f64| {
+            let r = x / capacity;
+            if r < 0.1 {
+                format!("{r:.2}x")
+            } else {
+                format!("{r:.1}x")
+            }
+        };
+        let offered_ratio = offered
+            .split(" -> ")
+            .filter_map(|r| r.parse::<f64>().ok())
+            .map(ratio)
+            .collect::<Vec<_>>()
+            .join(" -> ");
+        let figures = reports
+            .iter()
+            .find(|r| r.label == label)
+            .map(|r| r.figures.clone())
+            .unwrap_or_default();
+        let achieved = figures["accepted_per_s"]
+            .as_f64()
+            .or(figures["achieved_rate_per_s"].as_f64());
+        lines.push(format!(
+            "load vs capacity, {label}: {slots} task slots at {work_ms} ms a task run at most {capacity:.1} tasks/s; offered {offered}{}{}",
+            if offered_ratio.is_empty() {
+                " submitters".to_owned()
+            } else {
+                format!(" per s ({offered_ratio} capacity)")
+            },
+            achieved
+                .map(|a| format!(", answered {a:.1} per s ({} capacity)", ratio(a)))
+                .unwrap_or_default()
+        ));
+        if let Some(a) = achieved {
+            busy_slots += a * work_ms as f64 / 1000.0;
+        }
+    }
+    if lines.len() > 1 {
+        lines.push(format!(
+            "load vs capacity, together: the answered intents ask {busy_slots:.1} of the {slots} slots ({:.2}x capacity)",
+            busy_slots / slots as f64
+        ));
+    }
+    lines
 }
 
 /// Judges one expectation against its firings.
@@ -1453,4 +1682,79 @@ fn round1(x: f64) -> f64 {
 /// The JSON of a result, for the journal.
 pub fn to_json(results: &[ScenarioResult]) -> Value {
     json!(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::{Measure, Stress};
+
+    fn sample(t_s: f64, queue: Option<u64>, intents: f64) -> Sample {
+        Sample {
+            t_s,
+            events_per_s: 0.0,
+            intents_per_s: intents,
+            queue_depth: queue,
+            in_flight: None,
+            healthy_workers: None,
+            breaker: None,
+            processed_per_s: 0.0,
+        }
+    }
+
+    fn stress(at_least: f64) -> Stress {
+        Stress {
+            name: "deep".into(),
+            measure: Measure::QueueDepth,
+            at_least,
+            safeguards: vec!["guard".into()],
+        }
+    }
+
+    #[test]
+    fn a_stress_is_measured_from_the_method_start_with_its_numbers() {
+        // Before the method start (t < 0) does not count; the peak and the first crossing do.
+        let timeline = [
+            sample(-1.0, Some(5000), 0.0),
+            sample(0.5, Some(10), 300.0),
+            sample(1.5, Some(450), 420.0),
+            sample(2.5, None, 0.0),
+            sample(3.5, Some(900), 500.0),
+        ];
+        let r = StressResult::measure(&stress(400.0), &timeline);
+        assert!(r.reached);
+        assert_eq!(
+            (r.peak, r.peak_at_s, r.reached_at_s, r.intents_per_s_then),
+            (Some(900.0), Some(3.5), Some(1.5), Some(420.0))
+        );
+        assert!(r.describe().contains("reached"), "{}", r.describe());
+        let r = StressResult::measure(&stress(1000.0), &timeline);
+        assert!(!r.reached);
+        let words = r.describe();
+        assert!(
+            words.contains("NOT reached") && words.contains("peak queue_depth 900 at 3.5 s"),
+            "{words}"
+        );
+    }
+
+    #[test]
+    fn a_count_from_an_injection_follows_its_acts() {
+        let e: Expectation = toml::from_str(
+            "safeguard = \"respawn\"\nsubject = \"x\"\nmin_count = 3\nmin_count_from = \"dropout\"\n",
+        )
+        .expect("expectation");
+        let acts = HashMap::from([("dropout".to_owned(), 2u64)]);
+        let (counted, note) = counted_from_injection(&e, &acts);
+        assert_eq!(counted.min_count, 2, "two workers killed, two respawns");
+        assert!(note.contains("dropout did 2 act(s)"), "{note}");
+        let none = HashMap::from([("dropout".to_owned(), 0u64)]);
+        assert_eq!(
+            counted_from_injection(&e, &none).0.min_count,
+            1,
+            "never 0 (that would mean: must stay silent)"
+        );
+        let (kept, note) = counted_from_injection(&e, &HashMap::new());
+        assert_eq!(kept.min_count, 3);
+        assert!(note.contains("reported no acts"), "{note}");
+    }
 }

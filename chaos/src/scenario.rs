@@ -168,6 +168,11 @@ pub struct Scenario {
     /// The safeguards that must fire.
     #[serde(default, rename = "expect")]
     pub expectations: Vec<Expectation>,
+    /// The stress the method must reach for some safeguards to be judged: when it is not
+    /// reached, a missing safeguard makes the run INCONCLUSIVE (the test did not do what it
+    /// meant to), not FAIL.
+    #[serde(default, rename = "stress")]
+    pub stresses: Vec<Stress>,
     /// What the checker and the measurements must show.
     pub verify: Verify,
     /// The negative control: the same workload at normal load.
@@ -908,6 +913,12 @@ pub struct Expectation {
     /// It must fire at least this many times (counting every matching event).
     #[serde(default = "one_u64")]
     pub min_count: u64,
+    /// It must fire at least once per act of this injection (by name): per worker
+    /// `kill_workers` actually killed, per outage `random_outage` actually made, once per
+    /// `restart_service`/`restart_nats`. Replaces `min_count` with what the injection did, so
+    /// the count follows the injection rather than a constant timing can miss.
+    #[serde(default)]
+    pub min_count_from: Option<String>,
     /// It may fire at most this many times.
     #[serde(default)]
     pub max_count: Option<u64>,
@@ -915,6 +926,50 @@ pub struct Expectation {
 
 fn one_u64() -> u64 {
     1
+}
+
+/// What a [`Stress`] measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Measure {
+    /// The peak of the task queue depth (`htm.readiness`, sampled every second by the
+    /// timeline).
+    QueueDepth,
+}
+
+impl Measure {
+    /// The measure's name in the file and the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Measure::QueueDepth => "queue_depth",
+        }
+    }
+}
+
+/// A stress the method must reach (a precondition of some safeguards): `measure` must reach
+/// `at_least` during the method. When it does not, the safeguards of `safeguards` that did not
+/// fire (or fired wrongly) cannot be judged and the run is INCONCLUSIVE with the numbers; when
+/// it does, they are judged as usual (a missing one FAILs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stress {
+    /// Its name (unique; `[quick.stress."<name>"]` refers to it).
+    pub name: String,
+    /// What is measured.
+    pub measure: Measure,
+    /// The peak must reach at least this.
+    pub at_least: f64,
+    /// The safeguards (by name) that need this stress to fire.
+    pub safeguards: Vec<String>,
+}
+
+/// What `--quick` may change in a stress.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StressOverride {
+    /// Replaces `at_least`.
+    #[serde(default)]
+    pub at_least: Option<f64>,
 }
 
 /// What the checker and the measurements must show.
@@ -995,6 +1050,8 @@ pub struct Quick {
     pub system: toml::Table,
     /// Replaces parts of expectations, by safeguard name (`[quick.expect."circuit breaker"]`).
     pub expect: BTreeMap<String, ExpectOverride>,
+    /// Replaces parts of stresses, by name (`[quick.stress."queue over the guard"]`).
+    pub stress: BTreeMap<String, StressOverride>,
 }
 
 /// What `--quick` may change in an expectation.
@@ -1026,6 +1083,7 @@ impl Default for Quick {
             recovery_limit_s: None,
             system: toml::Table::new(),
             expect: BTreeMap::new(),
+            stress: BTreeMap::new(),
         }
     }
 }
@@ -1141,6 +1199,8 @@ impl Scenario {
                 ));
             }
         }
+        validate_counts_and_stresses(&scenario, &names)
+            .map_err(|(needle, reason)| err(find(&needle), reason))?;
         for absent in &scenario.control.absent {
             if !names.contains(absent.as_str()) {
                 return Err(err(
@@ -1218,6 +1278,11 @@ impl Scenario {
                 e.max_count = o.max_count.or(e.max_count);
             }
         }
+        for st in &mut s.stresses {
+            if let Some(o) = q.stress.get(&st.name) {
+                st.at_least = o.at_least.unwrap_or(st.at_least);
+            }
+        }
         s
     }
 
@@ -1230,6 +1295,77 @@ impl Scenario {
         }
         apply_system(base, &layers)
     }
+}
+
+/// `min_count_from` names an injection that counts its acts; every stress is named once,
+/// reaches a positive figure and gates known safeguards; `[quick.stress]` names stresses.
+fn validate_counts_and_stresses(
+    s: &Scenario,
+    safeguards: &std::collections::BTreeSet<&str>,
+) -> Result<(), (String, String)> {
+    for e in &s.expectations {
+        let Some(from) = &e.min_count_from else {
+            continue;
+        };
+        let counts = s.method.iter().any(|i| {
+            i.name() == Some(from.as_str())
+                && matches!(
+                    i,
+                    Injection::KillWorkers { .. }
+                        | Injection::RandomOutage { .. }
+                        | Injection::RestartService { .. }
+                        | Injection::RestartNats { .. }
+                )
+        });
+        if !counts {
+            return Err((
+                format!("min_count_from = {from:?}"),
+                format!(
+                    "expectation {:?}: min_count_from names no kill_workers, random_outage, restart_service or restart_nats injection: {from:?}",
+                    e.safeguard
+                ),
+            ));
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for st in &s.stresses {
+        let at = format!("{:?}", st.name);
+        if !names.insert(st.name.as_str()) {
+            return Err((at, format!("stress {:?} is given twice", st.name)));
+        }
+        if !(st.at_least.is_finite() && st.at_least > 0.0) {
+            return Err((
+                at,
+                format!("stress {:?}: at_least must be above 0", st.name),
+            ));
+        }
+        if st.safeguards.is_empty() {
+            return Err((
+                at,
+                format!("stress {:?}: name the safeguards it gates", st.name),
+            ));
+        }
+        if let Some(unknown) = st
+            .safeguards
+            .iter()
+            .find(|g| !safeguards.contains(g.as_str()))
+        {
+            return Err((
+                at,
+                format!(
+                    "stress {:?} gates an unknown safeguard {unknown:?}",
+                    st.name
+                ),
+            ));
+        }
+    }
+    if let Some(unknown) = s.quick.stress.keys().find(|k| !names.contains(k.as_str())) {
+        return Err((
+            "[quick.stress".into(),
+            format!("quick.stress names an unknown stress {unknown:?}"),
+        ));
+    }
+    Ok(())
 }
 
 fn validate_method(method: &[Injection]) -> Result<(), (String, String)> {
@@ -1604,6 +1740,43 @@ time_scale = 0.5
         assert!(e.reason.contains("breaker_shut"), "{e}");
         let e = Scenario::parse(Path::new("other.toml"), GOOD).expect_err("no");
         assert!(e.reason.contains("does not match the file name"), "{e}");
+    }
+
+    #[test]
+    fn stresses_and_counts_from_injections_are_checked_and_scaled() {
+        let stress = "[[stress]]\nname = \"deep\"\nmeasure = \"queue_depth\"\nat_least = 1000.0\nsafeguards = [\"breaker\"]\n\n[verify]";
+        let text = GOOD.replace("[verify]", stress) + "[quick.stress.\"deep\"]\nat_least = 400.0\n";
+        let s = parse(&text).expect("loads");
+        assert_eq!(s.stresses[0].measure, Measure::QueueDepth);
+        assert_eq!(s.stresses[0].at_least, 1000.0);
+        assert_eq!(s.quick().stresses[0].at_least, 400.0, "--quick replaces it");
+        let e = parse(&text.replace("safeguards = [\"breaker\"]", "safeguards = [\"brake\"]"))
+            .expect_err("no");
+        assert!(e.reason.contains("unknown safeguard \"brake\""), "{e}");
+        let e = parse(&text.replace("[quick.stress.\"deep\"]", "[quick.stress.\"shallow\"]"))
+            .expect_err("no");
+        assert!(e.reason.contains("unknown stress \"shallow\""), "{e}");
+        let e = parse(&text.replace("measure = \"queue_depth\"", "measure = \"speed\""))
+            .expect_err("no");
+        assert!(e.reason.contains("speed"), "{e}");
+        // min_count_from must name an injection that counts what it did.
+        let counted = GOOD.replace(
+            "after = \"flood\"",
+            "after = \"flood\"\nmin_count_from = \"flood\"",
+        );
+        let e = parse(&counted).expect_err("publish_events counts no acts");
+        assert!(
+            e.reason.contains("min_count_from names no kill_workers"),
+            "{e}"
+        );
+        let killing = counted.replace(
+            "[[expect]]",
+            "[[inject]]\nkind = \"kill_workers\"\nname = \"dropout\"\nfraction = 0.5\nover_s = 1.0\n\n[[expect]]",
+        );
+        let s =
+            parse(&killing.replace("min_count_from = \"flood\"", "min_count_from = \"dropout\""))
+                .expect("kill_workers counts its kills");
+        assert_eq!(s.expectations[0].min_count_from.as_deref(), Some("dropout"));
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //! completed exactly once. FIT03: with the scheduler's shedding limit at 0 (no priority may be
 //! shed) the overload still raises the shedding incident, but nothing is parked, and every
 //! critical intent is still served. FIT02: with the watchdog asleep the dependency outages go
-//! unannounced, and queue persistence still brings every intent through.
+//! unannounced, and queue persistence still brings every intent through. And FIT03 with a ramp
+//! the slots take is INCONCLUSIVE, not FAIL: its method did not reach its stress.
 
 mod common;
 
-use bulwark_chaos::runner::{self, Verdict};
+use bulwark_chaos::runner::{self, Phase, Verdict};
+use bulwark_chaos::scenario::Injection;
 use common::{assert_fails_naming, injection, load, options, quick_system};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,5 +87,41 @@ async fn dependency_outages_with_the_watchdog_asleep_fail_naming_it() {
         check.sent > 0 && check.ok == check.sent,
         "{}",
         check.summary()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ramp_below_capacity_is_inconclusive_not_a_failure_of_the_guard() {
+    let mut s = load("FIT03_combined_load_chaos").quick();
+    // 2 -> 5 intents per second of 240 ms on 24 slots: at most 0.05x what they run, so the
+    // queue never nears the guard's depth and the safeguards have nothing to act on.
+    for i in &mut s.method {
+        if let Injection::RampIntents {
+            from_per_s,
+            to_per_s,
+            ..
+        } = i
+        {
+            from_per_s.0 = 2;
+            to_per_s.0 = 5;
+        }
+    }
+    let r = runner::run_phase(&s, Phase::Scenario, &options(true), 42).await;
+    assert_eq!(r.verdict, Verdict::Inconclusive, "{:#?}", r.reasons);
+    let stress = &r.stresses[0];
+    assert!(!stress.reached, "{stress:?}");
+    assert!(
+        stress.peak.is_some_and(|p| p < stress.at_least),
+        "the peak is reported: {stress:?}"
+    );
+    let reasons = r.reasons.join("\n");
+    assert!(
+        reasons.contains("defect of the test design") && reasons.contains("NOT reached"),
+        "named as a defect of the test design, with the numbers:\n{reasons}"
+    );
+    assert!(
+        !reasons.contains("the checker found"),
+        "nothing lost or duplicated: {}",
+        r.check.summary()
     );
 }

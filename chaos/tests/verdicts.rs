@@ -12,7 +12,7 @@ fn storm_scenario() -> scenario::Scenario {
         .scenario
 }
 
-/// The scenario's flood rate (125 events/s on each of 40 types) for 2 s, and a short calm
+/// The scenario's flood rate (250 events/s on each of 20 types) for 2 s, and a short calm
 /// control, so the test stays quick.
 fn shortened(mut s: scenario::Scenario) -> scenario::Scenario {
     for (method, rate) in [(&mut s.method, 5000), (&mut s.control.method, 40)] {

@@ -48,6 +48,10 @@ pub fn assert_fails_naming(r: &bulwark_chaos::runner::ScenarioResult, silent: &[
         "{:#?}",
         r.scenario.reasons
     );
+    // A FAIL, not an INCONCLUSIVE: the method reached every stress the safeguards need.
+    for st in &r.scenario.stresses {
+        assert!(st.reached, "the method reached its stress: {st:?}");
+    }
     let reasons = r.scenario.reasons.join("\n");
     for name in silent {
         assert!(

@@ -1,6 +1,8 @@
 //! `bulwark chaos list|run|loop`: the chaos tool (crate `bulwark-chaos`) from the command line.
 //! Self-contained unless `--nats-url` is given: then it runs against that bulwark. Exit 0 only
-//! when every scenario run passed; 2 for a bad scenario file or an unknown id.
+//! when every scenario run passed; 1 when one FAILED; 3 when none failed but one was
+//! INCONCLUSIVE (its method did not reach what it meant to: a defect of the test design, not a
+//! finding about the system); 2 for a bad scenario file or an unknown id.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +28,8 @@ pub enum ChaosAction {
         #[arg(long)]
         scenarios: Option<PathBuf>,
     },
-    /// Run scenarios by id, or by layer; exit 0 only when every one passed.
+    /// Run scenarios by id, or by layer; exit 0 only when every one passed, 1 when one
+    /// failed, 3 when none failed but one was INCONCLUSIVE (a defect of the test design).
     Run(RunArgs),
     /// The autonomous loop: at each slot of the schedule, run the scenarios the learning
     /// record scores highest, at their difficulty; record the outcome; write missing-safeguard
@@ -284,7 +287,11 @@ async fn run(
         for phase in [&r.scenario, &r.control] {
             if phase.verdict != Verdict::Pass {
                 for reason in &phase.reasons {
-                    println!("    {} FAIL/INCONCLUSIVE because: {reason}", phase.phase);
+                    println!(
+                        "    {} {} because: {reason}",
+                        phase.phase,
+                        phase.verdict.as_str()
+                    );
                 }
             }
         }
@@ -303,14 +310,28 @@ async fn run(
         written.report.display(),
         written.journal.display()
     );
-    Ok((
-        if passed {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-        passed,
-    ))
+    Ok((run_exit_code(&results), passed))
+}
+
+/// The exit code of `chaos run`: 0 when every scenario passed, 1 when one FAILED, 3 when none
+/// failed but one was INCONCLUSIVE, named as a defect of the test design.
+fn run_exit_code(results: &[bulwark_chaos::ScenarioResult]) -> ExitCode {
+    if results.iter().any(|r| r.verdict == Verdict::Fail) {
+        return ExitCode::FAILURE;
+    }
+    let inconclusive: Vec<&str> = results
+        .iter()
+        .filter(|r| r.verdict == Verdict::Inconclusive)
+        .map(|r| r.id.as_str())
+        .collect();
+    if inconclusive.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "INCONCLUSIVE (exit 3): {}: the method did not reach what it meant to (its stress, its load, or an injection was impossible here), so the safeguards were not judged; this is a defect of the test design, not a finding about the system",
+        inconclusive.join(", ")
+    );
+    ExitCode::from(3)
 }
 
 /// `bulwark chaos loop`: waits for each slot (or runs the next one now with `--once`), picks
@@ -455,7 +476,11 @@ async fn chaos_loop(
             );
             for phase in [&r.scenario, &r.control] {
                 for reason in &phase.reasons {
-                    println!("    {} FAIL/INCONCLUSIVE because: {reason}", phase.phase);
+                    println!(
+                        "    {} {} because: {reason}",
+                        phase.phase,
+                        phase.verdict.as_str()
+                    );
                 }
             }
             results.push(r);
