@@ -12,33 +12,6 @@ use serde_json::{Value, json};
 use bulwark_common::subjects;
 use bulwark_tests::*;
 
-/// Runs an attack of `tests/clients/attacks.py` as the anonymous agent; its JSON line.
-async fn attack(server: &NatsServer, args: &[&str]) -> Value {
-    attack_as(server, None, args).await
-}
-
-/// Runs an attack with the given credentials (None: the anonymous agent); its JSON line.
-async fn attack_as(server: &NatsServer, creds: Option<(&str, &str)>, args: &[&str]) -> Value {
-    let root = repo_root();
-    let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(root.join("tests/clients/attacks.py"))
-        .arg(args[0])
-        .arg(server.url())
-        .args(&args[1..])
-        .env("PYTHONPATH", root.join(".tools/py"));
-    if let Some((user, password)) = creds {
-        cmd.env("USER_NAME", user).env("USER_PASSWORD", password);
-    }
-    let output = cmd.output().await.expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "attack {args:?} failed to run: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("attack prints JSON")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_review_queue_of_large_intents_still_answers_page_by_page() {
     init_logging();
@@ -48,7 +21,7 @@ async fn a_review_queue_of_large_intents_still_answers_page_by_page() {
     let _governance = start_governance(cfg).await;
 
     // 18 tier-0 intents of 63 KB: over 1 MB together, more than one reply can carry.
-    let result = attack(&server, &["flood-reviews", "18", "63000"]).await;
+    let result = attack(&server, None, &["flood-reviews", "18", "63000"]).await;
     let answers = result["answers"].as_array().expect("answers");
     assert_eq!(answers.len(), 18);
     assert!(answers.iter().all(|a| a == "pending_review"), "{result}");
@@ -86,7 +59,7 @@ async fn a_review_queue_of_large_intents_still_answers_page_by_page() {
     assert_eq!(first["items"].as_array().map(Vec::len), Some(18));
 
     // Two more fit under the cap of 20; the next is refused with the reason.
-    let more = attack(&server, &["flood-reviews", "21", "10"]).await;
+    let more = attack(&server, None, &["flood-reviews", "21", "10"]).await;
     let answers: Vec<&str> = more["answers"]
         .as_array()
         .expect("answers")
@@ -112,7 +85,7 @@ async fn an_agents_emergency_goes_to_a_human_and_its_priority_and_work_are_bound
     let server = NatsServer::start();
     let _governance = start_governance(server.config()).await;
 
-    let result = attack(&server, &["claims"]).await;
+    let result = attack(&server, None, &["claims"]).await;
     let a = &result["answers"];
     assert_eq!(a["tier4"]["status"], "pending_review", "{result}");
     assert_eq!(a["emergency"]["status"], "pending_review", "{result}");
@@ -158,7 +131,7 @@ async fn one_operator_cannot_reach_a_quorum_alone_with_the_shipped_configuration
     );
 
     let operator = Some(OPERATOR_USER);
-    let result = attack_as(
+    let result = attack(
         &server,
         operator,
         &["vote-as", "quorum-1", "guardian", "steward", "architect"],

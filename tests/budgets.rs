@@ -58,24 +58,13 @@ fn checker(
 
 /// Runs `tests/clients/mesh_flood.py` as the anonymous agent; its JSON line.
 async fn flood(server: &NatsServer, count: usize, subjects: usize, seconds: f64) -> Value {
-    let root = repo_root();
-    let output = tokio::process::Command::new("python3")
-        .arg(root.join("tests/clients/mesh_flood.py"))
-        .arg(server.url())
-        .arg(count.to_string())
-        .arg(subjects.to_string())
-        .arg(seconds.to_string())
-        .env("PYTHONPATH", root.join(".tools/py"))
-        .output()
-        .await
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "the flood failed to run: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+    let (url, count, subjects, seconds) = (
+        server.url(),
+        count.to_string(),
+        subjects.to_string(),
+        seconds.to_string(),
     );
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("the flood prints JSON")
+    python_client("mesh_flood.py", &[&url, &count, &subjects, &seconds], &[]).await
 }
 
 /// The seed's breaker (500 events in 10 s, 60 s cooldown) and the seed-like budget (200 events

@@ -821,23 +821,7 @@ async fn an_agent_may_submit_but_not_publish_tasks_votes_or_reviews() {
 #[tokio::test]
 async fn a_foreign_python_client_submits_and_reads_status() {
     let s = stack().await;
-    let root = repo_root();
-    let script = root.join("tests/clients/submit_intent.py");
-    let output = tokio::process::Command::new("python3")
-        .arg(&script)
-        .arg(s.server.url())
-        .env("PYTHONPATH", root.join(".tools/py"))
-        .output()
-        .await
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "python client failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: Value =
-        serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("client prints JSON");
+    let result = python_client("submit_intent.py", &[&s.server.url()], &[]).await;
     assert_eq!(result["decision"]["status"], "queued");
     assert_eq!(result["status"]["status"], "queued");
     assert_eq!(result["error"]["error"]["code"], "invalid_intent");

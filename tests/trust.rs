@@ -31,22 +31,10 @@ const TOO_SMALL_FOR_A_RECORD: i32 = 64;
 
 /// Runs `tests/clients/hostile_service.py` against `server` and returns its JSON line.
 async fn hostile(server: &NatsServer, args: &[&str]) -> Value {
-    let root = repo_root();
-    let output = tokio::process::Command::new("python3")
-        .arg(root.join("tests/clients/hostile_service.py"))
-        .arg(server.url())
-        .args(args)
-        .env("PYTHONPATH", root.join(".tools/py"))
-        .output()
-        .await
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "python client failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("the client prints JSON")
+    let url = server.url();
+    let mut all = vec![url.as_str()];
+    all.extend_from_slice(args);
+    python_client("hostile_service.py", &all, &[]).await
 }
 
 /// Limits the breaker bucket's stream to messages of `max` bytes (-1: no limit), the real way

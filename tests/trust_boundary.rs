@@ -28,33 +28,6 @@ use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-/// Runs an attack of `tests/clients/attacks.py` as the anonymous agent; its JSON line.
-async fn attack(server: &NatsServer, args: &[&str]) -> Value {
-    attack_as(server, None, args).await
-}
-
-/// Runs an attack with the given credentials (None: anonymous agent); its JSON line.
-async fn attack_as(server: &NatsServer, creds: Option<(&str, &str)>, args: &[&str]) -> Value {
-    let root = repo_root();
-    let mut cmd = tokio::process::Command::new("python3");
-    cmd.arg(root.join("tests/clients/attacks.py"))
-        .arg(args[0])
-        .arg(server.url())
-        .args(&args[1..])
-        .env("PYTHONPATH", root.join(".tools/py"));
-    if let Some((user, password)) = creds {
-        cmd.env("USER_NAME", user).env("USER_PASSWORD", password);
-    }
-    let output = cmd.output().await.expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "attack {args:?} failed to run: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("attack prints JSON")
-}
-
 /// Waits until every durable consumer of the mesh stream has handled everything stored.
 async fn mesh_drained(js: &jetstream::Context) {
     eventually(PATIENCE, "every mesh consumer drained", || async {
@@ -121,7 +94,7 @@ async fn a_forged_safeguard_event_is_refused_and_starts_nothing() {
     let _policy = start_event_policy(cfg.clone()).await;
     let _playbooks = start_playbooks(cfg.clone()).await;
 
-    let result = attack(&server, &["forge-safeguard"]).await;
+    let result = attack(&server, None, &["forge-safeguard"]).await;
     let errors = result["errors"].to_string().to_lowercase();
     assert!(
         errors.contains("permissions violation") && errors.contains("mesh.layer2.critical_alert"),
@@ -184,7 +157,12 @@ async fn an_events_facts_come_from_where_it_arrived_and_a_replay_is_handled_once
     let token = CancellationToken::new();
     let (seen, stats) = recording_consumer(&server, &token).await;
 
-    attack(&server, &["forge-facts", "agent.report", "evt-forged-1"]).await;
+    attack(
+        &server,
+        None,
+        &["forge-facts", "agent.report", "evt-forged-1"],
+    )
+    .await;
 
     let event = eventually(PATIENCE, "the forged event handled", || async {
         let seen = seen.lock().expect("lock");
@@ -281,7 +259,7 @@ async fn aimed_replies_write_nothing_anywhere() {
     let before = aimed_state(&js).await;
 
     // From another account: the import rewrites every reply subject.
-    let result = attack(&server, &["aim-replies"]).await;
+    let result = attack(&server, None, &["aim-replies"]).await;
     assert!(result["sent"].as_u64().unwrap_or(0) >= 28, "{result}");
     let after = aimed_state(&js).await;
     assert_eq!(
@@ -301,7 +279,7 @@ async fn aimed_replies_write_nothing_anywhere() {
 
     // Inside bulwark's account (a service's credentials): the service refuses to answer.
     let refused_before = narratives_named(&js, "aimed_reply_refused").await;
-    attack_as(&server, Some(SERVICE_USER), &["aim-replies"]).await;
+    attack(&server, Some(SERVICE_USER), &["aim-replies"]).await;
     let state = aimed_state(&js).await;
     assert_eq!(
         before["breaker"], state["breaker"],
@@ -396,7 +374,7 @@ async fn pre_published_incident_ids_do_not_silence_a_storm() {
     cfg.mesh.storm_threshold = 20;
     let _guard = start_storm_guard(cfg.clone()).await;
 
-    let result = attack(&server, &["prepublish", "flood.x", "40"]).await;
+    let result = attack(&server, None, &["prepublish", "flood.x", "40"]).await;
     assert!(result["sent"].as_u64().unwrap_or(0) > 0, "{result}");
 
     let agent = server.client_as(AGENT_USER).await;

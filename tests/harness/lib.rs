@@ -675,6 +675,46 @@ pub async fn request_json(
     (value, code)
 }
 
+/// Runs a foreign client, `tests/clients/<script>` under python3 with nats-py (`.tools/py`),
+/// with `args`, and `env` set (e.g. `USER_NAME`/`USER_PASSWORD` for the attack scripts); the JSON
+/// of its last line on stdout. Panics, naming its output, when it fails or prints no JSON.
+pub async fn python_client(script: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
+    let root = repo_root();
+    let output = tokio::process::Command::new("python3")
+        .arg(root.join("tests/clients").join(script))
+        .args(args)
+        .env("PYTHONPATH", root.join(".tools/py"))
+        .envs(env.iter().copied())
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{script} {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
+}
+
+/// Runs an attack of `tests/clients/attacks.py` against `server`, as the anonymous agent or
+/// with `creds`; its JSON line.
+pub async fn attack(
+    server: &NatsServer,
+    creds: Option<(&str, &str)>,
+    args: &[&str],
+) -> serde_json::Value {
+    let url = server.url();
+    let mut all = vec![args[0], url.as_str()];
+    all.extend_from_slice(&args[1..]);
+    let env: Vec<(&str, &str)> = match creds {
+        Some((user, password)) => vec![("USER_NAME", user), ("USER_PASSWORD", password)],
+        None => Vec::new(),
+    };
+    python_client("attacks.py", &all, &env).await
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `limit` with `what`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where
