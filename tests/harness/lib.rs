@@ -269,6 +269,8 @@ impl NatsServer {
         }
         cfg.nats.request_timeout_ms = 5_000;
         cfg.telemetry.interval_s = 1.0;
+        // Clarity's signing key lives next to this server's store, one per test.
+        cfg.clarity.key_file = self.dir.path().join("clarity.key").display().to_string();
         // A replica that crashed holding a lease is replaced after 2 s, not 10.
         cfg.replicas.lease_ttl_s = 2.0;
         cfg

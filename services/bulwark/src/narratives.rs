@@ -201,6 +201,9 @@ pub async fn audit(cfg: &BulwarkConfig, action: AuditAction) -> anyhow::Result<E
         AuditAction::Verify => {
             let report = request(cfg, subjects::CLARITY_VERIFY, &json!({})).await?;
             let records = report["records"].as_u64().unwrap_or(0);
+            for line in signing_lines(&report) {
+                println!("{line}");
+            }
             if report["ok"] == true {
                 println!("audit chain intact: {records} record(s) verified");
                 return Ok(ExitCode::SUCCESS);
@@ -215,6 +218,32 @@ pub async fn audit(cfg: &BulwarkConfig, action: AuditAction) -> anyhow::Result<E
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// What a verification report says about the signatures: the key, the last signed record, and
+/// the records from before signing began.
+fn signing_lines(report: &Value) -> Vec<String> {
+    let mut lines = vec![format!(
+        "signing key id: {}",
+        report["key_id"].as_str().unwrap_or("(none reported)")
+    )];
+    let last = &report["last_signed"];
+    lines.push(match last["seq"].as_u64() {
+        Some(seq) => format!(
+            "last signed checkpoint: sequence {seq}, stored at {}, key id {} ({} signed record(s))",
+            last["stored_at"].as_str().unwrap_or("?"),
+            last["key_id"].as_str().unwrap_or("?"),
+            report["signed"].as_u64().unwrap_or(0)
+        ),
+        None => "last signed checkpoint: none".to_owned(),
+    });
+    let unsigned = report["unsigned"].as_u64().unwrap_or(0);
+    if unsigned > 0 {
+        lines.push(format!(
+            "unsigned records (written before signing began): {unsigned}"
+        ));
+    }
+    lines
 }
 
 #[cfg(test)]

@@ -26,10 +26,12 @@
 //!
 //! # Modules
 //! - [`chain`]: audit records, the canonical hash and verification (pure).
+//! - [`key`]: the signing key (HMAC-SHA256), kept in a file outside JetStream.
 //! - [`query`]: query parsing and matching (pure).
 //! - [`service`]: the consumer and the endpoints around them.
 
 pub mod chain;
+pub mod key;
 pub mod query;
 pub mod service;
 
