@@ -251,6 +251,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn verify_output_names_the_key_and_the_last_signed_checkpoint() {
+        let report = json!({"ok": true, "records": 9, "key_id": "6aa1fc294082e4cb",
+            "signed": 7, "unsigned": 2, "last_signed": {"seq": 9,
+            "stored_at": "2026-11-26T10:00:00.130Z", "key_id": "6aa1fc294082e4cb"}});
+        assert_eq!(
+            signing_lines(&report),
+            [
+                "signing key id: 6aa1fc294082e4cb",
+                "last signed checkpoint: sequence 9, stored at 2026-11-26T10:00:00.130Z, key id 6aa1fc294082e4cb (7 signed record(s))",
+                "unsigned records (written before signing began): 2",
+            ]
+        );
+        let none = signing_lines(&json!({"ok": false, "records": 0}));
+        assert_eq!(none[1], "last signed checkpoint: none");
+    }
+
+    #[test]
     fn a_narrative_renders_as_a_5w1h_block() {
         let item = json!({"who": "governance", "what": "intent_routed", "when": "2026-11-26T10:00:00.000Z",
             "where": "governance@host/1", "why": ["Tier 2: low risk", "Mission alignment 0.60"],
