@@ -206,6 +206,49 @@ async fn a_chain_rewritten_with_the_service_credentials_fails_on_its_signature()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_removed_by_a_shortened_retention_are_reported_truncated_not_expired() {
+    init_logging();
+    let server = NatsServer::start();
+    let mut cfg = server.config();
+    // Clarity keeps records for a day; the attacker makes the server drop them within a second.
+    cfg.clarity.max_age_days = 1;
+    let client = server.client().await;
+    let js = jetstream::new(client.clone());
+    let _clarity = start_clarity(cfg).await;
+    for n in 1..=3 {
+        narrate(&js, n).await;
+    }
+    let before = records(&js, 3).await;
+    let last = *before.keys().last().expect("records");
+    head_at(&js, last).await;
+    assert_eq!(verify(&client).await["ok"], true);
+
+    attack(&server, &["shorten", "1"]).await;
+    eventually(PATIENCE, "the server to drop the records", || async {
+        let mut stream = js.get_stream(streams::AUDIT_STREAM).await.ok()?;
+        let state = stream.info().await.ok()?.state.clone();
+        (state.messages == 0 && state.last_sequence >= last).then_some(())
+    })
+    .await;
+    // The day of retention put back, so what clarity appends next stays; the oldest survivor
+    // names when its predecessor was stored.
+    attack(&server, &["shorten", "86400"]).await;
+    narrate(&js, 4).await;
+    let after = records(&js, 1).await;
+    let first = *after.keys().next().expect("a survivor");
+    assert!(first > last, "{after:?}");
+    let report = verify(&client).await;
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["first_bad_seq"], first - 1, "{report}");
+    assert!(
+        report["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("truncated")),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_verification_answers_while_long_queries_wait_for_their_permits() {
     init_logging();
     let server = NatsServer::start();

@@ -10,6 +10,8 @@ Attacks:
                  retention) and republishes every record with record SEQ's narrative edited and
                  every SHA-256 from SEQ on recomputed (the signatures copied as they were); then
                  writes the new head into the bulwark_audit_head bucket
+  shorten SECS   sets the audit stream's max_age (and duplicate window) to SECS, so the server
+                 removes the records as if they had expired
 """
 import asyncio
 import hashlib
@@ -77,13 +79,23 @@ async def rewrite(js, args):
     return {"rewritten": len(records), "head": head}
 
 
+async def shorten(js, args):
+    seconds = float(args[0])
+    info = await js.stream_info(STREAM)
+    config = info.config
+    config.max_age = seconds
+    config.duplicate_window = seconds
+    await js.update_stream(config)
+    return {"max_age": seconds}
+
+
 async def main():
     attack, url, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     user, password = os.environ.get("USER_NAME"), os.environ.get("USER_PASSWORD")
     nc = await nats.connect(url, user=user, password=password, allow_reconnect=False)
     js = nc.jetstream()
     try:
-        out = await {"delete": delete, "rewrite": rewrite}[attack](js, args)
+        out = await {"delete": delete, "rewrite": rewrite, "shorten": shorten}[attack](js, args)
     finally:
         await nc.close()
     print(json.dumps(out))

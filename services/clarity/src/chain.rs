@@ -474,6 +474,29 @@ impl Verifier {
         Ok(())
     }
 
+    /// A chain with a retention limit and no record left: the recorded head says when the
+    /// newest record was stored, and it must be old enough to have expired.
+    fn expired_too_soon(&self) -> Option<(u64, String)> {
+        let head = self.bounds.head.as_ref()?;
+        if self.count > 0 || self.bounds.max_age_ms == 0 || head.seq == 0 {
+            return None;
+        }
+        let at = head.stored_at.as_deref()?;
+        let age = bulwark_common::time::parse_ms(at)
+            .map(|ms| self.bounds.now_ms.saturating_sub(ms).max(0) as u64);
+        match age {
+            Some(age) if age >= self.bounds.max_age_ms.saturating_sub(CLOCK_SKEW_MS) => None,
+            _ => Some((
+                head.seq,
+                format!(
+                    "chain truncated: every record is gone, but the newest ({}, stored at {at}) \
+                     cannot have expired yet",
+                    head.seq
+                ),
+            )),
+        }
+    }
+
     /// The report, once every record was pushed.
     pub fn finish(mut self) -> VerifyReport {
         let last_seen = self.last_seen;
@@ -495,6 +518,8 @@ impl Verifier {
                         head.seq
                     ),
                 ));
+            } else if let Some(bad) = self.expired_too_soon() {
+                self.broken = Some(bad);
             } else if let Some(first) = self
                 .first_seen
                 .filter(|_| self.signed == 0 && !self.bounds.keys.is_empty())
@@ -938,6 +963,15 @@ mod tests {
         let report = verify(s.clone(), &at(2 * 3_600_000));
         assert_eq!(report.first_bad_seq, Some(2), "{report:?}");
         assert!(report.reason.is_some_and(|r| r.contains("truncated")));
+        // Every record gone: the recorded head says when the newest was stored.
+        let gone = |now_ms: i64| Bounds {
+            head: Some(records[5].head()),
+            first_seq: 7,
+            ..at(now_ms)
+        };
+        assert!(verify(Vec::new(), &gone(2 * day)).ok);
+        let report = verify(Vec::new(), &gone(6 * 3_600_000));
+        assert_eq!(report.first_bad_seq, Some(6), "{report:?}");
     }
 
     fn json_value() -> impl Strategy<Value = Value> {
