@@ -306,7 +306,7 @@ async fn a_verification_answers_while_long_queries_wait_for_their_permits() {
     .expect("the verification answered");
     assert_eq!(verdict["ok"], true, "{verdict}");
     // With one pool of permits (64 shared, the old code) the verification waits behind the
-    // queries holding them: 26 to 103 queries answered first in three runs. With its own
+    // queries holding them: 26 to 103 queries answered first in five runs. With its own
     // permits it runs beside the one query at work.
     assert!(
         queries_answered < QUERIES / 20,
