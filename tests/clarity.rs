@@ -290,7 +290,7 @@ async fn malformed_narratives_are_stored_flagged_not_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deleted_and_reinserted_record_fails_verification_at_its_sequence() {
+async fn a_record_cannot_be_deleted_and_a_reinserted_copy_fails_verification() {
     let s = stack().await;
     let _clarity = start_clarity(s.config()).await;
     for n in 1..=5 {
@@ -300,22 +300,27 @@ async fn a_deleted_and_reinserted_record_fails_verification_at_its_sequence() {
     let records = s.await_records(5).await;
     assert_eq!(s.verify().await["ok"], true);
 
-    // Tamper as the service user would: delete record 3, append an edited copy in its place.
+    // Tamper as the service user would: deleting record 3 is refused (deny_delete); an edited
+    // copy appended to the stream is caught where it lands.
     let stream =
         s.js.get_stream(streams::AUDIT_STREAM)
             .await
             .expect("audit stream");
-    assert!(stream.delete_message(3).await.expect("deleted"));
+    assert!(
+        stream.delete_message(3).await.is_err(),
+        "deletes are denied"
+    );
     let mut forged = records[&3].clone();
     forged["narrative"]["why"] = json!(["nothing happened here"]);
-    s.js.publish(subjects::CLARITY_AUDIT, forged.to_string().into())
-        .await
-        .expect("sent")
-        .await
-        .expect("stored");
+    let ack =
+        s.js.publish(subjects::CLARITY_AUDIT, forged.to_string().into())
+            .await
+            .expect("sent")
+            .await
+            .expect("stored");
     let report = s.verify().await;
     assert_eq!(report["ok"], false, "{report}");
-    assert_eq!(report["first_bad_seq"], 3, "{report}");
+    assert_eq!(report["first_bad_seq"], ack.sequence, "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,26 +332,40 @@ async fn an_altered_copy_and_a_truncated_tail_fail_verification() {
             .await;
     }
     let records = s.await_records(4).await;
+    let last = *records.keys().last().expect("records");
 
-    // The newest record deleted: the recorded head still names it.
+    // The newest record dropped (deletes are denied, so the stream is rebuilt without it): the
+    // recorded head still names it.
     let head = jetstream::new(s.client.clone())
         .get_key_value(streams::AUDIT_HEAD_BUCKET)
         .await
         .expect("head bucket");
-    eventually(PATIENCE, "the head to reach record 4", || async {
+    eventually(PATIENCE, "the head to reach the last record", || async {
         let entry = head.get("head").await.ok().flatten()?;
         let value: Value = serde_json::from_slice(&entry).ok()?;
-        (value["seq"] == 4).then_some(())
+        (value["seq"] == last).then_some(())
     })
     .await;
-    let stream =
-        s.js.get_stream(streams::AUDIT_STREAM)
+    s.js.delete_stream(streams::AUDIT_STREAM)
+        .await
+        .expect("stream deleted");
+    s.js.create_stream(jetstream::stream::Config {
+        name: streams::AUDIT_STREAM.into(),
+        subjects: vec![subjects::CLARITY_AUDIT.into()],
+        ..Default::default()
+    })
+    .await
+    .expect("stream recreated");
+    for record in records.range(..last).map(|(_, r)| r) {
+        s.js.publish(subjects::CLARITY_AUDIT, record.to_string().into())
             .await
-            .expect("audit stream");
-    assert!(stream.delete_message(4).await.expect("deleted"));
+            .expect("sent")
+            .await
+            .expect("stored");
+    }
     let report = s.verify().await;
     assert_eq!(report["ok"], false, "{report}");
-    assert_eq!(report["first_bad_seq"], 4, "{report}");
+    assert_eq!(report["first_bad_seq"], last, "{report}");
 
     // An altered copy of record 2 appended at the end is caught where it lands.
     let mut altered = records[&2].clone();
@@ -357,10 +376,13 @@ async fn an_altered_copy_and_a_truncated_tail_fail_verification() {
             .expect("sent")
             .await
             .expect("stored");
-    assert_eq!(ack.sequence, 5);
+    assert_eq!(ack.sequence, last);
     let report = s.verify().await;
     assert_eq!(report["ok"], false);
-    assert_eq!(report["first_bad_seq"], 4, "the first break wins: {report}");
+    assert_eq!(
+        report["first_bad_seq"], last,
+        "the first break wins: {report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

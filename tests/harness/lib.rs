@@ -273,6 +273,8 @@ impl NatsServer {
         // binds them (tests/abuse.rs runs the shipped file).
         cfg.governance.bound_identities.clear();
         cfg.telemetry.interval_s = 1.0;
+        // Clarity's signing key lives next to this server's store, one per test.
+        cfg.clarity.key_file = self.dir.path().join("clarity.key").display().to_string();
         // A replica that crashed holding a lease is replaced after 2 s, not 10.
         cfg.replicas.lease_ttl_s = 2.0;
         cfg

@@ -201,6 +201,9 @@ pub async fn audit(cfg: &BulwarkConfig, action: AuditAction) -> anyhow::Result<E
         AuditAction::Verify => {
             let report = request(cfg, subjects::CLARITY_VERIFY, &json!({})).await?;
             let records = report["records"].as_u64().unwrap_or(0);
+            for line in signing_lines(&report) {
+                println!("{line}");
+            }
             if report["ok"] == true {
                 println!("audit chain intact: {records} record(s) verified");
                 return Ok(ExitCode::SUCCESS);
@@ -217,9 +220,52 @@ pub async fn audit(cfg: &BulwarkConfig, action: AuditAction) -> anyhow::Result<E
     }
 }
 
+/// What a verification report says about the signatures: the key, the last signed record, and
+/// the records from before signing began.
+fn signing_lines(report: &Value) -> Vec<String> {
+    let mut lines = vec![format!(
+        "signing key id: {}",
+        report["key_id"].as_str().unwrap_or("(none reported)")
+    )];
+    let last = &report["last_signed"];
+    lines.push(match last["seq"].as_u64() {
+        Some(seq) => format!(
+            "last signed checkpoint: sequence {seq}, stored at {}, key id {} ({} signed record(s))",
+            last["stored_at"].as_str().unwrap_or("?"),
+            last["key_id"].as_str().unwrap_or("?"),
+            report["signed"].as_u64().unwrap_or(0)
+        ),
+        None => "last signed checkpoint: none".to_owned(),
+    });
+    let unsigned = report["unsigned"].as_u64().unwrap_or(0);
+    if unsigned > 0 {
+        lines.push(format!(
+            "unsigned records (written before signing began): {unsigned}"
+        ));
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verify_output_names_the_key_and_the_last_signed_checkpoint() {
+        let report = json!({"ok": true, "records": 9, "key_id": "6aa1fc294082e4cb",
+            "signed": 7, "unsigned": 2, "last_signed": {"seq": 9,
+            "stored_at": "2026-11-26T10:00:00.130Z", "key_id": "6aa1fc294082e4cb"}});
+        assert_eq!(
+            signing_lines(&report),
+            [
+                "signing key id: 6aa1fc294082e4cb",
+                "last signed checkpoint: sequence 9, stored at 2026-11-26T10:00:00.130Z, key id 6aa1fc294082e4cb (7 signed record(s))",
+                "unsigned records (written before signing began): 2",
+            ]
+        );
+        let none = signing_lines(&json!({"ok": false, "records": 0}));
+        assert_eq!(none[1], "last signed checkpoint: none");
+    }
 
     #[test]
     fn a_narrative_renders_as_a_5w1h_block() {

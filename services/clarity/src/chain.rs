@@ -7,10 +7,23 @@
 //! `prev_hash` is the hash of the record before it ([`GENESIS_HASH`] for the first). Changing,
 //! removing, moving or re-inserting a record therefore breaks the chain at that record, which
 //! [`verify`] reports.
+//!
+//! Each record is also **signed**: `sig` is the HMAC-SHA256 of its `hash` under clarity's key
+//! ([`crate::key`]), named by `key_id`. The SHA-256 chain alone resists only outsiders: whoever
+//! holds the service credentials can rewrite the stream and recompute every hash; without the
+//! key, which lives outside JetStream, they cannot sign what they wrote. Each record also names
+//! its predecessor's `stored_at` (`prev_stored_at`, signed with it), so a gap at the front of the
+//! chain is accepted only when the missing records are old enough to have expired.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+
+use crate::key::AuditKey;
+
+/// Clock difference allowed between clarity's hosts and the server when judging whether a
+/// missing record could have expired.
+pub const CLOCK_SKEW_MS: u64 = 60_000;
 
 /// The `prev_hash` of the first record: 64 zeros.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -37,6 +50,16 @@ pub struct AuditRecord {
     pub subject: String,
     /// The narrative's sequence in the `BULWARK_NARRATIVES` stream.
     pub source_seq: u64,
+    /// `stored_at` of the record before this one (absent for the first record, and on records
+    /// written before signing): proves whether a gap at the front of the chain is expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_stored_at: Option<String>,
+    /// Id of the key that signed the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// HMAC-SHA256 (hex) of `hash` under the key `key_id`; the one field `hash` does not cover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
 }
 
 /// The newest record of the chain: where the next one attaches.
@@ -46,6 +69,9 @@ pub struct Head {
     pub seq: u64,
     /// Its hash ([`GENESIS_HASH`] before the first).
     pub hash: String,
+    /// Its `stored_at`, when known: the next record names it as `prev_stored_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_at: Option<String>,
 }
 
 impl Head {
@@ -54,6 +80,7 @@ impl Head {
         Self {
             seq: 0,
             hash: GENESIS_HASH.to_owned(),
+            stored_at: None,
         }
     }
 }
@@ -170,21 +197,24 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// The hash of a stored record's fields: every field except `hash` itself.
+/// The hash of a stored record's fields: every field except `hash` itself and `sig` (which
+/// signs the hash).
 pub fn hash_fields(fields: &Map<String, Value>) -> String {
     let mut covered = fields.clone();
     covered.remove("hash");
+    covered.remove("sig");
     sha256_hex(canonical_json(&Value::Object(covered)).as_bytes())
 }
 
 impl AuditRecord {
-    /// The record that follows `head`, with its hash computed.
+    /// The record that follows `head`, with its hash computed and, with a key, signed.
     pub fn next(
         head: &Head,
         examined: Examined,
         stored_at: String,
         subject: String,
         source_seq: u64,
+        key: Option<&AuditKey>,
     ) -> Self {
         let mut record = AuditRecord {
             seq: head.seq + 1,
@@ -196,8 +226,12 @@ impl AuditRecord {
             stored_at,
             subject,
             source_seq,
+            prev_stored_at: key.and(head.stored_at.clone()),
+            key_id: key.map(|k| k.id().to_owned()),
+            sig: None,
         };
         record.hash = record.computed_hash();
+        record.sig = key.map(|k| k.sign(&record.hash));
         record
     }
 
@@ -215,6 +249,7 @@ impl AuditRecord {
         Head {
             seq: self.seq,
             hash: self.hash.clone(),
+            stored_at: Some(self.stored_at.clone()),
         }
     }
 }
@@ -235,15 +270,33 @@ pub struct Bounds {
     pub last_seq: u64,
     /// The stream's first sequence.
     pub first_seq: u64,
-    /// True when a retention limit may have expired the oldest records: the chain then starts
-    /// at the oldest record still stored, without checking its `prev_hash`.
-    pub expiry_allowed: bool,
+    /// The retention limit in milliseconds (`clarity.max_age_days`), 0 for none. With a limit
+    /// the chain may start at the oldest record still stored, provided its predecessor is old
+    /// enough to have expired (its signed `prev_stored_at` says when it was stored).
+    pub max_age_ms: u64,
+    /// Now, in milliseconds since the epoch: what "old enough" is measured from.
+    pub now_ms: i64,
     /// The head clarity recorded separately (KV): the chain must reach it, with that hash.
     pub head: Option<Head>,
+    /// The keys records may be signed with, the current one first. Without keys, only unsigned
+    /// chains verify; with keys, unsigned records are accepted only before the first signed one
+    /// (written before signing began), and a non-empty chain must hold a signed record.
+    pub keys: Vec<AuditKey>,
+}
+
+/// The newest signed record verified: where the signed part of the chain ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Its sequence.
+    pub seq: u64,
+    /// When it was stored.
+    pub stored_at: String,
+    /// The key that signed it.
+    pub key_id: String,
 }
 
 /// The outcome of [`verify`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct VerifyReport {
     /// True when every record is intact and in place.
     pub ok: bool,
@@ -254,12 +307,25 @@ pub struct VerifyReport {
     /// What is wrong at `first_bad_seq`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Id of the key clarity signs with now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// Records whose signature verified.
+    #[serde(default)]
+    pub signed: u64,
+    /// Records without a signature (written before signing began).
+    #[serde(default)]
+    pub unsigned: u64,
+    /// The newest record whose signature verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_signed: Option<Checkpoint>,
 }
 
 /// Checks the chain: records must come with consecutive sequences from the start (1, or the
-/// oldest surviving one when expiry is allowed), each must hash to its `hash`, name its own
-/// stream sequence as `seq`, and name its predecessor's hash as `prev_hash`. The chain must
-/// reach the stream's last sequence and the separately recorded head. The first break wins.
+/// oldest surviving one when its predecessor can have expired), each must hash to its `hash`,
+/// carry a valid signature (see [`Bounds::keys`]), name its own stream sequence as `seq`, and
+/// name its predecessor's hash as `prev_hash`. The chain must reach the stream's last sequence
+/// and the separately recorded head. The first break wins.
 pub fn verify(records: impl IntoIterator<Item = Stored>, bounds: &Bounds) -> VerifyReport {
     let mut verifier = Verifier::new(bounds.clone());
     for stored in records {
@@ -278,12 +344,16 @@ pub struct Verifier {
     /// is allowed (the oldest surviving record is then the anchor).
     expected: Option<(u64, String)>,
     last_seen: u64,
+    first_seen: Option<u64>,
+    signed: u64,
+    unsigned: u64,
+    last_signed: Option<Checkpoint>,
 }
 
 impl Verifier {
     /// A verifier of a chain with these bounds.
     pub fn new(bounds: Bounds) -> Self {
-        let (expected, last_seen) = if bounds.expiry_allowed {
+        let (expected, last_seen) = if bounds.max_age_ms > 0 {
             (None, bounds.first_seq.saturating_sub(1))
         } else {
             (Some((1, GENESIS_HASH.to_owned())), 0)
@@ -294,6 +364,10 @@ impl Verifier {
             broken: None,
             expected,
             last_seen,
+            first_seen: None,
+            signed: 0,
+            unsigned: 0,
+            last_signed: None,
         }
     }
 
@@ -303,12 +377,123 @@ impl Verifier {
         if self.broken.is_some() {
             return;
         }
-        match check_one(stored, self.expected.as_ref(), self.bounds.head.as_ref()) {
-            Ok(head) => {
-                self.last_seen = head.seq;
-                self.expected = Some((head.seq + 1, head.hash));
+        let anchor = self.expected.is_none();
+        let checked = check_one(stored, self.expected.as_ref(), self.bounds.head.as_ref())
+            .and_then(|record| {
+                if anchor {
+                    self.check_expired_before(&record)?;
+                }
+                self.check_signature(&record)?;
+                Ok(record)
+            });
+        match checked {
+            Ok(record) => {
+                self.first_seen.get_or_insert(record.seq);
+                self.last_seen = record.seq;
+                self.expected = Some((record.seq + 1, record.hash));
             }
             Err(bad) => self.broken = Some(bad),
+        }
+    }
+
+    /// The oldest surviving record of a chain with a retention limit: its predecessor must be
+    /// old enough to have expired. Unsigned (older) records cannot tell, and are accepted.
+    fn check_expired_before(&self, record: &AuditRecord) -> Result<(), (u64, String)> {
+        if record.seq <= 1 || record.sig.is_none() {
+            return Ok(());
+        }
+        let gone = record.seq - 1;
+        let Some(prev) = record.prev_stored_at.as_deref() else {
+            return Err((
+                gone,
+                format!(
+                    "chain truncated: record {gone} is gone and record {} does not say when it \
+                     was stored, so it cannot have expired",
+                    record.seq
+                ),
+            ));
+        };
+        let age_ms = bulwark_common::time::parse_ms(prev)
+            .map(|at| self.bounds.now_ms.saturating_sub(at).max(0) as u64);
+        let limit = self.bounds.max_age_ms.saturating_sub(CLOCK_SKEW_MS);
+        match age_ms {
+            Some(age) if age >= limit => Ok(()),
+            _ => Err((
+                gone,
+                format!(
+                    "chain truncated: record {gone} (stored at {prev}) is gone, but the \
+                     retention of {} day(s) cannot have expired it yet",
+                    self.bounds.max_age_ms / 86_400_000
+                ),
+            )),
+        }
+    }
+
+    /// The record's signature, under the key it names; unsigned records only before the first
+    /// signed one.
+    fn check_signature(&mut self, record: &AuditRecord) -> Result<(), (u64, String)> {
+        let seq = record.seq;
+        let Some(sig) = record.sig.as_deref() else {
+            if self.last_signed.is_some() {
+                return Err((
+                    seq,
+                    format!(
+                        "record {seq} is not signed but follows signed records: it was written \
+                         without clarity's key"
+                    ),
+                ));
+            }
+            self.unsigned += 1;
+            return Ok(());
+        };
+        let key_id = record.key_id.as_deref().unwrap_or("");
+        let Some(key) = self.bounds.keys.iter().find(|k| k.id() == key_id) else {
+            return Err((
+                seq,
+                format!(
+                    "record {seq} is signed with key id {key_id:?}, which clarity does not hold \
+                     (a retired key missing from clarity.retired_key_files, or a forgery)"
+                ),
+            ));
+        };
+        if !key.verifies(&record.hash, sig) {
+            return Err((
+                seq,
+                format!(
+                    "record {seq} has a bad signature: it was rewritten without clarity's key \
+                     (key id {key_id})"
+                ),
+            ));
+        }
+        self.signed += 1;
+        self.last_signed = Some(Checkpoint {
+            seq,
+            stored_at: record.stored_at.clone(),
+            key_id: key_id.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// A chain with a retention limit and no record left: the recorded head says when the
+    /// newest record was stored, and it must be old enough to have expired.
+    fn expired_too_soon(&self) -> Option<(u64, String)> {
+        let head = self.bounds.head.as_ref()?;
+        if self.count > 0 || self.bounds.max_age_ms == 0 || head.seq == 0 {
+            return None;
+        }
+        let at = head.stored_at.as_deref()?;
+        let age = bulwark_common::time::parse_ms(at)
+            .map(|ms| self.bounds.now_ms.saturating_sub(ms).max(0) as u64);
+        match age {
+            Some(age) if age >= self.bounds.max_age_ms.saturating_sub(CLOCK_SKEW_MS) => None,
+            _ => Some((
+                head.seq,
+                format!(
+                    "chain truncated: every record is gone, but the newest ({}, stored at {at}) \
+                     cannot have expired yet",
+                    head.seq
+                ),
+            )),
         }
     }
 
@@ -333,6 +518,18 @@ impl Verifier {
                         head.seq
                     ),
                 ));
+            } else if let Some(bad) = self.expired_too_soon() {
+                self.broken = Some(bad);
+            } else if let Some(first) = self
+                .first_seen
+                .filter(|_| self.signed == 0 && !self.bounds.keys.is_empty())
+            {
+                self.broken = Some((
+                    first,
+                    "no record of the chain is signed: it was rewritten without clarity's key \
+                     (or written before signing began and not appended to since)"
+                        .into(),
+                ));
             }
         }
         VerifyReport {
@@ -340,6 +537,10 @@ impl Verifier {
             records: self.count,
             first_bad_seq: self.broken.as_ref().map(|(seq, _)| *seq),
             reason: self.broken.map(|(_, reason)| reason),
+            key_id: self.bounds.keys.first().map(|k| k.id().to_owned()),
+            signed: self.signed,
+            unsigned: self.unsigned,
+            last_signed: self.last_signed,
         }
     }
 }
@@ -348,7 +549,7 @@ fn check_one(
     stored: &Stored,
     expected: Option<&(u64, String)>,
     head: Option<&Head>,
-) -> Result<Head, (u64, String)> {
+) -> Result<AuditRecord, (u64, String)> {
     let seq = stored.stream_seq;
     if let Some((want, _)) = expected
         && seq != *want
@@ -395,7 +596,7 @@ fn check_one(
             "record {seq} differs from the recorded head of the chain"
         ));
     }
-    Ok(record.head())
+    Ok(record)
 }
 
 #[cfg(test)]
@@ -421,6 +622,7 @@ mod tests {
                     "2026-11-26T10:00:01.000Z".into(),
                     "clarity.narrative.governance".into(),
                     i,
+                    None,
                 );
                 head = r.head();
                 r
@@ -445,7 +647,9 @@ mod tests {
                 .first()
                 .map(|s| s.stream_seq)
                 .unwrap_or(last_seq + 1),
-            expiry_allowed: false,
+            max_age_ms: 0,
+            now_ms: 0,
+            keys: Vec::new(),
             head: None,
         }
     }
@@ -515,7 +719,9 @@ mod tests {
                 ok: true,
                 records: 5,
                 first_bad_seq: None,
-                reason: None
+                reason: None,
+                unsigned: 5,
+                ..VerifyReport::default()
             }
         );
         let empty = verify(Vec::new(), &Bounds::default());
@@ -594,14 +800,18 @@ mod tests {
         let b = Bounds {
             last_seq: 3,
             first_seq: 1,
-            expiry_allowed: false,
+            max_age_ms: 0,
+            now_ms: 0,
+            keys: Vec::new(),
             head: Some(records[4].head()),
         };
         assert_eq!(verify(s, &b).first_bad_seq, Some(4), "head beyond the end");
         let all_gone = Bounds {
             last_seq: 5,
             first_seq: 6,
-            expiry_allowed: false,
+            max_age_ms: 0,
+            now_ms: 0,
+            keys: Vec::new(),
             head: None,
         };
         assert_eq!(verify(Vec::new(), &all_gone).first_bad_seq, Some(1));
@@ -614,7 +824,7 @@ mod tests {
         let strict = bounds(&s, 6);
         assert_eq!(verify(s.clone(), &strict).first_bad_seq, Some(1));
         let lenient = Bounds {
-            expiry_allowed: true,
+            max_age_ms: 1,
             ..strict
         };
         let report = verify(s, &lenient);
@@ -623,10 +833,145 @@ mod tests {
         let all_expired = Bounds {
             last_seq: 6,
             first_seq: 7,
-            expiry_allowed: true,
+            max_age_ms: 1,
             head: Some(records[5].head()),
+            ..Bounds::default()
         };
         assert!(verify(Vec::new(), &all_expired).ok);
+    }
+
+    /// A signed chain of `n` records stored one hour apart, from `start_ms`.
+    fn signed_chain(n: u64, key: &AuditKey, start_ms: i64) -> Vec<AuditRecord> {
+        let mut head = Head::genesis();
+        (1..=n)
+            .map(|i| {
+                let body = serde_json::to_vec(&narrative(i)).expect("json");
+                let at = start_ms + (i as i64 - 1) * 3_600_000;
+                let stored_at = jiff::Timestamp::from_millisecond(at)
+                    .expect("time")
+                    .to_string();
+                let r =
+                    AuditRecord::next(&head, examine(&body), stored_at, "s".into(), i, Some(key));
+                head = r.head();
+                r
+            })
+            .collect()
+    }
+
+    fn keyed(records: &[Stored], last_seq: u64, keys: Vec<AuditKey>) -> Bounds {
+        Bounds {
+            keys,
+            ..bounds(records, last_seq)
+        }
+    }
+
+    #[test]
+    fn a_signed_chain_reports_its_key_and_last_checkpoint() {
+        let key = AuditKey::from_secret(vec![1; 32]);
+        let records = signed_chain(4, &key, 0);
+        let s = stored(&records);
+        let report = verify(s.clone(), &keyed(&s, 4, vec![key.clone()]));
+        assert!(report.ok, "{report:?}");
+        assert_eq!(report.key_id.as_deref(), Some(key.id()));
+        assert_eq!((report.signed, report.unsigned), (4, 0));
+        let last = report.last_signed.expect("checkpoint");
+        assert_eq!(
+            (last.seq, last.stored_at.as_str()),
+            (4, records[3].stored_at.as_str())
+        );
+        // A rotated key: the old one kept as retired still verifies what it signed.
+        let new = AuditKey::from_secret(vec![2; 32]);
+        assert!(verify(s.clone(), &keyed(&s, 4, vec![new.clone(), key])).ok);
+        let report = verify(s.clone(), &keyed(&s, 4, vec![new]));
+        assert_eq!(report.first_bad_seq, Some(1), "{report:?}");
+        assert!(report.reason.is_some_and(|r| r.contains("does not hold")));
+    }
+
+    #[test]
+    fn a_chain_rewritten_without_the_key_fails_on_its_signature() {
+        let key = AuditKey::from_secret(vec![1; 32]);
+        let mut records = signed_chain(5, &key, 0);
+        // Rewritten from record 3 on, every hash recomputed: only the signatures can tell.
+        records[2].narrative["what"] = json!("forged");
+        for i in 2..5 {
+            if i > 2 {
+                records[i].prev_hash = records[i - 1].hash.clone();
+            }
+            records[i].hash = records[i].computed_hash();
+        }
+        let s = stored(&records);
+        assert!(verify(s.clone(), &bounds(&s, 5)).first_bad_seq.is_some());
+        let report = verify(s.clone(), &keyed(&s, 5, vec![key.clone()]));
+        assert_eq!(report.first_bad_seq, Some(3), "{report:?}");
+        assert!(report.reason.is_some_and(|r| r.contains("bad signature")));
+        assert_eq!(report.last_signed.map(|c| c.seq), Some(2));
+
+        // Stripped of signatures and rehashed: unsigned after signed, or nothing signed at all.
+        let mut stripped = signed_chain(3, &key, 0);
+        stripped[2].sig = None;
+        let s = stored(&stripped);
+        let report = verify(s.clone(), &keyed(&s, 3, vec![key.clone()]));
+        assert_eq!(report.first_bad_seq, Some(3), "{report:?}");
+        let unsigned = chain(3);
+        let s = stored(&unsigned);
+        let report = verify(s.clone(), &keyed(&s, 3, vec![key.clone()]));
+        assert_eq!(report.first_bad_seq, Some(1), "{report:?}");
+        assert!(
+            report
+                .reason
+                .is_some_and(|r| r.contains("no record of the chain is signed"))
+        );
+    }
+
+    #[test]
+    fn records_before_signing_began_are_accepted_and_counted() {
+        let key = AuditKey::from_secret(vec![1; 32]);
+        let mut records = chain(2);
+        let mut head = records[1].head();
+        let body = serde_json::to_vec(&narrative(3)).expect("json");
+        let r = AuditRecord::next(&head, examine(&body), "t".into(), "s".into(), 3, Some(&key));
+        head = r.head();
+        records.push(r);
+        let s = stored(&records);
+        let report = verify(
+            s.clone(),
+            &Bounds {
+                head: Some(head),
+                ..keyed(&s, 3, vec![key])
+            },
+        );
+        assert!(report.ok, "{report:?}");
+        assert_eq!((report.signed, report.unsigned), (1, 2));
+    }
+
+    #[test]
+    fn a_gap_at_the_front_is_expiry_only_when_old_enough() {
+        let key = AuditKey::from_secret(vec![1; 32]);
+        let day = 86_400_000i64;
+        // Records 1..=6 stored an hour apart from t0; 1 and 2 are gone.
+        let records = signed_chain(6, &key, 0);
+        let s: Vec<Stored> = stored(&records).into_iter().skip(2).collect();
+        let at = |now_ms: i64| Bounds {
+            max_age_ms: day as u64,
+            now_ms,
+            ..keyed(&s, 6, vec![key.clone()])
+        };
+        // Record 2 was stored at 1 h; a day later it may have expired.
+        let report = verify(s.clone(), &at(day + 3_600_000));
+        assert!(report.ok, "{report:?}");
+        // Two hours after t0, with one day of retention, nothing can have expired: truncated.
+        let report = verify(s.clone(), &at(2 * 3_600_000));
+        assert_eq!(report.first_bad_seq, Some(2), "{report:?}");
+        assert!(report.reason.is_some_and(|r| r.contains("truncated")));
+        // Every record gone: the recorded head says when the newest was stored.
+        let gone = |now_ms: i64| Bounds {
+            head: Some(records[5].head()),
+            first_seq: 7,
+            ..at(now_ms)
+        };
+        assert!(verify(Vec::new(), &gone(2 * day)).ok);
+        let report = verify(Vec::new(), &gone(6 * 3_600_000));
+        assert_eq!(report.first_bad_seq, Some(6), "{report:?}");
     }
 
     fn json_value() -> impl Strategy<Value = Value> {
@@ -670,7 +1015,7 @@ mod tests {
                 let mut n = narrative(i as u64);
                 n["context"] = ctx.clone();
                 let body = serde_json::to_vec(&n).expect("json");
-                let r = AuditRecord::next(&head, examine(&body), "t".into(), "s".into(), i as u64);
+                let r = AuditRecord::next(&head, examine(&body), "t".into(), "s".into(), i as u64, None);
                 head = r.head();
                 records.push(r);
             }

@@ -3,7 +3,8 @@
 //!
 //! Each narrative read from the `BULWARK_NARRATIVES` stream becomes one audit record in the
 //! `BULWARK_AUDIT` stream: its sequence, the hash of the record before it, the narrative as
-//! received and its own SHA-256 hash (see [`chain`]). A narrative is acknowledged only once its
+//! received, its own SHA-256 hash and that hash's HMAC under clarity's key, kept in a file
+//! outside JetStream (see [`chain`] and [`key`]). A narrative is acknowledged only once its
 //! record is stored, so none is lost when clarity stops or crashes. A narrative that is not JSON
 //! or misses a 5W1H field is stored all the same, flagged `valid: false` with the reason, and
 //! counted. Several instances may run at once: they share one durable consumer and append with
@@ -16,8 +17,9 @@
 //!   correlation_id?, since?, limit?}`, replied with `{"items": [...]}`, newest last. The query
 //!   scans the newest `clarity.query_max_scan` records of the audit stream; there is no index
 //!   yet, so older narratives are not found by a query (they stay in the chain).
-//! - `clarity.verify` (same service): `{}`, replied with `{"ok", "records", "first_bad_seq"}`
-//!   (and `reason` when broken). Reads the whole chain.
+//! - `clarity.verify` (same service, permits of its own): `{}`, replied with `{"ok", "records",
+//!   "first_bad_seq", "key_id", "signed", "unsigned", "last_signed"}` (and `reason` when
+//!   broken). Reads the whole chain and checks every record's signature.
 //!
 //! Produces:
 //! - `clarity.audit`: the audit records (JetStream stream `BULWARK_AUDIT`, retention
@@ -26,10 +28,12 @@
 //!
 //! # Modules
 //! - [`chain`]: audit records, the canonical hash and verification (pure).
+//! - [`key`]: the signing key (HMAC-SHA256), kept in a file outside JetStream.
 //! - [`query`]: query parsing and matching (pure).
 //! - [`service`]: the consumer and the endpoints around them.
 
 pub mod chain;
+pub mod key;
 pub mod query;
 pub mod service;
 

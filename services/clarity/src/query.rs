@@ -221,11 +221,13 @@ mod tests {
             &Head {
                 seq: seq - 1,
                 hash: String::new(),
+                stored_at: None,
             },
             examine(&serde_json::to_vec(&body).expect("json")),
             "2026-11-26T10:00:00.000Z".into(),
             "clarity.narrative.x".into(),
             seq,
+            None,
         )
     }
 

@@ -35,6 +35,7 @@ use bulwark_common::lease::{self, Leadership};
 use bulwark_common::{streams, subjects, telemetry, time};
 
 use crate::chain::{self, AuditRecord, Bounds, Head, Stored, Verifier, VerifyReport};
+use crate::key::{AuditKey, KeyError};
 use crate::query::{Filter, INVALID_QUERY, Newest};
 
 /// Name under which the service registers (CONTRACT section 5).
@@ -43,8 +44,6 @@ pub const SERVICE_NAME: &str = "clarity";
 pub const CONSUMER: &str = "clarity";
 /// Key of the chain's head in the `bulwark_audit_head` bucket.
 pub const HEAD_KEY: &str = "head";
-/// Requests handled at once per instance.
-const MAX_CONCURRENT_REQUESTS: usize = 64;
 /// Time given to in-flight work at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How long one pull request waits for narratives; also the longest shutdown waits for it.
@@ -65,6 +64,9 @@ pub enum ClarityError {
     /// Registration with NATS micro failed.
     #[error("{0}")]
     Register(String),
+    /// The signing key (`clarity.key_file`, `clarity.retired_key_files`) could not be loaded.
+    #[error(transparent)]
+    Key(#[from] KeyError),
 }
 
 /// What the service counts; reported in telemetry and `$SRV.STATS`.
@@ -118,6 +120,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), ClarityError> {
     let timeout = Duration::from_millis(cfg.nats.request_timeout_ms);
+    let keys = load_keys(&cfg.clarity)?;
     let js = streams::context(client.clone(), timeout);
     let narratives = streams::narratives(&js).await?;
     let c = &cfg.clarity;
@@ -155,8 +158,11 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
+    let narrator = bulwark_common::Narrator::new(js.clone(), SERVICE_NAME, "clarity.verify");
     let clarity = Arc::new(Clarity {
         js,
+        keys,
+        narrator,
         head_kv,
         leadership,
         cfg: cfg.clarity.clone(),
@@ -170,15 +176,21 @@ pub async fn run(
     ];
     let tracker = TaskTracker::new();
     let state = clarity.clone();
-    let service = bulwark_common::micro::register(
+    // Separate permits: long query scans cannot hold up a verification, nor the reverse.
+    let query_permits = Arc::new(tokio::sync::Semaphore::new(c.query_concurrency));
+    let verify_permits = Arc::new(tokio::sync::Semaphore::new(c.verify_concurrency));
+    let service = bulwark_common::micro::register_with_permits(
         &bulwark_common::micro::serving_client(&cfg.nats, &client, SERVICE_NAME).await,
         SERVICE_NAME,
-        "bulwark clarity: hash-chained audit of 5W1H narratives, query and verify",
+        "bulwark clarity: signed, hash-chained audit of 5W1H narratives, query and verify",
         move || stats_counters.snapshot(),
         &endpoints,
         &tracker,
         &shutdown,
-        MAX_CONCURRENT_REQUESTS,
+        move |op| match op {
+            Op::Query => query_permits.clone(),
+            Op::Verify => verify_permits.clone(),
+        },
         move |op, request| {
             let state = state.clone();
             async move { state.handle(op, &request).await }
@@ -200,7 +212,8 @@ pub async fn run(
         move || telemetry_counters.snapshot(),
     );
     tracing::info!(
-        "clarity storing {} into {}",
+        key_id = clarity.keys[0].id(),
+        "clarity storing {} into {}, signed",
         subjects::NARRATIVE_ALL,
         streams::AUDIT_STREAM
     );
@@ -209,6 +222,20 @@ pub async fn run(
     bulwark_common::micro::finish(SERVICE_NAME, service, tracker, SHUTDOWN_GRACE).await;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, elector).await;
     Ok(())
+}
+
+/// The signing key (created when missing), then the retired keys: the current one first.
+fn load_keys(cfg: &ClarityConfig) -> Result<Vec<AuditKey>, KeyError> {
+    let path = std::path::Path::new(&cfg.key_file);
+    let (key, created) = AuditKey::load_or_create(path)?;
+    if created {
+        tracing::info!(key_id = key.id(), file = %path.display(), "clarity: created a new audit signing key (mode 0600)");
+    }
+    let mut keys = vec![key];
+    for retired in &cfg.retired_key_files {
+        keys.push(AuditKey::load(std::path::Path::new(retired))?);
+    }
+    Ok(keys)
 }
 
 /// Appends narratives during each tenure of the `clarity` lease; stands by in between.
@@ -338,6 +365,10 @@ enum AppendError {
 /// The clarity state shared by the consumer and every request.
 struct Clarity {
     js: jetstream::Context,
+    /// The signing key, then the retired ones (verification only).
+    keys: Vec<AuditKey>,
+    /// Narrates broken verifications.
+    narrator: bulwark_common::Narrator,
     head_kv: kv::Store,
     /// This replica's part in the `clarity` (chain writer) lease.
     leadership: Leadership,
@@ -367,6 +398,7 @@ impl Clarity {
                         if !report.ok {
                             self.counters.chain_breaks.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(first_bad_seq = ?report.first_bad_seq, reason = ?report.reason, "clarity: audit chain broken");
+                            self.narrate_break(report).await;
                         }
                     }
                     Err(_) => {
@@ -378,6 +410,26 @@ impl Clarity {
                 api::respond(request, result).await;
             }
         }
+    }
+
+    /// Narrates a broken chain: where, why, and what the signatures still vouch for.
+    async fn narrate_break(&self, report: &VerifyReport) {
+        let at = report
+            .first_bad_seq
+            .map_or_else(|| "?".to_owned(), |s| s.to_string());
+        let narrative = self
+            .narrator
+            .narrative("audit_chain_broken", "verification of every record")
+            .why(format!("the audit chain is broken at sequence {at}"))
+            .why(report.reason.clone().unwrap_or_default())
+            .context(json!({
+                "first_bad_seq": report.first_bad_seq,
+                "records": report.records,
+                "key_id": report.key_id,
+                "last_signed": report.last_signed,
+                "chain_breaks": self.counters.chain_breaks.load(Ordering::Relaxed),
+            }));
+        self.narrator.publish(narrative).await;
     }
 
     // ---- appending ----------------------------------------------------------------------------
@@ -405,6 +457,7 @@ impl Clarity {
                 stored_at.clone(),
                 msg.subject.to_string(),
                 source_seq,
+                self.keys.first(),
             );
             let body = api::to_bytes(&record);
             let publish = PublishMessage::build()
@@ -477,7 +530,7 @@ impl Clarity {
                 .get_last_raw_message_by_subject(subjects::CLARITY_AUDIT)
                 .await
             {
-                Ok(msg) => (msg.sequence, record_hash(&msg.payload)),
+                Ok(msg) => (msg.sequence, record_head_fields(&msg.payload)),
                 Err(err) if err.kind() == LastRawMessageErrorKind::NoMessageFound => (0, None),
                 Err(err) => return Err(unavailable(err.to_string())),
             };
@@ -485,8 +538,8 @@ impl Clarity {
                 // Another instance appended between the two reads.
                 continue;
             }
-            let hash = if last_seq == 0 {
-                Some(chain::GENESIS_HASH.to_owned())
+            let known = if last_seq == 0 {
+                Some((chain::GENESIS_HASH.to_owned(), None))
             } else if subject_seq == last_seq {
                 last_hash
             } else {
@@ -497,19 +550,20 @@ impl Clarity {
                     .flatten()
                     .map(|v| v.value)
                     .filter(|h| h.seq == last_seq)
-                    .map(|h| h.hash)
+                    .map(|h| (h.hash, h.stored_at))
             };
-            let hash = hash.unwrap_or_else(|| {
+            let (hash, stored_at) = known.unwrap_or_else(|| {
                 tracing::warn!(
                     seq = last_seq,
                     "clarity: the newest audit record is unreadable; the chain is broken there"
                 );
-                chain::GENESIS_HASH.to_owned()
+                (chain::GENESIS_HASH.to_owned(), None)
             });
             return Ok(Tip {
                 head: Head {
                     seq: last_seq,
                     hash,
+                    stored_at,
                 },
                 subject_seq,
             });
@@ -556,8 +610,7 @@ impl Clarity {
         let bounds = Bounds {
             last_seq: state.last_sequence,
             first_seq: state.first_sequence,
-            expiry_allowed: self.cfg.max_age_days > 0,
-            head: None,
+            ..Bounds::default()
         };
         let start = start
             .unwrap_or(state.first_sequence)
@@ -642,8 +695,10 @@ impl Clarity {
         let mut verifier = Verifier::new(Bounds {
             last_seq: state.last_sequence,
             first_seq: state.first_sequence,
-            expiry_allowed: self.cfg.max_age_days > 0,
+            max_age_ms: self.cfg.max_age_days.saturating_mul(86_400_000),
+            now_ms: time::now_ms(),
             head,
+            keys: self.keys.clone(),
         });
         let scanned = self.scan(None, |stored| verifier.push(&stored)).await?;
         if scanned.last_seq != state.last_sequence {
@@ -659,11 +714,13 @@ impl Clarity {
     }
 }
 
-/// The `hash` field of a stored record, if it has one.
-fn record_hash(payload: &[u8]) -> Option<String> {
-    serde_json::from_slice::<Value>(payload)
-        .ok()?
-        .get("hash")?
-        .as_str()
-        .map(str::to_owned)
+/// The `hash` and `stored_at` fields of a stored record, if it has a hash.
+fn record_head_fields(payload: &[u8]) -> Option<(String, Option<String>)> {
+    let record = serde_json::from_slice::<Value>(payload).ok()?;
+    let hash = record.get("hash")?.as_str()?.to_owned();
+    let stored_at = record
+        .get("stored_at")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    Some((hash, stored_at))
 }

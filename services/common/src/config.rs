@@ -687,8 +687,18 @@ impl Default for VotersConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ClarityConfig {
     /// Days an audit record is kept; 0 keeps records forever. With a limit, verification starts
-    /// at the oldest record still stored (expired records cannot be told from deleted ones).
+    /// at the oldest record still stored, provided its predecessor is old enough to have expired
+    /// (a signed record names when its predecessor was stored); a younger gap is a truncation.
     pub max_age_days: u64,
+    /// File holding clarity's signing key (HMAC-SHA256, hex), outside JetStream; created with
+    /// mode 0600 on the first start when missing. Every clarity replica needs the same key.
+    pub key_file: String,
+    /// Keys clarity signed with before a rotation, kept so the records they signed still verify.
+    pub retired_key_files: Vec<String>,
+    /// `clarity.query` requests handled at once per instance (verify has its own permits).
+    pub query_concurrency: usize,
+    /// `clarity.verify` requests handled at once per instance.
+    pub verify_concurrency: usize,
     /// Narratives fetched from `BULWARK_NARRATIVES` per pull request.
     pub fetch_batch: usize,
     /// Seconds a fetched narrative may stay unacknowledged before JetStream redelivers it (a
@@ -709,6 +719,10 @@ impl Default for ClarityConfig {
     fn default() -> Self {
         Self {
             max_age_days: 0,
+            key_file: "data/clarity.key".into(),
+            retired_key_files: Vec::new(),
+            query_concurrency: 16,
+            verify_concurrency: 2,
             fetch_batch: 64,
             ack_wait_s: 30.0,
             duplicate_window_s: 120.0,
@@ -748,6 +762,15 @@ impl ClarityConfig {
         }
         if self.query_max_scan == 0 {
             return Err("clarity.query_max_scan must be at least 1".into());
+        }
+        if self.key_file.trim().is_empty() {
+            return Err("clarity.key_file must name a file".into());
+        }
+        if self.query_concurrency == 0 || self.verify_concurrency == 0 {
+            return Err(
+                "clarity.query_concurrency and clarity.verify_concurrency must be at least 1"
+                    .into(),
+            );
         }
         Ok(())
     }

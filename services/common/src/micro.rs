@@ -257,6 +257,40 @@ where
     F: Fn(Op, async_nats::service::Request) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(max_concurrent));
+    register_with_permits(
+        client,
+        name,
+        description,
+        snapshot,
+        endpoints,
+        tracker,
+        shutdown,
+        move |_| permits.clone(),
+        handle,
+    )
+    .await
+}
+
+/// [`register`], with the permits of each endpoint given by `permits(op)`: endpoints given
+/// different semaphores cannot starve one another (clarity's long queries and its verify).
+#[allow(clippy::too_many_arguments)]
+pub async fn register_with_permits<Op, F, Fut>(
+    client: &Client,
+    name: &str,
+    description: &str,
+    snapshot: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    endpoints: &[EndpointSpec<Op>],
+    tracker: &tokio_util::task::TaskTracker,
+    shutdown: &tokio_util::sync::CancellationToken,
+    permits: impl Fn(Op) -> std::sync::Arc<tokio::sync::Semaphore>,
+    handle: F,
+) -> Result<async_nats::service::Service, String>
+where
+    Op: Copy + Send + 'static,
+    F: Fn(Op, async_nats::service::Request) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     use async_nats::service::ServiceExt;
     let _ = NARRATION_CLIENT.set(client.clone());
     crate::api::set_max_payload(client.server_info().max_payload);
@@ -268,7 +302,6 @@ where
         .start(name, VERSION)
         .await
         .map_err(|e| format!("could not register NATS micro service {name}: {e}"))?;
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(max_concurrent));
     for &(endpoint_name, subject, op) in endpoints {
         let endpoint = service
             .endpoint_builder()
@@ -280,7 +313,7 @@ where
         tracker.spawn(serve_requests(
             endpoint,
             tracker.clone(),
-            permits.clone(),
+            permits(op),
             shutdown.clone(),
             move |request| handle(op, request),
         ));

@@ -204,6 +204,10 @@ async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, S
         .await
         .map_err(|e| store_error(spec.name, e))?;
     let current = &stream.cached_info().config;
+    // Deletes and purges once denied stay denied (the server refuses to clear them).
+    let mut config = config;
+    config.deny_delete |= current.deny_delete;
+    config.deny_purge |= current.deny_purge;
     if current.max_age != spec.max_age
         || current.duplicate_window != spec.duplicate_window
         || current.num_replicas != config.num_replicas
@@ -253,14 +257,16 @@ pub const AUDIT_STREAM: &str = "BULWARK_AUDIT";
 /// KV bucket holding the head (`{seq, hash}`) of the audit chain.
 pub const AUDIT_HEAD_BUCKET: &str = "bulwark_audit_head";
 
-/// Creates the audit stream when missing, and brings its retention (`max_age`, zero for
-/// forever) and duplicate window up to date when they changed.
+/// Creates the audit stream when missing, brings its retention (`max_age`, zero for forever)
+/// and duplicate window up to date when they changed, and denies deleting or purging its records
+/// (`deny_delete`, `deny_purge`; an existing stream is conformed, logged). Records then leave
+/// only by expiry.
 pub async fn audit(
     js: &jetstream::Context,
     max_age: Duration,
     duplicate_window: Duration,
 ) -> Result<stream::Stream, StoreError> {
-    ensure(
+    let stream = ensure(
         js,
         Spec {
             name: AUDIT_STREAM,
@@ -271,7 +277,26 @@ pub async fn audit(
             duplicate_window,
         },
     )
-    .await
+    .await?;
+    let config = &stream.cached_info().config;
+    if config.deny_delete && config.deny_purge {
+        return Ok(stream);
+    }
+    let mut config = config.clone();
+    tracing::info!(
+        stream = AUDIT_STREAM,
+        deny_delete = config.deny_delete,
+        deny_purge = config.deny_purge,
+        "denying deletes and purges of audit records"
+    );
+    config.deny_delete = true;
+    config.deny_purge = true;
+    js.update_stream(config)
+        .await
+        .map_err(|e| store_error(AUDIT_STREAM, e))?;
+    js.get_stream(AUDIT_STREAM)
+        .await
+        .map_err(|e| store_error(AUDIT_STREAM, e))
 }
 
 /// Stream of parked (shed) tasks, replayable into the queue.
