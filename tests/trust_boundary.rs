@@ -449,6 +449,7 @@ async fn the_connection_services_answer_on_may_publish_only_to_inboxes() {
     api.publish("_INBOX.probe", "answer".into())
         .await
         .expect("enqueued");
+    api.flush().await.expect("flushed");
     let got = tokio::time::timeout(PATIENCE, inbox.next())
         .await
         .expect("the answer arrives")

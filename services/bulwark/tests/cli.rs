@@ -130,9 +130,9 @@ async fn intents_reviews_and_votes_from_the_shell() {
         ],
     );
     assert_eq!(stdout_json(&out)["mission_alignment"], 0.9);
-    // The voters are bound (the default): the operator may not vote in their names.
+    // The operator submitted cli-3: it may not vote on it under any voter's name.
     let out = bulwark(s, &["vote", "cli-3", "approve", "--voter", "guardian"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("identity_required"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("self_vote"));
     bulwark_as(
         s,
         ("guardian", "guardian-dev"),
