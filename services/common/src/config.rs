@@ -1167,6 +1167,9 @@ pub struct WatchdogConfig {
     /// Services that must answer `$SRV.PING` (alerted when they do not, even if never seen).
     /// Any other service is watched once it has been seen.
     pub required_services: Vec<String>,
+    /// Fraction of a stream's, bucket's or the account's JetStream limit (bytes or messages)
+    /// at which the `storage_near_limit` alert is raised (seed: 0.8).
+    pub storage_alert_ratio: f64,
 }
 
 impl Default for WatchdogConfig {
@@ -1183,6 +1186,7 @@ impl Default for WatchdogConfig {
                 "storm_guard".into(),
                 "event_policy_engine".into(),
             ],
+            storage_alert_ratio: 0.8,
         }
     }
 }
@@ -1190,6 +1194,12 @@ impl Default for WatchdogConfig {
 impl WatchdogConfig {
     /// Checks ranges and consistency; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
+        if !(self.storage_alert_ratio > 0.0 && self.storage_alert_ratio <= 1.0) {
+            return Err(format!(
+                "watchdog.storage_alert_ratio must be in (0, 1], got {}",
+                self.storage_alert_ratio
+            ));
+        }
         for (key, value) in [
             ("check_interval_s", self.check_interval_s),
             ("realert_interval_s", self.realert_interval_s),

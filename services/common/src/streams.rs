@@ -147,6 +147,20 @@ pub async fn replicas(js: &jetstream::Context) -> usize {
     info.connect_urls.len().clamp(1, 3)
 }
 
+/// The durability in force: `synced` with 3 replicas or more (a write is acknowledged once a
+/// majority holds it), else `nats.durability` (`synced` meaning the server syncs every write
+/// before acknowledging it, as `bulwark up` arranges).
+pub async fn durability_in_force(
+    js: &jetstream::Context,
+    configured: crate::config::Durability,
+) -> crate::config::Durability {
+    if replicas(js).await >= 3 {
+        crate::config::Durability::Synced
+    } else {
+        configured
+    }
+}
+
 /// Why a stream or bucket could not be made ready.
 #[derive(Debug, thiserror::Error)]
 #[error("JetStream {name} is not available: {reason}")]

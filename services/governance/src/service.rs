@@ -127,7 +127,7 @@ pub async fn run(
         cfg: cfg.governance.clone(),
         counters: Arc::new(Counters::default()),
         timeout,
-        durability: durability_in_force(&js_for_durability, cfg.nats.durability).await,
+        durability: streams::durability_in_force(&js_for_durability, cfg.nats.durability).await,
         storage: cfg.nats.storage.clone(),
     });
 
@@ -222,21 +222,10 @@ struct Governance {
     narrator: Narrator,
     counters: Arc<Counters>,
     timeout: Duration,
-    /// What an acknowledgement promises here ([`durability_in_force`]).
+    /// What an acknowledgement promises here ([`streams::durability_in_force`]).
     durability: Durability,
     /// Retention of finished intent records.
     storage: StorageConfig,
-}
-
-/// The durability in force: `synced` with 3 replicas or more (a write is acknowledged once a
-/// majority holds it), else `nats.durability` (`synced` meaning the server syncs every write,
-/// as `bulwark up` arranges).
-pub async fn durability_in_force(js: &jetstream::Context, configured: Durability) -> Durability {
-    if streams::replicas(js).await >= 3 {
-        Durability::Synced
-    } else {
-        configured
-    }
 }
 
 /// Code of the 503 that names the stream or bucket limit a write reached.
