@@ -1,9 +1,9 @@
 //! Retention of finished intent records: a periodic sweep removes a record that has been
 //! completed, failed or rejected for longer than `nats.storage.finished_intent_retention_s`.
 //!
-//! The sweep reads the newest revision of every key of the intents bucket and deletes the
-//! stream message of a finished one by its sequence: no delete marker is left, and a record
-//! rewritten meanwhile (a new revision, another sequence) is not touched. Records that are not
+//! The sweep reads the newest revision of every key of the intents bucket and purges that key's
+//! messages up to that revision (a subject-filtered stream purge below the next sequence): no
+//! delete marker is left, and a record rewritten meanwhile (a newer revision) is not touched. Records that are not
 //! finished (pending review or vote, queued, running, shed) are never removed. Several
 //! governance replicas may sweep at once: deleting an already deleted message is harmless.
 
@@ -32,6 +32,10 @@ pub async fn sweep(
 ) -> Result<usize, String> {
     let name = format!("KV_{}", streams::INTENTS_BUCKET);
     let stream = js.get_stream(&name).await.map_err(|e| e.to_string())?;
+    if stream.cached_info().state.messages == 0 {
+        // An empty bucket's watch would deliver nothing at all.
+        return Ok(0);
+    }
     let mut watch = intents
         .watch_with_history(">")
         .await
@@ -52,7 +56,20 @@ pub async fn sweep(
         if entry.operation == kv::Operation::Put && old {
             let done = serde_json::from_slice::<IntentRecord>(&entry.value)
                 .is_ok_and(|record| finished(record.status));
-            if done && stream.delete_message(entry.revision).await.is_ok() {
+            // Purge the key's messages up to this revision: a newer one (the record written
+            // again meanwhile) survives, and nothing of this one is left (no marker).
+            let purged = if done {
+                stream
+                    .purge()
+                    .filter(format!("$KV.{}.{}", streams::INTENTS_BUCKET, entry.key))
+                    .sequence(entry.revision + 1)
+                    .await
+                    .map(|r| r.purged)
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            if purged > 0 {
                 removed += 1;
                 tracing::debug!(intent = entry.key, "finished intent record expired");
             }
