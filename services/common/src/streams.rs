@@ -20,7 +20,9 @@
 //! limit), a `max_msg_size` and a discard policy, all from `[nats.storage]`
 //! ([`crate::config::StorageConfig`]; table in docs/architecture.md): the mesh, narratives and
 //! dead tasks drop their oldest messages, the task queues, the audit and the buckets refuse new
-//! ones. Existing streams are conformed at start (logged).
+//! ones. Existing streams are conformed at start (logged). A configured size is the stream's
+//! share of the account's JetStream space, which counts every replica: with R3, each copy's
+//! `max_bytes` is a third of it.
 //!
 //! **Replication.** Every stream and bucket is created with [`replicas`] copies: the configured
 //! `nats.replicas`, or when that is 0, 1 on a single server and 3 (at most the cluster's size) on
@@ -63,6 +65,17 @@ pub struct Limits {
     pub max_msg_size: i32,
     /// What happens at the limit.
     pub discard: stream::DiscardPolicy,
+}
+
+impl Limits {
+    /// The limits of one of `replicas` copies: the configured bytes are the stream's share of
+    /// the account's JetStream space, which counts every replica.
+    pub fn per_replica(self, replicas: usize) -> Limits {
+        Limits {
+            max_bytes: (self.max_bytes / replicas.max(1) as i64).max(1),
+            ..self
+        }
+    }
 }
 
 /// The limits of the bucket `name`.
@@ -196,7 +209,7 @@ pub async fn bucket(
     description: &str,
 ) -> Result<kv::Store, StoreError> {
     let replicas = replicas(js).await;
-    let limits = bucket_limits(name);
+    let limits = bucket_limits(name).per_replica(replicas);
     let store = match js.get_key_value(name).await {
         Ok(store) => store,
         Err(_) => {
@@ -322,16 +335,17 @@ async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, S
         num_replicas: replicas(js).await,
         ..Default::default()
     };
-    config.max_bytes = spec.limits.max_bytes;
-    config.max_messages = spec.limits.max_msgs;
-    config.max_message_size = spec.limits.max_msg_size;
-    config.discard = spec.limits.discard;
+    let limits = spec.limits.per_replica(config.num_replicas);
+    config.max_bytes = limits.max_bytes;
+    config.max_messages = limits.max_msgs;
+    config.max_message_size = limits.max_msg_size;
+    config.discard = limits.discard;
     let stream = js
         .get_or_create_stream(config.clone())
         .await
         .map_err(|e| store_error(spec.name, e))?;
     let mut current = stream.cached_info().config.clone();
-    let limited = apply_limits(spec.name, &mut current, spec.limits);
+    let limited = apply_limits(spec.name, &mut current, limits);
     if limited
         || current.max_age != spec.max_age
         || current.duplicate_window != spec.duplicate_window
