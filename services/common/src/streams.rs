@@ -524,3 +524,32 @@ pub async fn mesh(
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_at_a_limit_names_the_stream_and_the_limit() {
+        let full = limit_refusal(TASKS_STREAM, "maximum messages exceeded").expect("a limit");
+        assert!(
+            full.contains(TASKS_STREAM) && full.contains("max_msgs"),
+            "{full}"
+        );
+        let bytes = limit_refusal("x", "nats: maximum bytes exceeded").expect("a limit");
+        assert!(bytes.contains("max_bytes"), "{bytes}");
+        assert_eq!(limit_refusal("x", "timed out"), None);
+    }
+
+    #[test]
+    fn a_replicated_stream_gets_its_share_per_copy() {
+        let limits = Limits {
+            max_bytes: 300,
+            max_msgs: -1,
+            max_msg_size: 10,
+            discard: stream::DiscardPolicy::Old,
+        };
+        assert_eq!(limits.per_replica(3).max_bytes, 100);
+        assert_eq!(limits.per_replica(0).max_bytes, 300);
+    }
+}
