@@ -116,3 +116,27 @@ pub fn write_synced(conf: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::write(out, lines.join("\n") + "\n")
         .with_context(|| format!("writing {}", out.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_synced_copy_of_nats_conf_syncs_every_write() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats.conf");
+        let out = dir.path().join("nats-synced.conf");
+        write_synced(&conf, &out).expect("written");
+        let text = std::fs::read_to_string(&out).expect("read");
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with("jetstream") && l.ends_with('{'))
+            .expect("jetstream block");
+        assert_eq!(lines[at + 1], "sync_interval: always");
+        assert_eq!(text.matches("sync_interval").count(), 1);
+        let none = dir.path().join("none.conf");
+        std::fs::write(&none, "listen: 127.0.0.1:4222\n").expect("write");
+        assert!(write_synced(&none, &out).is_err(), "no jetstream block");
+    }
+}
