@@ -182,6 +182,15 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
         "ratio bulwark / raw",
         gov / raw
     );
+    let synced = synced_intents(&sizes, &sample).await?;
+    println!(
+        "  {:<44} {:>10.0} intents/s",
+        "  durability = fast (the row above)", gov
+    );
+    println!(
+        "  {:<44} {:>10.0} intents/s",
+        "  durability = synced (sync_interval always)", synced
+    );
 
     let mut offset = sizes.throughput_requests;
     for rate in [sizes.offered_rate, sizes.offered_rate / 2] {
@@ -220,6 +229,29 @@ async fn governance(args: &Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Intents decided per second by a governance whose server syncs every write before it
+/// acknowledges (`nats.durability = "synced"`), on a server of its own.
+async fn synced_intents(sizes: &Sizes, sample: &str) -> anyhow::Result<f64> {
+    let server = NatsServer::start_synced();
+    let mut cfg = server.config();
+    cfg.nats.durability = bulwark_common::config::Durability::Synced;
+    let _gov = start_governance(cfg).await;
+    let client = server.client().await;
+    let body = sample.to_owned();
+    let intent = move |i: u64| {
+        let mut v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["intent_id"] = json!(format!("synced-{i}"));
+        v.to_string().into()
+    };
+    closed_loop(
+        "intent submissions (synced)",
+        sizes.throughput_requests,
+        sizes.in_flight,
+        request_op(&client, subjects::INTENT_SUBMIT, intent),
+    )
+    .await
 }
 
 fn print_latency(label: &str, hist: &Histogram<u64>) {

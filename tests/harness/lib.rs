@@ -51,6 +51,8 @@ pub struct NatsServer {
     cluster: Option<ClusterNode>,
     /// Appended to the repository's `nats.conf` (e.g. a `tls { ... }` block).
     extra: String,
+    /// `sync_interval: always` in the `jetstream` block (`nats.durability = "synced"`).
+    synced: bool,
 }
 
 /// A server's place in a cluster: its name, its route port and every route port.
@@ -70,6 +72,28 @@ impl NatsServer {
     /// Starts a server with JetStream and no authorization.
     pub fn start_open() -> Self {
         Self::launch(false).expect("nats-server starts")
+    }
+
+    /// Starts a server with the repository's `nats.conf` whose JetStream syncs every write
+    /// before acknowledging it (`sync_interval: always`, what `nats.durability = "synced"`
+    /// makes `bulwark up` run).
+    pub fn start_synced() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bulwark-nats-")
+            .tempdir()
+            .expect("temp dir");
+        let mut server = NatsServer {
+            child: None,
+            dir,
+            port: 0,
+            monitor_port: 0,
+            with_auth: true,
+            cluster: None,
+            extra: String::new(),
+            synced: true,
+        };
+        server.spawn(None).expect("nats-server starts");
+        server
     }
 
     /// Starts a server with the repository's `nats.conf` followed by `extra` (e.g. a `tls`
@@ -92,6 +116,7 @@ impl NatsServer {
             with_auth,
             cluster: None,
             extra: extra.to_owned(),
+            synced: false,
         };
         server.spawn(None)?;
         Ok(server)
@@ -109,6 +134,7 @@ impl NatsServer {
             with_auth: true,
             cluster: Some(node),
             extra: String::new(),
+            synced: false,
         };
         server.spawn(None)?;
         Ok(server)
@@ -136,7 +162,12 @@ impl NatsServer {
                         "http: 127.0.0.1:-1".to_owned()
                     } else if trimmed.starts_with("store_dir:") {
                         replaced += 1;
-                        format!("  store_dir: {:?}", store.display().to_string())
+                        let sync = if self.synced {
+                            "\n  sync_interval: always"
+                        } else {
+                            ""
+                        };
+                        format!("  store_dir: {:?}{sync}", store.display().to_string())
                     } else {
                         line.to_owned()
                     }

@@ -21,13 +21,16 @@ pub fn find_binary(configured: &str) -> anyhow::Result<PathBuf> {
 }
 
 impl LocalServer {
-    /// Starts `binary -c conf`, listening on `host:port`, logging to `log`.
+    /// Starts `binary -c conf`, listening on `host:port`, logging to `log`. With
+    /// `synced`, runs a copy of `conf` whose `jetstream` block has `sync_interval: always`
+    /// (written next to `log`): every acknowledged write is on disk first.
     pub async fn start(
         binary: &Path,
         conf: &Path,
         host: &str,
         port: u16,
         log: &Path,
+        synced: bool,
     ) -> anyhow::Result<Self> {
         if !conf.is_file() {
             bail!(
@@ -39,6 +42,14 @@ impl LocalServer {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
+        let synced_conf;
+        let conf = if synced {
+            synced_conf = log.with_file_name("nats-synced.conf");
+            write_synced(conf, &synced_conf)?;
+            synced_conf.as_path()
+        } else {
+            conf
+        };
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let mut command = Command::new(binary);
@@ -75,5 +86,57 @@ impl LocalServer {
         {
             let _ = self.child.kill().await;
         }
+    }
+}
+
+/// Writes `conf` to `out` with `sync_interval: always` as the first line of its `jetstream`
+/// block (replacing any `sync_interval` there).
+pub fn write_synced(conf: &Path, out: &Path) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(conf).with_context(|| format!("reading {}", conf.display()))?;
+    let mut lines = Vec::new();
+    let mut found = false;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("sync_interval") {
+            continue;
+        }
+        lines.push(line.to_owned());
+        if !found && trimmed.starts_with("jetstream") && trimmed.ends_with('{') {
+            lines.push("  sync_interval: always".to_owned());
+            found = true;
+        }
+    }
+    if !found {
+        bail!(
+            "{} has no `jetstream {{` block to make synced (nats.durability = \"synced\")",
+            conf.display()
+        );
+    }
+    std::fs::write(out, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", out.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_synced_copy_of_nats_conf_syncs_every_write() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats.conf");
+        let out = dir.path().join("nats-synced.conf");
+        write_synced(&conf, &out).expect("written");
+        let text = std::fs::read_to_string(&out).expect("read");
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with("jetstream") && l.ends_with('{'))
+            .expect("jetstream block");
+        assert_eq!(lines[at + 1], "sync_interval: always");
+        assert_eq!(text.matches("sync_interval").count(), 1);
+        let none = dir.path().join("none.conf");
+        std::fs::write(&none, "listen: 127.0.0.1:4222\n").expect("write");
+        assert!(write_synced(&none, &out).is_err(), "no jetstream block");
     }
 }

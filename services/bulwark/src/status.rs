@@ -153,7 +153,40 @@ fn render(report: &Value, colour: bool) -> String {
             ));
         }
     }
+    out.push_str(&render_storage(report));
     out.push_str(&render_replicas(&report["replicas"], colour));
+    out
+}
+
+/// The durability in force and each stream's use of its limits.
+fn render_storage(report: &Value) -> String {
+    let mut out = format!(
+        "\nDurability: {} (nats.durability)\n",
+        report["durability"].as_str().unwrap_or("unknown")
+    );
+    let Some(streams) = report["storage"].as_object().filter(|m| !m.is_empty()) else {
+        return out;
+    };
+    out.push_str("Storage (used / limit):\n");
+    for (name, u) in streams {
+        let bytes = u["bytes"].as_u64().unwrap_or(0);
+        let max = u["max_bytes"].as_i64().unwrap_or(-1);
+        let share = if max > 0 {
+            format!("{:.0}%", bytes as f64 * 100.0 / max as f64)
+        } else {
+            "no limit".to_owned()
+        };
+        out.push_str(&format!(
+            "  {name:<28} {bytes:>12} / {max:>12} B  {share}\n"
+        ));
+    }
+    for c in report["storage_conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        out.push_str(&format!("  [warning] {}\n", plain(&c["reason"])));
+    }
     out
 }
 

@@ -41,13 +41,17 @@ pub async fn up(
         }
         let binary = nats_server::find_binary(&cfg.up.nats_server)?;
         let log = std::path::Path::new("data").join("nats-server.log");
+        let synced = cfg.nats.durability == bulwark_common::config::Durability::Synced;
         println!(
-            "bulwark: starting {} -c {} on {host}:{port} (log: {})",
+            "bulwark: starting {} -c {} on {host}:{port} (log: {}; durability {}{})",
             binary.display(),
             cfg.up.nats_conf.display(),
-            log.display()
+            log.display(),
+            cfg.nats.durability.as_str(),
+            if synced { ": sync_interval always" } else { "" }
         );
-        let mut server = LocalServer::start(&binary, &cfg.up.nats_conf, &host, port, &log).await?;
+        let mut server =
+            LocalServer::start(&binary, &cfg.up.nats_conf, &host, port, &log, synced).await?;
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(cfg.up.server_start_timeout_ms);
         loop {

@@ -277,6 +277,13 @@ impl BulwarkConfig {
             .validate()
             .map_err(ConfigError::Inconsistent)?;
         self.worker.validate().map_err(ConfigError::Inconsistent)?;
+        self.nats
+            .storage
+            .validate()
+            .map_err(ConfigError::Inconsistent)?;
+        if self.mesh.max_event_bytes > i32::MAX as usize {
+            return bad("mesh.max_event_bytes must fit a stream's max_msg_size (i32)".into());
+        }
         let g = &self.governance;
         if g.default_tier > 4 {
             return bad(format!(
@@ -411,6 +418,122 @@ pub struct NatsConfig {
     /// the cluster's size when smaller) on a cluster. Applies to streams and buckets bulwark
     /// creates; existing streams are scaled to it.
     pub replicas: usize,
+    /// What a JetStream acknowledgement promises: `fast` (the server's periodic fsync, every 2
+    /// minutes by default: a power loss may lose the last minutes) or `synced` (`bulwark up`
+    /// starts its server with `sync_interval: always`, or the streams have 3 replicas). The
+    /// intake reply and `bulwark status` say which is in force.
+    pub durability: Durability,
+    /// Limits of every stream and bucket (docs/architecture.md, "Storage limits").
+    pub storage: StorageConfig,
+}
+
+/// `nats.durability`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Acknowledged when in the server's memory and its page cache; fsync every 2 minutes.
+    #[default]
+    Fast,
+    /// Acknowledged only once on disk (`sync_interval: always`) or on 3 replicas.
+    Synced,
+}
+
+impl Durability {
+    /// The name used in the configuration and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Fast => "fast",
+            Durability::Synced => "synced",
+        }
+    }
+}
+
+/// Limits of bulwark's streams and KV buckets (`[nats.storage]`). Sizes are bytes. Every stream
+/// also refuses a message over its `max_msg_size` at the server; `BULWARK_MESH`'s is
+/// `mesh.max_event_bytes`. The sum of the `*_max_bytes` (times the replicas) is reserved from
+/// the account's JetStream limit of `nats.conf` and must fit in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// `BULWARK_MESH` (agent-writable through ingress): discard old.
+    pub mesh_max_bytes: i64,
+    /// `BULWARK_NARRATIVES`: discard old (the audit keeps the durable copy).
+    pub narratives_max_bytes: i64,
+    /// `BULWARK_AUDIT`: discard new (never drops a record silently; clarity retries).
+    pub audit_max_bytes: i64,
+    /// `BULWARK_TASKS`: discard new, turned into a 503 naming the limit at intake.
+    pub tasks_max_bytes: i64,
+    /// `BULWARK_TASKS`: most queued tasks; discard new.
+    pub tasks_max_msgs: i64,
+    /// `BULWARK_TASKS_PARKED`: discard new.
+    pub parked_max_bytes: i64,
+    /// `BULWARK_TASKS_DEAD`: discard old.
+    pub dead_max_bytes: i64,
+    /// `bulwark_intents` bucket: discard new (intake answers 503).
+    pub intents_max_bytes: i64,
+    /// Every other bucket (reviews, proposals, leases, breaker, ...): discard new.
+    pub bucket_max_bytes: i64,
+    /// Largest record (task, narrative, audit record, KV value) any stream but the mesh stores.
+    pub max_record_bytes: i32,
+    /// Seconds a finished intent record (completed, failed, rejected) is kept after it finished;
+    /// 0 keeps them for ever.
+    pub finished_intent_retention_s: f64,
+    /// Seconds between two sweeps of finished intent records.
+    pub sweep_interval_s: f64,
+}
+
+const MIB: i64 = 1024 * 1024;
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            mesh_max_bytes: 2048 * MIB,
+            narratives_max_bytes: 1024 * MIB,
+            audit_max_bytes: 3072 * MIB,
+            tasks_max_bytes: 512 * MIB,
+            tasks_max_msgs: 100_000,
+            parked_max_bytes: 256 * MIB,
+            dead_max_bytes: 256 * MIB,
+            intents_max_bytes: 1024 * MIB,
+            bucket_max_bytes: 64 * MIB,
+            max_record_bytes: 512 * 1024,
+            finished_intent_retention_s: 7.0 * 86_400.0,
+            sweep_interval_s: 60.0,
+        }
+    }
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), String> {
+        let sizes = [
+            ("mesh_max_bytes", self.mesh_max_bytes),
+            ("narratives_max_bytes", self.narratives_max_bytes),
+            ("audit_max_bytes", self.audit_max_bytes),
+            ("tasks_max_bytes", self.tasks_max_bytes),
+            ("tasks_max_msgs", self.tasks_max_msgs),
+            ("parked_max_bytes", self.parked_max_bytes),
+            ("dead_max_bytes", self.dead_max_bytes),
+            ("intents_max_bytes", self.intents_max_bytes),
+            ("bucket_max_bytes", self.bucket_max_bytes),
+            ("max_record_bytes", i64::from(self.max_record_bytes)),
+        ];
+        for (name, value) in sizes {
+            if value <= 0 {
+                return Err(format!(
+                    "nats.storage.{name} must be positive (got {value})"
+                ));
+            }
+        }
+        if !(self.finished_intent_retention_s >= 0.0
+            && self.finished_intent_retention_s.is_finite())
+        {
+            return Err("nats.storage.finished_intent_retention_s must be >= 0".into());
+        }
+        if !(self.sweep_interval_s > 0.0 && self.sweep_interval_s.is_finite()) {
+            return Err("nats.storage.sweep_interval_s must be > 0".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for NatsConfig {
@@ -435,6 +558,8 @@ impl Default for NatsConfig {
             connect_timeout_ms: 5_000,
             request_timeout_ms: 5_000,
             replicas: 0,
+            durability: Durability::Fast,
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -462,6 +587,8 @@ impl std::fmt::Debug for NatsConfig {
             connect_timeout_ms,
             request_timeout_ms,
             replicas,
+            durability,
+            storage,
         } = self;
         let hidden = |secret: &String| if secret.is_empty() { "" } else { REDACTED };
         f.debug_struct("NatsConfig")
@@ -484,6 +611,8 @@ impl std::fmt::Debug for NatsConfig {
             .field("connect_timeout_ms", connect_timeout_ms)
             .field("request_timeout_ms", request_timeout_ms)
             .field("replicas", replicas)
+            .field("durability", durability)
+            .field("storage", storage)
             .finish()
     }
 }
@@ -1096,6 +1225,9 @@ pub struct WatchdogConfig {
     /// Services that must answer `$SRV.PING` (alerted when they do not, even if never seen).
     /// Any other service is watched once it has been seen.
     pub required_services: Vec<String>,
+    /// Fraction of a stream's, bucket's or the account's JetStream limit (bytes or messages)
+    /// at which the `storage_near_limit` alert is raised (seed: 0.8).
+    pub storage_alert_ratio: f64,
 }
 
 impl Default for WatchdogConfig {
@@ -1112,6 +1244,7 @@ impl Default for WatchdogConfig {
                 "storm_guard".into(),
                 "event_policy_engine".into(),
             ],
+            storage_alert_ratio: 0.8,
         }
     }
 }
@@ -1119,6 +1252,12 @@ impl Default for WatchdogConfig {
 impl WatchdogConfig {
     /// Checks ranges and consistency; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
+        if !(self.storage_alert_ratio > 0.0 && self.storage_alert_ratio <= 1.0) {
+            return Err(format!(
+                "watchdog.storage_alert_ratio must be in (0, 1], got {}",
+                self.storage_alert_ratio
+            ));
+        }
         for (key, value) in [
             ("check_interval_s", self.check_interval_s),
             ("realert_interval_s", self.realert_interval_s),

@@ -180,6 +180,7 @@ pub async fn connect(
         })
         .collect();
     crate::streams::set_replicas(cfg.replicas);
+    crate::streams::set_storage(&cfg.storage);
     let stats = Arc::new(ConnectionStats::default());
     register(name, &stats);
     let (user, password, token) = match role {

@@ -331,6 +331,10 @@ pub struct Decision {
     pub reasoning: Vec<String>,
     /// When the decision was made.
     pub timestamp: String,
+    /// What the acknowledgement of this decision promises (`nats.durability`): `fast` (the
+    /// server's periodic fsync) or `synced` (on disk, or on 3 replicas, before the ack).
+    #[serde(default)]
+    pub durability: String,
 }
 
 /// One step of an intent's history.

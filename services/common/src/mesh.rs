@@ -960,6 +960,7 @@ pub async fn mesh_stream(
         js,
         Duration::from_secs(cfg.max_age_days.saturating_mul(86_400)),
         Duration::from_secs_f64(cfg.duplicate_window_s),
+        i32::try_from(cfg.max_event_bytes).unwrap_or(i32::MAX),
     )
     .await?;
     load_id_key(js).await?;

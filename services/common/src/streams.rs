@@ -16,16 +16,101 @@
 //! | `bulwark_breaker` | KV | the mesh circuit breaker's state, shared by storm guard replicas and mesh consumers |
 //! | `bulwark_leases` | KV | leader leases of single-actor duties, with their fencing tokens ([`crate::lease`]) |
 //!
+//! **Limits.** Every stream and bucket has a `max_bytes` (reserved from the account's JetStream
+//! limit), a `max_msg_size` and a discard policy, all from `[nats.storage]`
+//! ([`crate::config::StorageConfig`]; table in docs/architecture.md): the mesh, narratives and
+//! dead tasks drop their oldest messages, the task queues, the audit and the buckets refuse new
+//! ones. Existing streams are conformed at start (logged). A configured size is the stream's
+//! share of the account's JetStream space, which counts every replica: with R3, each copy's
+//! `max_bytes` is a third of it.
+//!
 //! **Replication.** Every stream and bucket is created with [`replicas`] copies: the configured
 //! `nats.replicas`, or when that is 0, 1 on a single server and 3 (at most the cluster's size) on
 //! a NATS cluster. A stream found with another count is scaled to it.
 
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, stream};
 
+use crate::config::StorageConfig;
 use crate::subjects;
+
+/// The configured limits (`nats.storage`); [`crate::connect::connect`] sets them.
+static STORAGE: RwLock<Option<StorageConfig>> = RwLock::new(None);
+
+/// Sets the limits of the streams and buckets this process creates or conforms.
+pub fn set_storage(storage: &StorageConfig) {
+    *STORAGE.write().unwrap_or_else(|e| e.into_inner()) = Some(storage.clone());
+}
+
+/// The limits in force: the configured ones, else the defaults.
+pub fn storage() -> StorageConfig {
+    STORAGE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or_default()
+}
+
+/// Size limits of one stream or bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Bytes (reserved from the account).
+    pub max_bytes: i64,
+    /// Messages; -1 for no count limit.
+    pub max_msgs: i64,
+    /// Largest message, headers included.
+    pub max_msg_size: i32,
+    /// What happens at the limit.
+    pub discard: stream::DiscardPolicy,
+}
+
+impl Limits {
+    /// The limits of one of `replicas` copies: the configured bytes are the stream's share of
+    /// the account's JetStream space, which counts every replica.
+    pub fn per_replica(self, replicas: usize) -> Limits {
+        Limits {
+            max_bytes: (self.max_bytes / replicas.max(1) as i64).max(1),
+            ..self
+        }
+    }
+}
+
+/// The limits of the bucket `name`.
+pub fn bucket_limits(name: &str) -> Limits {
+    let s = storage();
+    Limits {
+        max_bytes: if name == INTENTS_BUCKET {
+            s.intents_max_bytes
+        } else {
+            s.bucket_max_bytes
+        },
+        max_msgs: -1,
+        max_msg_size: s.max_record_bytes,
+        discard: stream::DiscardPolicy::New,
+    }
+}
+
+/// A refusal by JetStream because a stream or bucket reached a limit, described with the limit
+/// (for a 503 that names it); `None` for any other error.
+pub fn limit_refusal(name: &str, err: &str) -> Option<String> {
+    let lower = err.to_ascii_lowercase();
+    let which = if lower.contains("maximum messages exceeded") {
+        "max_msgs"
+    } else if lower.contains("maximum bytes exceeded") || lower.contains("insufficient resources") {
+        "max_bytes"
+    } else if lower.contains("message size exceeds maximum") {
+        "max_msg_size"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{name} is full: it reached its {which} limit (nats.storage, discard new) and refuses new \
+         messages until space is freed ({err})"
+    ))
+}
 
 /// KV bucket of intent records.
 pub const INTENTS_BUCKET: &str = "bulwark_intents";
@@ -75,6 +160,20 @@ pub async fn replicas(js: &jetstream::Context) -> usize {
     info.connect_urls.len().clamp(1, 3)
 }
 
+/// The durability in force: `synced` with 3 replicas or more (a write is acknowledged once a
+/// majority holds it), else `nats.durability` (`synced` meaning the server syncs every write
+/// before acknowledging it, as `bulwark up` arranges).
+pub async fn durability_in_force(
+    js: &jetstream::Context,
+    configured: crate::config::Durability,
+) -> crate::config::Durability {
+    if replicas(js).await >= 3 {
+        crate::config::Durability::Synced
+    } else {
+        configured
+    }
+}
+
 /// Why a stream or bucket could not be made ready.
 #[derive(Debug, thiserror::Error)]
 #[error("JetStream {name} is not available: {reason}")]
@@ -110,6 +209,7 @@ pub async fn bucket(
     description: &str,
 ) -> Result<kv::Store, StoreError> {
     let replicas = replicas(js).await;
+    let limits = bucket_limits(name).per_replica(replicas);
     let store = match js.get_key_value(name).await {
         Ok(store) => store,
         Err(_) => {
@@ -120,6 +220,8 @@ pub async fn bucket(
                     history: 1,
                     storage: jetstream::stream::StorageType::File,
                     num_replicas: replicas,
+                    max_bytes: limits.max_bytes,
+                    max_value_size: limits.max_msg_size,
                     ..Default::default()
                 })
                 .await
@@ -131,7 +233,7 @@ pub async fn bucket(
             }
         }
     };
-    if conform(js, &format!("KV_{name}"), replicas).await? {
+    if conform(js, &format!("KV_{name}"), replicas, Some(limits)).await? {
         // The store caches its stream's settings (how it reads): open it again.
         return js
             .get_key_value(name)
@@ -146,18 +248,24 @@ pub async fn bucket(
 /// that has not applied the latest write yet answers with the value before it, or "not found"
 /// for a key just created (nats-server issues 4162 and 4171). Bulwark decides on what it reads
 /// (an intent's status and fence, a lease's holder), so every read goes to the stream leader.
-/// True when the stream was changed.
-async fn conform(js: &jetstream::Context, name: &str, replicas: usize) -> Result<bool, StoreError> {
+/// With `limits`, also brings its size limits to them. True when the stream was changed.
+async fn conform(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+    limits: Option<Limits>,
+) -> Result<bool, StoreError> {
     let mut stream = js
         .get_stream(name)
         .await
         .map_err(|e| store_error(name, e))?;
     let info = stream.info().await.map_err(|e| store_error(name, e))?;
     let direct = replicas == 1;
-    if info.config.num_replicas == replicas && info.config.allow_direct == direct {
+    let mut config = info.config.clone();
+    let limited = limits.is_some_and(|l| apply_limits(name, &mut config, l));
+    if info.config.num_replicas == replicas && info.config.allow_direct == direct && !limited {
         return Ok(false);
     }
-    let mut config = info.config.clone();
     tracing::info!(
         stream = name,
         from = config.num_replicas,
@@ -173,6 +281,33 @@ async fn conform(js: &jetstream::Context, name: &str, replicas: usize) -> Result
     Ok(true)
 }
 
+/// Sets the size limits of `config` to `limits`, logging what changes. True when any changed.
+fn apply_limits(name: &str, config: &mut stream::Config, limits: Limits) -> bool {
+    let same = config.max_bytes == limits.max_bytes
+        && config.max_messages == limits.max_msgs
+        && config.max_message_size == limits.max_msg_size
+        && config.discard == limits.discard;
+    if same {
+        return false;
+    }
+    tracing::info!(
+        stream = name,
+        from_max_bytes = config.max_bytes,
+        to_max_bytes = limits.max_bytes,
+        from_max_msgs = config.max_messages,
+        to_max_msgs = limits.max_msgs,
+        from_max_msg_size = config.max_message_size,
+        to_max_msg_size = limits.max_msg_size,
+        discard = ?limits.discard,
+        "conforming stream limits to nats.storage"
+    );
+    config.max_bytes = limits.max_bytes;
+    config.max_messages = limits.max_msgs;
+    config.max_message_size = limits.max_msg_size;
+    config.discard = limits.discard;
+    true
+}
+
 /// What distinguishes one of bulwark's streams; everything else (file storage, the replica
 /// count of [`replicas`]) is the same for all of them.
 struct Spec {
@@ -183,12 +318,13 @@ struct Spec {
     /// Zero keeps messages until retention removes them otherwise.
     max_age: Duration,
     duplicate_window: Duration,
+    limits: Limits,
 }
 
-/// Creates the stream of `spec` when missing, and brings its age limit and duplicate window up
-/// to date when the configuration changed them.
+/// Creates the stream of `spec` when missing, and brings its age limit, size limits and
+/// duplicate window up to date when the configuration changed them.
 async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, StoreError> {
-    let config = stream::Config {
+    let mut config = stream::Config {
         name: spec.name.to_owned(),
         description: Some(spec.description.to_owned()),
         subjects: spec.subjects.iter().map(|s| s.to_string()).collect(),
@@ -199,16 +335,22 @@ async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, S
         num_replicas: replicas(js).await,
         ..Default::default()
     };
+    let limits = spec.limits.per_replica(config.num_replicas);
+    config.max_bytes = limits.max_bytes;
+    config.max_messages = limits.max_msgs;
+    config.max_message_size = limits.max_msg_size;
+    config.discard = limits.discard;
     let stream = js
         .get_or_create_stream(config.clone())
         .await
         .map_err(|e| store_error(spec.name, e))?;
-    let current = &stream.cached_info().config;
+    let mut current = stream.cached_info().config.clone();
+    let limited = apply_limits(spec.name, &mut current, limits);
     // Deletes and purges once denied stay denied (the server refuses to clear them).
-    let mut config = config;
     config.deny_delete |= current.deny_delete;
     config.deny_purge |= current.deny_purge;
-    if current.max_age != spec.max_age
+    if limited
+        || current.max_age != spec.max_age
         || current.duplicate_window != spec.duplicate_window
         || current.num_replicas != config.num_replicas
         || current.subjects != config.subjects
@@ -218,6 +360,21 @@ async fn ensure(js: &jetstream::Context, spec: Spec) -> Result<stream::Stream, S
             .map_err(|e| store_error(spec.name, e))?;
     }
     Ok(stream)
+}
+
+/// Limits of a stream of bulwark's own records (`max_record_bytes` each).
+fn record_limits(
+    bytes: impl Fn(&StorageConfig) -> i64,
+    msgs: impl Fn(&StorageConfig) -> i64,
+    discard: stream::DiscardPolicy,
+) -> Limits {
+    let s = storage();
+    Limits {
+        max_bytes: bytes(&s),
+        max_msgs: msgs(&s),
+        max_msg_size: s.max_record_bytes,
+        discard,
+    }
 }
 
 /// Creates the task queue stream when missing.
@@ -231,6 +388,11 @@ pub async fn tasks(js: &jetstream::Context) -> Result<stream::Stream, StoreError
             retention: stream::RetentionPolicy::WorkQueue,
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(120),
+            limits: record_limits(
+                |s| s.tasks_max_bytes,
+                |s| s.tasks_max_msgs,
+                stream::DiscardPolicy::New,
+            ),
         },
     )
     .await
@@ -247,6 +409,11 @@ pub async fn narratives(js: &jetstream::Context) -> Result<stream::Stream, Store
             retention: stream::RetentionPolicy::Limits,
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(120),
+            limits: record_limits(
+                |s| s.narratives_max_bytes,
+                |_| -1,
+                stream::DiscardPolicy::Old,
+            ),
         },
     )
     .await
@@ -275,6 +442,7 @@ pub async fn audit(
             retention: stream::RetentionPolicy::Limits,
             max_age,
             duplicate_window,
+            limits: record_limits(|s| s.audit_max_bytes, |_| -1, stream::DiscardPolicy::New),
         },
     )
     .await?;
@@ -315,6 +483,7 @@ pub async fn tasks_parked(js: &jetstream::Context) -> Result<stream::Stream, Sto
             retention: stream::RetentionPolicy::WorkQueue,
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(120),
+            limits: record_limits(|s| s.parked_max_bytes, |_| -1, stream::DiscardPolicy::New),
         },
     )
     .await
@@ -331,6 +500,7 @@ pub async fn tasks_dead(js: &jetstream::Context) -> Result<stream::Stream, Store
             retention: stream::RetentionPolicy::Limits,
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(120),
+            limits: record_limits(|s| s.dead_max_bytes, |_| -1, stream::DiscardPolicy::Old),
         },
     )
     .await
@@ -350,10 +520,14 @@ pub const LIMITS_BUCKET: &str = "bulwark_mesh_limits";
 
 /// Creates the mesh stream when missing, and brings its retention (`max_age`, zero for
 /// forever) and duplicate window up to date when they changed.
+///
+/// `max_msg_size` is `mesh.max_event_bytes`: the server refuses a larger event, so no consumer
+/// is ever handed (and no dead letter ever stores) more than it accepts.
 pub async fn mesh(
     js: &jetstream::Context,
     max_age: Duration,
     duplicate_window: Duration,
+    max_msg_size: i32,
 ) -> Result<stream::Stream, StoreError> {
     ensure(
         js,
@@ -364,7 +538,42 @@ pub async fn mesh(
             retention: stream::RetentionPolicy::Limits,
             max_age,
             duplicate_window,
+            limits: Limits {
+                max_bytes: storage().mesh_max_bytes,
+                max_msgs: -1,
+                max_msg_size,
+                discard: stream::DiscardPolicy::Old,
+            },
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_at_a_limit_names_the_stream_and_the_limit() {
+        let full = limit_refusal(TASKS_STREAM, "maximum messages exceeded").expect("a limit");
+        assert!(
+            full.contains(TASKS_STREAM) && full.contains("max_msgs"),
+            "{full}"
+        );
+        let bytes = limit_refusal("x", "nats: maximum bytes exceeded").expect("a limit");
+        assert!(bytes.contains("max_bytes"), "{bytes}");
+        assert_eq!(limit_refusal("x", "timed out"), None);
+    }
+
+    #[test]
+    fn a_replicated_stream_gets_its_share_per_copy() {
+        let limits = Limits {
+            max_bytes: 300,
+            max_msgs: -1,
+            max_msg_size: 10,
+            discard: stream::DiscardPolicy::Old,
+        };
+        assert_eq!(limits.per_replica(3).max_bytes, 100);
+        assert_eq!(limits.per_replica(0).max_bytes, 300);
+    }
 }

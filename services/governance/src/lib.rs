@@ -31,6 +31,7 @@
 //! - [`service`]: the endpoints and the vote-deadline sweeper around them.
 
 pub mod identity;
+pub mod retention;
 pub mod review;
 pub mod routing;
 pub mod service;

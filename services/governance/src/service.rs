@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use bulwark_common::api::{self, ApiError};
-use bulwark_common::config::{BulwarkConfig, GovernanceConfig};
+use bulwark_common::config::{BulwarkConfig, Durability, GovernanceConfig, StorageConfig};
 use bulwark_common::intent::{
     Decision, Intent, IntentRecord, IntentStatus, ReviewOutcome, StatusChange, StatusReply, Task,
     Tier,
@@ -74,6 +74,10 @@ pub struct Counters {
     pub votes_expired: AtomicU64,
     /// Requests that failed on bulwark's side (JetStream unavailable).
     pub internal_errors: AtomicU64,
+    /// Requests refused because a stream or bucket reached its limit (`storage_full`).
+    pub storage_full: AtomicU64,
+    /// Finished intent records removed after their retention.
+    pub expired_records: AtomicU64,
 }
 
 impl Counters {
@@ -90,6 +94,8 @@ impl Counters {
             "votes_cast": get(&self.votes_cast),
             "votes_expired": get(&self.votes_expired),
             "internal_errors": get(&self.internal_errors),
+            "storage_full": get(&self.storage_full),
+            "expired_records": get(&self.expired_records),
         })
     }
 }
@@ -104,6 +110,7 @@ pub async fn run(
     let js = streams::context(client.clone(), timeout);
     streams::tasks(&js).await?;
     streams::narratives(&js).await?;
+    let js_for_durability = js.clone();
     let gov = Arc::new(Governance {
         intents: streams::bucket(&js, streams::INTENTS_BUCKET, "bulwark intent records").await?,
         reviews: streams::bucket(&js, streams::REVIEWS_BUCKET, "bulwark human review queue")
@@ -120,6 +127,8 @@ pub async fn run(
         cfg: cfg.governance.clone(),
         counters: Arc::new(Counters::default()),
         timeout,
+        durability: streams::durability_in_force(&js_for_durability, cfg.nats.durability).await,
+        storage: cfg.nats.storage.clone(),
     });
 
     let stats_counters = gov.counters.clone();
@@ -161,6 +170,7 @@ pub async fn run(
     .await
     .map_err(GovernanceError::Register)?;
     tracker.spawn(sweep_votes(gov.clone(), shutdown.clone()));
+    tracker.spawn(sweep_finished(gov.clone(), shutdown.clone()));
     let telemetry_counters = gov.counters.clone();
     telemetry::spawn(
         client.clone(),
@@ -212,6 +222,10 @@ struct Governance {
     narrator: Narrator,
     counters: Arc<Counters>,
     timeout: Duration,
+    /// What an acknowledgement promises here ([`streams::durability_in_force`]).
+    durability: Durability,
+    /// Retention of finished intent records.
+    storage: StorageConfig,
 }
 
 /// The identity speaking: the NATS user the server named, else the per-identity subject's name;
@@ -224,7 +238,13 @@ fn submitter(from: &bulwark_common::identity::Sender, sender: Sender<'_>) -> Opt
     }
 }
 
+/// Code of the 503 that names the stream or bucket limit a write reached.
+pub const STORAGE_FULL: &str = "storage_full";
+
 fn store_err(err: KvError) -> ApiError {
+    if let Some(refusal) = streams::limit_refusal("a governance bucket", &err.to_string()) {
+        return ApiError::new(503, STORAGE_FULL, refusal);
+    }
     match err {
         KvError::Unavailable(reason) => {
             ApiError::unavailable(format!("intent store unavailable: {reason}"))
@@ -273,6 +293,7 @@ impl Governance {
     fn count_failure<T>(&self, result: &Result<T, ApiError>) {
         if let Err(err) = result {
             let counter = match err.status {
+                503 if err.code == STORAGE_FULL => &self.counters.storage_full,
                 500.. => &self.counters.internal_errors,
                 _ if err.code == identity::IDENTITY_MISMATCH
                     || err.code == identity::IDENTITY_REQUIRED =>
@@ -327,7 +348,7 @@ impl Governance {
                 return Err(err);
             }
         }
-        let decision = decision(&intent, &route);
+        let decision = decision(&intent, &route, self.durability);
         let record = IntentRecord {
             intent: intent.clone(),
             decision: decision.clone(),
@@ -470,7 +491,17 @@ impl Governance {
         };
         match tokio::time::timeout(self.timeout, ack).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(self.incomplete(intent, format!("task queue: {e}"))),
+            Ok(Err(e)) => match streams::limit_refusal(streams::TASKS_STREAM, &e) {
+                Some(refusal) => Err(ApiError::new(
+                    503,
+                    STORAGE_FULL,
+                    format!(
+                        "intent {} was recorded but not queued: {refusal}; resubmit it with the same intent_id later",
+                        intent.intent_id
+                    ),
+                )),
+                None => Err(self.incomplete(intent, format!("task queue: {e}"))),
+            },
             Err(_) => Err(self.incomplete(intent, "task queue did not acknowledge in time")),
         }
     }
@@ -1108,6 +1139,38 @@ async fn sweep_votes(gov: Arc<Governance>, shutdown: CancellationToken) {
     }
 }
 
+/// Expires finished intent records after `nats.storage.finished_intent_retention_s` (0: never).
+async fn sweep_finished(gov: Arc<Governance>, shutdown: CancellationToken) {
+    let retention = gov.storage.finished_intent_retention_s;
+    if retention <= 0.0 {
+        return;
+    }
+    let retention = Duration::from_secs_f64(retention);
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(
+        gov.storage.sweep_interval_s.max(0.05),
+    ));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        match crate::retention::sweep(&gov.js, &gov.intents, retention, gov.timeout).await {
+            Ok(0) => {}
+            Ok(removed) => {
+                gov.counters
+                    .expired_records
+                    .fetch_add(removed as u64, Ordering::Relaxed);
+                tracing::info!(removed, "finished intent records expired");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "finished-record sweep failed; retrying next tick")
+            }
+        }
+    }
+}
+
 /// Validates an intent submission sent by `sender` (size, JSON, the actor bound to the sender,
 /// the fields): the intent, or the `invalid_intent` / identity error naming the problem.
 pub fn decode_submission(
@@ -1163,7 +1226,7 @@ fn kv_key_ok(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn decision(intent: &Intent, route: &Route) -> Decision {
+fn decision(intent: &Intent, route: &Route, durability: Durability) -> Decision {
     Decision {
         intent_id: intent.intent_id.clone(),
         intent_type: intent.intent_type.clone(),
@@ -1179,5 +1242,6 @@ fn decision(intent: &Intent, route: &Route) -> Decision {
         priority: route.priority,
         reasoning: route.reasoning.clone(),
         timestamp: time::now(),
+        durability: durability.as_str().to_owned(),
     }
 }

@@ -172,6 +172,8 @@ pub struct Rules {
     /// the breaker closed all that time is alerted (`held_while_breaker_closed`); shorter holds
     /// are a transition on its way to the consumers.
     pub hold_grace: Duration,
+    /// Fraction of a storage limit that raises `storage_near_limit`.
+    pub storage_alert_ratio: f64,
 }
 
 /// The storm guard's breaker figures, as its telemetry publishes them.
@@ -222,6 +224,10 @@ pub struct Watch {
     sweeps: u64,
     /// Alerts sent, by state: raised, repeated, recovered.
     sent: [u64; 3],
+    /// JetStream use against its limits, as last measured.
+    storage: Vec<crate::storage::Usage>,
+    /// The durability in force (`fast` or `synced`).
+    durability: &'static str,
 }
 
 impl Watch {
@@ -238,7 +244,15 @@ impl Watch {
             last_alert: BTreeMap::new(),
             sweeps: 0,
             sent: [0; 3],
+            storage: Vec::new(),
+            durability: "fast",
         }
+    }
+
+    /// Records the storage use measured for the next sweep, and the durability in force.
+    pub fn set_storage(&mut self, usage: Vec<crate::storage::Usage>, durability: &'static str) {
+        self.storage = usage;
+        self.durability = durability;
     }
 
     /// Records `telemetry.<component>` received at `now`. The watchdog's own is ignored.
@@ -525,6 +539,10 @@ impl Watch {
         }
 
         out.extend(self.held_while_closed(now));
+        out.extend(crate::storage::conditions(
+            &self.storage,
+            self.rules.storage_alert_ratio,
+        ));
 
         // Other components: what they say of themselves.
         for (name, view) in &self.views {
@@ -686,6 +704,11 @@ impl Watch {
             "all_ready": htm_ready && scheduler_ready && mesh_ready && policy_ready && required_ready,
             "components": components,
             "sweeps": self.sweeps,
+            "durability": self.durability,
+            "storage": crate::storage::report(&self.storage),
+            "storage_conditions": conditions.iter().filter(|c| c.name == crate::storage::NEAR_LIMIT)
+                .map(|c| json!({"component": c.component, "condition": c.name, "severity": c.severity.as_str(), "reason": c.reason}))
+                .collect::<Vec<_>>(),
         })
     }
 
@@ -781,6 +804,7 @@ mod tests {
                 .map(String::from)
                 .to_vec(),
             hold_grace: S,
+            storage_alert_ratio: 0.8,
         }
     }
 

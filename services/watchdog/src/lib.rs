@@ -30,5 +30,6 @@
 
 pub mod health;
 pub mod service;
+pub mod storage;
 
 pub use service::{SERVICE_NAME, WatchdogError, run};

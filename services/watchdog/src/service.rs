@@ -53,6 +53,10 @@ pub enum WatchdogError {
 
 struct Watchdog {
     client: Client,
+    /// Where storage use is measured.
+    js: async_nats::jetstream::Context,
+    /// The durability in force, for the report.
+    durability: &'static str,
     watch: Mutex<Watch>,
     narrator: Narrator,
     publisher: MeshPublisher,
@@ -135,6 +139,7 @@ pub fn rules(cfg: &BulwarkConfig) -> Rules {
         min_dispatch_rate: w.min_dispatch_rate,
         required: w.required_services.clone(),
         hold_grace: Duration::from_secs_f64(cfg.telemetry.interval_s.max(0.1)),
+        storage_alert_ratio: w.storage_alert_ratio,
     }
 }
 
@@ -157,7 +162,12 @@ pub async fn run(
         shutdown.clone(),
     )
     .await?;
+    let durability = streams::durability_in_force(&js, cfg.nats.durability)
+        .await
+        .as_str();
     let watchdog = Arc::new(Watchdog {
+        js: js.clone(),
+        durability,
         client: client.clone(),
         watch: Mutex::new(Watch::new(rules(&cfg), Instant::now())),
         narrator: Narrator::new(
@@ -307,8 +317,13 @@ async fn sweep_loop(w: Arc<Watchdog>, every: Duration, shutdown: CancellationTok
 /// Pings, asks for readiness, applies the rules and announces the alerts (the lease holder
 /// only; a standby keeps the same state and notes what it left to the leader).
 async fn sweep(w: &Watchdog) {
-    let (answering, readiness) = tokio::join!(ping(w), readiness(w));
-    let alerts = w.lock().sweep(&answering, readiness, Instant::now());
+    let (answering, readiness, usage) =
+        tokio::join!(ping(w), readiness(w), crate::storage::measure(&w.js));
+    let alerts = {
+        let mut watch = w.lock();
+        watch.set_storage(usage, w.durability);
+        watch.sweep(&answering, readiness, Instant::now())
+    };
     let leader = w.leadership.is_leader();
     for alert in alerts {
         if leader {
