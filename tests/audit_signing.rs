@@ -23,25 +23,18 @@ const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Runs an attack of `tests/clients/audit_attack.py` with the services' credentials.
 async fn attack(server: &NatsServer, args: &[&str]) -> Value {
-    let root = repo_root();
-    let output = tokio::process::Command::new("python3")
-        .arg(root.join("tests/clients/audit_attack.py"))
-        .arg(args[0])
-        .arg(server.url())
-        .args(&args[1..])
-        .env("PYTHONPATH", root.join(".tools/py"))
-        .env("USER_NAME", SERVICE_USER.0)
-        .env("USER_PASSWORD", SERVICE_USER.1)
-        .output()
-        .await
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "attack {args:?} failed to run: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("attack prints JSON")
+    let url = server.url();
+    let mut all = vec![args[0], url.as_str()];
+    all.extend_from_slice(&args[1..]);
+    python_client(
+        "audit_attack.py",
+        &all,
+        &[
+            ("USER_NAME", SERVICE_USER.0),
+            ("USER_PASSWORD", SERVICE_USER.1),
+        ],
+    )
+    .await
 }
 
 fn narrative(n: u64) -> Value {

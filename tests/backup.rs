@@ -122,7 +122,11 @@ async fn round_trip_into_a_fresh_server_keeps_intents_narratives_and_the_chain()
     }
     // Services on the restored server see the same state: the chain verifies whole, and
     // every intent is known with its decision.
-    let _clarity = start_clarity(target.config()).await;
+    // The clarity key lives outside JetStream (a backup does not carry it): the restored
+    // chain verifies with the key that signed it (docs/backup.md).
+    let mut restored_cfg = target.config();
+    restored_cfg.clarity.key_file = source.config().clarity.key_file;
+    let _clarity = start_clarity(restored_cfg).await;
     let _gov = start_governance(target.config()).await;
     let report = verify_chain(&client).await;
     assert_eq!(report["ok"], true, "{report}");

@@ -18,23 +18,10 @@ use bulwark_tests::*;
 
 /// Runs an attack of `tests/clients/storage_attacks.py` as the anonymous agent; its JSON line.
 async fn attack(server: &NatsServer, args: &[&str]) -> Value {
-    let root = repo_root();
-    let output = tokio::process::Command::new("python3")
-        .arg(root.join("tests/clients/storage_attacks.py"))
-        .arg(args[0])
-        .arg(server.url())
-        .args(&args[1..])
-        .env("PYTHONPATH", root.join(".tools/py"))
-        .output()
-        .await
-        .expect("python3 runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "attack {args:?} failed to run: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("attack prints JSON")
+    let url = server.url();
+    let mut all = vec![args[0], url.as_str()];
+    all.extend_from_slice(&args[1..]);
+    python_client("storage_attacks.py", &all, &[]).await
 }
 
 /// A JetStream context of the services, with `cfg`'s limits in force in this process.
@@ -274,8 +261,15 @@ async fn finished_intent_records_expire_after_the_retention_and_unfinished_ones_
         assert_eq!(code, None, "{reply}");
         assert_eq!(reply["status"], "pending_review", "{reply}");
     }
-    let body = json!({"intent_id": "to-reject", "decision": "reject", "reviewer": "operator", "reason": "no"});
-    let (reply, code) = request_json(&operator, subjects::REVIEW_DECIDE, body.to_string()).await;
+    // Reviewed by someone else (nobody reviews an intent they submitted).
+    let reviewer = server.client_as(("architect", "architect-dev")).await;
+    let body = json!({"intent_id": "to-reject", "decision": "reject", "reason": "no"});
+    let (reply, code) = request_json(
+        &reviewer,
+        &subjects::as_identity(subjects::REVIEW_DECIDE, "architect"),
+        body.to_string(),
+    )
+    .await;
     assert_eq!(code, None, "{reply}");
 
     let status = |id: &'static str| {
