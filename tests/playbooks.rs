@@ -143,25 +143,7 @@ async fn incident(js: &jetstream::Context, event_type: &str, payload: Value) -> 
 }
 
 async fn narratives(js: &jetstream::Context, who: &str) -> Vec<Value> {
-    let stream = js
-        .get_stream(streams::NARRATIVES_STREAM)
-        .await
-        .expect("narratives stream");
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            filter_subject: subjects::narrative(who),
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut out = Vec::new();
-    let mut messages = consumer.messages().await.expect("messages");
-    while let Ok(Some(Ok(msg))) =
-        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
-    {
-        out.push(serde_json::from_slice(&msg.payload).expect("narrative"));
-    }
-    out
+    stored_narratives(js, who).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

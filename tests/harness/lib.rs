@@ -748,6 +748,34 @@ pub async fn attack(
     python_client("attacks.py", &all, &env).await
 }
 
+/// Every stored narrative of `who` (`clarity.narrative.<who>`), read with an ordered consumer
+/// until half a second passes without one.
+pub async fn stored_narratives(
+    js: &async_nats::jetstream::Context,
+    who: &str,
+) -> Vec<serde_json::Value> {
+    use futures::StreamExt;
+    let stream = js
+        .get_stream(bulwark_common::streams::NARRATIVES_STREAM)
+        .await
+        .expect("narratives stream");
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: bulwark_common::subjects::narrative(who),
+            ..Default::default()
+        })
+        .await
+        .expect("consumer");
+    let mut out = Vec::new();
+    let mut messages = consumer.messages().await.expect("messages");
+    while let Ok(Some(Ok(msg))) =
+        tokio::time::timeout(Duration::from_millis(500), messages.next()).await
+    {
+        out.push(serde_json::from_slice(&msg.payload).expect("narrative"));
+    }
+    out
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `limit` with `what`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where
