@@ -597,15 +597,27 @@ impl Governance {
 
     /// One page of the review queue, oldest first, payloads summarised.
     async fn pending_reviews(&self, body: &[u8]) -> Result<Page<ReviewItem>, ApiError> {
+        self.list_page(&self.reviews, body, |item: &mut ReviewItem| {
+            item.payload = page::summarise(&item.payload);
+            format!("{}|{}", item.created_at, item.intent_id)
+        })
+        .await
+    }
+
+    /// One page of `bucket`'s values, in the order of the cursor `prepare` gives each value
+    /// (after summarising it).
+    async fn list_page<T: serde::de::DeserializeOwned>(
+        &self,
+        bucket: &kv::Store,
+        body: &[u8],
+        prepare: impl Fn(&mut T) -> String,
+    ) -> Result<Page<T>, ApiError> {
         let request = PageRequest::parse(body)?;
-        let mut items: Vec<(String, ReviewItem)> = self
-            .read_all::<ReviewItem>(&self.reviews)
+        let mut items: Vec<(String, T)> = self
+            .read_all::<T>(bucket)
             .await?
             .into_iter()
-            .map(|mut item| {
-                item.payload = page::summarise(&item.payload);
-                (format!("{}|{}", item.created_at, item.intent_id), item)
-            })
+            .map(|mut value| (prepare(&mut value), value))
             .collect();
         items.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(page::page(items, &request))
@@ -880,18 +892,11 @@ impl Governance {
 
     /// One page of the proposals, oldest first, payloads summarised.
     async fn open_proposals(&self, body: &[u8]) -> Result<Page<Proposal>, ApiError> {
-        let request = PageRequest::parse(body)?;
-        let mut items: Vec<(String, Proposal)> = self
-            .read_all::<Proposal>(&self.proposals)
-            .await?
-            .into_iter()
-            .map(|mut p| {
-                p.payload = page::summarise(&p.payload);
-                (format!("{}|{}", p.opened_at, p.proposal_id), p)
-            })
-            .collect();
-        items.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(page::page(items, &request))
+        self.list_page(&self.proposals, body, |p: &mut Proposal| {
+            p.payload = page::summarise(&p.payload);
+            format!("{}|{}", p.opened_at, p.proposal_id)
+        })
+        .await
     }
 
     async fn vote(
