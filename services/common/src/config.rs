@@ -328,6 +328,7 @@ impl BulwarkConfig {
                 ));
             }
         }
+        g.reconcile.validate().map_err(ConfigError::Inconsistent)?;
         if g.default_priority > 9 {
             return bad(format!(
                 "governance.default_priority must be 0-9, got {}",
@@ -701,6 +702,73 @@ pub struct GovernanceConfig {
     /// The longest simulated work (`payload.work_ms`) an intent may ask for, in milliseconds; a
     /// longer one is refused with 400 `invalid_intent` (it would hold a worker slot that long).
     pub max_work_ms: u64,
+    /// The reconciler of stranded intents: records whose task, review item or proposal was
+    /// never written (governance died between the two writes).
+    pub reconcile: ReconcileConfig,
+}
+
+/// `[governance.reconcile]`: when the reconciler checks an intent record left waiting, and when
+/// it gives one up as stranded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Seconds between two passes over the records written since the last one.
+    pub interval_s: f64,
+    /// Seconds after a waiting record's write before it is checked: the intake that wrote it
+    /// finishes first.
+    pub grace_s: f64,
+    /// Seconds after its write within which a record's promise is kept or the intent is failed
+    /// as stranded. At most 110: a task is re-queued under its intent id within the task queue's
+    /// 120 s duplicate window, so it is never queued twice.
+    pub window_s: f64,
+    /// Waiting records tracked at once; beyond it the oldest are dropped (counted).
+    pub max_tracked: usize,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            interval_s: 2.0,
+            grace_s: 10.0,
+            window_s: 100.0,
+            max_tracked: 100_000,
+        }
+    }
+}
+
+impl ReconcileConfig {
+    /// Checks ranges; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |name: &str, v: f64, min: f64| {
+            if v.is_finite() && v >= min {
+                Ok(())
+            } else {
+                Err(format!(
+                    "governance.reconcile.{name} must be a number >= {min}, got {v}"
+                ))
+            }
+        };
+        finite("interval_s", self.interval_s, 0.05)?;
+        finite("grace_s", self.grace_s, 0.0)?;
+        finite("window_s", self.window_s, 0.0)?;
+        if self.window_s > 110.0 {
+            return Err(format!(
+                "governance.reconcile.window_s must be at most 110 (the task queue's 120 s duplicate window keeps a re-queued task single), got {}",
+                self.window_s
+            ));
+        }
+        if self.window_s < self.grace_s + self.interval_s {
+            return Err(format!(
+                "governance.reconcile.window_s ({}) must be at least grace_s + interval_s ({})",
+                self.window_s,
+                self.grace_s + self.interval_s
+            ));
+        }
+        if self.max_tracked == 0 {
+            return Err("governance.reconcile.max_tracked must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for GovernanceConfig {
@@ -747,6 +815,7 @@ impl Default for GovernanceConfig {
             privileged_identities: vec!["operator".to_owned()],
             max_unprivileged_priority: 5,
             max_work_ms: 60_000,
+            reconcile: ReconcileConfig::default(),
         }
     }
 }
