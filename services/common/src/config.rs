@@ -1019,6 +1019,10 @@ pub struct SchedulerConfig {
     /// The most tasks the scheduler hands one worker at once, whatever capacity its heartbeat
     /// claims: a larger claim is clamped to this, counted and narrated (at least 1).
     pub max_worker_capacity: u32,
+    /// The share (0-1] of the pool's slots the tasks of one submitting NATS identity may hold at
+    /// once (at least one slot); its further tasks wait in the queue while other identities'
+    /// run. bulwark's own services are not capped. 1 turns the cap off.
+    pub max_share_per_identity: f64,
 }
 
 impl Default for SchedulerConfig {
@@ -1040,6 +1044,7 @@ impl Default for SchedulerConfig {
             shed_max: 100,
             check_interval_s: 1.0,
             max_worker_capacity: 16,
+            max_share_per_identity: 0.5,
         }
     }
 }
@@ -1069,6 +1074,12 @@ impl SchedulerConfig {
         }
         if self.max_in_flight == 0 || self.dispatch_timeout_ms == 0 {
             return Err("scheduler.max_in_flight and dispatch_timeout_ms must be positive".into());
+        }
+        if !(self.max_share_per_identity > 0.0 && self.max_share_per_identity <= 1.0) {
+            return Err(format!(
+                "scheduler.max_share_per_identity must be in (0, 1], got {}",
+                self.max_share_per_identity
+            ));
         }
         if self.max_worker_capacity == 0 {
             return Err("scheduler.max_worker_capacity must be at least 1".into());

@@ -100,6 +100,8 @@ struct Counters {
     impostors: AtomicU64,
     /// Heartbeats whose capacity claim was over `max_worker_capacity` and clamped.
     capacity_clamped: AtomicU64,
+    /// Dispatches put back because their submitting identity held its share of the slots.
+    identity_capped: AtomicU64,
 }
 
 impl Counters {
@@ -112,6 +114,7 @@ impl Counters {
             "dead_workers": get(&self.dead_workers), "errors": get(&self.errors),
             "fenced": get(&self.fenced), "forwarded": get(&self.forwarded),
             "impostors": get(&self.impostors), "capacity_clamped": get(&self.capacity_clamped),
+            "identity_capped": get(&self.identity_capped),
         })
     }
 }
@@ -128,6 +131,8 @@ struct InFlight {
     attempt: u32,
     /// When the current assignment was made.
     assigned_at: Instant,
+    /// The NATS identity that submitted the intent (`None`: bulwark's own services).
+    submitter: Option<String>,
     /// The worker accepted the assignment (or reported on it): the queue message is kept from
     /// redelivery with progress acknowledgements. Until then redelivery after `ack_wait_s`
     /// sends the assignment again.
@@ -138,6 +143,32 @@ struct InFlight {
     /// [`PROGRESS_SPAN`] `ack_wait_s` after it, so the assignment is still sent again now and
     /// then (a worker that gave up its report runs the task again and reports).
     delivered_at: Instant,
+}
+
+/// The slots one submitting identity may hold at once: `share` of the pool's `capacity`, at
+/// least one.
+pub fn share_cap(capacity: u32, share: f64) -> usize {
+    ((f64::from(capacity) * share).floor() as usize).max(1)
+}
+
+/// A dispatch under way for an identity, counted against its share until the task is in
+/// `in_flight` (or the dispatch gave up): released on drop, whatever path the dispatch took.
+struct ShareClaim<'a> {
+    scheduler: &'a Scheduler,
+    who: Option<String>,
+}
+
+impl Drop for ShareClaim<'_> {
+    fn drop(&mut self) {
+        let Some(who) = self.who.take() else { return };
+        let mut st = self.scheduler.lock();
+        if let Some(n) = st.claiming.get_mut(&who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.claiming.remove(&who);
+            }
+        }
+    }
 }
 
 /// For how many `ack_wait_s` after a delivery a confirmed task is kept from redelivery.
@@ -165,6 +196,8 @@ struct State {
     bindings: Bindings,
     /// The last over-large capacity claim narrated per worker (narrated again when it changes).
     clamped: HashMap<String, u32>,
+    /// Dispatches under way per submitting identity, not yet in `in_flight` ([`ShareClaim`]).
+    claiming: HashMap<String, usize>,
 }
 
 impl State {
@@ -291,6 +324,7 @@ pub async fn run(
             declared_dead: HashSet::new(),
             bindings: Bindings::default(),
             clamped: HashMap::new(),
+            claiming: HashMap::new(),
         }),
         cfg: sc,
         js,
@@ -680,6 +714,34 @@ async fn watchdog(
 }
 
 impl Scheduler {
+    /// Claims one slot of `who`'s share (`scheduler.max_share_per_identity` of the pool) for a
+    /// dispatch under way; `None` when `who` holds its share already. bulwark's own services
+    /// (`who` = `None`) are not capped.
+    fn claim_share(&self, who: Option<&str>) -> Option<ShareClaim<'_>> {
+        let Some(who) = who else {
+            return Some(ShareClaim {
+                scheduler: self,
+                who: None,
+            });
+        };
+        let mut st = self.lock();
+        let cap = share_cap(st.pool.capacity(), self.cfg.max_share_per_identity);
+        let held = st
+            .in_flight
+            .values()
+            .filter(|f| f.submitter.as_deref() == Some(who))
+            .count()
+            + st.claiming.get(who).copied().unwrap_or(0);
+        if held >= cap {
+            return None;
+        }
+        *st.claiming.entry(who.to_owned()).or_default() += 1;
+        Some(ShareClaim {
+            scheduler: self,
+            who: Some(who.to_owned()),
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A poisoned lock means a panic while holding it; the state is still usable.
         self.state
@@ -1212,6 +1274,16 @@ impl Scheduler {
                 return;
             }
         }
+        // One identity holds at most its share of the slots: the rest of its tasks wait their
+        // turn in the queue while other identities' tasks run.
+        let Some(_claim) = self.claim_share(record.submitted_by.as_deref()) else {
+            self.lock().pool.release(&worker_id, None);
+            self.counters
+                .identity_capped
+                .fetch_add(1, Ordering::Relaxed);
+            nak(&msg, RETRY_DELAY).await;
+            return;
+        };
         let now = time::now();
         let assigned = worker_id.clone();
         let moved = self
@@ -1263,6 +1335,7 @@ impl Scheduler {
                     fence,
                     attempt,
                     assigned_at: Instant::now(),
+                    submitter: record.submitted_by.clone(),
                     confirmed: false,
                     progress_at: Instant::now(),
                     delivered_at: Instant::now(),
@@ -1323,6 +1396,7 @@ impl Scheduler {
                     fence: a.fence,
                     attempt: a.attempt,
                     assigned_at: Instant::now(),
+                    submitter: record.submitted_by.clone(),
                     confirmed: false,
                     progress_at: Instant::now(),
                     delivered_at: Instant::now(),
