@@ -1023,6 +1023,9 @@ pub struct SchedulerConfig {
     /// once (at least one slot); its further tasks wait in the queue while other identities'
     /// run. bulwark's own services are not capped. 1 turns the cap off.
     pub max_share_per_identity: f64,
+    /// The most worker ids one NATS user may bind by heartbeating (a binding outlives its
+    /// worker); a heartbeat for one more is refused, counted and narrated (at least 1).
+    pub max_worker_ids_per_user: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -1045,6 +1048,7 @@ impl Default for SchedulerConfig {
             check_interval_s: 1.0,
             max_worker_capacity: 16,
             max_share_per_identity: 0.5,
+            max_worker_ids_per_user: 256,
         }
     }
 }
@@ -1080,6 +1084,9 @@ impl SchedulerConfig {
                 "scheduler.max_share_per_identity must be in (0, 1], got {}",
                 self.max_share_per_identity
             ));
+        }
+        if self.max_worker_ids_per_user == 0 {
+            return Err("scheduler.max_worker_ids_per_user must be at least 1".into());
         }
         if self.max_worker_capacity == 0 {
             return Err("scheduler.max_worker_capacity must be at least 1".into());

@@ -102,6 +102,8 @@ struct Counters {
     capacity_clamped: AtomicU64,
     /// Dispatches put back because their submitting identity held its share of the slots.
     identity_capped: AtomicU64,
+    /// Heartbeats refused because their user owns `max_worker_ids_per_user` ids already.
+    worker_ids_refused: AtomicU64,
 }
 
 impl Counters {
@@ -115,6 +117,7 @@ impl Counters {
             "fenced": get(&self.fenced), "forwarded": get(&self.forwarded),
             "impostors": get(&self.impostors), "capacity_clamped": get(&self.capacity_clamped),
             "identity_capped": get(&self.identity_capped),
+            "worker_ids_refused": get(&self.worker_ids_refused),
         })
     }
 }
@@ -322,7 +325,7 @@ pub async fn run(
             last_dispatch_roll: Instant::now(),
             registered: HashMap::new(),
             declared_dead: HashSet::new(),
-            bindings: Bindings::default(),
+            bindings: Bindings::new(sc.max_worker_ids_per_user),
             clamped: HashMap::new(),
             claiming: HashMap::new(),
         }),
@@ -874,6 +877,16 @@ impl Scheduler {
                     .send_dead_letter(&msg.subject, &msg.payload, &reason)
                     .await;
             }
+            Heard::OverLimit { user, max } => {
+                let reason = format!(
+                    "heartbeat of {:?} from NATS user {user:?}, which already owns {max} worker ids (scheduler.max_worker_ids_per_user)",
+                    hb.worker_id
+                );
+                self.refuse_new_id(&hb.worker_id, &user, &reason).await;
+                return self
+                    .send_dead_letter(&msg.subject, &msg.payload, &reason)
+                    .await;
+            }
         };
         if let Err(max) = bindings::bounded_capacity(hb.capacity, self.cfg.max_worker_capacity) {
             self.clamp_capacity(&hb, max, &sender).await;
@@ -933,6 +946,25 @@ impl Scheduler {
             ))
             .why("refused: a worker cannot heartbeat or report under another credential's worker id")
             .context(json!({"worker_id": worker_id, "user": user, "owner": owner, "what": what}));
+        self.narrator.publish(n).await;
+    }
+
+    /// Counts a heartbeat refused because its user owns as many worker ids as it may; narrates
+    /// the first refusal of each user.
+    async fn refuse_new_id(&self, worker_id: &str, user: &str, reason: &str) {
+        self.counters
+            .worker_ids_refused
+            .fetch_add(1, Ordering::Relaxed);
+        if !self.lock().bindings.first_refusal("", user) {
+            return;
+        }
+        tracing::warn!(worker_id, user, "{reason}: refused");
+        let n = self
+            .narrator
+            .narrative("worker_id_refused", "scheduler.max_worker_ids_per_user")
+            .why(reason.to_owned())
+            .why("refused: one NATS user may not grow the pool, the bindings and the dead-worker memory with ever new ids")
+            .context(json!({"worker_id": worker_id, "user": user}));
         self.narrator.publish(n).await;
     }
 
