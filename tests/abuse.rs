@@ -250,3 +250,40 @@ async fn one_identity_holds_at_most_its_share_of_the_worker_slots() {
         "the honest task was dispatched only after a hog finished: {honest}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intent_types_own_work_bound_is_obeyed() {
+    init_logging();
+    let server = NatsServer::start();
+    let mut cfg = server.config();
+    if let Some(t) = cfg.governance.intent_types.get_mut("query_knowledge") {
+        t.max_work_ms = Some(1_000);
+    }
+    let _governance = start_governance(cfg).await;
+    let client = server.client().await;
+    let submit = |id: &str, work_ms: u64| {
+        json!({"intent_id": id, "intent_type": "query_knowledge", "actor": "a",
+               "payload": {"work_ms": work_ms}})
+        .to_string()
+    };
+    let (refused, code) =
+        request_json(&client, subjects::INTENT_SUBMIT, submit("long", 5_000)).await;
+    assert_eq!(code.as_deref(), Some("400"), "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("governance.intent_types.query_knowledge.max_work_ms = 1000"),
+        "{refused}"
+    );
+    let (ok, code) = request_json(&client, subjects::INTENT_SUBMIT, submit("short", 500)).await;
+    assert_eq!(code, None, "{ok}");
+    // Another type keeps the global bound (60 s).
+    let (other, code) = request_json(
+        &client,
+        subjects::INTENT_SUBMIT,
+        json!({"intent_id": "summary", "intent_type": "generate_summary", "actor": "a",
+               "payload": {"work_ms": 5_000}})
+        .to_string(),
+    )
+    .await;
+    assert_eq!(code, None, "{other}");
+}

@@ -806,6 +806,7 @@ impl Default for GovernanceConfig {
                         IntentTypeConfig {
                             tier,
                             base_alignment: base,
+                            max_work_ms: None,
                         },
                     )
                 })
@@ -828,6 +829,10 @@ pub struct IntentTypeConfig {
     pub tier: u8,
     /// How well this type of work serves the mission on its own, 0-1.
     pub base_alignment: f64,
+    /// The longest simulated work (`payload.work_ms`) an intent of this type may ask for, in
+    /// milliseconds; `governance.max_work_ms` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_work_ms: Option<u64>,
 }
 
 /// The charter's pillar weights (seed: resilience 1.0, revenue 0.8, autonomy 0.7, learning 0.6).

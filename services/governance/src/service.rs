@@ -414,16 +414,25 @@ impl Governance {
         decode_submission(body, &self.cfg, sender)
     }
 
-    /// Refuses simulated work longer than `governance.max_work_ms` (it would hold a worker slot
-    /// that long).
+    /// Refuses simulated work longer than the intent type's `max_work_ms`, else
+    /// `governance.max_work_ms` (it would hold a worker slot that long).
     fn check_work(&self, intent: Intent) -> Result<Intent, ApiError> {
+        let (max, key) = match self
+            .cfg
+            .intent_types
+            .get(&intent.intent_type)
+            .and_then(|t| t.max_work_ms)
+        {
+            Some(max) => (
+                max,
+                format!("governance.intent_types.{}.max_work_ms", intent.intent_type),
+            ),
+            None => (self.cfg.max_work_ms, "governance.max_work_ms".to_owned()),
+        };
         match intent.payload.get("work_ms").and_then(Value::as_f64) {
-            Some(ms) if ms > self.cfg.max_work_ms as f64 => Err(ApiError::bad_request(
+            Some(ms) if ms > max as f64 => Err(ApiError::bad_request(
                 INVALID_INTENT,
-                format!(
-                    "payload.work_ms {ms} is above governance.max_work_ms = {}",
-                    self.cfg.max_work_ms
-                ),
+                format!("payload.work_ms {ms} is above {key} = {max}"),
             )),
             _ => Ok(intent),
         }
