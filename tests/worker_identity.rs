@@ -436,13 +436,19 @@ async fn one_user_cannot_grow_the_pool_with_ever_new_worker_ids() {
     let refused = stack.narratives("worker_id_refused").await;
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0]["context"]["user"], "worker");
-    // Its five ids still work.
-    let again = Attacker::start(&stack.server, &["many-ids", "ghost", "5"]).await;
+    // Once its five workers are gone (heartbeat timeout), their ids make room: a pool restarted
+    // under new ids keeps working, and the user still holds at most five.
+    eventually(LIMIT, "the five declared dead", || async {
+        let c = stack.scheduler_counters().await;
+        (c["dead_workers"].as_u64() >= Some(5)).then_some(())
+    })
+    .await;
+    let again = Attacker::start(&stack.server, &["many-ids", "restarted", "5"]).await;
     again.finish().await;
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    stack.wait_workers(5).await;
     assert_eq!(
         stack.scheduler_counters().await["worker_ids_refused"],
         35,
-        "known ids are not refused"
+        "the new ids of a restarted pool are taken once the old ones are gone"
     );
 }

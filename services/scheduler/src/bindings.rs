@@ -132,6 +132,25 @@ impl Bindings {
         }
     }
 
+    /// Releases the ids bound to `user` whose workers are gone (`alive` says no): a user at its
+    /// limit makes room with them, so a pool restarted under new ids keeps working while no user
+    /// holds more than its limit. The released ids, for the caller to forget elsewhere.
+    pub fn release_departed(&mut self, user: &str, alive: impl Fn(&str) -> bool) -> Vec<String> {
+        let released: Vec<String> = self
+            .owners
+            .iter()
+            .filter(|(id, owner)| owner.as_str() == user && !alive(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &released {
+            self.owners.remove(id);
+        }
+        if let Some(n) = self.owned.get_mut(user) {
+            *n = n.saturating_sub(released.len());
+        }
+        released
+    }
+
     /// Whether `sender` may report for `worker_id`: a service always, an identity only for an
     /// id bound to it.
     pub fn report(&self, worker_id: &str, sender: &Sender) -> Result<(), NotYours> {
@@ -271,6 +290,16 @@ mod tests {
                 max: 2
             }
         );
+        // A departed id of its own makes room for a new one.
+        assert_eq!(
+            b.release_departed("worker", |id| id != "b"),
+            vec!["b".to_owned()]
+        );
+        assert!(matches!(
+            b.heartbeat("c", &w),
+            Heard::Owner { first: true, .. }
+        ));
+        assert!(matches!(b.heartbeat("d", &w), Heard::OverLimit { .. }));
         // Its own ids still heartbeat; another user still binds.
         assert!(matches!(
             b.heartbeat("a", &w),
@@ -278,7 +307,7 @@ mod tests {
         ));
         let other = as_user("worker_b");
         assert!(matches!(
-            b.heartbeat("c", &other),
+            b.heartbeat("e", &other),
             Heard::Owner { first: true, .. }
         ));
     }

@@ -861,7 +861,7 @@ impl Scheduler {
             return self.dead_letter(&msg.subject, &msg.payload, &reason).await;
         }
         let sender = identity::sender(msg.headers.as_ref());
-        let heard = self.lock().bindings.heartbeat(&hb.worker_id, &sender);
+        let heard = self.bind(&hb.worker_id, &sender);
         let (user, first_binding) = match heard {
             Heard::Service => (None, false),
             Heard::Owner { user, first } => (Some(user), first),
@@ -947,6 +947,41 @@ impl Scheduler {
             .why("refused: a worker cannot heartbeat or report under another credential's worker id")
             .context(json!({"worker_id": worker_id, "user": user, "owner": owner, "what": what}));
         self.narrator.publish(n).await;
+    }
+
+    /// Judges the sender of a heartbeat for `worker_id`; a user at its limit of ids first
+    /// releases those of its workers that are gone (forgotten here and in the registry).
+    fn bind(&self, worker_id: &str, sender: &Sender) -> Heard {
+        let mut st = self.lock();
+        let heard = st.bindings.heartbeat(worker_id, sender);
+        let Heard::OverLimit { user, .. } = &heard else {
+            return heard;
+        };
+        let State { bindings, pool, .. } = &mut *st;
+        let released = bindings.release_departed(user, |id| pool.contains(id));
+        if released.is_empty() {
+            return heard;
+        }
+        for id in &released {
+            st.declared_dead.remove(id);
+            st.clamped.remove(id);
+            st.registered.remove(id);
+        }
+        let heard = st.bindings.heartbeat(worker_id, sender);
+        drop(st);
+        tracing::info!(
+            ?released,
+            "worker ids of departed workers released to make room"
+        );
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            for id in released {
+                if let Err(err) = registry.forget(&id, None).await {
+                    tracing::warn!(worker_id = %id, error = %err, "worker registry: released id not removed");
+                }
+            }
+        });
+        heard
     }
 
     /// Counts a heartbeat refused because its user owns as many worker ids as it may; narrates
