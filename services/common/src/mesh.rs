@@ -145,7 +145,7 @@ pub struct BreakerView {
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
     /// A stream or bucket could not be made ready.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// A durable consumer could not be created.
     #[error("could not create the mesh consumer {name}: {reason}")]

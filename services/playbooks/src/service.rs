@@ -43,7 +43,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum PlaybooksError {
     /// A stream or bucket is unavailable.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// The incident consumer could not be made.
     #[error("incident consumer: {0}")]

@@ -68,7 +68,7 @@ const MAX_BODY: usize = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     /// A stream, consumer or bucket could not be made ready.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// A consumer could not be created.
     #[error("task queue consumer: {0}")]

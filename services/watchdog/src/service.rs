@@ -41,10 +41,10 @@ const THROTTLE_FOR: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum WatchdogError {
     /// The narrative or mesh stream could not be made ready.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// The mesh publisher could not follow throttle advisories.
-    #[error(transparent)]
+    #[error("{0}")]
     Publisher(#[from] PublishError),
     /// Registration with NATS micro or a subscription failed.
     #[error("{0}")]
