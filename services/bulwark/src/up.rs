@@ -133,10 +133,12 @@ pub async fn up(
             last_note = tokio::time::Instant::now();
         }
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => {}
             Some(done) = running.join_next() => {
+                // A service that ended by itself before the stop signal: a failure.
                 report(done, &mut failed);
-                failed = true;
+                failed |= !shutdown.is_cancelled();
                 shutdown.cancel();
             }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -170,11 +172,13 @@ pub async fn up(
     }
 
     tokio::select! {
+        biased;
         _ = shutdown.cancelled() => {}
         Some(done) = running.join_next() => {
-            // A service ended by itself: that is a failure; stop the rest.
+            // A service ended by itself: that is a failure; stop the rest. (One that ended
+            // because the stop signal came is not.)
             report(done, &mut failed);
-            failed = true;
+            failed |= !shutdown.is_cancelled();
             shutdown.cancel();
         }
     }
