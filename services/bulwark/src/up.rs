@@ -43,8 +43,9 @@ pub async fn up(
         let log = std::path::Path::new("data").join("nats-server.log");
         let synced = cfg.nats.durability == bulwark_common::config::Durability::Synced;
         println!(
-            "bulwark: starting {} -c {} on {host}:{port} (log: {}; durability {}{})",
+            "bulwark: starting {} -c {} (a copy of {}) on {host}:{port} (log: {}; durability {}{})",
             binary.display(),
+            log.with_file_name("nats-server.conf").display(),
             cfg.up.nats_conf.display(),
             log.display(),
             cfg.nats.durability.as_str(),

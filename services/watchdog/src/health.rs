@@ -490,7 +490,8 @@ impl Watch {
                     format!("HTM queue depth {depth} is above the warning threshold {warn}"),
                 ));
             }
-            if htm["active_workers"].as_u64() == Some(0) {
+            // Workers not yet seen by the scheduler on a stack just started are starting.
+            if htm["active_workers"].as_u64() == Some(0) && !self.starting(WORKERS, now) {
                 out.push(cond(
                     HTM,
                     "no_workers",
@@ -1001,6 +1002,8 @@ mod tests {
     fn zero_workers_is_critical() {
         let mut s = Stack::new();
         s.htm["active_workers"] = json!(0);
+        // Workers never seen are `starting` during the startup grace (10 s here), then critical.
+        assert!(s.run(6).is_empty());
         let alerts = s.run(6);
         assert_eq!(
             summary(&alerts),
