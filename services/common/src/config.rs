@@ -273,6 +273,7 @@ impl BulwarkConfig {
     /// Checks what serde cannot: ranges and consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Inconsistent(msg));
+        check_durations(self).map_err(ConfigError::Inconsistent)?;
         self.scheduler
             .validate()
             .map_err(ConfigError::Inconsistent)?;
@@ -363,6 +364,50 @@ impl BulwarkConfig {
         }
         Ok(())
     }
+}
+
+/// The longest duration any `*_s` key may hold: ten years, in seconds.
+const MAX_DURATION_S: f64 = 10.0 * 365.0 * 86_400.0;
+
+/// Every key that holds seconds (its name ends in `_s`), wherever it is in the configuration,
+/// is a finite number from 0 to ten years: NaN, infinities, negative and absurd values are
+/// refused with the key's name, before any `Duration::from_secs_f64` could panic on them.
+fn check_durations(cfg: &BulwarkConfig) -> Result<(), String> {
+    fn walk(path: &str, value: &serde_json::Value) -> Result<(), String> {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    let key_path = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    if key.ends_with("_s") {
+                        // serde_json writes NaN and the infinities as null.
+                        match v.as_f64() {
+                            Some(x) if (0.0..=MAX_DURATION_S).contains(&x) => {}
+                            Some(x) => {
+                                return Err(format!(
+                                    "{key_path} must be a number of seconds from 0 to {MAX_DURATION_S} (ten years), got {x}"
+                                ));
+                            }
+                            None if v.is_null() => {
+                                return Err(format!(
+                                    "{key_path} must be a finite number of seconds, got NaN or an infinity"
+                                ));
+                            }
+                            None => {}
+                        }
+                    }
+                    walk(&key_path, v)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    let value = serde_json::to_value(cfg).map_err(|e| format!("configuration: {e}"))?;
+    walk("", &value)
 }
 
 /// How to reach NATS. Its `Debug` output hides the passwords, the tokens and any credentials in
@@ -1388,6 +1433,29 @@ impl WatchdogConfig {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn a_nan_negative_or_absurd_duration_is_refused_with_its_key() {
+        let load = |key: &str, value: &str| {
+            BulwarkConfig::load_from(None, HashMap::from([(key.to_owned(), value.to_owned())]))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let nan = load("BULWARK_CLARITY__ACK_WAIT_S", "nan").expect_err("NaN refused");
+        assert!(nan.contains("clarity.ack_wait_s"), "{nan}");
+        let negative =
+            load("BULWARK_NATS__STORAGE__SWEEP_INTERVAL_S", "-1").expect_err("negative refused");
+        assert!(
+            negative.contains("nats.storage.sweep_interval_s"),
+            "{negative}"
+        );
+        let absurd =
+            load("BULWARK_WATCHDOG__CHECK_INTERVAL_S", "1e12").expect_err("absurd refused");
+        assert!(absurd.contains("watchdog.check_interval_s"), "{absurd}");
+        let inf = load("BULWARK_REPLICAS__LEASE_TTL_S", "inf").expect_err("infinity refused");
+        assert!(inf.contains("replicas.lease_ttl_s"), "{inf}");
+        load("BULWARK_WATCHDOG__CHECK_INTERVAL_S", "2.5").expect("a sane value loads");
+    }
 
     #[test]
     fn defaults_are_the_seed() {
