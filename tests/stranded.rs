@@ -23,6 +23,33 @@ fn quick(mut cfg: BulwarkConfig) -> BulwarkConfig {
     cfg
 }
 
+/// A server and governance with a quick reconciler (`cfg` edited first), a service client and
+/// its JetStream context.
+struct Fixture {
+    _server: NatsServer,
+    cfg: BulwarkConfig,
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    _governance: RunningService,
+}
+
+async fn fixture(edit: impl FnOnce(&mut BulwarkConfig)) -> Fixture {
+    init_logging();
+    let server = NatsServer::start();
+    let mut cfg = quick(server.config());
+    edit(&mut cfg);
+    let client = server.client().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let governance = start_governance(cfg.clone()).await;
+    Fixture {
+        _server: server,
+        cfg,
+        client,
+        js,
+        _governance: governance,
+    }
+}
+
 async fn submit(client: &async_nats::Client, id: &str, intent_type: &str) -> Value {
     let body = json!({
         "intent_id": id, "actor": "agent-7", "intent_type": intent_type,
@@ -84,12 +111,8 @@ async fn review_ids(client: &async_nats::Client) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_intent_whose_task_was_never_written_runs_once_without_a_resubmission() {
-    init_logging();
-    let server = NatsServer::start();
-    let cfg = quick(server.config());
-    let client = server.client().await;
-    let js = async_nats::jetstream::new(client.clone());
-    let _governance = start_governance(cfg.clone()).await;
+    let f = fixture(|_| {}).await;
+    let (cfg, client, js) = (f.cfg.clone(), f.client.clone(), f.js.clone());
     let _clarity = start_clarity(cfg.clone()).await;
 
     // A template record from governance itself: a tier 2 intent, queued.
@@ -142,12 +165,8 @@ async fn a_queued_intent_whose_task_was_never_written_runs_once_without_a_resubm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_review_whose_item_was_never_written_reaches_the_reviewers() {
-    init_logging();
-    let server = NatsServer::start();
-    let cfg = quick(server.config());
-    let client = server.client().await;
-    let js = async_nats::jetstream::new(client.clone());
-    let _governance = start_governance(cfg.clone()).await;
+    let f = fixture(|_| {}).await;
+    let (client, js) = (f.client.clone(), f.js.clone());
 
     let reply = submit(&client, "template-r", "grant_permissions").await;
     assert_eq!(reply["status"], "pending_review", "{reply}");
@@ -171,15 +190,10 @@ async fn a_pending_review_whose_item_was_never_written_reaches_the_reviewers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intent_that_cannot_be_queued_within_the_window_is_failed_with_the_reason() {
-    init_logging();
-    let server = NatsServer::start();
-    let mut cfg = quick(server.config());
     // The task queue holds one task: with the template's task in it, the stranded one's task
     // is refused (storage_full) at every check, for the whole window.
-    cfg.nats.storage.tasks_max_msgs = 1;
-    let client = server.client().await;
-    let js = async_nats::jetstream::new(client.clone());
-    let _governance = start_governance(cfg.clone()).await;
+    let f = fixture(|cfg| cfg.nats.storage.tasks_max_msgs = 1).await;
+    let (client, js) = (f.client.clone(), f.js.clone());
 
     submit(&client, "template-f", "query_knowledge").await;
     strand(&js, "template-f", "stranded-f").await;

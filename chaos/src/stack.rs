@@ -56,14 +56,7 @@ impl NatsProcess {
         };
         let text = nats_server::adapt(&original, &how)
             .with_context(|| format!("adapting {}", self.conf_source.display()))?;
-        let process = nats_server::NatsProcess::start(
-            &self.binary,
-            &self.dir.path().join("nats.conf"),
-            &text,
-            &[],
-            &self.dir.path().join("server.log"),
-            Duration::from_secs(20),
-        )?;
+        let process = nats_server::NatsProcess::start_in(&self.binary, self.dir.path(), &text)?;
         self.port = process.port();
         self.process = Some(process);
         Ok(())

@@ -183,14 +183,8 @@ impl NatsServer {
 
     fn spawn(&mut self, port: Option<u16>) -> anyhow::Result<()> {
         let text = self.config_text(port)?;
-        let process = nats_server::NatsProcess::start(
-            &nats_server_binary()?,
-            &self.dir.path().join("nats.conf"),
-            &text,
-            &[],
-            &self.dir.path().join("server.log"),
-            Duration::from_secs(20),
-        )?;
+        let process =
+            nats_server::NatsProcess::start_in(&nats_server_binary()?, self.dir.path(), &text)?;
         self.port = process.port();
         self.monitor_port = process.monitor_port();
         self.child = Some(process);

@@ -23,53 +23,7 @@ pub async fn up(
     workers: Option<usize>,
 ) -> anyhow::Result<ExitCode> {
     let shutdown = bulwark_common::shutdown::on_signal();
-    let mut local = None;
-    if reachable(&cfg).await {
-        println!(
-            "bulwark: using the NATS server at {}",
-            connect::redact_url(&cfg.nats.url)
-        );
-    } else {
-        connect::parse_urls(&cfg.nats.url)?;
-        let url: &str = &cfg.nats.url;
-        let (host, port) = host_port(url.split(',').next().unwrap_or(url))?;
-        if url_given && !matches!(host.as_str(), "127.0.0.1" | "localhost") {
-            bail!(
-                "no NATS server answers at {}; start it, or omit --nats-url to run a local one",
-                connect::redact_url(&cfg.nats.url)
-            );
-        }
-        let binary = nats_server::find_binary(&cfg.up.nats_server)?;
-        let log = std::path::Path::new("data").join("nats-server.log");
-        let synced = cfg.nats.durability == bulwark_common::config::Durability::Synced;
-        println!(
-            "bulwark: starting {} -c {} (a copy of {}) on {host}:{port} (log: {}; durability {}{})",
-            binary.display(),
-            log.with_file_name("nats-server.conf").display(),
-            cfg.up.nats_conf.display(),
-            log.display(),
-            cfg.nats.durability.as_str(),
-            if synced { ": sync_interval always" } else { "" }
-        );
-        let mut server =
-            LocalServer::start(&binary, &cfg.up.nats_conf, &host, port, &log, synced).await?;
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(cfg.up.server_start_timeout_ms);
-        loop {
-            if reachable(&cfg).await {
-                break;
-            }
-            if !server.running() || tokio::time::Instant::now() > deadline {
-                bail!(
-                    "the local nats-server did not come up; see {}",
-                    log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        cfg.nats.url = format!("nats://{host}:{port}");
-        local = Some(server);
-    }
+    let local = local_server(&mut cfg, url_given).await?;
 
     // Every service, `up.replicas` times, each replica under a supervisor that respawns it when
     // it is quarantined, fails or crashes (bulwark_common::replica).
@@ -105,46 +59,9 @@ pub async fn up(
     }
     let (probe, _probe_stats) = connect::connect(&cfg.nats, "bulwark-up", Role::Service).await?;
     start_metrics(&cfg, probe.clone(), shutdown.clone()).await;
-    // Ready as each one answers; a service still waiting for JetStream (a slow broker, a cluster
-    // electing its leader) is retried by its supervisor, and named here every 15 s.
     let mut failed = false;
     let mut all_ready = true;
-    let mut pending: Vec<ServiceName> = ServiceName::all().to_vec();
-    let mut last_note = tokio::time::Instant::now();
-    while !pending.is_empty() && !shutdown.is_cancelled() {
-        let mut still = Vec::new();
-        for service in pending {
-            let name = service.micro_name();
-            if bulwark_common::micro::wait_ready(&probe, name, Duration::from_millis(500)).await {
-                println!("  ready  {name:<20} {}", service.summary());
-            } else {
-                still.push(service);
-            }
-        }
-        pending = still;
-        if pending.is_empty() {
-            break;
-        }
-        if last_note.elapsed() >= Duration::from_secs(15) {
-            let names: Vec<&str> = pending.iter().map(|s| s.micro_name()).collect();
-            println!(
-                "  waiting  {} (not answering $SRV.INFO yet; retried while JetStream is unavailable, see the log)",
-                names.join(", ")
-            );
-            last_note = tokio::time::Instant::now();
-        }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => {}
-            Some(done) = running.join_next() => {
-                // A service that ended by itself before the stop signal: a failure.
-                report(done, &mut failed);
-                failed |= !shutdown.is_cancelled();
-                shutdown.cancel();
-            }
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-    }
+    wait_services(&probe, &mut running, &shutdown, &mut failed).await;
     all_ready &= !shutdown.is_cancelled();
     // Workers, in the pool that respawns them when they die (NATS micro service `htm_pool`).
     let worker_count = workers.unwrap_or(cfg.worker.count);
@@ -175,13 +92,7 @@ pub async fn up(
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => {}
-        Some(done) = running.join_next() => {
-            // A service ended by itself: that is a failure; stop the rest. (One that ended
-            // because the stop signal came is not.)
-            report(done, &mut failed);
-            failed |= !shutdown.is_cancelled();
-            shutdown.cancel();
-        }
+        Some(done) = running.join_next() => ended_early(done, &mut failed, &shutdown),
     }
     println!("bulwark: stopping");
     match pool.await {
@@ -211,6 +122,99 @@ pub async fn up(
     })
 }
 
+/// The NATS server to use: the one `cfg.nats.url` reaches, else a local nats-server started
+/// with a copy of `up.nats_conf` (then `cfg.nats.url` is set to it).
+async fn local_server(
+    cfg: &mut BulwarkConfig,
+    url_given: bool,
+) -> anyhow::Result<Option<LocalServer>> {
+    if reachable(cfg).await {
+        println!(
+            "bulwark: using the NATS server at {}",
+            connect::redact_url(&cfg.nats.url)
+        );
+        return Ok(None);
+    }
+    connect::parse_urls(&cfg.nats.url)?;
+    let url: &str = &cfg.nats.url;
+    let (host, port) = host_port(url.split(',').next().unwrap_or(url))?;
+    if url_given && !matches!(host.as_str(), "127.0.0.1" | "localhost") {
+        bail!(
+            "no NATS server answers at {}; start it, or omit --nats-url to run a local one",
+            connect::redact_url(&cfg.nats.url)
+        );
+    }
+    let binary = nats_server::find_binary(&cfg.up.nats_server)?;
+    let log = std::path::Path::new("data").join("nats-server.log");
+    let synced = cfg.nats.durability == bulwark_common::config::Durability::Synced;
+    println!(
+        "bulwark: starting {} -c {} (a copy of {}) on {host}:{port} (log: {}; durability {}{})",
+        binary.display(),
+        log.with_file_name("nats-server.conf").display(),
+        cfg.up.nats_conf.display(),
+        log.display(),
+        cfg.nats.durability.as_str(),
+        if synced { ": sync_interval always" } else { "" }
+    );
+    let mut server =
+        LocalServer::start(&binary, &cfg.up.nats_conf, &host, port, &log, synced).await?;
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(cfg.up.server_start_timeout_ms);
+    cfg.nats.url = format!("nats://{host}:{port}");
+    while !reachable(cfg).await {
+        if !server.running() || tokio::time::Instant::now() > deadline {
+            bail!(
+                "the local nats-server did not come up; see {}",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(Some(server))
+}
+
+/// Prints each service ready as it answers; a service still waiting for JetStream (a slow
+/// broker, a cluster electing its leader) is retried by its supervisor, and named here every
+/// 15 s. Returns when all are ready, at the stop signal, or when a supervisor ended.
+async fn wait_services(
+    probe: &async_nats::Client,
+    running: &mut JoinSet<(ServiceName, anyhow::Result<()>)>,
+    shutdown: &CancellationToken,
+    failed: &mut bool,
+) {
+    let mut pending: Vec<ServiceName> = ServiceName::all().to_vec();
+    let mut last_note = tokio::time::Instant::now();
+    while !pending.is_empty() && !shutdown.is_cancelled() {
+        let mut still = Vec::new();
+        for service in pending {
+            let name = service.micro_name();
+            if bulwark_common::micro::wait_ready(probe, name, Duration::from_millis(500)).await {
+                println!("  ready  {name:<20} {}", service.summary());
+            } else {
+                still.push(service);
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if last_note.elapsed() >= Duration::from_secs(15) {
+            let names: Vec<&str> = pending.iter().map(|s| s.micro_name()).collect();
+            println!(
+                "  waiting  {} (not answering $SRV.INFO yet; retried while JetStream is unavailable, see the log)",
+                names.join(", ")
+            );
+            last_note = tokio::time::Instant::now();
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {}
+            Some(done) = running.join_next() => ended_early(done, failed, shutdown),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
 /// Waits up to 30 s for `count` workers to heartbeat; returns how many did.
 async fn wait_for_workers(client: &async_nats::Client, count: usize) -> usize {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -232,6 +236,18 @@ async fn wait_for_workers(client: &async_nats::Client, count: usize) -> usize {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     seen
+}
+
+/// A service's supervisor ended before the stop: a failure unless the stop signal came
+/// meanwhile; the others are stopped.
+fn ended_early(
+    done: Result<(ServiceName, anyhow::Result<()>), tokio::task::JoinError>,
+    failed: &mut bool,
+    shutdown: &CancellationToken,
+) {
+    report(done, failed);
+    *failed |= !shutdown.is_cancelled();
+    shutdown.cancel();
 }
 
 fn report(

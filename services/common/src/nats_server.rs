@@ -213,6 +213,19 @@ impl NatsProcess {
         }
     }
 
+    /// [`NatsProcess::start`] in a directory of its own: `dir/nats.conf`, `dir/server.log`,
+    /// 20 s to start.
+    pub fn start_in(binary: &Path, dir: &Path, conf_text: &str) -> Result<Self, LaunchError> {
+        Self::start(
+            binary,
+            &dir.join("nats.conf"),
+            conf_text,
+            &[],
+            &dir.join("server.log"),
+            Duration::from_secs(20),
+        )
+    }
+
     /// The client port.
     pub fn port(&self) -> u16 {
         self.port
