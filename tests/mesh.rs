@@ -387,7 +387,13 @@ async fn a_self_triggering_rule_stops_at_depth_ten_with_one_incident() {
     );
     assert_eq!(incidents[0]["payload"]["reason"], "depth_limit");
     assert_eq!(incidents[0]["payload"]["depth"], 11);
-    assert_eq!(incidents[0]["payload"]["cascade_events"], 50);
+    // The incident is raised at the first chain's stop and counts what the cascade had produced
+    // by then: that chain's ten, and whatever the four others had reached (all 50 on a quiet
+    // machine, fewer when the chains interleave under load).
+    let counted = incidents[0]["payload"]["cascade_events"]
+        .as_u64()
+        .expect("cascade_events");
+    assert!((10..=50).contains(&counted), "{counted} cascade events");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
