@@ -60,6 +60,9 @@ pub struct BulwarkConfig {
     pub replicas: ReplicasConfig,
     /// Playbooks: where the Rhai scripts live and the sandbox's limits.
     pub playbooks: PlaybooksConfig,
+    /// Operator-defined actions by intent type (`[actions.<intent_type>]`, docs/actions.md): what
+    /// an approved intent of that type really does. A type without one runs the built-in handler.
+    pub actions: BTreeMap<String, crate::action::ActionConfig>,
 }
 
 /// The playbooks service: the scripts' folder, the sandbox's limits, run pacing.
@@ -351,6 +354,7 @@ impl BulwarkConfig {
         self.playbooks
             .validate()
             .map_err(ConfigError::Inconsistent)?;
+        crate::action::validate_all(&self.actions).map_err(ConfigError::Inconsistent)?;
         if self.up.replicas == 0 {
             return bad("up.replicas must be at least 1".into());
         }

@@ -1,6 +1,8 @@
 //! What every bulwark service shares, and nothing else.
 //!
 //! # Layout
+//! - [`action`]: operator-defined actions (`[actions.<intent_type>]`): validation, the
+//!   payload check, URL and argument rendering.
 //! - [`subjects`]: every NATS subject bulwark consumes or produces, as constants and builders.
 //! - [`streams`]: the JetStream streams and KV buckets that make accepted work durable.
 //! - [`backup`]: backup and restore of those streams and buckets (JetStream snapshots, verified manifest).
@@ -24,6 +26,7 @@
 //! - [`shutdown`]: turning Ctrl-C / SIGTERM into a cancellation token.
 //! - [`time`], [`ids`]: RFC 3339 UTC timestamps and UUIDv7 ids.
 
+pub mod action;
 pub mod api;
 pub mod backup;
 pub mod config;

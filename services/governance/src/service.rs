@@ -129,6 +129,7 @@ pub async fn run(
         timeout,
         durability: streams::durability_in_force(&js_for_durability, cfg.nats.durability).await,
         storage: cfg.nats.storage.clone(),
+        actions: cfg.actions.clone(),
     });
 
     let stats_counters = gov.counters.clone();
@@ -226,6 +227,8 @@ struct Governance {
     durability: Durability,
     /// Retention of finished intent records.
     storage: StorageConfig,
+    /// Operator-defined actions: a payload the action of its type does not allow is refused.
+    actions: std::collections::BTreeMap<String, bulwark_common::action::ActionConfig>,
 }
 
 /// The identity speaking: the NATS user the server named, else the per-identity subject's name;
@@ -317,7 +320,8 @@ impl Governance {
     ) -> Result<Decision, ApiError> {
         let parsed = self
             .parse_intent(body, sender)
-            .and_then(|intent| self.check_work(intent));
+            .and_then(|intent| self.check_work(intent))
+            .and_then(|intent| self.check_action(intent));
         let intent = match parsed {
             Ok(intent) => intent,
             Err(err) => {
@@ -408,6 +412,22 @@ impl Governance {
                 ),
             )),
             _ => Ok(intent),
+        }
+    }
+
+    /// Refuses a payload the operator's action for its type does not allow (an unlisted key, a
+    /// value that would change the URL beyond its value or add a command-line flag): 400
+    /// `param_not_allowed` (docs/actions.md).
+    fn check_action(&self, intent: Intent) -> Result<Intent, ApiError> {
+        match self.actions.get(&intent.intent_type) {
+            Some(action) => match action.check_payload(&intent.payload) {
+                Ok(()) => Ok(intent),
+                Err(why) => Err(ApiError::bad_request(
+                    bulwark_common::action::PARAM_NOT_ALLOWED,
+                    format!("action {}: {why}", intent.intent_type),
+                )),
+            },
+            None => Ok(intent),
         }
     }
 

@@ -88,6 +88,23 @@ impl Handlers {
         handlers
     }
 
+    /// The built-in handlers, then one [`OperatorAction`](crate::actions::OperatorAction) per
+    /// `[actions.<intent_type>]` of `cfg` (replacing the built-in handler of that type).
+    /// `narrator` narrates the actions' retries (the worker pool passes its own; a worker
+    /// running alone has none and logs them).
+    pub fn for_config(
+        cfg: &bulwark_common::BulwarkConfig,
+        narrator: Option<bulwark_common::Narrator>,
+    ) -> Self {
+        let mut handlers = Self::builtin(cfg.worker.max_work_ms);
+        for (intent_type, action) in &cfg.actions {
+            let handler =
+                crate::actions::OperatorAction::new(intent_type, action.clone(), narrator.clone());
+            handlers = handlers.with(intent_type, Arc::new(handler));
+        }
+        handlers
+    }
+
     /// Adds (or replaces) the handler of `intent_type`.
     pub fn with(mut self, intent_type: &str, handler: Arc<dyn Handler>) -> Self {
         self.by_type.insert(intent_type.to_owned(), handler);

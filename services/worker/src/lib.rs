@@ -17,10 +17,13 @@
 //!
 //! # Modules
 //! - [`handlers`]: the handler trait and the built-in simulated work for the seed's types.
+//! - [`actions`]: operator-defined actions (`[actions.<intent_type>]`): the http and exec
+//!   runners, their timeouts, bounded output and retries.
 //! - [`service`]: the assignment endpoint, execution, reports and heartbeats.
 //! - [`pool`]: the supervisor keeping `worker.count` workers alive (`htm_pool`: status, kill,
 //!   respawn).
 
+pub mod actions;
 pub mod handlers;
 pub mod pool;
 pub mod service;

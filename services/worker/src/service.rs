@@ -110,7 +110,8 @@ enum Taken {
     AlreadyRunning,
 }
 
-/// Runs one worker with a generated id (`worker-<8 hex>`) and the built-in handlers, on a
+/// Runs one worker with a generated id (`worker-<8 hex>`), the built-in handlers and the
+/// configured actions (their retries logged, not narrated: a worker cannot narrate), on a
 /// connection of its own as a worker (`[nats] worker_user`), not as a service.
 pub async fn run(cfg: BulwarkConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let id = format!("worker-{}", &ids::new_id().replace('-', "")[24..]);
@@ -120,7 +121,7 @@ pub async fn run(cfg: BulwarkConfig, shutdown: CancellationToken) -> Result<(), 
             worker_id: id.clone(),
             reason: e.to_string(),
         })?;
-    let handlers = Handlers::builtin(cfg.worker.max_work_ms);
+    let handlers = Handlers::for_config(&cfg, None);
     let ended = run_worker(cfg, client.clone(), shutdown, id, handlers).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     ended
