@@ -564,3 +564,172 @@ async fn a_forbidden_param_is_refused_at_intake() {
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen[0].body, json!({"channel": "ops", "message": "fine"}));
 }
+
+// ---- cancellation -------------------------------------------------------------------------------
+
+async fn cancel(client: &async_nats::Client, id: &str) -> (Value, Option<String>) {
+    request_json(
+        client,
+        subjects::INTENT_CANCEL,
+        json!({"intent_id": id, "reason": "test"}).to_string(),
+    )
+    .await
+}
+
+async fn status_of(client: &async_nats::Client, id: &str) -> Value {
+    request_json(
+        client,
+        subjects::INTENT_STATUS,
+        json!({ "intent_id": id }).to_string(),
+    )
+    .await
+    .0
+}
+
+#[tokio::test]
+async fn a_running_exec_action_is_cancelled_and_its_processes_are_gone() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("pids");
+    let mut action = exec_action(
+        &[
+            "/bin/sh",
+            "-c",
+            "echo $$ > \"$1\"; sleep 300 & echo $! >> \"$1\"; wait",
+            "sh",
+            "{pidfile}",
+        ],
+        &["pidfile"],
+    );
+    action.timeout_ms = 600_000;
+    let s = stack(vec![("long_job", action)]).await;
+    let operator = s.server.client_as(OPERATOR_USER).await;
+    submit(
+        &s.client,
+        "long-2",
+        "long_job",
+        json!({"pidfile": file.display().to_string()}),
+    )
+    .await;
+    let started = eventually(Duration::from_secs(30), "the job running", || async {
+        let st = status_of(&s.client, "long-2").await;
+        (st["status"] == "running" && pids(&file).len() == 2).then_some(pids(&file))
+    })
+    .await;
+    let (reply, code) = cancel(&operator, "long-2").await;
+    assert_eq!(code, None, "{reply}");
+    assert_eq!(
+        (
+            reply["status"].as_str(),
+            reply["previous_status"].as_str(),
+            reply["worker_told"].as_bool()
+        ),
+        (Some("cancelled"), Some("running"), Some(true)),
+        "{reply}"
+    );
+    eventually(Duration::from_secs(10), "the whole group gone", || async {
+        started.iter().all(|p| !alive(*p)).then_some(())
+    })
+    .await;
+    let st = status_of(&s.client, "long-2").await;
+    assert_eq!(st["status"], "cancelled", "{st}");
+    let last = st["history"]
+        .as_array()
+        .and_then(|h| h.last())
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (last["status"].as_str(), last["reason"].as_str()),
+        (Some("cancelled"), Some("cancelled by operator: test")),
+        "{st}"
+    );
+    // Cancelling it again: it is finished.
+    let (reply, code) = cancel(&operator, "long-2").await;
+    assert_eq!(
+        (code.as_deref(), reply["error"]["code"].as_str()),
+        (Some("409"), Some("already_finished")),
+        "{reply}"
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_queued_task_never_runs_and_only_its_submitter_or_an_operator_may_cancel() {
+    let receiver = Receiver::start(vec![Reply::Status(200, "ok")]).await;
+    let s = stack(vec![(
+        "notify_webhook",
+        http_action(
+            format!("http://127.0.0.1:{}/hook", receiver.port),
+            &["message"],
+        ),
+    )])
+    .await;
+    let operator = s.server.client_as(OPERATOR_USER).await;
+    let agent = s.server.client_as(AGENT_USER).await;
+    let (paused, code) = request_json(&operator, subjects::SCHEDULER_PAUSE, "{}").await;
+    assert_eq!(code, None, "{paused}");
+    // One intent of bulwark's own (no submitter identity), one of the agent's.
+    submit(
+        &s.client,
+        "mine",
+        "notify_webhook",
+        json!({"message": "service"}),
+    )
+    .await;
+    let (decision, code) = submit(
+        &agent,
+        "theirs",
+        "notify_webhook",
+        json!({"message": "agent"}),
+    )
+    .await;
+    assert_eq!(
+        (code, decision["status"].as_str()),
+        (None, Some("queued")),
+        "{decision}"
+    );
+
+    let (reply, code) = cancel(&agent, "mine").await;
+    assert_eq!(
+        (code.as_deref(), reply["error"]["code"].as_str()),
+        (Some("403"), Some("not_your_intent")),
+        "an agent cancels only its own: {reply}"
+    );
+    let (reply, code) = cancel(&agent, "theirs").await;
+    assert_eq!(
+        (code, reply["previous_status"].as_str()),
+        (None, Some("queued")),
+        "{reply}"
+    );
+    let (reply, code) = cancel(&operator, "mine").await;
+    assert_eq!(
+        (code, reply["status"].as_str()),
+        (None, Some("cancelled")),
+        "{reply}"
+    );
+    let (reply, code) = cancel(&agent, "nobody").await;
+    assert_eq!(code.as_deref(), Some("404"), "{reply}");
+
+    // Resumed, the queue is taken in order: the cancelled tasks come first and are dropped; the
+    // next intent is the only one the receiver ever sees.
+    request_json(&operator, subjects::SCHEDULER_RESUME, "{}").await;
+    submit(
+        &s.client,
+        "after",
+        "notify_webhook",
+        json!({"message": "after"}),
+    )
+    .await;
+    let st = finished(&s.client, "after").await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let seen = receiver.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].body, json!({"message": "after"}));
+    for id in ["mine", "theirs"] {
+        assert_eq!(status_of(&s.client, id).await["status"], "cancelled");
+    }
+    let (reply, code) = cancel(&operator, "after").await;
+    assert_eq!(
+        (code.as_deref(), reply["error"]["code"].as_str()),
+        (Some("409"), Some("already_finished")),
+        "{reply}"
+    );
+}

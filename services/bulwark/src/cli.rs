@@ -158,6 +158,15 @@ pub enum IntentAction {
         /// The intent id.
         intent_id: String,
     },
+    /// Cancel an intent that has not finished: a queued task never runs, a running action is
+    /// aborted (docs/actions.md#cancellation).
+    Cancel {
+        /// The intent id.
+        intent_id: String,
+        /// Why, recorded in the intent's history.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// Mission pillars (and emergency) for `--impact`.

@@ -73,6 +73,16 @@ pub async fn dispatch(
             )
             .await?,
         ),
+        Command::Intent {
+            action: IntentAction::Cancel { intent_id, reason },
+        } => print_json(
+            &request(
+                &cfg,
+                subjects::INTENT_CANCEL,
+                &json!({ "intent_id": intent_id, "reason": reason }),
+            )
+            .await?,
+        ),
         Command::Review {
             action: ReviewAction::List { json },
         } => {

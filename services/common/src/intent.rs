@@ -88,6 +88,8 @@ pub enum IntentStatus {
     Failed,
     /// Parked by load shedding; replayable.
     Shed,
+    /// Cancelled on `htm.intent.cancel` before it finished; it never runs (again).
+    Cancelled,
 }
 
 impl IntentStatus {
@@ -103,6 +105,7 @@ impl IntentStatus {
             IntentStatus::Completed => "completed",
             IntentStatus::Failed => "failed",
             IntentStatus::Shed => "shed",
+            IntentStatus::Cancelled => "cancelled",
         }
     }
 }

@@ -133,10 +133,11 @@ pub async fn run(
     });
 
     let stats_counters = gov.counters.clone();
-    let endpoints: [bulwark_common::micro::EndpointSpec<Op>; 9] = [
+    let endpoints: [bulwark_common::micro::EndpointSpec<Op>; 10] = [
         ("submit", subjects::INTENT_SUBMIT, Op::Submit),
         ("submit_as", subjects::INTENT_SUBMIT_AS, Op::Submit),
         ("status", subjects::INTENT_STATUS, Op::Status),
+        ("cancel", subjects::INTENT_CANCEL, Op::Cancel),
         (
             "review_pending",
             subjects::REVIEW_PENDING,
@@ -206,6 +207,7 @@ fn instance_name() -> String {
 enum Op {
     Submit,
     Status,
+    Cancel,
     ReviewPending,
     ReviewDecide,
     Vote,
@@ -270,6 +272,10 @@ impl Governance {
                 self.reply(request, result).await
             }
             Op::Status => self.reply(request, self.status(body).await).await,
+            Op::Cancel => {
+                let from = bulwark_common::identity::sender(request.message.headers.as_ref());
+                self.reply(request, self.cancel(body, &from).await).await
+            }
             Op::ReviewPending => self.reply(request, self.pending_reviews(body).await).await,
             Op::ReviewDecide => {
                 let from = bulwark_common::identity::sender(request.message.headers.as_ref());
@@ -536,6 +542,81 @@ impl Governance {
         let req: StatusRequest = api::decode(body, "invalid_request", self.cfg.max_intent_bytes)?;
         let record = self.record(&req.intent_id).await?;
         Ok(record.status_reply())
+    }
+
+    /// Cancels an intent that has not finished (docs/actions.md#cancellation): its record
+    /// becomes `cancelled` (so a queued task never runs, a review or vote can no longer approve
+    /// it, and the scheduler drops its task), and the worker running it is told to abort.
+    async fn cancel(
+        &self,
+        body: &[u8],
+        from: &bulwark_common::identity::Sender,
+    ) -> Result<Value, ApiError> {
+        let req: crate::cancel::CancelRequest =
+            api::decode(body, "invalid_request", self.cfg.max_intent_bytes)?;
+        let record = self.record(&req.intent_id).await?;
+        crate::cancel::may_cancel(&record, from, &self.cfg.privileged_identities)?;
+        let by = from.name().to_owned();
+        let reason = match req.reason.as_deref().map(str::trim) {
+            Some(r) if !r.is_empty() => {
+                format!("cancelled by {by}: {}", api::bounded(r.to_owned(), 256))
+            }
+            _ => format!("cancelled by {by}"),
+        };
+        let id = req.intent_id.clone();
+        let updated = kvx::update(&self.intents, &id, |r: &mut IntentRecord| {
+            crate::cancel::cancellable(&id, r.status)?;
+            let before = (r.status, r.assignment.clone());
+            r.transition(
+                IntentStatus::Cancelled,
+                Some(by.clone()),
+                Some(reason.clone()),
+            );
+            Ok::<_, ApiError>(Change::Write(before))
+        })
+        .await
+        .map_err(store_err)?;
+        let ((previous, assignment), record) = match updated {
+            Ok(done) => done,
+            Err(err) => return Err(err),
+        };
+        if previous == IntentStatus::PendingReview {
+            self.delete_review(&id).await;
+        }
+        // A task a worker holds is aborted there; one still queued (or parked) is dropped by
+        // the scheduler when it comes to it.
+        let mut worker_told = None;
+        if matches!(previous, IntentStatus::Dispatched | IntentStatus::Running)
+            && let Some(a) = &assignment
+        {
+            let body = json!({"task_id": id, "fence": a.fence});
+            let told = tokio::time::timeout(
+                self.timeout,
+                self.client
+                    .request(subjects::worker_cancel(&a.worker_id), api::to_bytes(&body)),
+            )
+            .await;
+            worker_told = Some(matches!(told, Ok(Ok(ref m))
+                if m.headers.as_ref().and_then(|h| h.get(api::SERVICE_ERROR_CODE)).is_none()));
+        }
+        let n = self
+            .narrator
+            .narrative(
+                "intent_cancelled",
+                "htm.intent.cancel: the submitter or an operator",
+            )
+            .why(reason.clone())
+            .why(format!("it was {}", previous.as_str()))
+            .intent(&id, &record.intent.correlation_id)
+            .context(
+                json!({"intent_type": record.intent.intent_type, "previous_status": previous,
+                            "by": by, "worker_id": assignment.as_ref().map(|a| &a.worker_id),
+                            "worker_told": worker_told}),
+            );
+        self.narrator.publish(n).await;
+        Ok(json!({"intent_id": id, "status": IntentStatus::Cancelled,
+                  "previous_status": previous, "worker_id": assignment.map(|a| a.worker_id),
+                  "worker_told": worker_told}))
     }
 
     async fn record(&self, intent_id: &str) -> Result<IntentRecord, ApiError> {

@@ -1205,7 +1205,8 @@ impl Scheduler {
                 ack(&msg).await;
                 return;
             }
-            // Finished, rejected or shed: this copy is a duplicate; it never runs twice.
+            // Finished, rejected, cancelled or shed: this copy is a duplicate (or cancelled); it
+            // never runs (twice).
             _ => {
                 self.lock().pool.release(&worker_id, None);
                 ack(&msg).await;
@@ -1742,6 +1743,16 @@ impl Scheduler {
                     "this scheduler no longer leads; retry the report (the new leader takes it)",
                 ));
             }
+            Ok(Err(Fenced::Refused(IntentStatus::Cancelled))) => {
+                self.cancelled_report(&report.task_id, &worker, fence).await;
+                return Err(ApiError::conflict(
+                    "stale_assignment",
+                    format!(
+                        "task {} was cancelled (htm.intent.cancel); drop it",
+                        report.task_id
+                    ),
+                ));
+            }
             Ok(Err(Fenced::Refused(status))) => {
                 self.counters.stale_reports.fetch_add(1, Ordering::Relaxed);
                 let n = self
@@ -1848,6 +1859,32 @@ impl Scheduler {
             }
         }
         Ok(json!({"accepted": true, "task_id": report.task_id}))
+    }
+
+    /// A report on a cancelled task from the worker it was assigned to: the task is over for
+    /// this scheduler (its slot released, its queue message acknowledged). The worker is told
+    /// to drop it (409).
+    async fn cancelled_report(&self, task_id: &str, worker: &str, fence: u64) {
+        let flight = {
+            let mut st = self.lock();
+            let ours = st
+                .in_flight
+                .get(task_id)
+                .is_some_and(|f| f.worker_id == worker && f.fence == fence);
+            let flight = if ours {
+                st.in_flight.remove(task_id)
+            } else {
+                None
+            };
+            if flight.is_some() {
+                st.pool.release(worker, None);
+            }
+            flight
+        };
+        if let Some(msg) = flight.and_then(|f| f.msg) {
+            ack(&msg).await;
+        }
+        self.wake.notify_one();
     }
 
     /// A report under a worker id comes from the user the id is bound to (or a service): from

@@ -321,6 +321,15 @@ impl Handler for OperatorAction {
             self.run(worker_id, task, &never).await
         })
     }
+
+    fn handle_cancellable<'a>(
+        &'a self,
+        worker_id: &'a str,
+        task: &'a Task,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<Value, HandlerError>> {
+        Box::pin(self.run(worker_id, task, cancel))
+    }
 }
 
 /// Sends `request` on a fresh HTTP/1.1 connection over `io` and reads the response body,
