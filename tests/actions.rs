@@ -733,3 +733,102 @@ async fn a_cancelled_queued_task_never_runs_and_only_its_submitter_or_an_operato
         "{reply}"
     );
 }
+
+// ---- the Python worker SDK ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_python_sdk_worker_completes_fails_and_is_cancelled_under_the_protocol() {
+    use tokio::io::AsyncBufReadExt;
+    init_logging();
+    let server = NatsServer::start();
+    let mut cfg: BulwarkConfig = server.config();
+    cfg.scheduler.heartbeat_timeout_s = 5.0;
+    cfg.scheduler.check_interval_s = 0.2;
+    cfg.scheduler.min_workers = 1;
+    let _gov = start_governance(cfg.clone()).await;
+    let _sched = start_scheduler(cfg.clone()).await;
+    let client = server.client().await;
+    let operator = server.client_as(OPERATOR_USER).await;
+
+    let root = repo_root();
+    let python_path = format!(
+        "{}:{}",
+        root.join(".tools/py").display(),
+        root.join("clients/python").display()
+    );
+    let mut child = tokio::process::Command::new("python3")
+        .arg(root.join("tests/clients/sdk_worker.py"))
+        .args([server.url().as_str(), "py-sdk-1"])
+        .env("PYTHONPATH", python_path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the worker starts")
+        .expect("read");
+    assert_eq!(first.as_deref(), Some(r#"{"ready": "py-sdk-1"}"#));
+
+    submit(&client, "py-echo", "query_knowledge", json!({"echo": "hi"})).await;
+    submit(&client, "py-fail", "deploy_model", json!({})).await;
+    submit(
+        &client,
+        "py-long",
+        "execute_sandbox",
+        json!({"sleep_s": 300}),
+    )
+    .await;
+
+    let st = finished(&client, "py-echo").await;
+    assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!(
+        (
+            st["result"]["handled_by"].as_str(),
+            st["result"]["echo"].as_str()
+        ),
+        (Some("py-sdk-1"), Some("hi")),
+        "{st}"
+    );
+    let st = finished(&client, "py-fail").await;
+    assert_eq!(st["status"], "failed", "{st}");
+    assert!(
+        st["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("models are not deployed from here")),
+        "{st}"
+    );
+    assert_eq!(
+        st["attempts"], 1,
+        "a permanent failure is not retried: {st}"
+    );
+
+    eventually(Duration::from_secs(30), "the long job running", || async {
+        (status_of(&client, "py-long").await["status"] == "running").then_some(())
+    })
+    .await;
+    let (reply, code) = cancel(&operator, "py-long").await;
+    assert_eq!(code, None, "{reply}");
+    assert_eq!(reply["worker_told"], true, "{reply}");
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("the handler is cancelled")
+        .expect("read");
+    assert_eq!(line.as_deref(), Some(r#"{"cancelled": "py-long"}"#));
+
+    drop(child.stdin.take());
+    let last = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the worker stops")
+        .expect("read")
+        .unwrap_or_default();
+    let counts: Value = serde_json::from_str(&last).expect("counts");
+    assert_eq!(
+        counts,
+        json!({"completed": 1, "failed": 1, "cancelled": ["py-long"]}),
+        "the cancelled task's report was refused, not counted"
+    );
+    assert_eq!(status_of(&client, "py-long").await["status"], "cancelled");
+}
