@@ -832,3 +832,70 @@ async fn the_python_sdk_worker_completes_fails_and_is_cancelled_under_the_protoc
     );
     assert_eq!(status_of(&client, "py-long").await["status"], "cancelled");
 }
+
+// ---- delays -------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_delayed_intent_does_not_run_early_and_bad_delays_are_refused() {
+    let receiver = Receiver::start(vec![Reply::Status(200, "ok")]).await;
+    let s = stack(vec![(
+        "notify_webhook",
+        http_action(
+            format!("http://127.0.0.1:{}/hook", receiver.port),
+            &["message"],
+        ),
+    )])
+    .await;
+    let at = |offset_ms: i64| {
+        bulwark_common::time::format_ms(bulwark_common::time::now_ms() + offset_ms)
+    };
+    let submit_at = |id: &'static str, not_before: Value| {
+        let client = s.client.clone();
+        async move {
+            let body = json!({"intent_id": id, "intent_type": "notify_webhook", "actor": "tester",
+                              "payload": {"message": id}, "not_before": not_before,
+                              "mission_context": {"resilience_impact": true}});
+            request_json(&client, subjects::INTENT_SUBMIT, body.to_string()).await
+        }
+    };
+    for (id, bad) in [
+        ("past", json!(at(-3_600_000))),
+        ("far", json!(at(400 * 86_400_000))),
+        ("garbage", json!("tomorrow")),
+        ("number", json!(12)),
+    ] {
+        let (reply, code) = submit_at(id, bad).await;
+        assert_eq!(
+            (code.as_deref(), reply["error"]["code"].as_str()),
+            (Some("400"), Some("invalid_intent")),
+            "{id}: {reply}"
+        );
+    }
+    let not_before = at(2_000);
+    let (decision, code) = submit_at("later", json!(not_before)).await;
+    assert_eq!(code, None, "{decision}");
+    let (decision, code) = submit_at("now", Value::Null).await;
+    assert_eq!(code, None, "{decision}");
+    let st = finished(&s.client, "now").await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let st = finished(&s.client, "later").await;
+    assert_eq!(st["status"], "completed", "{st}");
+    let dispatched = st["history"]
+        .as_array()
+        .and_then(|h| h.iter().find(|e| e["status"] == "dispatched"))
+        .and_then(|e| e["at"].as_str())
+        .and_then(bulwark_common::time::parse_ms)
+        .expect("a dispatch in the history");
+    let due = bulwark_common::time::parse_ms(&not_before).expect("time");
+    assert!(
+        dispatched >= due,
+        "dispatched at {dispatched}, before its not_before {due}: {st}"
+    );
+    let mut seen: Vec<String> = receiver
+        .seen()
+        .into_iter()
+        .map(|r| r.body["message"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec!["later", "now"], "each ran once");
+}

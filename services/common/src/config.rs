@@ -705,6 +705,9 @@ pub struct GovernanceConfig {
     /// The longest simulated work (`payload.work_ms`) an intent may ask for, in milliseconds; a
     /// longer one is refused with 400 `invalid_intent` (it would hold a worker slot that long).
     pub max_work_ms: u64,
+    /// The furthest in the future an intent's `not_before` may be, in seconds; a later one is
+    /// refused with 400 `invalid_intent`, as is one more than 30 s in the past.
+    pub max_delay_s: f64,
 }
 
 impl Default for GovernanceConfig {
@@ -751,6 +754,7 @@ impl Default for GovernanceConfig {
             privileged_identities: vec!["operator".to_owned()],
             max_unprivileged_priority: 5,
             max_work_ms: 60_000,
+            max_delay_s: 30.0 * 86_400.0,
         }
     }
 }

@@ -36,6 +36,9 @@ use crate::vote::{Proposal, ProposalState, Tally, VoteRequest};
 pub const SERVICE_NAME: &str = "governance";
 /// Error code of refused submissions (CONTRACT section 2).
 pub const INVALID_INTENT: &str = "invalid_intent";
+/// How far in the past an intent's `not_before` may be (clock skew between a client and
+/// bulwark, a resubmission shortly after the first), in milliseconds.
+pub const NOT_BEFORE_SKEW_MS: i64 = 30_000;
 /// Requests handled at once per instance.
 const MAX_CONCURRENT_REQUESTS: usize = 1024;
 /// Time given to in-flight requests at shutdown.
@@ -327,7 +330,8 @@ impl Governance {
         let parsed = self
             .parse_intent(body, sender)
             .and_then(|intent| self.check_work(intent))
-            .and_then(|intent| self.check_action(intent));
+            .and_then(|intent| self.check_action(intent))
+            .and_then(|intent| self.check_not_before(intent));
         let intent = match parsed {
             Ok(intent) => intent,
             Err(err) => {
@@ -367,7 +371,10 @@ impl Governance {
                 status: route.status,
                 at: decision.timestamp.clone(),
                 by: None,
-                reason: Some(format!("routed to {}", route.routed_to)),
+                reason: Some(match &intent.not_before {
+                    Some(at) => format!("routed to {}; not before {at}", route.routed_to),
+                    None => format!("routed to {}", route.routed_to),
+                }),
             }],
             result: None,
             error: None,
@@ -419,6 +426,38 @@ impl Governance {
             )),
             _ => Ok(intent),
         }
+    }
+
+    /// Refuses a `not_before` more than [`NOT_BEFORE_SKEW_MS`] in the past or more than
+    /// `governance.max_delay_s` ahead (docs/actions.md#delays).
+    fn check_not_before(&self, intent: Intent) -> Result<Intent, ApiError> {
+        let Some(at) = intent.not_before.as_deref().and_then(time::parse_ms) else {
+            return Ok(intent);
+        };
+        let now = time::now_ms();
+        let max_ms = (self.cfg.max_delay_s * 1000.0) as i64;
+        if at < now - NOT_BEFORE_SKEW_MS {
+            return Err(ApiError::bad_request(
+                INVALID_INTENT,
+                format!(
+                    "not_before {} is in the past (now {}; {} s of clock skew allowed)",
+                    time::format_ms(at),
+                    time::format_ms(now),
+                    NOT_BEFORE_SKEW_MS / 1000
+                ),
+            ));
+        }
+        if at > now.saturating_add(max_ms) {
+            return Err(ApiError::bad_request(
+                INVALID_INTENT,
+                format!(
+                    "not_before {} is more than governance.max_delay_s = {} s ahead",
+                    time::format_ms(at),
+                    self.cfg.max_delay_s
+                ),
+            ));
+        }
+        Ok(intent)
     }
 
     /// Refuses a payload the operator's action for its type does not allow (an unlisted key, a

@@ -1187,7 +1187,21 @@ impl Scheduler {
             }
         };
         match record.status {
-            IntentStatus::Queued => {}
+            IntentStatus::Queued => {
+                // Delayed (`not_before`): back to the queue until its time; it never runs early.
+                let wait_ms = record
+                    .intent
+                    .not_before
+                    .as_deref()
+                    .and_then(time::parse_ms)
+                    .map_or(0, |at| at - time::now_ms());
+                if wait_ms > 0 {
+                    self.lock().pool.release(&worker_id, None);
+                    nak(&msg, Duration::from_millis(wait_ms.unsigned_abs())).await;
+                    self.wake.notify_one();
+                    return;
+                }
+            }
             IntentStatus::Dispatched | IntentStatus::Running => {
                 // Redelivered after a scheduler restart: its worker may still be running it.
                 self.lock().pool.release(&worker_id, None);
