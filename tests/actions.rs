@@ -13,6 +13,7 @@ use async_nats::jetstream;
 use bulwark_common::BulwarkConfig;
 use bulwark_common::action::{ActionConfig, RetryConfig, Runner};
 use bulwark_common::config::IntentTypeConfig;
+use bulwark_common::schedule::ScheduleConfig;
 use bulwark_common::subjects;
 use bulwark_tests::*;
 use serde_json::{Value, json};
@@ -183,6 +184,14 @@ struct Stack {
 /// Governance, the scheduler and a worker pool of one worker, with `actions` (each an approved
 /// tier 2 type).
 async fn stack(actions: Vec<(&str, ActionConfig)>) -> Stack {
+    stack_with(actions, |_| {}).await
+}
+
+/// [`stack`], with `edit` applied to the configuration last.
+async fn stack_with(
+    actions: Vec<(&str, ActionConfig)>,
+    edit: impl FnOnce(&mut BulwarkConfig),
+) -> Stack {
     init_logging();
     let server = NatsServer::start();
     let mut cfg: BulwarkConfig = server.config();
@@ -200,6 +209,7 @@ async fn stack(actions: Vec<(&str, ActionConfig)>) -> Stack {
         );
         cfg.actions.insert(name.to_owned(), action);
     }
+    edit(&mut cfg);
     cfg.validate().expect("the test's actions are valid");
     let gov = start_governance(cfg.clone()).await;
     let sched = start_scheduler(cfg.clone()).await;
@@ -898,4 +908,140 @@ async fn a_delayed_intent_does_not_run_early_and_bad_delays_are_refused() {
         .collect();
     seen.sort();
     assert_eq!(seen, vec!["later", "now"], "each ran once");
+}
+
+// ---- schedules ----------------------------------------------------------------------------------
+
+fn schedule(cron: &str, intent_type: &str, payload: Value, missed: &str) -> ScheduleConfig {
+    serde_json::from_value(
+        json!({"cron": cron, "intent_type": intent_type, "actor": "ops_schedule",
+        "payload": payload, "missed": missed, "mission_context": {"resilience_impact": true}}),
+    )
+    .expect("schedule")
+}
+
+#[tokio::test]
+async fn a_schedule_fires_on_its_times_through_the_intake_and_a_missed_run_runs_once() {
+    let receiver = Receiver::start(vec![Reply::Status(200, "ok")]).await;
+    let s = stack_with(
+        vec![(
+            "notify_webhook",
+            http_action(
+                format!("http://127.0.0.1:{}/hook", receiver.port),
+                &["message"],
+            ),
+        )],
+        |cfg| {
+            let tick = schedule(
+                "*/2 * * * * *",
+                "notify_webhook",
+                json!({"message": "tick"}),
+                "skip",
+            );
+            let yearly = schedule(
+                "0 0 1 1 *",
+                "notify_webhook",
+                json!({"message": "yearly"}),
+                "run_once",
+            );
+            let yearly_skip = schedule(
+                "0 0 1 1 *",
+                "notify_webhook",
+                json!({"message": "skipped"}),
+                "skip",
+            );
+            // A run the intake refuses (a param the action does not list) is narrated, not lost.
+            let refused = schedule(
+                "*/2 * * * * *",
+                "notify_webhook",
+                json!({"url": "http://evil"}),
+                "skip",
+            );
+            cfg.schedules.insert("tick".into(), tick);
+            cfg.schedules.insert("yearly".into(), yearly);
+            cfg.schedules.insert("yearly_skip".into(), yearly_skip);
+            cfg.schedules.insert("refused".into(), refused);
+        },
+    )
+    .await;
+    // The missed yearly run ran once at start, under the id of its time.
+    let last_new_year = bulwark_common::cron::Cron::parse("0 0 1 1 *")
+        .expect("cron")
+        .prev_at_or_before(jiff::Timestamp::now())
+        .expect("a new year");
+    let yearly_id = ScheduleConfig::intent_id("yearly", last_new_year);
+    let st = finished(&s.client, &yearly_id).await;
+    assert_eq!(st["status"], "completed", "{st}");
+    // Two ticks, each submitted at or after its time, as its actor, through the intake.
+    let ticks: Vec<Value> = eventually(Duration::from_secs(30), "two ticks", || {
+        let js = s.js.clone();
+        async move {
+            let fired: Vec<Value> = stored_narratives(&js, "governance")
+                .await
+                .into_iter()
+                .filter(|n| n["what"] == "schedule_fired" && n["context"]["schedule"] == "tick")
+                .collect();
+            (fired.len() >= 2).then_some(fired)
+        }
+    })
+    .await;
+    for n in &ticks[..2] {
+        let id = n["intent_id"].as_str().expect("intent id");
+        let slot_s: i64 = id
+            .rsplit('-')
+            .next()
+            .and_then(|t| t.parse().ok())
+            .expect("slot");
+        assert_eq!(slot_s % 2, 0, "{id}");
+        let st = finished(&s.client, id).await;
+        assert_eq!(st["status"], "completed", "{st}");
+        let submitted = st["history"][0]["at"]
+            .as_str()
+            .and_then(bulwark_common::time::parse_ms)
+            .expect("submitted at");
+        assert!(
+            submitted >= slot_s * 1000,
+            "{id} submitted before its time: {st}"
+        );
+        let (record, _) = request_json(
+            &s.client,
+            subjects::INTENT_STATUS,
+            json!({"intent_id": id}).to_string(),
+        )
+        .await;
+        assert_eq!(record["intent_type"], "notify_webhook");
+    }
+    let refused = eventually(Duration::from_secs(30), "a refused run narrated", || {
+        let js = s.js.clone();
+        async move {
+            stored_narratives(&js, "governance")
+                .await
+                .into_iter()
+                .find(|n| n["what"] == "schedule_failed" && n["context"]["schedule"] == "refused")
+        }
+    })
+    .await;
+    assert_eq!(refused["context"]["code"], "param_not_allowed", "{refused}");
+    // The skipped yearly run never ran: only ticks and the yearly run reached the receiver.
+    let bodies: Vec<String> = receiver
+        .seen()
+        .into_iter()
+        .map(|r| r.body["message"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(
+        bodies.iter().all(|m| m == "tick" || m == "yearly"),
+        "{bodies:?}"
+    );
+    assert_eq!(
+        bodies.iter().filter(|m| *m == "yearly").count(),
+        1,
+        "{bodies:?}"
+    );
+    let (_, code) = request_json(
+        &s.client,
+        subjects::INTENT_STATUS,
+        json!({"intent_id": ScheduleConfig::intent_id("yearly_skip", last_new_year)}).to_string(),
+    )
+    .await;
+    assert_eq!(code.as_deref(), Some("404"));
 }

@@ -63,6 +63,9 @@ pub struct BulwarkConfig {
     /// Operator-defined actions by intent type (`[actions.<intent_type>]`, docs/actions.md): what
     /// an approved intent of that type really does. A type without one runs the built-in handler.
     pub actions: BTreeMap<String, crate::action::ActionConfig>,
+    /// Schedules by name (`[schedules.<name>]`, docs/actions.md#schedules): an intent submitted
+    /// on a cron expression's times, as a named actor, through the normal intake.
+    pub schedules: BTreeMap<String, crate::schedule::ScheduleConfig>,
 }
 
 /// The playbooks service: the scripts' folder, the sandbox's limits, run pacing.
@@ -355,6 +358,7 @@ impl BulwarkConfig {
             .validate()
             .map_err(ConfigError::Inconsistent)?;
         crate::action::validate_all(&self.actions).map_err(ConfigError::Inconsistent)?;
+        crate::schedule::validate_all(&self.schedules).map_err(ConfigError::Inconsistent)?;
         if self.up.replicas == 0 {
             return bad("up.replicas must be at least 1".into());
         }

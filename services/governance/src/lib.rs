@@ -28,6 +28,7 @@
 //! # Modules
 //! - [`cancel`]: who may cancel which intent, and from which status.
 //! - [`identity`]: binding the actor, reviewer and voter to the sending NATS identity.
+//! - [`schedules`]: `[schedules.<name>]`: intents submitted on cron times through the intake.
 //! - [`routing`]: the pure tier and alignment decision.
 //! - [`review`]: review items and decisions.
 //! - [`vote`]: proposals, the voting rules and the tally.
@@ -38,6 +39,7 @@ pub mod identity;
 pub mod retention;
 pub mod review;
 pub mod routing;
+pub mod schedules;
 pub mod service;
 pub mod vote;
 

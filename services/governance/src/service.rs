@@ -176,6 +176,32 @@ pub async fn run(
     .map_err(GovernanceError::Register)?;
     tracker.spawn(sweep_votes(gov.clone(), shutdown.clone()));
     tracker.spawn(sweep_finished(gov.clone(), shutdown.clone()));
+    for (name, schedule) in &cfg.schedules {
+        let (submit_gov, exists_gov) = (gov.clone(), gov.clone());
+        tracker.spawn(crate::schedules::run(
+            name.clone(),
+            schedule.clone(),
+            gov.narrator.clone(),
+            move |body: Value| {
+                let gov = submit_gov.clone();
+                async move {
+                    let bytes = api::to_bytes(&body);
+                    let service = bulwark_common::identity::Sender::Service;
+                    gov.submit(&bytes, Sender::Unnamed, &service).await
+                }
+            },
+            move |id: String| {
+                let gov = exists_gov.clone();
+                async move {
+                    matches!(
+                        kvx::read::<IntentRecord>(&gov.intents, &id).await,
+                        Ok(Some(_))
+                    )
+                }
+            },
+            shutdown.clone(),
+        ));
+    }
     let telemetry_counters = gov.counters.clone();
     telemetry::spawn(
         client.clone(),
