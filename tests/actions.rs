@@ -176,6 +176,7 @@ fn exec_action(command: &[&str], params: &[&str]) -> ActionConfig {
 
 struct Stack {
     server: NatsServer,
+    cfg: BulwarkConfig,
     client: async_nats::Client,
     js: jetstream::Context,
     _services: Vec<RunningService>,
@@ -218,6 +219,7 @@ async fn stack_with(
     let js = jetstream::new(client.clone());
     Stack {
         server,
+        cfg,
         client,
         js,
         _services: vec![gov, sched, pool],
@@ -1044,4 +1046,83 @@ async fn a_schedule_fires_on_its_times_through_the_intake_and_a_missed_run_runs_
     )
     .await;
     assert_eq!(code.as_deref(), Some("404"));
+}
+
+// ---- playbooks ----------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_playbook_runs_a_named_operator_action_and_nothing_else() {
+    let receiver = Receiver::start(vec![Reply::Status(200, "paged")]).await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let meta = |name: &str| {
+        format!(
+            "fn playbook() {{ #{{ name: \"{name}\", triggers: [\"event.incident\"], slo_s: 30, steps: [\"act\"] }} }}\n"
+        )
+    };
+    std::fs::write(
+        dir.path().join("page_oncall.rhai"),
+        meta("page_oncall")
+            + r#"
+fn act(p) {
+    let d = run_action("notify_webhook", #{ message: "db-1 is down" });
+    let done = verify(100, 0.1, || { let s = intent_status(d.intent_id); s.status == "completed" });
+    #{ intent_id: d.intent_id, done: done }
+}
+"#,
+    )
+    .expect("write");
+    std::fs::write(
+        dir.path().join("sneaky.rhai"),
+        meta("sneaky") + "fn act(p) { run_action(\"query_knowledge\", #{ echo: 1 }) }\n",
+    )
+    .expect("write");
+    let s = stack_with(
+        vec![(
+            "notify_webhook",
+            http_action(
+                format!("http://127.0.0.1:{}/hook", receiver.port),
+                &["message"],
+            ),
+        )],
+        |cfg| cfg.playbooks.dir = dir.path().display().to_string(),
+    )
+    .await;
+    let _playbooks = start_playbooks(s.cfg.clone()).await;
+    let (outcome, code) = request_json(
+        &s.client,
+        subjects::PLAYBOOK_RUN,
+        json!({"playbook": "page_oncall", "wait": true}).to_string(),
+    )
+    .await;
+    assert_eq!(code, None, "{outcome}");
+    assert_eq!(outcome["status"], "completed", "{outcome}");
+    assert_eq!(outcome["params"]["done"], true, "{outcome}");
+    let id = outcome["params"]["intent_id"].as_str().expect("intent id");
+    let st = status_of(&s.client, id).await;
+    assert_eq!(st["result"]["body_excerpt"], "paged", "{st}");
+    let seen = receiver.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].body, json!({"message": "db-1 is down"}));
+    // The run's audit lists the action it took.
+    assert!(
+        outcome["actions"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|c| c["function"] == "run_action")),
+        "{outcome}"
+    );
+
+    let (outcome, code) = request_json(
+        &s.client,
+        subjects::PLAYBOOK_RUN,
+        json!({"playbook": "sneaky", "wait": true}).to_string(),
+    )
+    .await;
+    assert_eq!(code, None, "{outcome}");
+    assert_eq!(outcome["status"], "failed", "{outcome}");
+    assert!(
+        outcome["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no operator action named \"query_knowledge\"")),
+        "{outcome}"
+    );
 }
