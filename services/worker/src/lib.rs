@@ -3,7 +3,8 @@
 //! [`bulwark_common::htm`] and docs/htm.md (the worker protocol), so a worker in any language can join).
 //!
 //! # Subjects
-//! Consumes: `htm.worker.<worker_id>.task` (NATS micro service `htm_worker`, endpoint `task`).
+//! Consumes: `htm.worker.<worker_id>.task` (NATS micro service `htm_worker`, endpoint `task`);
+//! `htm.worker.<worker_id>.cancel` (endpoint `cancel`: stop a task whose intent was cancelled).
 //! Produces: `htm.heartbeat.<worker_id>` every `worker.heartbeat_interval_s`;
 //! `htm.task.result` reports (request/reply, retried until the scheduler answers).
 //!
