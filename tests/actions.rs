@@ -427,6 +427,10 @@ async fn exec_output_and_exit_code_land_in_the_result_and_output_is_bounded() {
             exec_action(&["/bin/sh", "-c", "yes | head -c 104857600"], &[]),
         ),
         ("missing", exec_action(&["/nonexistent/program"], &[])),
+        (
+            "binary",
+            exec_action(&["/bin/sh", "-c", "printf 'a\\377\\376b'"], &[]),
+        ),
     ])
     .await;
     // One argument, whatever it holds: no shell ever parses it.
@@ -435,6 +439,7 @@ async fn exec_output_and_exit_code_land_in_the_result_and_output_is_bounded() {
     submit(&s.client, "exit-1", "exit_three", json!({})).await;
     submit(&s.client, "flood-1", "flood", json!({})).await;
     submit(&s.client, "missing-1", "missing", json!({})).await;
+    submit(&s.client, "binary-1", "binary", json!({})).await;
 
     let st = finished(&s.client, "say-1").await;
     assert_eq!(st["status"], "completed", "{st}");
@@ -461,6 +466,12 @@ async fn exec_output_and_exit_code_land_in_the_result_and_output_is_bounded() {
         "only max_output_bytes kept"
     );
     assert_eq!(r["truncated"], true);
+
+    // Output that is not UTF-8 is kept with replacement characters, its bytes counted.
+    let st = finished(&s.client, "binary-1").await;
+    assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!(st["result"]["stdout"], "a\u{fffd}\u{fffd}b", "{st}");
+    assert_eq!(st["result"]["stdout_bytes"], 4, "{st}");
 
     let st = finished(&s.client, "missing-1").await;
     assert_eq!(st["status"], "failed", "{st}");
@@ -719,6 +730,29 @@ async fn a_cancelled_queued_task_never_runs_and_only_its_submitter_or_an_operato
     );
     let (reply, code) = cancel(&agent, "nobody").await;
     assert_eq!(code.as_deref(), Some("404"), "{reply}");
+    // An intent waiting for a person: cancelled, its review item gone, a late approval refused.
+    let (decision, _) = submit(&s.client, "waiting", "modify_governance", json!({})).await;
+    assert_eq!(decision["status"], "pending_review", "{decision}");
+    let (reply, code) = cancel(&operator, "waiting").await;
+    assert_eq!(
+        (code, reply["previous_status"].as_str()),
+        (None, Some("pending_review")),
+        "{reply}"
+    );
+    let (pending, _) = request_json(&operator, subjects::REVIEW_PENDING, "{}").await;
+    assert!(
+        !pending.to_string().contains("\"waiting\""),
+        "the review item is gone: {pending}"
+    );
+    let (reply, code) = request_json(
+        &operator,
+        subjects::REVIEW_DECIDE,
+        json!({"intent_id": "waiting", "decision": "approve", "reviewer": "operator", "reason": "late"})
+            .to_string(),
+    )
+    .await;
+    assert!(code.is_some(), "a late approval is refused: {reply}");
+    assert_eq!(status_of(&s.client, "waiting").await["status"], "cancelled");
 
     // Resumed, the queue is taken in order: the cancelled tasks come first and are dropped; the
     // next intent is the only one the receiver ever sees.
