@@ -241,8 +241,11 @@ impl OperatorAction {
                 self.cfg.method,
                 bulwark_common::api::excerpt(&excerpt, 120)
             );
-            // A client error other than a timeout or a rate limit repeats on every attempt.
-            let retryable = !status.is_client_error() || code == 408 || code == 429;
+            // A client error other than a timeout or a rate limit repeats on every attempt, and
+            // so does a redirect (it is not followed).
+            let retryable = !(status.is_client_error() || status.is_redirection())
+                || code == 408
+                || code == 429;
             return Err(AttemptError { message, retryable });
         }
         Ok(
