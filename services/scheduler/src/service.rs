@@ -1561,6 +1561,13 @@ impl Scheduler {
                 if let Some(c) = &choice {
                     self.lock().pool.release(&c.worker_id, None);
                 }
+                if record.status == IntentStatus::Cancelled {
+                    // Cancelled while its worker held it: nothing to move, the task is over.
+                    let flight = self.lock().in_flight.remove(task_id);
+                    if let Some(msg) = flight.and_then(|f| f.msg) {
+                        ack(&msg).await;
+                    }
+                }
                 None
             }
             Reassigned::Exhausted => {
