@@ -206,6 +206,7 @@ async fn stack_with(
             IntentTypeConfig {
                 tier: 2,
                 base_alignment: 0.8,
+                max_work_ms: None,
             },
         );
         cfg.actions.insert(name.to_owned(), action);

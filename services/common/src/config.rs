@@ -334,6 +334,7 @@ impl BulwarkConfig {
                 ));
             }
         }
+        g.reconcile.validate().map_err(ConfigError::Inconsistent)?;
         if g.default_priority > 9 {
             return bad(format!(
                 "governance.default_priority must be 0-9, got {}",
@@ -712,6 +713,73 @@ pub struct GovernanceConfig {
     /// The furthest in the future an intent's `not_before` may be, in seconds; a later one is
     /// refused with 400 `invalid_intent`, as is one more than 30 s in the past.
     pub max_delay_s: f64,
+    /// The reconciler of stranded intents: records whose task, review item or proposal was
+    /// never written (governance died between the two writes).
+    pub reconcile: ReconcileConfig,
+}
+
+/// `[governance.reconcile]`: when the reconciler checks an intent record left waiting, and when
+/// it gives one up as stranded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Seconds between two passes over the records written since the last one.
+    pub interval_s: f64,
+    /// Seconds after a waiting record's write before it is checked: the intake that wrote it
+    /// finishes first.
+    pub grace_s: f64,
+    /// Seconds after its write within which a record's promise is kept or the intent is failed
+    /// as stranded. At most 110: a task is re-queued under its intent id within the task queue's
+    /// 120 s duplicate window, so it is never queued twice.
+    pub window_s: f64,
+    /// Waiting records tracked at once; beyond it the oldest are dropped (counted).
+    pub max_tracked: usize,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            interval_s: 2.0,
+            grace_s: 10.0,
+            window_s: 100.0,
+            max_tracked: 100_000,
+        }
+    }
+}
+
+impl ReconcileConfig {
+    /// Checks ranges; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |name: &str, v: f64, min: f64| {
+            if v.is_finite() && v >= min {
+                Ok(())
+            } else {
+                Err(format!(
+                    "governance.reconcile.{name} must be a number >= {min}, got {v}"
+                ))
+            }
+        };
+        finite("interval_s", self.interval_s, 0.05)?;
+        finite("grace_s", self.grace_s, 0.0)?;
+        finite("window_s", self.window_s, 0.0)?;
+        if self.window_s > 110.0 {
+            return Err(format!(
+                "governance.reconcile.window_s must be at most 110 (the task queue's 120 s duplicate window keeps a re-queued task single), got {}",
+                self.window_s
+            ));
+        }
+        if self.window_s < self.grace_s + self.interval_s {
+            return Err(format!(
+                "governance.reconcile.window_s ({}) must be at least grace_s + interval_s ({})",
+                self.window_s,
+                self.grace_s + self.interval_s
+            ));
+        }
+        if self.max_tracked == 0 {
+            return Err("governance.reconcile.max_tracked must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for GovernanceConfig {
@@ -749,6 +817,7 @@ impl Default for GovernanceConfig {
                         IntentTypeConfig {
                             tier,
                             base_alignment: base,
+                            max_work_ms: None,
                         },
                     )
                 })
@@ -759,6 +828,7 @@ impl Default for GovernanceConfig {
             max_unprivileged_priority: 5,
             max_work_ms: 60_000,
             max_delay_s: 30.0 * 86_400.0,
+            reconcile: ReconcileConfig::default(),
         }
     }
 }
@@ -771,6 +841,10 @@ pub struct IntentTypeConfig {
     pub tier: u8,
     /// How well this type of work serves the mission on its own, 0-1.
     pub base_alignment: f64,
+    /// The longest simulated work (`payload.work_ms`) an intent of this type may ask for, in
+    /// milliseconds; `governance.max_work_ms` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_work_ms: Option<u64>,
 }
 
 /// The charter's pillar weights (seed: resilience 1.0, revenue 0.8, autonomy 0.7, learning 0.6).
@@ -962,6 +1036,13 @@ pub struct SchedulerConfig {
     /// The most tasks the scheduler hands one worker at once, whatever capacity its heartbeat
     /// claims: a larger claim is clamped to this, counted and narrated (at least 1).
     pub max_worker_capacity: u32,
+    /// The share (0-1] of the pool's slots the tasks of one submitting NATS identity may hold at
+    /// once (at least one slot); its further tasks wait in the queue while other identities'
+    /// run. bulwark's own services are not capped. 1 turns the cap off.
+    pub max_share_per_identity: f64,
+    /// The most worker ids one NATS user may bind by heartbeating (a binding outlives its
+    /// worker); a heartbeat for one more is refused, counted and narrated (at least 1).
+    pub max_worker_ids_per_user: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -983,6 +1064,8 @@ impl Default for SchedulerConfig {
             shed_max: 100,
             check_interval_s: 1.0,
             max_worker_capacity: 16,
+            max_share_per_identity: 0.5,
+            max_worker_ids_per_user: 256,
         }
     }
 }
@@ -1012,6 +1095,15 @@ impl SchedulerConfig {
         }
         if self.max_in_flight == 0 || self.dispatch_timeout_ms == 0 {
             return Err("scheduler.max_in_flight and dispatch_timeout_ms must be positive".into());
+        }
+        if !(self.max_share_per_identity > 0.0 && self.max_share_per_identity <= 1.0) {
+            return Err(format!(
+                "scheduler.max_share_per_identity must be in (0, 1], got {}",
+                self.max_share_per_identity
+            ));
+        }
+        if self.max_worker_ids_per_user == 0 {
+            return Err("scheduler.max_worker_ids_per_user must be at least 1".into());
         }
         if self.max_worker_capacity == 0 {
             return Err("scheduler.max_worker_capacity must be at least 1".into());
