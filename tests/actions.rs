@@ -516,7 +516,7 @@ async fn a_timed_out_exec_action_has_its_process_group_killed() {
         ],
         &["pidfile"],
     );
-    action.timeout_ms = 1_000;
+    action.timeout_ms = 3_000;
     let s = stack(vec![("long_job", action)]).await;
     submit(
         &s.client,
