@@ -668,10 +668,11 @@ fn hostile_bodies(field: &str) -> Vec<(&'static str, Vec<u8>)> {
 
 /// The request/reply subjects the services serve in this test, each with a field it reads and
 /// whether an empty body is a valid request there (all fields optional: "use the defaults").
-const ENDPOINTS: [(&str, &str, bool); 12] = [
+const ENDPOINTS: [(&str, &str, bool); 14] = [
     (subjects::INTENT_SUBMIT, "intent_type", false),
     ("htm.intent.submit.bot-7", "priority", false),
     (subjects::INTENT_STATUS, "intent_id", false),
+    (subjects::INTENT_CANCEL, "intent_id", false),
     (subjects::REVIEW_DECIDE, "decision", false),
     ("governance.review.decide.alice", "intent_id", false),
     (subjects::VOTE, "vote", false),
@@ -681,6 +682,7 @@ const ENDPOINTS: [(&str, &str, bool); 12] = [
     (subjects::SCHEDULER_SHED, "max", true),
     (subjects::SCHEDULER_REPLAY, "max", true),
     ("htm.worker.w1.task", "fence", false),
+    ("htm.worker.w1.cancel", "fence", false),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

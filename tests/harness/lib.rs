@@ -534,11 +534,11 @@ pub async fn start_scheduler(cfg: BulwarkConfig) -> RunningService {
     start_service("scheduler", cfg, bulwark_scheduler::run).await
 }
 
-/// Starts worker `worker_id` with the built-in handlers and waits until it serves its task
+/// Starts worker `worker_id` with the built-in handlers and the configured actions, and waits until it serves its task
 /// subject. Several workers share the micro name `htm_worker`, so readiness is checked on the
 /// worker's own subject.
 pub async fn start_worker(cfg: BulwarkConfig, worker_id: &str) -> RunningService {
-    let handlers = bulwark_worker::Handlers::builtin(cfg.worker.max_work_ms);
+    let handlers = bulwark_worker::Handlers::for_config(&cfg, None);
     start_worker_with(cfg, worker_id, handlers).await
 }
 

@@ -63,6 +63,12 @@ pub enum Command {
     },
     /// List the open unified logic proposals.
     Proposals,
+    /// The schedules of the configuration (`[schedules.<name>]`) and their next runs.
+    Schedules {
+        /// What to do with the schedules.
+        #[command(subcommand)]
+        action: SchedulesAction,
+    },
     /// Show stored 5W1H narratives (newest last), optionally following new ones.
     Narratives(crate::narratives::NarrativesArgs),
     /// The audit chain of narratives.
@@ -130,6 +136,21 @@ pub enum ServiceName {
     Playbooks,
 }
 
+/// Schedule subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SchedulesAction {
+    /// Every schedule of the configuration with its next runs (UTC), computed from the
+    /// configuration this command loads (no NATS needed).
+    List {
+        /// How many next runs to show per schedule.
+        #[arg(long, default_value_t = 3)]
+        next: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// Intent subcommands.
 #[derive(Debug, Subcommand)]
 pub enum IntentAction {
@@ -157,6 +178,15 @@ pub enum IntentAction {
     Status {
         /// The intent id.
         intent_id: String,
+    },
+    /// Cancel an intent that has not finished: a queued task never runs, a running action is
+    /// aborted (docs/actions.md#cancellation).
+    Cancel {
+        /// The intent id.
+        intent_id: String,
+        /// Why, recorded in the intent's history.
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 

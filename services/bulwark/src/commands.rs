@@ -13,7 +13,7 @@ use bulwark_common::connect::{self, Role};
 use bulwark_common::subjects;
 use serde_json::{Value, json};
 
-use crate::cli::{Choice, Command, Impact, IntentAction, ReviewAction};
+use crate::cli::{Choice, Command, Impact, IntentAction, ReviewAction, SchedulesAction};
 use crate::up;
 
 /// Runs `command`.
@@ -73,6 +73,16 @@ pub async fn dispatch(
             )
             .await?,
         ),
+        Command::Intent {
+            action: IntentAction::Cancel { intent_id, reason },
+        } => print_json(
+            &request(
+                &cfg,
+                subjects::INTENT_CANCEL,
+                &json!({ "intent_id": intent_id, "reason": reason }),
+            )
+            .await?,
+        ),
         Command::Review {
             action: ReviewAction::List { json },
         } => {
@@ -115,6 +125,36 @@ pub async fn dispatch(
             print_json(&request(&cfg, &subject, &body).await?)
         }
         Command::Proposals => print_json(&request_all(&cfg, subjects::PROPOSALS_OPEN).await?),
+        Command::Schedules {
+            action: SchedulesAction::List { next, json },
+        } => {
+            let list = schedules(&cfg, next);
+            if json {
+                return print_json(&list);
+            }
+            for s in list.as_array().into_iter().flatten() {
+                println!(
+                    "{}  {}  {} as {}  missed={}  next: {}",
+                    s["name"].as_str().unwrap_or_default(),
+                    s["cron"].as_str().unwrap_or_default(),
+                    s["intent_type"].as_str().unwrap_or_default(),
+                    s["actor"].as_str().unwrap_or_default(),
+                    s["missed"].as_str().unwrap_or_default(),
+                    s["next"]
+                        .as_array()
+                        .map(|n| n
+                            .iter()
+                            .filter_map(Value::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", "))
+                        .unwrap_or_default()
+                );
+            }
+            if list.as_array().is_none_or(Vec::is_empty) {
+                println!("no schedules ([schedules.<name>] in bulwark.toml; docs/actions.md)");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Narratives(args) => crate::narratives::narratives(&cfg, args).await,
         Command::Audit { action } => crate::narratives::audit(&cfg, action).await,
         Command::Status { json } => crate::status::status(&cfg, json).await,
@@ -207,6 +247,31 @@ pub(crate) async fn request(
         bail!("{}: {}", err.error.code, err.error.message);
     }
     Ok(value)
+}
+
+/// Every configured schedule with its next `count` runs.
+fn schedules(cfg: &BulwarkConfig, count: usize) -> Value {
+    let now = jiff::Timestamp::now();
+    let list: Vec<Value> = cfg
+        .schedules
+        .iter()
+        .map(|(name, s)| {
+            let mut next = Vec::new();
+            if let Ok(cron) = s.validate(name) {
+                let mut after = now;
+                while next.len() < count {
+                    let Some(t) = cron.next_after(after) else {
+                        break;
+                    };
+                    next.push(bulwark_common::time::format(t));
+                    after = t;
+                }
+            }
+            json!({"name": name, "cron": s.cron, "intent_type": s.intent_type, "actor": s.actor,
+                   "missed": s.missed, "next": next})
+        })
+        .collect();
+    Value::Array(list)
 }
 
 fn print_json(value: &Value) -> anyhow::Result<ExitCode> {

@@ -29,7 +29,7 @@ impl ServiceName {
     pub fn summary(self) -> &'static str {
         match self {
             ServiceName::Governance => {
-                "htm.intent.submit, htm.intent.status, governance.review.*, unified_logic.vote"
+                "htm.intent.submit, htm.intent.status, htm.intent.cancel, governance.review.*, unified_logic.vote"
             }
             ServiceName::Clarity => "clarity.query, clarity.verify (stores clarity.narrative.>)",
             ServiceName::StormGuard => "storm_guard.status; watches mesh.>, trips mesh.breaker.*",

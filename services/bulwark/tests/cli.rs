@@ -501,3 +501,77 @@ async fn playbook_run_dry_run_prints_the_actions_and_list_shows_the_last_run() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_an_intent_and_list_schedules_from_the_shell() {
+    let server = NatsServer::start();
+    let _gov = start_governance(server.config()).await;
+    let s = Some(&server);
+    let out = bulwark(s, &["intent", "submit", "query_knowledge", "--id", "cli-c"]);
+    assert_eq!(stdout_json(&out)["status"], "queued");
+    let out = bulwark(s, &["intent", "cancel", "cli-c", "--reason", "not needed"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply = stdout_json(&out);
+    assert_eq!(
+        (reply["status"].as_str(), reply["previous_status"].as_str()),
+        (Some("cancelled"), Some("queued"))
+    );
+    let out = bulwark(s, &["intent", "cancel", "cli-c"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already_finished"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let file = dir.path().join("bulwark.toml");
+    std::fs::write(
+        &file,
+        "[schedules.nightly]\ncron = \"0 3 * * *\"\nintent_type = \"query_knowledge\"\nactor = \"ops\"\n",
+    )
+    .expect("write");
+    let config = file.display().to_string();
+    let out = bulwark(
+        None,
+        &[
+            "--config",
+            &config,
+            "schedules",
+            "list",
+            "--json",
+            "--next",
+            "2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = stdout_json(&out);
+    assert_eq!(list[0]["name"], "nightly", "{list}");
+    let next = list[0]["next"].as_array().expect("next runs");
+    assert_eq!(next.len(), 2, "{list}");
+    assert!(
+        next.iter()
+            .all(|t| t.as_str().is_some_and(|t| t.ends_with("T03:00:00.000Z"))),
+        "{list}"
+    );
+    std::fs::write(
+        &file,
+        "[schedules.nightly]\ncron = \"0 3 * *\"\nintent_type = \"x\"\nactor = \"ops\"\n",
+    )
+    .expect("write");
+    let out = bulwark(None, &["--config", &config, "schedules", "list"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("schedules.nightly.cron"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -60,6 +60,12 @@ pub struct BulwarkConfig {
     pub replicas: ReplicasConfig,
     /// Playbooks: where the Rhai scripts live and the sandbox's limits.
     pub playbooks: PlaybooksConfig,
+    /// Operator-defined actions by intent type (`[actions.<intent_type>]`, docs/actions.md): what
+    /// an approved intent of that type really does. A type without one runs the built-in handler.
+    pub actions: BTreeMap<String, crate::action::ActionConfig>,
+    /// Schedules by name (`[schedules.<name>]`, docs/actions.md#schedules): an intent submitted
+    /// on a cron expression's times, as a named actor, through the normal intake.
+    pub schedules: BTreeMap<String, crate::schedule::ScheduleConfig>,
 }
 
 /// The playbooks service: the scripts' folder, the sandbox's limits, run pacing.
@@ -353,6 +359,8 @@ impl BulwarkConfig {
         self.playbooks
             .validate()
             .map_err(ConfigError::Inconsistent)?;
+        crate::action::validate_all(&self.actions).map_err(ConfigError::Inconsistent)?;
+        crate::schedule::validate_all(&self.schedules).map_err(ConfigError::Inconsistent)?;
         if self.up.replicas == 0 {
             return bad("up.replicas must be at least 1".into());
         }
@@ -747,6 +755,9 @@ pub struct GovernanceConfig {
     /// The longest simulated work (`payload.work_ms`) an intent may ask for, in milliseconds; a
     /// longer one is refused with 400 `invalid_intent` (it would hold a worker slot that long).
     pub max_work_ms: u64,
+    /// The furthest in the future an intent's `not_before` may be, in seconds; a later one is
+    /// refused with 400 `invalid_intent`, as is one more than 30 s in the past.
+    pub max_delay_s: f64,
     /// The reconciler of stranded intents: records whose task, review item or proposal was
     /// never written (governance died between the two writes).
     pub reconcile: ReconcileConfig,
@@ -861,6 +872,7 @@ impl Default for GovernanceConfig {
             privileged_identities: vec!["operator".to_owned()],
             max_unprivileged_priority: 5,
             max_work_ms: 60_000,
+            max_delay_s: 30.0 * 86_400.0,
             reconcile: ReconcileConfig::default(),
         }
     }

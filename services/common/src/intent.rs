@@ -88,6 +88,8 @@ pub enum IntentStatus {
     Failed,
     /// Parked by load shedding; replayable.
     Shed,
+    /// Cancelled on `htm.intent.cancel` before it finished; it never runs (again).
+    Cancelled,
 }
 
 impl IntentStatus {
@@ -103,6 +105,7 @@ impl IntentStatus {
             IntentStatus::Completed => "completed",
             IntentStatus::Failed => "failed",
             IntentStatus::Shed => "shed",
+            IntentStatus::Cancelled => "cancelled",
         }
     }
 }
@@ -150,6 +153,9 @@ pub struct Intent {
     /// Fields of the submission that bulwark does not know; accepted, ignored and reported.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ignored_fields: Vec<String>,
+    /// The task is not dispatched before this time (RFC 3339 UTC; docs/actions.md#delays).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
 }
 
 /// Largest length of an `intent_id` (it is a KV key and a subject token).
@@ -270,8 +276,27 @@ impl Intent {
                 ));
             }
         };
+        let not_before = match obj.remove("not_before") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => match t.parse::<jiff::Timestamp>() {
+                Ok(ts) => Some(crate::time::format(ts)),
+                Err(e) => {
+                    return Err(format!(
+                        "not_before must be an RFC 3339 timestamp (e.g. 2026-11-26T10:00:00Z), got {}: {e}",
+                        crate::api::excerpt(&t, 64)
+                    ));
+                }
+            },
+            Some(other) => {
+                return Err(format!(
+                    "not_before must be an RFC 3339 timestamp string, got {}",
+                    crate::api::json_kind(&other)
+                ));
+            }
+        };
         let ignored_fields = obj.keys().cloned().collect();
         Ok(Intent {
+            not_before,
             intent_id,
             intent_type,
             actor,

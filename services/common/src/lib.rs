@@ -1,6 +1,10 @@
 //! What every bulwark service shares, and nothing else.
 //!
 //! # Layout
+//! - [`action`]: operator-defined actions (`[actions.<intent_type>]`): validation, the
+//!   payload check, URL and argument rendering.
+//! - [`cron`]: cron expressions of `[schedules.<name>]`: parsing, next and previous times.
+//! - [`schedule`]: `[schedules.<name>]`: intents submitted on a cron expression's times.
 //! - [`subjects`]: every NATS subject bulwark consumes or produces, as constants and builders.
 //! - [`streams`]: the JetStream streams and KV buckets that make accepted work durable.
 //! - [`backup`]: backup and restore of those streams and buckets (JetStream snapshots, verified manifest).
@@ -24,10 +28,12 @@
 //! - [`shutdown`]: turning Ctrl-C / SIGTERM into a cancellation token.
 //! - [`time`], [`ids`]: RFC 3339 UTC timestamps and UUIDv7 ids.
 
+pub mod action;
 pub mod api;
 pub mod backup;
 pub mod config;
 pub mod connect;
+pub mod cron;
 pub mod envelope;
 pub mod htm;
 pub mod identity;
@@ -44,6 +50,7 @@ pub mod nats_server;
 pub mod page;
 pub mod replica;
 pub mod rollback;
+pub mod schedule;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

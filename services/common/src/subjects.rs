@@ -10,6 +10,8 @@ pub const INTENT_SUBMIT: &str = "htm.intent.submit";
 pub const INTENT_SUBMIT_AS: &str = "htm.intent.submit.*";
 /// Status of an intent: request `{"intent_id"}`, reply the status with history.
 pub const INTENT_STATUS: &str = "htm.intent.status";
+/// Cancellation of an intent: request `{"intent_id", "reason"?}` (governance; docs/actions.md).
+pub const INTENT_CANCEL: &str = "htm.intent.cancel";
 
 /// Prefix of the durable task queue; one subject per priority, `htm.task.queue.<0-9>`.
 pub const TASK_QUEUE_PREFIX: &str = "htm.task.queue";
@@ -204,6 +206,12 @@ pub fn worker_heartbeat(worker_id: &str) -> String {
 /// Subject on which `worker_id` takes assignments (request/reply).
 pub fn worker_task(worker_id: &str) -> String {
     format!("htm.worker.{}.task", subject_token(worker_id))
+}
+
+/// Subject on which `worker_id` takes cancellations of the tasks it runs (request/reply,
+/// `{"task_id", "fence"}`; sent by governance when an intent is cancelled).
+pub fn worker_cancel(worker_id: &str) -> String {
+    format!("htm.worker.{}.cancel", subject_token(worker_id))
 }
 
 /// Workers report task outcomes here (request/reply, served by the scheduler).

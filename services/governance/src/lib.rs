@@ -11,6 +11,7 @@
 //! Consumes (NATS micro service `governance`, queue group `q`, so replicas share the load):
 //! - `htm.intent.submit`: an intent, replied with the [`Decision`](bulwark_common::intent::Decision).
 //! - `htm.intent.status`: `{"intent_id"}`, replied with the status and history.
+//! - `htm.intent.cancel`: `{"intent_id", "reason"?}`, by the submitter or an operator ([`cancel`]).
 //! - `governance.review.pending`, `governance.review.decide`: the human review queue.
 //! - `unified_logic.vote`, `unified_logic.proposals`: votes on tier 3 intents, open proposals.
 //! - `htm.intent.submit.<name>`, `governance.review.decide.<name>`, `unified_logic.vote.<name>`:
@@ -18,13 +19,16 @@
 //!   to ([`identity`]).
 //!
 //! Produces:
+//! - `htm.worker.<worker_id>.cancel`: the abort of a cancelled task a worker runs (request).
 //! - `htm.task.queue.<priority>`: the tasks of approved intents (JetStream, deduplicated by id).
 //! - `unified_logic.proposal.<intent_id>`: the announcement of each tier 3 proposal.
 //! - `clarity.narrative.governance`: a 5W1H narrative for every decision and refusal.
 //! - `telemetry.governance`: counters every `telemetry.interval_s`.
 //!
 //! # Modules
+//! - [`cancel`]: who may cancel which intent, and from which status.
 //! - [`identity`]: binding the actor, reviewer and voter to the sending NATS identity.
+//! - [`schedules`]: `[schedules.<name>]`: intents submitted on cron times through the intake.
 //! - [`routing`]: the pure tier and alignment decision.
 //! - [`review`]: review items and decisions.
 //! - [`vote`]: proposals, the voting rules and the tally.
@@ -34,11 +38,13 @@
 //! - [`retention`]: finished records expire after their retention.
 //! - [`service`]: the endpoints and the vote-deadline sweeper around them.
 
+pub mod cancel;
 pub mod identity;
 pub mod reconcile;
 pub mod retention;
 pub mod review;
 pub mod routing;
+pub mod schedules;
 pub mod service;
 pub mod vote;
 

@@ -1,5 +1,5 @@
 //! Retention of finished intent records: a periodic sweep removes a record that has been
-//! completed, failed or rejected for longer than `nats.storage.finished_intent_retention_s`.
+//! completed, failed, rejected or cancelled for longer than `nats.storage.finished_intent_retention_s`.
 //!
 //! The sweep reads the newest revision of every key of the intents bucket and purges that key's
 //! messages up to that revision (a subject-filtered stream purge below the next sequence): no
@@ -19,7 +19,10 @@ use bulwark_common::streams;
 pub fn finished(status: IntentStatus) -> bool {
     matches!(
         status,
-        IntentStatus::Completed | IntentStatus::Failed | IntentStatus::Rejected
+        IntentStatus::Completed
+            | IntentStatus::Failed
+            | IntentStatus::Rejected
+            | IntentStatus::Cancelled
     )
 }
 

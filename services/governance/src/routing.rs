@@ -265,6 +265,7 @@ mod tests {
             mission_context: ctx,
             correlation_id: "i".into(),
             ignored_fields: vec![],
+            not_before: None,
         }
     }
 

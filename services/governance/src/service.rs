@@ -38,6 +38,9 @@ mod stranded;
 pub const SERVICE_NAME: &str = "governance";
 /// Error code of refused submissions (CONTRACT section 2).
 pub const INVALID_INTENT: &str = "invalid_intent";
+/// How far in the past an intent's `not_before` may be (clock skew between a client and
+/// bulwark, a resubmission shortly after the first), in milliseconds.
+pub const NOT_BEFORE_SKEW_MS: i64 = 30_000;
 /// Requests handled at once per instance.
 const MAX_CONCURRENT_REQUESTS: usize = 1024;
 /// Time given to in-flight requests at shutdown.
@@ -146,13 +149,15 @@ pub async fn run(
         timeout,
         durability: streams::durability_in_force(&js_for_durability, cfg.nats.durability).await,
         storage: cfg.nats.storage.clone(),
+        actions: cfg.actions.clone(),
     });
 
     let stats_counters = gov.counters.clone();
-    let endpoints: [bulwark_common::micro::EndpointSpec<Op>; 9] = [
+    let endpoints: [bulwark_common::micro::EndpointSpec<Op>; 10] = [
         ("submit", subjects::INTENT_SUBMIT, Op::Submit),
         ("submit_as", subjects::INTENT_SUBMIT_AS, Op::Submit),
         ("status", subjects::INTENT_STATUS, Op::Status),
+        ("cancel", subjects::INTENT_CANCEL, Op::Cancel),
         (
             "review_pending",
             subjects::REVIEW_PENDING,
@@ -189,6 +194,32 @@ pub async fn run(
     tracker.spawn(sweep_votes(gov.clone(), shutdown.clone()));
     tracker.spawn(sweep_finished(gov.clone(), shutdown.clone()));
     tracker.spawn(stranded::run(gov.clone(), shutdown.clone()));
+    for (name, schedule) in &cfg.schedules {
+        let (submit_gov, exists_gov) = (gov.clone(), gov.clone());
+        tracker.spawn(crate::schedules::run(
+            name.clone(),
+            schedule.clone(),
+            gov.narrator.clone(),
+            move |body: Value| {
+                let gov = submit_gov.clone();
+                async move {
+                    let bytes = api::to_bytes(&body);
+                    let service = bulwark_common::identity::Sender::Service;
+                    gov.submit(&bytes, Sender::Unnamed, &service).await
+                }
+            },
+            move |id: String| {
+                let gov = exists_gov.clone();
+                async move {
+                    matches!(
+                        kvx::read::<IntentRecord>(&gov.intents, &id).await,
+                        Ok(Some(_))
+                    )
+                }
+            },
+            shutdown.clone(),
+        ));
+    }
     let telemetry_counters = gov.counters.clone();
     telemetry::spawn(
         client.clone(),
@@ -223,6 +254,7 @@ fn instance_name() -> String {
 enum Op {
     Submit,
     Status,
+    Cancel,
     ReviewPending,
     ReviewDecide,
     Vote,
@@ -244,6 +276,8 @@ struct Governance {
     durability: Durability,
     /// Retention of finished intent records.
     storage: StorageConfig,
+    /// Operator-defined actions: a payload the action of its type does not allow is refused.
+    actions: std::collections::BTreeMap<String, bulwark_common::action::ActionConfig>,
 }
 
 /// The identity speaking: the NATS user the server named, else the per-identity subject's name;
@@ -285,6 +319,10 @@ impl Governance {
                 self.reply(request, result).await
             }
             Op::Status => self.reply(request, self.status(body).await).await,
+            Op::Cancel => {
+                let from = bulwark_common::identity::sender(request.message.headers.as_ref());
+                self.reply(request, self.cancel(body, &from).await).await
+            }
             Op::ReviewPending => self.reply(request, self.pending_reviews(body).await).await,
             Op::ReviewDecide => {
                 let from = bulwark_common::identity::sender(request.message.headers.as_ref());
@@ -335,7 +373,9 @@ impl Governance {
     ) -> Result<Decision, ApiError> {
         let parsed = self
             .parse_intent(body, sender)
-            .and_then(|intent| self.check_work(intent));
+            .and_then(|intent| self.check_work(intent))
+            .and_then(|intent| self.check_action(intent))
+            .and_then(|intent| self.check_not_before(intent));
         let intent = match parsed {
             Ok(intent) => intent,
             Err(err) => {
@@ -375,7 +415,10 @@ impl Governance {
                 status: route.status,
                 at: decision.timestamp.clone(),
                 by: None,
-                reason: Some(format!("routed to {}", route.routed_to)),
+                reason: Some(match &intent.not_before {
+                    Some(at) => format!("routed to {}; not before {at}", route.routed_to),
+                    None => format!("routed to {}", route.routed_to),
+                }),
             }],
             result: None,
             error: None,
@@ -435,6 +478,54 @@ impl Governance {
                 format!("payload.work_ms {ms} is above {key} = {max}"),
             )),
             _ => Ok(intent),
+        }
+    }
+
+    /// Refuses a `not_before` more than [`NOT_BEFORE_SKEW_MS`] in the past or more than
+    /// `governance.max_delay_s` ahead (docs/actions.md#delays).
+    fn check_not_before(&self, intent: Intent) -> Result<Intent, ApiError> {
+        let Some(at) = intent.not_before.as_deref().and_then(time::parse_ms) else {
+            return Ok(intent);
+        };
+        let now = time::now_ms();
+        let max_ms = (self.cfg.max_delay_s * 1000.0) as i64;
+        if at < now - NOT_BEFORE_SKEW_MS {
+            return Err(ApiError::bad_request(
+                INVALID_INTENT,
+                format!(
+                    "not_before {} is in the past (now {}; {} s of clock skew allowed)",
+                    time::format_ms(at),
+                    time::format_ms(now),
+                    NOT_BEFORE_SKEW_MS / 1000
+                ),
+            ));
+        }
+        if at > now.saturating_add(max_ms) {
+            return Err(ApiError::bad_request(
+                INVALID_INTENT,
+                format!(
+                    "not_before {} is more than governance.max_delay_s = {} s ahead",
+                    time::format_ms(at),
+                    self.cfg.max_delay_s
+                ),
+            ));
+        }
+        Ok(intent)
+    }
+
+    /// Refuses a payload the operator's action for its type does not allow (an unlisted key, a
+    /// value that would change the URL beyond its value or add a command-line flag): 400
+    /// `param_not_allowed` (docs/actions.md).
+    fn check_action(&self, intent: Intent) -> Result<Intent, ApiError> {
+        match self.actions.get(&intent.intent_type) {
+            Some(action) => match action.check_payload(&intent.payload) {
+                Ok(()) => Ok(intent),
+                Err(why) => Err(ApiError::bad_request(
+                    bulwark_common::action::PARAM_NOT_ALLOWED,
+                    format!("action {}: {why}", intent.intent_type),
+                )),
+            },
+            None => Ok(intent),
         }
     }
 
@@ -565,6 +656,81 @@ impl Governance {
         let req: StatusRequest = api::decode(body, "invalid_request", self.cfg.max_intent_bytes)?;
         let record = self.record(&req.intent_id).await?;
         Ok(record.status_reply())
+    }
+
+    /// Cancels an intent that has not finished (docs/actions.md#cancellation): its record
+    /// becomes `cancelled` (so a queued task never runs, a review or vote can no longer approve
+    /// it, and the scheduler drops its task), and the worker running it is told to abort.
+    async fn cancel(
+        &self,
+        body: &[u8],
+        from: &bulwark_common::identity::Sender,
+    ) -> Result<Value, ApiError> {
+        let req: crate::cancel::CancelRequest =
+            api::decode(body, "invalid_request", self.cfg.max_intent_bytes)?;
+        let record = self.record(&req.intent_id).await?;
+        crate::cancel::may_cancel(&record, from, &self.cfg.privileged_identities)?;
+        let by = from.name().to_owned();
+        let reason = match req.reason.as_deref().map(str::trim) {
+            Some(r) if !r.is_empty() => {
+                format!("cancelled by {by}: {}", api::bounded(r.to_owned(), 256))
+            }
+            _ => format!("cancelled by {by}"),
+        };
+        let id = req.intent_id.clone();
+        let updated = kvx::update(&self.intents, &id, |r: &mut IntentRecord| {
+            crate::cancel::cancellable(&id, r.status)?;
+            let before = (r.status, r.assignment.clone());
+            r.transition(
+                IntentStatus::Cancelled,
+                Some(by.clone()),
+                Some(reason.clone()),
+            );
+            Ok::<_, ApiError>(Change::Write(before))
+        })
+        .await
+        .map_err(store_err)?;
+        let ((previous, assignment), record) = match updated {
+            Ok(done) => done,
+            Err(err) => return Err(err),
+        };
+        if previous == IntentStatus::PendingReview {
+            self.delete_review(&id).await;
+        }
+        // A task a worker holds is aborted there; one still queued (or parked) is dropped by
+        // the scheduler when it comes to it.
+        let mut worker_told = None;
+        if matches!(previous, IntentStatus::Dispatched | IntentStatus::Running)
+            && let Some(a) = &assignment
+        {
+            let body = json!({"task_id": id, "fence": a.fence});
+            let told = tokio::time::timeout(
+                self.timeout,
+                self.client
+                    .request(subjects::worker_cancel(&a.worker_id), api::to_bytes(&body)),
+            )
+            .await;
+            worker_told = Some(matches!(told, Ok(Ok(ref m))
+                if m.headers.as_ref().and_then(|h| h.get(api::SERVICE_ERROR_CODE)).is_none()));
+        }
+        let n = self
+            .narrator
+            .narrative(
+                "intent_cancelled",
+                "htm.intent.cancel: the submitter or an operator",
+            )
+            .why(reason.clone())
+            .why(format!("it was {}", previous.as_str()))
+            .intent(&id, &record.intent.correlation_id)
+            .context(
+                json!({"intent_type": record.intent.intent_type, "previous_status": previous,
+                            "by": by, "worker_id": assignment.as_ref().map(|a| &a.worker_id),
+                            "worker_told": worker_told}),
+            );
+        self.narrator.publish(n).await;
+        Ok(json!({"intent_id": id, "status": IntentStatus::Cancelled,
+                  "previous_status": previous, "worker_id": assignment.map(|a| a.worker_id),
+                  "worker_told": worker_told}))
     }
 
     async fn record(&self, intent_id: &str) -> Result<IntentRecord, ApiError> {

@@ -23,6 +23,8 @@
 //! | `replay_tasks(max)` | act | `scheduler.replay` |
 //! | `pause_scheduler()`, `resume_scheduler()` | act | `scheduler.pause|resume` |
 //! | `respawn_worker(id)`, `respawn_workers()` | act | `htm.pool.respawn` |
+//! | `run_action(name, params)` | act | submits an intent of type `name`, which must have an operator action (`[actions.<name>]`), with `params` as its payload, through governance (`htm.intent.submit`, actor `playbooks`): the action runs on a worker like any other (docs/actions.md#from-a-playbook); the decision |
+//! | `intent_status(id)` | read | `htm.intent.status` of an intent (e.g. the one `run_action` submitted) |
 //! | `narrate(what, why)` | narrate | a 5W1H narrative from the run |
 //! | `wait(seconds)` | time | sleeps, at most `playbooks.max_wait_s`, scaled by `time_scale` |
 //! | `verify(retries, interval_s, check)` | time | calls the closure `check` until it returns true, up to `retries` times |
@@ -512,6 +514,28 @@ pub fn register(engine: &mut Engine) {
         )?))
     });
 
+    engine.register_fn(
+        "run_action",
+        move |name: &str, params: Map| -> HostResult<Dynamic> {
+            let payload: Value = rhai::serde::from_dynamic(&Dynamic::from_map(params))
+                .map_err(|e| format!("run_action: params: {e}"))
+                .or_else(fail)?;
+            let body = json!({"intent_type": name, "actor": "playbooks", "payload": payload,
+                              "mission_context": {"resilience_impact": true}});
+            Ok(to_dynamic(&act(
+                "run_action",
+                subjects::INTENT_SUBMIT,
+                body,
+            )?))
+        },
+    );
+    engine.register_fn("intent_status", move |id: &str| -> HostResult<Dynamic> {
+        Ok(to_dynamic(&read(
+            "intent_status",
+            subjects::INTENT_STATUS,
+            json!({ "intent_id": id }),
+        )?))
+    });
     engine.register_fn("narrate", move |what: &str, why: &str| -> HostResult<()> {
         with_host("narrate", |h| {
             if let Ok(mut n) = h.narrations.lock() {

@@ -151,10 +151,21 @@ struct NatsRequester {
     client: Client,
     handle: tokio::runtime::Handle,
     timeout: Duration,
+    /// The intent types with an operator action: the only intents `run_action` may submit.
+    actions: std::collections::BTreeSet<String>,
 }
 
 impl Requester for NatsRequester {
     fn request(&self, subject: &str, body: Value) -> Result<Value, String> {
+        if subject == subjects::INTENT_SUBMIT {
+            let name = body["intent_type"].as_str().unwrap_or_default();
+            if !self.actions.contains(name) {
+                return Err(format!(
+                    "no operator action named {name:?} ([actions.<name>] in bulwark.toml); a playbook runs only those: {:?}",
+                    self.actions
+                ));
+            }
+        }
         let reply = self.handle.block_on(tokio::time::timeout(
             self.timeout,
             self.client
@@ -247,6 +258,7 @@ pub async fn run(
             client: client.clone(),
             handle: tokio::runtime::Handle::current(),
             timeout: Duration::from_millis(cfg.playbooks.host_timeout_ms),
+            actions: cfg.actions.keys().cloned().collect(),
         }),
         narrator: Narrator::new(js.clone(), SERVICE_NAME, "playbooks runner"),
         dir,

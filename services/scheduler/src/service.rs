@@ -1316,7 +1316,21 @@ impl Scheduler {
             }
         };
         match record.status {
-            IntentStatus::Queued => {}
+            IntentStatus::Queued => {
+                // Delayed (`not_before`): back to the queue until its time; it never runs early.
+                let wait_ms = record
+                    .intent
+                    .not_before
+                    .as_deref()
+                    .and_then(time::parse_ms)
+                    .map_or(0, |at| at - time::now_ms());
+                if wait_ms > 0 {
+                    self.lock().pool.release(&worker_id, None);
+                    nak(&msg, Duration::from_millis(wait_ms.unsigned_abs())).await;
+                    self.wake.notify_one();
+                    return;
+                }
+            }
             IntentStatus::Dispatched | IntentStatus::Running => {
                 // Redelivered after a scheduler restart: its worker may still be running it.
                 self.lock().pool.release(&worker_id, None);
@@ -1334,7 +1348,8 @@ impl Scheduler {
                 ack(&msg).await;
                 return;
             }
-            // Finished, rejected or shed: this copy is a duplicate; it never runs twice.
+            // Finished, rejected, cancelled or shed: this copy is a duplicate (or cancelled); it
+            // never runs (twice).
             _ => {
                 self.lock().pool.release(&worker_id, None);
                 ack(&msg).await;
@@ -1687,6 +1702,13 @@ impl Scheduler {
                 if let Some(c) = &choice {
                     self.lock().pool.release(&c.worker_id, None);
                 }
+                if record.status == IntentStatus::Cancelled {
+                    // Cancelled while its worker held it: nothing to move, the task is over.
+                    let flight = self.lock().in_flight.remove(task_id);
+                    if let Some(msg) = flight.and_then(|f| f.msg) {
+                        ack(&msg).await;
+                    }
+                }
                 None
             }
             Reassigned::Exhausted => {
@@ -1883,6 +1905,16 @@ impl Scheduler {
                     "this scheduler no longer leads; retry the report (the new leader takes it)",
                 ));
             }
+            Ok(Err(Fenced::Refused(IntentStatus::Cancelled))) => {
+                self.cancelled_report(&report.task_id, &worker, fence).await;
+                return Err(ApiError::conflict(
+                    "stale_assignment",
+                    format!(
+                        "task {} was cancelled (htm.intent.cancel); drop it",
+                        report.task_id
+                    ),
+                ));
+            }
             Ok(Err(Fenced::Refused(status))) => {
                 self.counters.stale_reports.fetch_add(1, Ordering::Relaxed);
                 let n = self
@@ -1989,6 +2021,32 @@ impl Scheduler {
             }
         }
         Ok(json!({"accepted": true, "task_id": report.task_id}))
+    }
+
+    /// A report on a cancelled task from the worker it was assigned to: the task is over for
+    /// this scheduler (its slot released, its queue message acknowledged). The worker is told
+    /// to drop it (409).
+    async fn cancelled_report(&self, task_id: &str, worker: &str, fence: u64) {
+        let flight = {
+            let mut st = self.lock();
+            let ours = st
+                .in_flight
+                .get(task_id)
+                .is_some_and(|f| f.worker_id == worker && f.fence == fence);
+            let flight = if ours {
+                st.in_flight.remove(task_id)
+            } else {
+                None
+            };
+            if flight.is_some() {
+                st.pool.release(worker, None);
+            }
+            flight
+        };
+        if let Some(msg) = flight.and_then(|f| f.msg) {
+            ack(&msg).await;
+        }
+        self.wake.notify_one();
     }
 
     /// A report under a worker id comes from the user the id is bound to (or a service): from

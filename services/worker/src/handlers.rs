@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use bulwark_common::intent::Task;
 
@@ -54,6 +55,23 @@ pub trait Handler: Send + Sync {
         worker_id: &'a str,
         task: &'a Task,
     ) -> BoxFuture<'a, Result<Value, HandlerError>>;
+
+    /// Runs `task` until `cancel` fires (its intent was cancelled). By default the work is
+    /// dropped at its next await point; a handler with something to clean up (a process group)
+    /// overrides this.
+    fn handle_cancellable<'a>(
+        &'a self,
+        worker_id: &'a str,
+        task: &'a Task,
+        cancel: &'a CancellationToken,
+    ) -> BoxFuture<'a, Result<Value, HandlerError>> {
+        Box::pin(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => Err(HandlerError::permanent("cancelled")),
+                done = self.handle(worker_id, task) => done,
+            }
+        })
+    }
 }
 
 /// The handlers of a worker, by intent type.
@@ -88,6 +106,23 @@ impl Handlers {
         handlers
     }
 
+    /// The built-in handlers, then one [`OperatorAction`](crate::actions::OperatorAction) per
+    /// `[actions.<intent_type>]` of `cfg` (replacing the built-in handler of that type).
+    /// `narrator` narrates the actions' retries (the worker pool passes its own; a worker
+    /// running alone has none and logs them).
+    pub fn for_config(
+        cfg: &bulwark_common::BulwarkConfig,
+        narrator: Option<bulwark_common::Narrator>,
+    ) -> Self {
+        let mut handlers = Self::builtin(cfg.worker.max_work_ms);
+        for (intent_type, action) in &cfg.actions {
+            let handler =
+                crate::actions::OperatorAction::new(intent_type, action.clone(), narrator.clone());
+            handlers = handlers.with(intent_type, Arc::new(handler));
+        }
+        handlers
+    }
+
     /// Adds (or replaces) the handler of `intent_type`.
     pub fn with(mut self, intent_type: &str, handler: Arc<dyn Handler>) -> Self {
         self.by_type.insert(intent_type.to_owned(), handler);
@@ -96,8 +131,20 @@ impl Handlers {
 
     /// Runs `task` with its handler, or fails permanently when there is none.
     pub async fn run(&self, worker_id: &str, task: &Task) -> Result<Value, HandlerError> {
+        self.run_cancellable(worker_id, task, &CancellationToken::new())
+            .await
+    }
+
+    /// Runs `task` with its handler until `cancel` fires, or fails permanently when there is
+    /// none.
+    pub async fn run_cancellable(
+        &self,
+        worker_id: &str,
+        task: &Task,
+        cancel: &CancellationToken,
+    ) -> Result<Value, HandlerError> {
         match self.by_type.get(&task.intent_type) {
-            Some(handler) => handler.handle(worker_id, task).await,
+            Some(handler) => handler.handle_cancellable(worker_id, task, cancel).await,
             None => Err(HandlerError::permanent(format!(
                 "no handler for intent_type {:?} on {worker_id}",
                 task.intent_type

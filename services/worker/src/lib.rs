@@ -3,7 +3,8 @@
 //! [`bulwark_common::htm`] and docs/htm.md (the worker protocol), so a worker in any language can join).
 //!
 //! # Subjects
-//! Consumes: `htm.worker.<worker_id>.task` (NATS micro service `htm_worker`, endpoint `task`).
+//! Consumes: `htm.worker.<worker_id>.task` (NATS micro service `htm_worker`, endpoint `task`);
+//! `htm.worker.<worker_id>.cancel` (endpoint `cancel`: stop a task whose intent was cancelled).
 //! Produces: `htm.heartbeat.<worker_id>` every `worker.heartbeat_interval_s`;
 //! `htm.task.result` reports (request/reply, retried until the scheduler answers).
 //!
@@ -17,10 +18,13 @@
 //!
 //! # Modules
 //! - [`handlers`]: the handler trait and the built-in simulated work for the seed's types.
+//! - [`actions`]: operator-defined actions (`[actions.<intent_type>]`): the http and exec
+//!   runners, their timeouts, bounded output and retries.
 //! - [`service`]: the assignment endpoint, execution, reports and heartbeats.
 //! - [`pool`]: the supervisor keeping `worker.count` workers alive (`htm_pool`: status, kill,
 //!   respawn).
 
+pub mod actions;
 pub mod handlers;
 pub mod pool;
 pub mod service;

@@ -85,6 +85,8 @@ struct Pool {
     cfg: BulwarkConfig,
     slots: Mutex<BTreeMap<String, Slot>>,
     narrator: Narrator,
+    /// Narrates the retries of operator actions its workers run (`clarity.narrative.actions`).
+    actions_narrator: Narrator,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -126,6 +128,11 @@ pub async fn run_pool(
     );
     let tracker = TaskTracker::new();
     let pool = Arc::new(Pool {
+        actions_narrator: Narrator::new(
+            js.clone(),
+            crate::actions::NARRATOR_NAME,
+            "htm_pool workers",
+        ),
         narrator: Narrator::new(js, SERVICE_NAME, "htm_pool supervisor"),
         slots: Mutex::new(BTreeMap::new()),
         cfg,
@@ -201,13 +208,14 @@ impl Pool {
         let cfg = self.cfg.clone();
         let worker_id = id.to_owned();
         let token = self.shutdown.child_token();
+        let actions_narrator = self.actions_narrator.clone();
         let worker = tokio::spawn(async move {
             // The worker's own connection, as a worker: the pool serves its operations and
             // narrates as a service, its workers speak only as workers.
             let (client, _) = connect::connect(&cfg.nats, &worker_id, Role::Worker)
                 .await
                 .map_err(|e| e.to_string())?;
-            let handlers = Handlers::builtin(cfg.worker.max_work_ms);
+            let handlers = Handlers::for_config(&cfg, Some(actions_narrator));
             let ended = crate::service::run_worker(cfg, client.clone(), token, worker_id, handlers)
                 .await
                 .map_err(|e| e.to_string());

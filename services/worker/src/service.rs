@@ -53,6 +53,9 @@ struct Worker {
     id: String,
     /// Tasks taken and not yet finished, by task id with their fence.
     running: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// The cancellation of each running task, by task id with its fence
+    /// (`htm.worker.<id>.cancel`).
+    cancels: std::sync::Mutex<std::collections::HashMap<String, (u64, CancellationToken)>>,
     /// The last assignments finished, so one sent again is not run twice.
     finished: std::sync::Mutex<Recent>,
     cfg: WorkerConfig,
@@ -110,7 +113,8 @@ enum Taken {
     AlreadyRunning,
 }
 
-/// Runs one worker with a generated id (`worker-<8 hex>`) and the built-in handlers, on a
+/// Runs one worker with a generated id (`worker-<8 hex>`), the built-in handlers and the
+/// configured actions (their retries logged, not narrated: a worker cannot narrate), on a
 /// connection of its own as a worker (`[nats] worker_user`), not as a service.
 pub async fn run(cfg: BulwarkConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let id = format!("worker-{}", &ids::new_id().replace('-', "")[24..]);
@@ -120,7 +124,7 @@ pub async fn run(cfg: BulwarkConfig, shutdown: CancellationToken) -> Result<(), 
             worker_id: id.clone(),
             reason: e.to_string(),
         })?;
-    let handlers = Handlers::builtin(cfg.worker.max_work_ms);
+    let handlers = Handlers::for_config(&cfg, None);
     let ended = run_worker(cfg, client.clone(), shutdown, id, handlers).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
     ended
@@ -139,6 +143,7 @@ pub async fn run_worker(
     let worker = Arc::new(Worker {
         id: worker_id.clone(),
         running: std::sync::Mutex::new(std::collections::HashMap::new()),
+        cancels: std::sync::Mutex::new(std::collections::HashMap::new()),
         finished: std::sync::Mutex::new(Recent::default()),
         cfg: cfg.worker.clone(),
         client: client.clone(),
@@ -166,6 +171,12 @@ pub async fn run_worker(
         .add(subjects::worker_task(&worker_id))
         .await
         .map_err(|e| register_error(&e))?;
+    let mut cancel_endpoint = service
+        .endpoint_builder()
+        .name("cancel")
+        .add(subjects::worker_cancel(&worker_id))
+        .await
+        .map_err(|e| register_error(&e))?;
 
     // Everything runs inside this future: dropping it (a crash) ends all of it.
     let mut work = JoinSet::new();
@@ -175,6 +186,11 @@ pub async fn run_worker(
             biased;
             _ = shutdown.cancelled() => break,
             Some(_) = work.join_next(), if !work.is_empty() => continue,
+            Some(cancel) = cancel_endpoint.next() => {
+                let answer = worker.cancel(&cancel.message.payload);
+                api::respond(&cancel, answer).await;
+                continue;
+            }
             request = endpoint.next() => match request { Some(r) => r, None => break },
         };
         match worker.accept(&request.message.payload) {
@@ -195,6 +211,7 @@ pub async fn run_worker(
         }
     }
     drop(endpoint);
+    drop(cancel_endpoint);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
         // Heartbeats end with the token; tasks finish and report.
         while work.join_next().await.is_some() {}
@@ -267,14 +284,46 @@ impl Worker {
         Ok(Taken::New(Box::new(assignment)))
     }
 
+    /// Cancels a running task (`{"task_id", "fence"}`): its handler is told to stop (an action's
+    /// request is dropped, its process group killed); the worker then reports it failed, which
+    /// the scheduler answers 409 (the intent is cancelled).
+    fn cancel(&self, body: &[u8]) -> Result<Value, ApiError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Cancel {
+            task_id: String,
+            fence: u64,
+        }
+        let req: Cancel = api::decode(body, "invalid_cancel", MAX_ASSIGNMENT)?;
+        let cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+        match cancels.get(&req.task_id) {
+            Some((fence, token)) if *fence == req.fence => {
+                token.cancel();
+                Ok(json!({"cancelled": true, "task_id": req.task_id, "worker_id": self.id}))
+            }
+            _ => Ok(
+                json!({"cancelled": false, "task_id": req.task_id, "worker_id": self.id,
+                       "reason": "not running here under this fence"}),
+            ),
+        }
+    }
+
     async fn execute(self: Arc<Self>, assignment: Assignment) {
         let Assignment { task, fence, .. } = assignment;
+        let cancel = CancellationToken::new();
+        self.cancels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(task.task_id.clone(), (fence, cancel.clone()));
         let mut last = self
             .report(&task.task_id, fence, Outcome::Started, None, None, true)
             .await;
         if last == Reported::Accepted {
-            let (outcome, result, error, retryable) = match self.handlers.run(&self.id, &task).await
-            {
+            let ran = self
+                .handlers
+                .run_cancellable(&self.id, &task, &cancel)
+                .await;
+            let (outcome, result, error, retryable) = match ran {
                 Ok(result) => (Outcome::Completed, Some(result), None, true),
                 Err(err) => (Outcome::Failed, None, Some(err.message), err.retryable),
             };
@@ -299,6 +348,12 @@ impl Worker {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&task.task_id);
+        {
+            let mut cancels = self.cancels.lock().unwrap_or_else(|p| p.into_inner());
+            if cancels.get(&task.task_id).is_some_and(|(f, _)| *f == fence) {
+                cancels.remove(&task.task_id);
+            }
+        }
         // Remembered as finished unless the scheduler never heard of it: then the assignment,
         // sent again when the queue redelivers the task, runs again and reports.
         if last != Reported::GaveUp {
