@@ -34,6 +34,8 @@ pub enum Command {
         /// The service to run.
         service: ServiceName,
     },
+    /// Serve the web console (console.listen) for a running bulwark; Ctrl-C stops.
+    Console,
     /// Submit intents and read their status.
     Intent {
         /// What to do with intents.
@@ -99,7 +101,10 @@ pub enum Command {
 impl Command {
     /// True for the long-running commands (they log at info by default).
     pub fn is_service(&self) -> bool {
-        matches!(self, Command::Up { .. } | Command::Serve { .. })
+        matches!(
+            self,
+            Command::Up { .. } | Command::Serve { .. } | Command::Console
+        )
     }
 }
 

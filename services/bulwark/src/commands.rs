@@ -25,6 +25,7 @@ pub async fn dispatch(
     match command {
         Command::Up { workers } => up::up(cfg, url_given, workers).await,
         Command::Serve { service } => up::serve(service, cfg).await,
+        Command::Console => crate::console::run(cfg).await,
         Command::Intent {
             action:
                 IntentAction::Submit {

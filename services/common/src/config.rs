@@ -60,6 +60,8 @@ pub struct BulwarkConfig {
     pub replicas: ReplicasConfig,
     /// Playbooks: where the Rhai scripts live and the sandbox's limits.
     pub playbooks: PlaybooksConfig,
+    /// The web console for the people in the loop.
+    pub console: crate::console_config::ConsoleConfig,
 }
 
 /// The playbooks service: the scripts' folder, the sandbox's limits, run pacing.
@@ -351,6 +353,7 @@ impl BulwarkConfig {
         self.playbooks
             .validate()
             .map_err(ConfigError::Inconsistent)?;
+        self.console.validate().map_err(ConfigError::Inconsistent)?;
         if self.up.replicas == 0 {
             return bad("up.replicas must be at least 1".into());
         }

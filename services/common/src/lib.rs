@@ -16,6 +16,7 @@
 //! - [`nats_server`]: finding the nats-server binary (`bulwark up`, tests).
 //! - [`micro`]: NATS micro versioning, readiness and discovery.
 //! - [`connect`]: connecting with timeouts, reconnects and an event callback that surfaces errors.
+//! - [`console_config`]: the `[console]` section (the web console).
 //! - [`config`]: `bulwark.toml`, overridable by `BULWARK_...` environment variables.
 //! - [`kv`]: compare-and-set updates on KV entries.
 //! - [`lease`]: leader leases with fencing tokens for single-actor duties among replicas.
@@ -28,6 +29,7 @@ pub mod api;
 pub mod backup;
 pub mod config;
 pub mod connect;
+pub mod console_config;
 pub mod envelope;
 pub mod htm;
 pub mod identity;
