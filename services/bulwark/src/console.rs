@@ -16,7 +16,9 @@ pub async fn start(cfg: &BulwarkConfig, shutdown: CancellationToken) -> Option<J
     match bulwark_console::Console::bind(cfg.clone()).await {
         Ok(console) => {
             if let Some(addr) = console.local_addr() {
-                println!("  console  http://{addr}/ (sign in with a NATS user of nats.conf's PEOPLE)");
+                println!(
+                    "  console  http://{addr}/ (sign in with a NATS user of nats.conf's PEOPLE)"
+                );
             }
             Some(tokio::spawn(async move {
                 if let Err(err) = console.serve(shutdown).await {

@@ -58,6 +58,13 @@ pub enum Refusal {
     },
 }
 
+/// The server's asynchronous errors on one connection (the newest 16).
+#[derive(Debug, Default)]
+struct Violations {
+    list: Mutex<Vec<String>>,
+    arrived: tokio::sync::Notify,
+}
+
 /// One person's NATS connection.
 #[derive(Debug, Clone)]
 pub struct Person {
@@ -65,16 +72,21 @@ pub struct Person {
     pub user: String,
     /// Their connection.
     pub client: async_nats::Client,
-    /// The last permission violation the server reported on this connection (asynchronously).
-    violations: Arc<Mutex<Vec<String>>>,
+    /// The last errors the server reported on this connection (asynchronously), and a signal
+    /// when one arrives, so a refused request ends at once instead of at its timeout.
+    violations: Arc<Violations>,
     timeout: Duration,
 }
 
 impl Person {
     /// Connects to `cfg.url` as `user` with `password` and the inbox prefix `nats.conf` grants
     /// them (`_INBOX_<user>`). TLS settings are `cfg`'s.
-    pub async fn sign_in(cfg: &NatsConfig, user: &str, password: &str) -> Result<Self, SignInError> {
-        let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+    pub async fn sign_in(
+        cfg: &NatsConfig,
+        user: &str,
+        password: &str,
+    ) -> Result<Self, SignInError> {
+        let violations: Arc<Violations> = Arc::default();
         let seen = violations.clone();
         let url = connect::redact_url(&cfg.url);
         let addrs = connect::parse_urls(&cfg.url).map_err(|e| SignInError::Unreachable {
@@ -98,7 +110,7 @@ impl Person {
             })?;
         let mut options =
             ConnectOptions::with_user_and_password(user.to_owned(), password.to_owned())
-                .name(&format!("bulwark-console/{user}"))
+                .name(format!("bulwark-console/{user}"))
                 .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
                 .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms)))
                 .custom_inbox_prefix(connect::inbox_prefix(connect::Role::Cli, user))
@@ -108,12 +120,13 @@ impl Person {
                     async move {
                         if let Event::ServerError(err) = event {
                             let text = err.to_string();
-                            if let Ok(mut list) = seen.lock() {
+                            if let Ok(mut list) = seen.list.lock() {
                                 if list.len() >= 16 {
                                     list.remove(0);
                                 }
                                 list.push(text);
                             }
+                            seen.arrived.notify_waiters();
                         }
                     }
                 });
@@ -165,29 +178,33 @@ impl Person {
     /// Sends `body` on `subject` and returns the reply; an error reply, a refused publish or
     /// silence is a [`Refusal`] saying why.
     pub async fn request(&self, subject: &str, body: &Value) -> Result<Value, Refusal> {
-        let before = self.violation_count();
-        let answer = tokio::time::timeout(
-            self.timeout,
-            self.client
-                .request(subject.to_owned(), body.to_string().into()),
-        )
-        .await;
+        let request = self
+            .client
+            .request(subject.to_owned(), body.to_string().into());
+        // A refused publish is reported only asynchronously: end as soon as the server says so.
+        let refused = async {
+            loop {
+                self.violations.arrived.notified().await;
+                if let Some(reason) = self.violation_for(subject) {
+                    return reason;
+                }
+            }
+        };
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(self.timeout, request) => answer,
+            reason = refused => return Err(self.permission(subject, reason)),
+        };
         let reply = match answer {
             Ok(Ok(msg)) => msg,
             Ok(Err(err)) => {
-                if let Some(reason) = self.violation_for(subject, before) {
-                    return Err(self.permission(subject, reason));
-                }
                 let reason = match err.kind() {
                     async_nats::client::RequestErrorKind::NoResponders => {
                         "nothing serves it (is bulwark running?)".to_owned()
                     }
-                    async_nats::client::RequestErrorKind::TimedOut => {
-                        self.timeout_reason(subject, before)
-                    }
+                    async_nats::client::RequestErrorKind::TimedOut => self.timeout_reason(),
                     _ => err.to_string(),
                 };
-                if let Some(reason) = self.violation_for(subject, before) {
+                if let Some(reason) = self.violation_for(subject) {
                     return Err(self.permission(subject, reason));
                 }
                 return Err(Refusal::NoAnswer {
@@ -196,8 +213,8 @@ impl Person {
                 });
             }
             Err(_) => {
-                let reason = self.timeout_reason(subject, before);
-                if let Some(reason) = self.violation_for(subject, before) {
+                let reason = self.timeout_reason();
+                if let Some(reason) = self.violation_for(subject) {
                     return Err(self.permission(subject, reason));
                 }
                 return Err(Refusal::NoAnswer {
@@ -206,10 +223,11 @@ impl Person {
                 });
             }
         };
-        let value: Value = serde_json::from_slice(&reply.payload).map_err(|e| Refusal::Service {
-            code: "unreadable_reply".into(),
-            message: format!("the reply on {subject} is not JSON: {e}"),
-        })?;
+        let value: Value =
+            serde_json::from_slice(&reply.payload).map_err(|e| Refusal::Service {
+                code: "unreadable_reply".into(),
+                message: format!("the reply on {subject} is not JSON: {e}"),
+            })?;
         if let Some(err) = value.get("error").filter(|e| e.is_object()) {
             return Err(Refusal::Service {
                 code: err["code"].as_str().unwrap_or("error").to_owned(),
@@ -227,20 +245,17 @@ impl Person {
         }
     }
 
-    fn timeout_reason(&self, _subject: &str, _before: usize) -> String {
+    fn timeout_reason(&self) -> String {
         format!("no reply within {} ms", self.timeout.as_millis())
     }
 
-    fn violation_count(&self) -> usize {
-        self.violations.lock().map(|v| v.len()).unwrap_or(0)
-    }
-
-    /// A permission violation reported since `before` that names `subject`.
-    fn violation_for(&self, subject: &str, _before: usize) -> Option<String> {
-        let list = self.violations.lock().ok()?;
+    /// A permission violation the server reported on this connection that names `subject`
+    /// (the server reports a refused publish only asynchronously; the request then times out).
+    fn violation_for(&self, subject: &str) -> Option<String> {
+        let list = self.violations.list.lock().ok()?;
         list.iter()
             .rev()
-            .find(|v| v.contains(subject) && v.to_lowercase().contains("permission"))
+            .find(|v| v.contains(subject) && v.to_lowercase().contains("publish"))
             .cloned()
     }
 
@@ -258,7 +273,7 @@ impl Person {
 
     /// True when the server refused a subscription to `subject` on this connection.
     pub fn subscription_refused(&self, subject: &str) -> Option<String> {
-        let list = self.violations.lock().ok()?;
+        let list = self.violations.list.lock().ok()?;
         list.iter()
             .rev()
             .find(|v| v.contains(subject) && v.to_lowercase().contains("subscription"))

@@ -429,7 +429,14 @@ pub fn overview(
                         .as_array()
                         .map(|a| {
                             a.iter()
-                                .map(|x| format!("{} ({}): {}", text(&x["condition"]), text(&x["severity"]), text(&x["reason"])))
+                                .map(|x| {
+                                    format!(
+                                        "{} ({}): {}",
+                                        text(&x["condition"]),
+                                        text(&x["severity"]),
+                                        text(&x["reason"])
+                                    )
+                                })
                                 .collect::<Vec<_>>()
                                 .join("; ")
                         })
@@ -480,7 +487,13 @@ pub fn overview(
                 .as_array()
                 .map(|a| {
                     a.iter()
-                        .map(|x| (text(&x["event_type"]), text(&x["peak_count"]), text(&x["top_source"])))
+                        .map(|x| {
+                            (
+                                text(&x["event_type"]),
+                                text(&x["peak_count"]),
+                                text(&x["top_source"]),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -593,7 +606,14 @@ pub fn intent(
                 .as_array()
                 .map(|a| {
                     a.iter()
-                        .map(|h| (text(&h["status"]), text(&h["at"]), text(&h["by"]), text(&h["reason"])))
+                        .map(|h| {
+                            (
+                                text(&h["status"]),
+                                text(&h["at"]),
+                                text(&h["by"]),
+                                text(&h["reason"]),
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -617,7 +637,10 @@ pub fn intent(
     match narratives {
         Ok(n) => {
             let items = n["items"].as_array().cloned().unwrap_or_default();
-            let seqs: Vec<u64> = items.iter().filter_map(|i| i["audit"]["seq"].as_u64()).collect();
+            let seqs: Vec<u64> = items
+                .iter()
+                .filter_map(|i| i["audit"]["seq"].as_u64())
+                .collect();
             let all_valid = items.iter().all(|i| i["audit"]["valid"] == true);
             let stretch = match (seqs.iter().min(), seqs.iter().max()) {
                 (Some(a), Some(b)) => format!("audit records {a} to {b}"),
@@ -687,7 +710,12 @@ pub fn playbooks(list: &Value) -> (Vec<PlaybookRow>, Vec<String>) {
                         triggers: strings(&p["triggers"]).join(", "),
                         steps: p["steps"]
                             .as_array()
-                            .map(|s| s.iter().map(|x| text(&x["title"])).collect::<Vec<_>>().join(" → "))
+                            .map(|s| {
+                                s.iter()
+                                    .map(|x| text(&x["title"]))
+                                    .collect::<Vec<_>>()
+                                    .join(" → ")
+                            })
                             .unwrap_or_default(),
                         last_run: if last.is_null() {
                             "never".into()

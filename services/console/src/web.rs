@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use askama::Template;
+use axum::Router;
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use bulwark_common::BulwarkConfig;
 use bulwark_common::subjects;
 use futures::StreamExt;
@@ -86,8 +86,14 @@ async fn security_headers(mut response: Response) -> Response {
             ),
         );
     }
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -130,10 +136,7 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 fn session(state: &Shared, headers: &HeaderMap) -> Option<(String, Arc<Session>)> {
     let token = cookie(headers, SESSION_COOKIE)?;
-    state
-        .sessions
-        .get(token)
-        .map(|s| (token.to_owned(), s))
+    state.sessions.get(token).map(|s| (token.to_owned(), s))
 }
 
 /// Equal in constant time (no early exit on the first differing byte).
@@ -159,7 +162,11 @@ fn render<T: Template>(t: &T) -> Response {
         Ok(html) => Html(html).into_response(),
         Err(err) => {
             tracing::error!(error = %err, "console: a template failed to render");
-            (StatusCode::INTERNAL_SERVER_ERROR, "the page failed to render").into_response()
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the page failed to render",
+            )
+                .into_response()
         }
     }
 }
@@ -190,9 +197,8 @@ fn refused(s: &Session, what: &str, refusal: &Refusal, back: &str) -> Response {
     let status = match refusal {
         Refusal::Permission { .. } => StatusCode::FORBIDDEN,
         Refusal::Service { code, .. } => match code.as_str() {
-            "not_a_voter" | "self_vote" | "own_intent" | "identity_mismatch" | "identity_required" => {
-                StatusCode::FORBIDDEN
-            }
+            "not_a_voter" | "self_vote" | "own_intent" | "identity_mismatch"
+            | "identity_required" => StatusCode::FORBIDDEN,
             "unknown_intent" | "unknown_proposal" | "unknown_playbook" => StatusCode::NOT_FOUND,
             "no_pending_review" | "proposal_closed" | "duplicate_vote" | "already_running" => {
                 StatusCode::CONFLICT
@@ -270,10 +276,19 @@ fn login_response(status: StatusCode, error: String, user: String, notice_text: 
 }
 
 async fn login_page(Query(done): Query<Done>) -> Response {
-    login_response(StatusCode::OK, String::new(), String::new(), notice(done.done.as_deref()))
+    login_response(
+        StatusCode::OK,
+        String::new(),
+        String::new(),
+        notice(done.done.as_deref()),
+    )
 }
 
-async fn login(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<LoginForm>) -> Response {
+async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> Response {
     let expected = cookie(&headers, LOGIN_COOKIE).unwrap_or("");
     if expected.is_empty() || !same(expected, &form.csrf) {
         return login_response(
@@ -296,7 +311,12 @@ async fn login(State(state): State<AppState>, headers: HeaderMap, Form(form): Fo
         Ok(p) => p,
         Err(err) => {
             tracing::info!(user = %user, error = %err, "console: sign-in refused");
-            return login_response(StatusCode::UNAUTHORIZED, format!("Sign-in refused: {err}"), user, "");
+            return login_response(
+                StatusCode::UNAUTHORIZED,
+                format!("Sign-in refused: {err}"),
+                user,
+                "",
+            );
         }
     };
     let Some((token, _)) = state.sessions.open(person.clone()) else {
@@ -326,7 +346,11 @@ struct CsrfForm {
     csrf: String,
 }
 
-async fn logout(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<CsrfForm>) -> Response {
+async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> Response {
     let Some((token, s)) = session(&state, &headers) else {
         return to_login();
     };
@@ -372,7 +396,12 @@ impl NarrativeFilter {
 
     fn query(&self) -> String {
         let mut q = Vec::new();
-        for (k, v) in [("who", &self.who), ("what", &self.what), ("intent", &self.intent), ("since", &self.since)] {
+        for (k, v) in [
+            ("who", &self.who),
+            ("what", &self.what),
+            ("intent", &self.intent),
+            ("since", &self.since),
+        ] {
             if !v.is_empty() {
                 q.push(format!("{k}={}", url_encode(v)));
             }
@@ -384,7 +413,9 @@ impl NarrativeFilter {
 fn url_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -428,7 +459,8 @@ async fn render_region(state: &Shared, s: &Session, region: &Region) -> String {
         }
         Region::Intent(id) => {
             let by_id = json!({"intent_id": id});
-            let query = json!({"intent_id": id, "limit": state.cfg.clarity.query_max_limit.min(1000)});
+            let query =
+                json!({"intent_id": id, "limit": state.cfg.clarity.query_max_limit.min(1000)});
             let empty = json!({});
             let (status, narratives, verify) = tokio::join!(
                 p.request(subjects::INTENT_STATUS, &by_id),
@@ -456,7 +488,15 @@ fn live_url(region: &Region) -> String {
     }
 }
 
-async fn live_page(state: &Shared, s: &Session, title: &str, intro: &str, before: String, region: Region, done: Option<&str>) -> Response {
+async fn live_page(
+    state: &Shared,
+    s: &Session,
+    title: &str,
+    intro: &str,
+    before: String,
+    region: Region,
+    done: Option<&str>,
+) -> Response {
     let live = match &region {
         Region::Narratives(_) => "<p>Connecting…</p>".to_owned(),
         r => render_region(state, s, r).await,
@@ -471,29 +511,88 @@ async fn live_page(state: &Shared, s: &Session, title: &str, intro: &str, before
 }
 
 async fn overview(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
     live_page(&state, &s, "Overview", "The watchdog's Layer 2 report, the circuit breaker and the work queue, as you may see them; this page updates itself.", String::new(), Region::Overview, None).await
 }
 
-async fn reviews_page(State(state): State<AppState>, headers: HeaderMap, Query(done): Query<Done>) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
+async fn reviews_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(done): Query<Done>,
+) -> Response {
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
     live_page(&state, &s, "Reviews", "Intents waiting for a person (tier 0, low alignment, votes that timed out) and review records. You decide as yourself.", String::new(), Region::Reviews, done.done.as_deref()).await
 }
 
-async fn proposals_page(State(state): State<AppState>, headers: HeaderMap, Query(done): Query<Done>) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
-    live_page(&state, &s, "Proposals", "Tier 3 intents waiting for the unified logic vote. You vote as yourself.", String::new(), Region::Proposals, done.done.as_deref()).await
+async fn proposals_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(done): Query<Done>,
+) -> Response {
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
+    live_page(
+        &state,
+        &s,
+        "Proposals",
+        "Tier 3 intents waiting for the unified logic vote. You vote as yourself.",
+        String::new(),
+        Region::Proposals,
+        done.done.as_deref(),
+    )
+    .await
 }
 
-async fn intent_page(State(state): State<AppState>, headers: HeaderMap, Path(id): Path<String>, Query(done): Query<Done>) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
-    live_page(&state, &s, &format!("Intent {id}"), "Its decision, history, result and narratives, each with its place in the audit chain.", String::new(), Region::Intent(id), done.done.as_deref()).await
+async fn intent_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(done): Query<Done>,
+) -> Response {
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
+    live_page(
+        &state,
+        &s,
+        &format!("Intent {id}"),
+        "Its decision, history, result and narratives, each with its place in the audit chain.",
+        String::new(),
+        Region::Intent(id),
+        done.done.as_deref(),
+    )
+    .await
 }
 
-async fn narratives_page(State(state): State<AppState>, headers: HeaderMap, Query(filter): Query<NarrativeFilter>) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
-    let form = NarrativeForm { f: filter.clone() }.render().unwrap_or_default();
-    live_page(&state, &s, "Narratives", &format!("The live 5W1H stream (clarity.narrative.>), newest first; the newest {} are kept.", state.cfg.console.live_narratives), form, Region::Narratives(filter), None).await
+async fn narratives_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(filter): Query<NarrativeFilter>,
+) -> Response {
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
+    let form = NarrativeForm { f: filter.clone() }
+        .render()
+        .unwrap_or_default();
+    live_page(
+        &state,
+        &s,
+        "Narratives",
+        &format!(
+            "The live 5W1H stream (clarity.narrative.>), newest first; the newest {} are kept.",
+            state.cfg.console.live_narratives
+        ),
+        form,
+        Region::Narratives(filter),
+        None,
+    )
+    .await
 }
 
 #[derive(Template)]
@@ -555,7 +654,12 @@ async fn live(
 
 /// Feeds a request-backed region: renders it every `console.refresh_s` (and at once when a
 /// breaker or Layer 2 event arrives, for the overview) and sends it only when it changed.
-async fn feed_region(state: AppState, s: Arc<Session>, region: Region, tx: tokio::sync::mpsc::Sender<Event>) {
+async fn feed_region(
+    state: AppState,
+    s: Arc<Session>,
+    region: Region,
+    tx: tokio::sync::mpsc::Sender<Event>,
+) {
     let every = Duration::from_secs_f64(state.cfg.console.refresh_s);
     let mut nudges = match region {
         Region::Overview => {
@@ -604,7 +708,12 @@ async fn feed_region(state: AppState, s: Arc<Session>, region: Region, tx: tokio
 /// then every new one from `clarity.narrative.>`, keeping only the newest
 /// `console.live_narratives` and counting the rest as skipped. Renders at most every
 /// `console.refresh_s` / 4, so a flood costs one rendering per tick, never more memory.
-async fn feed_narratives(state: AppState, s: Arc<Session>, filter: NarrativeFilter, tx: tokio::sync::mpsc::Sender<Event>) {
+async fn feed_narratives(
+    state: AppState,
+    s: Arc<Session>,
+    filter: NarrativeFilter,
+    tx: tokio::sync::mpsc::Sender<Event>,
+) {
     let keep = state.cfg.console.live_narratives;
     let mut rows: VecDeque<views::NarrativeRow> = VecDeque::with_capacity(keep);
     let mut received: u64 = 0;
@@ -618,7 +727,12 @@ async fn feed_narratives(state: AppState, s: Arc<Session>, filter: NarrativeFilt
         }
     };
     let mut backlog = json!({"limit": keep.min(1000)});
-    for (k, v) in [("who", &filter.who), ("what", &filter.what), ("intent_id", &filter.intent), ("since", &filter.since)] {
+    for (k, v) in [
+        ("who", &filter.who),
+        ("what", &filter.what),
+        ("intent_id", &filter.intent),
+        ("since", &filter.since),
+    ] {
         if !v.is_empty() {
             backlog[k] = json!(v);
         }
@@ -703,8 +817,14 @@ struct DecideForm {
     reason: String,
 }
 
-async fn decide(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<DecideForm>) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
+async fn decide(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<DecideForm>,
+) -> Response {
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
     if !same(&s.csrf, &form.csrf) {
         return forbidden_csrf(&s);
     }
@@ -713,8 +833,16 @@ async fn decide(State(state): State<AppState>, headers: HeaderMap, Form(form): F
     let body = json!({"intent_id": form.intent_id, "decision": form.decision, "reviewer": user, "reason": form.reason});
     match s.person.request(&subject, &body).await {
         Ok(_) => {
-            let done = if form.decision == "reject" { "reject" } else { "approve" };
-            Redirect::to(&format!("/intents/{}?done={done}", url_encode(&form.intent_id))).into_response()
+            let done = if form.decision == "reject" {
+                "reject"
+            } else {
+                "approve"
+            };
+            Redirect::to(&format!(
+                "/intents/{}?done={done}",
+                url_encode(&form.intent_id)
+            ))
+            .into_response()
         }
         Err(e) => refused(&s, "Review refused", &e, "/reviews"),
     }
@@ -729,8 +857,14 @@ struct VoteForm {
     reason: String,
 }
 
-async fn vote(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<VoteForm>) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
+async fn vote(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<VoteForm>,
+) -> Response {
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
     if !same(&s.csrf, &form.csrf) {
         return forbidden_csrf(&s);
     }
@@ -745,8 +879,14 @@ async fn vote(State(state): State<AppState>, headers: HeaderMap, Form(form): For
 
 // ---- intents search ----
 
-async fn intents_page(State(state): State<AppState>, headers: HeaderMap, Query(q): Query<views::IntentQuery>) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
+async fn intents_page(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<views::IntentQuery>,
+) -> Response {
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
     let id = q.id.trim();
     if !id.is_empty() {
         return Redirect::to(&format!("/intents/{}", url_encode(id))).into_response();
@@ -762,12 +902,18 @@ async fn intents_page(State(state): State<AppState>, headers: HeaderMap, Query(q
             let items = reply["items"].as_array().cloned().unwrap_or_default();
             for n in items.iter().rev() {
                 let c = &n["context"];
-                let matches = |want: &str, have: &Value| want.trim().is_empty() || views::text(have) == want.trim();
+                let matches = |want: &str, have: &Value| {
+                    want.trim().is_empty() || views::text(have) == want.trim()
+                };
                 if !matches(&q.actor, &c["actor"]) || !matches(&q.intent_type, &c["intent_type"]) {
                     continue;
                 }
                 let id = views::text(&n["intent_id"]);
-                let status = match s.person.request(subjects::INTENT_STATUS, &json!({"intent_id": id})).await {
+                let status = match s
+                    .person
+                    .request(subjects::INTENT_STATUS, &json!({"intent_id": id}))
+                    .await
+                {
                     Ok(st) => views::text(&st["status"]),
                     Err(e) => format!("({e})"),
                 };
@@ -800,7 +946,12 @@ async fn intents_page(State(state): State<AppState>, headers: HeaderMap, Query(q
 
 // ---- playbooks ----
 
-async fn playbooks_view(state: &Shared, s: &Session, outcome: String, run_error: Option<String>) -> Response {
+async fn playbooks_view(
+    state: &Shared,
+    s: &Session,
+    outcome: String,
+    run_error: Option<String>,
+) -> Response {
     let (rows, errors, error) = match s.person.request(subjects::PLAYBOOK_LIST, &json!({})).await {
         Ok(list) => {
             let (rows, errors) = views::playbooks(&list);
@@ -820,7 +971,9 @@ async fn playbooks_view(state: &Shared, s: &Session, outcome: String, run_error:
 }
 
 async fn playbooks_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
     playbooks_view(&state, &s, String::new(), None).await
 }
 
@@ -832,8 +985,14 @@ struct DryRunForm {
     params: String,
 }
 
-async fn dry_run(State(state): State<AppState>, headers: HeaderMap, Form(form): Form<DryRunForm>) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
+async fn dry_run(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<DryRunForm>,
+) -> Response {
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
     if !same(&s.csrf, &form.csrf) {
         return forbidden_csrf(&s);
     }
@@ -843,14 +1002,28 @@ async fn dry_run(State(state): State<AppState>, headers: HeaderMap, Form(form): 
         match serde_json::from_str(&form.params) {
             Ok(v @ Value::Object(_)) => v,
             _ => {
-                return playbooks_view(&state, &s, String::new(), Some("params must be a JSON object".into())).await;
+                return playbooks_view(
+                    &state,
+                    &s,
+                    String::new(),
+                    Some("params must be a JSON object".into()),
+                )
+                .await;
             }
         }
     };
     let body = json!({"playbook": form.playbook, "params": params, "dry_run": true});
     match s.person.request(subjects::PLAYBOOK_RUN, &body).await {
         Ok(outcome) => playbooks_view(&state, &s, views::pretty(&outcome), None).await,
-        Err(e) => playbooks_view(&state, &s, String::new(), Some(format!("playbook.run: {e}"))).await,
+        Err(e) => {
+            playbooks_view(
+                &state,
+                &s,
+                String::new(),
+                Some(format!("playbook.run: {e}")),
+            )
+            .await
+        }
     }
 }
 
@@ -865,9 +1038,13 @@ fn safe_name(name: &str) -> bool {
 }
 
 async fn chaos_page(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let Some((_, s)) = session(&state, &headers) else { return to_login() };
+    let Some((_, s)) = session(&state, &headers) else {
+        return to_login();
+    };
     let dir = std::path::PathBuf::from(&state.cfg.console.chaos_reports);
-    let runs = tokio::task::spawn_blocking(move || chaos_runs(&dir)).await.unwrap_or_default();
+    let runs = tokio::task::spawn_blocking(move || chaos_runs(&dir))
+        .await
+        .unwrap_or_default();
     render(&views::Chaos {
         chrome: chrome("Chaos", &s, ""),
         dir: state.cfg.console.chaos_reports.clone(),
@@ -902,7 +1079,9 @@ fn chaos_runs(dir: &std::path::Path) -> Vec<views::ChaosRun> {
                     a.iter()
                         .map(|sc| {
                             let id = views::text(&sc["id"]);
-                            let chart = if safe_name(&id) && dir.join(&name).join(format!("{id}.svg")).is_file() {
+                            let chart = if safe_name(&id)
+                                && dir.join(&name).join(format!("{id}.svg")).is_file()
+                            {
                                 format!("/chaos/{name}/{id}.svg")
                             } else {
                                 String::new()
@@ -913,7 +1092,11 @@ fn chaos_runs(dir: &std::path::Path) -> Vec<views::ChaosRun> {
                 })
                 .unwrap_or_default();
             views::ChaosRun {
-                verdict: if journal["all_passed"] == true { "pass".into() } else { "fail".into() },
+                verdict: if journal["all_passed"] == true {
+                    "pass".into()
+                } else {
+                    "fail".into()
+                },
                 written_at: views::text(&journal["written_at"]),
                 command: views::text(&journal["command"]),
                 scenarios,
@@ -923,20 +1106,29 @@ fn chaos_runs(dir: &std::path::Path) -> Vec<views::ChaosRun> {
         .collect()
 }
 
-async fn chaos_chart(State(state): State<AppState>, headers: HeaderMap, Path((run, file)): Path<(String, String)>) -> Response {
+async fn chaos_chart(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path((run, file)): Path<(String, String)>,
+) -> Response {
     if session(&state, &headers).is_none() {
         return (StatusCode::UNAUTHORIZED, "signed out").into_response();
     }
     if !safe_name(&run) || !safe_name(&file) || !file.ends_with(".svg") {
         return (StatusCode::NOT_FOUND, "no such chart").into_response();
     }
-    let path = std::path::Path::new(&state.cfg.console.chaos_reports).join(&run).join(&file);
+    let path = std::path::Path::new(&state.cfg.console.chaos_reports)
+        .join(&run)
+        .join(&file);
     match tokio::fs::read(&path).await {
         Ok(svg) => (
             [
                 (header::CONTENT_TYPE, "image/svg+xml"),
                 // A chart is shown as an image; should one be opened directly, nothing in it runs.
-                (header::CONTENT_SECURITY_POLICY, "default-src 'none'; style-src 'unsafe-inline'; sandbox"),
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    "default-src 'none'; style-src 'unsafe-inline'; sandbox",
+                ),
             ],
             svg,
         )
