@@ -32,8 +32,13 @@ impl Drop for Stack {
 }
 
 /// Governance (with the shipped bound identities: the voters speak only as themselves),
-/// clarity, the scheduler, one worker, the storm guard and the watchdog, and the console.
+/// clarity, the scheduler, one worker, the storm guard, the event policy engine and the
+/// watchdog, and the console.
 async fn stack() -> Stack {
+    stack_with(|_| {}).await
+}
+
+async fn stack_with(adjust: impl FnOnce(&mut bulwark_common::BulwarkConfig)) -> Stack {
     init_logging();
     let server = NatsServer::start();
     let mut cfg = server.config();
@@ -42,6 +47,7 @@ async fn stack() -> Stack {
     cfg.console.refresh_s = 0.3;
     cfg.console.chaos_reports = server_dir_reports();
     cfg.scheduler.min_workers = 1;
+    adjust(&mut cfg);
     let services = vec![
         start_governance(cfg.clone()).await,
         start_clarity(cfg.clone()).await,
@@ -640,4 +646,36 @@ async fn sessions_are_strict_cookies_posts_need_the_token_and_sign_out_closes_th
         (!names.contains(&"bulwark-console/operator".to_owned())).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_bounded_and_an_idle_one_ends_with_its_connection() {
+    let stack = stack_with(|cfg| {
+        cfg.console.max_sessions = 1;
+        cfg.console.session_idle_s = 1.0;
+    })
+    .await;
+    let base = &stack.base;
+    let cookie = http_sign_in(base, "operator", "operator-dev")
+        .await
+        .expect("signed in");
+    let cookie = cookie.split(';').next().expect("a cookie").to_owned();
+    let (status, body) = http_sign_in(base, "architect", "architect-dev")
+        .await
+        .expect_err("the console is full");
+    assert_eq!(status, 503);
+    assert!(body.contains("console.max_sessions"), "{body}");
+    // Left alone, the session ends and its NATS connection closes.
+    eventually(PATIENCE, "the idle session's connection closed", || async {
+        (!connection_names(&stack.server)
+            .await
+            .contains(&"bulwark-console/operator".to_owned()))
+        .then_some(())
+    })
+    .await;
+    let (status, _, _) = http(base, "GET", "/", &cookie, "").await;
+    assert_eq!(status, 303, "an expired session signs in again");
+    http_sign_in(base, "architect", "architect-dev")
+        .await
+        .expect("room again");
 }

@@ -70,3 +70,59 @@ impl ConsoleConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_values_are_named() {
+        let ok = ConsoleConfig::default();
+        assert!(ok.validate().is_ok());
+        let off = ConsoleConfig {
+            listen: String::new(),
+            ..ConsoleConfig::default()
+        };
+        assert!(off.validate().is_ok(), "empty listen turns the console off");
+        for (bad, key) in [
+            (
+                ConsoleConfig {
+                    listen: "localhost:8420".into(),
+                    ..ConsoleConfig::default()
+                },
+                "console.listen",
+            ),
+            (
+                ConsoleConfig {
+                    max_sessions: 0,
+                    ..ConsoleConfig::default()
+                },
+                "console.max_sessions",
+            ),
+            (
+                ConsoleConfig {
+                    session_idle_s: 0.5,
+                    ..ConsoleConfig::default()
+                },
+                "console.session_idle_s",
+            ),
+            (
+                ConsoleConfig {
+                    live_narratives: 0,
+                    ..ConsoleConfig::default()
+                },
+                "console.live_narratives",
+            ),
+            (
+                ConsoleConfig {
+                    refresh_s: f64::NAN,
+                    ..ConsoleConfig::default()
+                },
+                "console.refresh_s",
+            ),
+        ] {
+            let err = bad.validate().expect_err(key);
+            assert!(err.contains(key), "{err}");
+        }
+    }
+}

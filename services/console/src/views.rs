@@ -739,3 +739,55 @@ pub fn playbooks(list: &Value) -> (Vec<PlaybookRow>, Vec<String>) {
         .unwrap_or_default();
     (rows, strings(&list["errors"]))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_value_of_a_reply_is_escaped() {
+        let reply = json!({"total": 1, "items": [{
+            "intent_id": "x\"><script>alert(1)</script>", "kind": "approval",
+            "intent_type": "<b>t</b>", "actor": "<img src=x onerror=alert(2)>",
+            "payload": {"note": "<script>alert(3)</script>"},
+            "reasoning": ["</li><script>alert(4)</script>"]}]});
+        let html = reviews(Ok(reply), "tok").render().expect("renders");
+        assert!(!html.contains("<script"), "{html}");
+        assert!(!html.contains("<img"), "{html}");
+        assert!(!html.contains("<b>t"), "{html}");
+        assert!(
+            !html.contains("x\"><"),
+            "no attribute is broken out of: {html}"
+        );
+        assert!(
+            html.contains("&#60;script&#62;alert(3)&#60;/script&#62;"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn a_refusal_is_shown_with_its_reason() {
+        let refusal = Refusal::Permission {
+            subject: "playbook.list".into(),
+            user: "architect".into(),
+            reason: "Permissions Violation for Publish to \"playbook.list\"".into(),
+        };
+        let html = reviews(Err(refusal), "tok").render().expect("renders");
+        assert!(
+            html.contains("the NATS server refused playbook.list for architect"),
+            "{html}"
+        );
+        assert!(html.contains("Permissions Violation"), "{html}");
+    }
+
+    #[test]
+    fn a_proposal_tally_counts_each_side() {
+        let p = json!({"proposal_id": "p1", "quorum": 2, "state": "open",
+            "voters": ["architect", "guardian", "steward"],
+            "votes": [{"voter": "architect", "vote": "approve"}, {"voter": "steward", "vote": "reject"}]});
+        let row = proposal(&p);
+        assert_eq!((row.approvals, row.rejections), (1, 1));
+        assert_eq!(row.voted, "architect approve, steward reject");
+    }
+}
