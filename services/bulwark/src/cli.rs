@@ -36,6 +36,12 @@ pub enum Command {
     },
     /// Serve the web console (console.listen) for a running bulwark; Ctrl-C stops.
     Console,
+    /// Webhook notifications: the delivery log.
+    Notify {
+        /// What to do.
+        #[command(subcommand)]
+        action: NotifyAction,
+    },
     /// Submit intents and read their status.
     Intent {
         /// What to do with intents.
@@ -133,6 +139,8 @@ pub enum ServiceName {
     Watchdog,
     /// Playbooks: incidents start sandboxed Rhai remediation scripts.
     Playbooks,
+    /// Notifications: webhooks for reviews, votes, Layer 2 alerts, playbooks and the breaker.
+    Notify,
 }
 
 /// Intent subcommands.
@@ -212,6 +220,26 @@ pub enum ReviewAction {
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
+    },
+}
+
+/// Notify subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NotifyAction {
+    /// The newest deliveries (oldest first): webhook, kind, outcome, attempts, last error.
+    Log {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        /// Only this kind (review_pending, breaker_opened, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only this outcome (delivered, dead_letter).
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Print the raw reply.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -1,4 +1,5 @@
-//! `bulwark console`, and the console `bulwark up` starts beside the services (console.listen).
+//! `bulwark console`, the console `bulwark up` starts beside the services (console.listen),
+//! and `bulwark notify log`.
 
 use std::process::ExitCode;
 
@@ -47,5 +48,54 @@ pub async fn run(cfg: BulwarkConfig) -> anyhow::Result<ExitCode> {
         );
     }
     console.serve(shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bulwark notify log`: the notify service's newest deliveries, one line each (oldest first).
+pub async fn notify_log(
+    cfg: &BulwarkConfig,
+    limit: u64,
+    kind: Option<String>,
+    outcome: Option<String>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let body = serde_json::json!({"limit": limit, "kind": kind, "outcome": outcome});
+    let reply = crate::commands::request(cfg, bulwark_common::subjects::NOTIFY_LOG, &body).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    println!(
+        "{:<24} {:<16} {:<22} {:<11} {:>8}  LAST ERROR",
+        "AT", "WEBHOOK", "KIND", "OUTCOME", "ATTEMPTS"
+    );
+    let empty = Vec::new();
+    for d in reply["deliveries"].as_array().unwrap_or(&empty) {
+        let attempts = d["attempts"].as_array().map(Vec::len).unwrap_or(0);
+        let last = d["attempts"]
+            .as_array()
+            .and_then(|a| a.last())
+            .map(|a| text(&a["error"]))
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:<16} {:<22} {:<11} {:>8}  {}",
+            text(&d["at"]),
+            text(&d["webhook"]),
+            text(&d["kind"]),
+            text(&d["outcome"]),
+            attempts,
+            last
+        );
+    }
+    println!(
+        "{} pending; counters {}",
+        text(&reply["pending"]),
+        reply["counters"]
+    );
     Ok(ExitCode::SUCCESS)
 }

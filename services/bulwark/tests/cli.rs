@@ -243,7 +243,7 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
     std::fs::write(dir.path().join("nats.conf"), conf).expect("write conf");
     std::fs::write(
         dir.path().join("bulwark.toml"),
-        "[up]\nnats_conf = \"nats.conf\"\n",
+        "[up]\nnats_conf = \"nats.conf\"\n[console]\nlisten = \"127.0.0.1:0\"\n",
     )
     .expect("write config");
     let url = format!("nats://127.0.0.1:{port}");
@@ -278,6 +278,11 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
         "{transcript}"
     );
     assert!(transcript.contains("ready  governance"), "{transcript}");
+    assert!(transcript.contains("ready  notify"), "{transcript}");
+    assert!(
+        transcript.contains("console  http://127.0.0.1:"),
+        "the console's address is printed: {transcript}"
+    );
     assert!(
         transcript.contains(&format!("bulwark: up on {url}")),
         "{transcript}"

@@ -62,6 +62,8 @@ pub struct BulwarkConfig {
     pub playbooks: PlaybooksConfig,
     /// The web console for the people in the loop.
     pub console: crate::console_config::ConsoleConfig,
+    /// Webhook notifications for the people in the loop.
+    pub notify: crate::console_config::NotifyConfig,
 }
 
 /// The playbooks service: the scripts' folder, the sandbox's limits, run pacing.
@@ -354,6 +356,7 @@ impl BulwarkConfig {
             .validate()
             .map_err(ConfigError::Inconsistent)?;
         self.console.validate().map_err(ConfigError::Inconsistent)?;
+        self.notify.validate().map_err(ConfigError::Inconsistent)?;
         if self.up.replicas == 0 {
             return bad("up.replicas must be at least 1".into());
         }

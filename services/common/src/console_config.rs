@@ -71,6 +71,115 @@ impl ConsoleConfig {
     }
 }
 
+/// The event kinds a webhook can ask for (docs/console.md, "Notifications").
+pub const NOTIFY_KINDS: [&str; 7] = [
+    "review_pending",
+    "proposal_opened",
+    "vote_decided",
+    "layer2_alert_raised",
+    "layer2_alert_recovered",
+    "playbook_failed",
+    "breaker_opened",
+];
+
+/// Webhook notifications (the `notify` service).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// The receivers (`[[notify.webhooks]]`); none: the service runs and delivers nothing.
+    pub webhooks: Vec<WebhookConfig>,
+    /// Attempts per delivery, the first included; after the last failed one the delivery is
+    /// dead-lettered.
+    pub max_attempts: u32,
+    /// Wait before the second attempt (ms); doubled before each next one.
+    pub backoff_initial_ms: u64,
+    /// The longest wait between two attempts (ms).
+    pub backoff_max_ms: u64,
+    /// One attempt's time limit: connect, send, read the status line (ms).
+    pub timeout_ms: u64,
+    /// Finished deliveries the log keeps (the newest), served on `notify.log`.
+    pub log_size: usize,
+    /// Deliveries waiting or retrying at once; one more is dead-lettered at once.
+    pub max_pending: usize,
+    /// The console's address for links in messages (e.g. `http://bulwark.example:8420`);
+    /// empty: `http://<console.listen>` when the console is on, else no link.
+    pub console_url: String,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            webhooks: Vec::new(),
+            max_attempts: 5,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 30_000,
+            timeout_ms: 5_000,
+            log_size: 1_000,
+            max_pending: 1_000,
+            console_url: String::new(),
+        }
+    }
+}
+
+/// One webhook receiver.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// Its name in the delivery log.
+    pub name: String,
+    /// `http://` or `https://` URL the JSON body is POSTed to.
+    pub url: String,
+    /// The event kinds it receives (`NOTIFY_KINDS`); empty: all of them.
+    pub events: Vec<String>,
+    /// Key of the `X-Bulwark-Signature` HMAC-SHA256 of the body; empty: no signature header.
+    pub secret: String,
+}
+
+impl NotifyConfig {
+    /// Ranges and names serde cannot check.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_attempts == 0 {
+            return Err("notify.max_attempts must be at least 1".into());
+        }
+        if self.backoff_max_ms < self.backoff_initial_ms {
+            return Err("notify.backoff_max_ms must be at least notify.backoff_initial_ms".into());
+        }
+        if self.timeout_ms == 0 || self.log_size == 0 || self.max_pending == 0 {
+            return Err(
+                "notify.timeout_ms, notify.log_size and notify.max_pending must be at least 1"
+                    .into(),
+            );
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if w.name.trim().is_empty() {
+                return Err(format!("notify.webhooks[{i}].name is empty"));
+            }
+            if !names.insert(w.name.as_str()) {
+                return Err(format!(
+                    "notify.webhooks: two webhooks are named {:?}",
+                    w.name
+                ));
+            }
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(format!(
+                    "notify.webhooks[{i}].url must start with http:// or https://, got {:?}",
+                    w.url
+                ));
+            }
+            for kind in &w.events {
+                if !NOTIFY_KINDS.contains(&kind.as_str()) {
+                    return Err(format!(
+                        "notify.webhooks[{i}].events: unknown kind {kind:?} (one of {})",
+                        NOTIFY_KINDS.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

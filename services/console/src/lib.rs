@@ -12,11 +12,15 @@
 //! - [`session`]: the bounded in-memory sessions, their CSRF tokens and idle expiry.
 //! - [`views`]: templates and the shaping of bulwark's replies into them.
 //! - [`web`]: routes, sign-in, CSRF checks, security headers, live regions.
+//! - [`notify`]: the `notify` service: webhooks for the events people must hear about.
+//! - [`webhook`]: one signed webhook POST over HTTP or HTTPS.
 
+pub mod notify;
 pub mod person;
 pub mod session;
 pub mod views;
 pub mod web;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
