@@ -679,3 +679,85 @@ async fn sessions_are_bounded_and_an_idle_one_ends_with_its_connection() {
         .await
         .expect("room again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_shows_the_breaker_open_live_during_a_flood() {
+    let stack = stack_with(|cfg| {
+        cfg.mesh.storm_threshold = 1_000_000;
+        cfg.mesh.breaker_threshold = 100;
+        cfg.mesh.breaker_window_s = 5.0;
+    })
+    .await;
+    let Some(browser) = browser().await else {
+        return;
+    };
+    browser
+        .sign_in(&stack.base, "operator", "operator-dev")
+        .await;
+    browser
+        .wait_text("#breaker", "the breaker closed", |t| t == "closed")
+        .await;
+    let url_before = browser.client.current_url().await.expect("url");
+    // A flood on the mesh, while the page stays open.
+    let client = stack.server.client().await;
+    for i in 0..300 {
+        let body = json!({"event_type": "console.flood", "payload": {"n": i}});
+        client
+            .publish("mesh.console.flood", body.to_string().into())
+            .await
+            .expect("publish");
+    }
+    client.flush().await.expect("flush");
+    browser
+        .wait_text("#breaker", "the breaker open, without a reload", |t| {
+            t == "open"
+        })
+        .await;
+    assert_eq!(
+        browser.client.current_url().await.expect("url"),
+        url_before,
+        "the same page, updated in place"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_narratives_page_streams_the_newest_and_counts_what_it_skipped() {
+    let stack = stack_with(|cfg| cfg.console.live_narratives = 3).await;
+    let Some(browser) = browser().await else {
+        return;
+    };
+    browser
+        .sign_in(&stack.base, "operator", "operator-dev")
+        .await;
+    browser.text_of("#whoami").await;
+    browser
+        .client
+        .goto(&format!(
+            "{}/narratives?who=governance&what=intent_routed",
+            stack.base
+        ))
+        .await
+        .expect("narratives page");
+    browser
+        .wait_text("#narrative-counts", "the stream open", |t| {
+            t.starts_with("0 received")
+        })
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let d = submit(
+            &stack.server,
+            json!({"intent_type": "query_knowledge", "actor": format!("<i>bot-{i}</i>")}),
+        )
+        .await;
+        ids.push(d["intent_id"].as_str().expect("an id").to_owned());
+    }
+    browser
+        .wait_text("#narrative-counts", "five received, two skipped", |t| {
+            t == "5 received since you opened this page; showing the newest 3, 2 skipped."
+        })
+        .await;
+    let rows = browser.text_of("#narratives").await;
+    assert!(rows.contains(&ids[4]), "the newest is shown: {rows}");
+    assert!(!rows.contains(&ids[0]), "the oldest was skipped: {rows}");
+}
