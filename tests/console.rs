@@ -761,3 +761,94 @@ async fn the_narratives_page_streams_the_newest_and_counts_what_it_skipped() {
     assert!(rows.contains(&ids[4]), "the newest is shown: {rows}");
     assert!(!rows.contains(&ids[0]), "the oldest was skipped: {rows}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_dry_runs_a_playbook_from_its_page() {
+    let stack = stack().await;
+    let _playbooks = start_playbooks(stack.server.config()).await;
+    let base = &stack.base;
+    let cookie = http_sign_in(base, "operator", "operator-dev")
+        .await
+        .expect("signed in");
+    let cookie = cookie.split(';').next().expect("a cookie").to_owned();
+    let (status, _, page) = http(base, "GET", "/playbooks", &cookie, "").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("trigger_mesh_circuit_breaker"), "{page}");
+    let csrf = csrf_of(&page);
+    let (status, _, page) = http(
+        base,
+        "POST",
+        "/playbooks/dry-run",
+        &cookie,
+        &format!("csrf={csrf}&playbook=trigger_mesh_circuit_breaker&params=%7B%7D"),
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let outcome = page
+        .split("<pre id=\"dry-run\">")
+        .nth(1)
+        .and_then(|r| r.split("</pre>").next())
+        .unwrap_or_else(|| panic!("a dry run outcome: {page}"));
+    assert!(outcome.contains("&#34;dry_run&#34;: true"), "{outcome}");
+    assert!(outcome.contains("&#34;steps&#34;"), "{outcome}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chaos_page_lists_reports_and_serves_their_charts_sandboxed() {
+    let reports = tempfile::tempdir().expect("a temp dir");
+    let run = reports.path().join("2026-12-06T04-00-00");
+    std::fs::create_dir_all(&run).expect("run folder");
+    std::fs::write(
+        run.join("journal.json"),
+        json!({"command": "bulwark chaos run L2-01 --quick", "written_at": "2026-12-06T04:00:00.000Z",
+               "all_passed": true, "scenarios": [{"id": "L2-01", "verdict": "Pass"}]})
+        .to_string(),
+    )
+    .expect("journal");
+    std::fs::write(
+        run.join("L2-01.svg"),
+        "<svg xmlns=\"http://www.w3.org/2000/svg\"><script>alert(1)</script></svg>",
+    )
+    .expect("chart");
+    let dir = reports.path().display().to_string();
+    let stack = stack_with(move |cfg| cfg.console.chaos_reports = dir).await;
+    let base = &stack.base;
+    let cookie = http_sign_in(base, "architect", "architect-dev")
+        .await
+        .expect("signed in");
+    let cookie = cookie.split(';').next().expect("a cookie").to_owned();
+    let (status, _, page) = http(base, "GET", "/chaos", &cookie, "").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("bulwark chaos run L2-01 --quick"), "{page}");
+    assert!(
+        page.contains("src=\"/chaos/2026-12-06T04-00-00/L2-01.svg\""),
+        "{page}"
+    );
+    let (status, headers, svg) = http(
+        base,
+        "GET",
+        "/chaos/2026-12-06T04-00-00/L2-01.svg",
+        &cookie,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(svg.contains("<svg"), "{svg}");
+    assert_eq!(header(&headers, "content-type"), vec!["image/svg+xml"]);
+    assert!(
+        header(&headers, "content-security-policy")
+            .join("")
+            .contains("sandbox"),
+        "{headers:?}"
+    );
+    for path in [
+        "/chaos/..%2F..%2Fetc/passwd.svg",
+        "/chaos/2026-12-06T04-00-00/journal.json",
+        "/chaos/../x.svg",
+    ] {
+        let (status, _, _) = http(base, "GET", path, &cookie, "").await;
+        assert_eq!(status, 404, "{path}");
+    }
+    let (status, _, _) = http(base, "GET", "/chaos/2026-12-06T04-00-00/L2-01.svg", "", "").await;
+    assert_eq!(status, 401, "charts are for signed-in people");
+}
