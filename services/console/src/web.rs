@@ -900,35 +900,46 @@ async fn intents_page(
     match s.person.request(subjects::CLARITY_QUERY, &query).await {
         Ok(reply) => {
             let items = reply["items"].as_array().cloned().unwrap_or_default();
-            for n in items.iter().rev() {
-                let c = &n["context"];
-                let matches = |want: &str, have: &Value| {
-                    want.trim().is_empty() || views::text(have) == want.trim()
-                };
-                if !matches(&q.actor, &c["actor"]) || !matches(&q.intent_type, &c["intent_type"]) {
-                    continue;
+            let want = |want: &str, have: &Value| {
+                want.trim().is_empty() || views::text(have) == want.trim()
+            };
+            let candidates: Vec<&Value> = items
+                .iter()
+                .rev()
+                .filter(|n| {
+                    want(&q.actor, &n["context"]["actor"])
+                        && want(&q.intent_type, &n["context"]["intent_type"])
+                })
+                .collect();
+            // Current statuses, SEARCH_LIMIT requests at once, until the page is full.
+            for chunk in candidates.chunks(SEARCH_LIMIT) {
+                let person = &s.person;
+                let statuses = futures::future::join_all(chunk.iter().map(|n| {
+                    let body = json!({"intent_id": n["intent_id"]});
+                    async move {
+                        match person.request(subjects::INTENT_STATUS, &body).await {
+                            Ok(st) => views::text(&st["status"]),
+                            Err(e) => format!("({e})"),
+                        }
+                    }
+                }))
+                .await;
+                for (n, status) in chunk.iter().zip(statuses) {
+                    if !q.status.trim().is_empty() && status != q.status.trim() {
+                        continue;
+                    }
+                    let c = &n["context"];
+                    rows.push(views::IntentRow {
+                        id: views::text(&n["intent_id"]),
+                        intent_type: views::text(&c["intent_type"]),
+                        actor: views::text(&c["actor"]),
+                        tier: views::text(&c["autonomy_tier"]),
+                        status,
+                        when: views::text(&n["when"]),
+                    });
                 }
-                let id = views::text(&n["intent_id"]);
-                let status = match s
-                    .person
-                    .request(subjects::INTENT_STATUS, &json!({"intent_id": id}))
-                    .await
-                {
-                    Ok(st) => views::text(&st["status"]),
-                    Err(e) => format!("({e})"),
-                };
-                if !q.status.trim().is_empty() && status != q.status.trim() {
-                    continue;
-                }
-                rows.push(views::IntentRow {
-                    id,
-                    intent_type: views::text(&c["intent_type"]),
-                    actor: views::text(&c["actor"]),
-                    tier: views::text(&c["autonomy_tier"]),
-                    status,
-                    when: views::text(&n["when"]),
-                });
                 if rows.len() >= SEARCH_LIMIT {
+                    rows.truncate(SEARCH_LIMIT);
                     break;
                 }
             }
