@@ -115,6 +115,9 @@ impl Person {
                 .request_timeout(Some(Duration::from_millis(cfg.request_timeout_ms)))
                 .custom_inbox_prefix(connect::inbox_prefix(connect::Role::Cli, user))
                 .max_reconnects(Some(10))
+                // A live page that falls behind loses messages (counted by the server as a slow
+                // consumer) rather than holding an unbounded backlog.
+                .subscription_capacity(4096)
                 .event_callback(move |event| {
                     let seen = seen.clone();
                     async move {

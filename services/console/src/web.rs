@@ -433,7 +433,46 @@ fn speaking_subject(cfg: &BulwarkConfig, plain: &str, user: &str) -> String {
     }
 }
 
-async fn render_region(state: &Shared, s: &Session, region: &Region) -> String {
+/// How often a live intent page checks the whole chain again (`clarity.verify` reads every
+/// record: once when the stream opens, then at most this often, never per refresh).
+const VERIFY_EVERY: Duration = Duration::from_secs(30);
+
+/// The chain check an intent page shows, asked at most every [`VERIFY_EVERY`].
+#[derive(Default)]
+struct ChainCheck {
+    /// False for the page's first rendering (its stream checks at once).
+    enabled: bool,
+    asked: Option<std::time::Instant>,
+    last: Option<Result<Value, Refusal>>,
+}
+
+impl ChainCheck {
+    fn live() -> Self {
+        Self {
+            enabled: true,
+            ..Self::default()
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.enabled && self.asked.is_none_or(|t| t.elapsed() >= VERIFY_EVERY)
+    }
+
+    /// What to show: a person who may not verify sees the per-record check only.
+    fn shown(&self) -> Option<Result<Value, Refusal>> {
+        match &self.last {
+            Some(Err(Refusal::Permission { .. })) | None => None,
+            Some(other) => Some(other.clone()),
+        }
+    }
+}
+
+async fn render_region(
+    state: &Shared,
+    s: &Session,
+    region: &Region,
+    chain: &mut ChainCheck,
+) -> String {
     let p = &s.person;
     match region {
         Region::Overview => {
@@ -462,17 +501,22 @@ async fn render_region(state: &Shared, s: &Session, region: &Region) -> String {
             let query =
                 json!({"intent_id": id, "limit": state.cfg.clarity.query_max_limit.min(1000)});
             let empty = json!({});
-            let (status, narratives, verify) = tokio::join!(
+            let ask = chain.due();
+            let (status, narratives, verified) = tokio::join!(
                 p.request(subjects::INTENT_STATUS, &by_id),
                 p.request(subjects::CLARITY_QUERY, &query),
-                p.request(subjects::CLARITY_VERIFY, &empty),
+                async {
+                    match ask {
+                        true => Some(p.request(subjects::CLARITY_VERIFY, &empty).await),
+                        false => None,
+                    }
+                },
             );
-            // A person who may not verify sees the per-record check only.
-            let verify = match verify {
-                Err(Refusal::Permission { .. }) => None,
-                other => Some(other),
-            };
-            render_fragment(&views::intent(status, narratives, verify))
+            if let Some(v) = verified {
+                chain.asked = Some(std::time::Instant::now());
+                chain.last = Some(v);
+            }
+            render_fragment(&views::intent(status, narratives, chain.shown()))
         }
         Region::Narratives(_) => String::new(),
     }
@@ -499,7 +543,7 @@ async fn live_page(
 ) -> Response {
     let live = match &region {
         Region::Narratives(_) => "<p>Connecting…</p>".to_owned(),
-        r => render_region(state, s, r).await,
+        r => render_region(state, s, r, &mut ChainCheck::default()).await,
     };
     render(&views::LivePage {
         chrome: chrome(title, s, notice(done)),
@@ -675,8 +719,9 @@ async fn feed_region(
         _ => None,
     };
     let mut last = String::new();
+    let mut chain = ChainCheck::live();
     loop {
-        let html = render_region(&state, &s, &region).await;
+        let html = render_region(&state, &s, &region, &mut chain).await;
         if html != last {
             if tx.send(Event::default().data(html.clone())).await.is_err() {
                 break;
