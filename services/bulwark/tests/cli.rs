@@ -302,6 +302,22 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
     );
     assert_eq!(stdout_json(&out)["status"], "queued");
 
+    // The notify service answers the operator's delivery log (no webhook configured: empty).
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["notify", "log", "--json", "--nats-url", &url])
+        .current_dir(dir.path())
+        .output()
+        .await
+        .expect("notify log runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = stdout_json(&out);
+    assert_eq!(log["deliveries"], serde_json::json!([]), "{log}");
+    assert_eq!(log["counters"]["webhooks"], 0, "{log}");
+
     // SIGTERM: clean stop, exit 0, and the nats-server it started is gone.
     let pid = up.id().expect("pid").to_string();
     let killed = std::process::Command::new("kill")
