@@ -526,8 +526,10 @@ async fn a_failing_replica_is_quarantined_its_traffic_shifts_and_it_is_respawned
                         r.id(),
                     );
                     let service_client = c.clone();
-                    replica::run_guarded(r, c, stats, narrator, |token| {
+                    replica::run_guarded(r, c, stats, narrator, |token| async {
                         bulwark_governance::run(cfg, service_client, token)
+                            .await
+                            .map_err(|e| ReplicaEnd::Failed(e.to_string()))
                     })
                     .await
                 })

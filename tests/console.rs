@@ -224,6 +224,30 @@ impl Browser {
         .await
     }
 
+    /// Clicks the first element matching `css`, again if a live update replaced it meanwhile.
+    async fn click(&self, css: &str) {
+        let c = self.client.clone();
+        eventually(PATIENCE, css, || {
+            let c = c.clone();
+            async move { c.find(Locator::Css(css)).await.ok()?.click().await.ok() }
+        })
+        .await
+    }
+
+    /// Types `text` into the first element matching `css` (again if it was replaced meanwhile).
+    async fn type_into(&self, css: &str, text: &str) {
+        let c = self.client.clone();
+        eventually(PATIENCE, css, || {
+            let c = c.clone();
+            async move {
+                let field = c.find(Locator::Css(css)).await.ok()?;
+                field.clear().await.ok()?;
+                field.send_keys(text).await.ok()
+            }
+        })
+        .await
+    }
+
     async fn screenshot(&self, name: &str) {
         // Taken on every run; copied into the repository only when asked
         // (BULWARK_CONSOLE_SCREENSHOTS=docs/img).
@@ -288,21 +312,9 @@ async fn a_reviewer_sees_a_pending_intent_appear_and_approves_it_until_it_comple
     assert_eq!(pwned, json!(true), "no script of the payload ran");
 
     browser
-        .client
-        .find(Locator::Css(&format!("{item} input.reason")))
-        .await
-        .expect("reason field")
-        .send_keys("reviewed in the console")
-        .await
-        .expect("types a reason");
-    browser
-        .client
-        .find(Locator::Css(&format!("{item} button.approve")))
-        .await
-        .expect("approve button")
-        .click()
-        .await
-        .expect("clicks approve");
+        .type_into(&format!("{item} input.reason"), "reviewed in the console")
+        .await;
+    browser.click(&format!("{item} button.approve")).await;
     // The intent's page: queued, then completed, live.
     browser
         .wait_text("#notice", "the notice", |t| t == "Approved.")
@@ -416,14 +428,7 @@ async fn two_bound_voters_vote_a_tier_3_intent_to_quorum() {
             .expect("proposals page");
         let tally = browser.text_of(&format!("{card} .tally")).await;
         assert!(tally.starts_with(&format!("{i} for")), "{tally}");
-        browser
-            .client
-            .find(Locator::Css(&format!("{card} button.approve")))
-            .await
-            .expect("vote button")
-            .click()
-            .await
-            .expect("votes");
+        browser.click(&format!("{card} button.approve")).await;
         browser
             .wait_text("#notice", "the notice", |t| t == "Vote counted.")
             .await;

@@ -413,3 +413,42 @@ async fn a_binding_survives_a_scheduler_restart() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_grow_the_pool_with_ever_new_worker_ids() {
+    let stack = stack(|cfg| cfg.scheduler.max_worker_ids_per_user = 5).await;
+    let attacker = Attacker::start(&stack.server, &["many-ids", "ghost", "40"]).await;
+    let report = attacker.finish().await;
+    assert_eq!(report["sent"], 40, "{report}");
+
+    let counters = eventually(LIMIT, "the new ids refused", || async {
+        let c = stack.scheduler_counters().await;
+        (c["worker_ids_refused"].as_u64() >= Some(35)).then_some(c)
+    })
+    .await;
+    assert_eq!(counters["worker_ids_refused"], 35, "{counters}");
+    // The pool took five of them; a refusal is narrated once for the user.
+    let (readiness, _) = request_json(&stack.client, subjects::HTM_READINESS, "{}").await;
+    assert!(
+        readiness["healthy_workers"].as_u64() <= Some(5),
+        "{readiness}"
+    );
+    let refused = stack.narratives("worker_id_refused").await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["context"]["user"], "worker");
+    // Once its five workers are gone (heartbeat timeout), their ids make room: a pool restarted
+    // under new ids keeps working, and the user still holds at most five.
+    eventually(LIMIT, "the five declared dead", || async {
+        let c = stack.scheduler_counters().await;
+        (c["dead_workers"].as_u64() >= Some(5)).then_some(())
+    })
+    .await;
+    let again = Attacker::start(&stack.server, &["many-ids", "restarted", "5"]).await;
+    again.finish().await;
+    stack.wait_workers(5).await;
+    assert_eq!(
+        stack.scheduler_counters().await["worker_ids_refused"],
+        35,
+        "the new ids of a restarted pool are taken once the old ones are gone"
+    );
+}

@@ -6,17 +6,19 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bulwark_common::BulwarkConfig;
 use bulwark_common::connect::{self, Role};
+use bulwark_common::nats_server;
 use tokio_util::sync::CancellationToken;
 
-/// A nats-server child process with its own directory.
+/// A nats-server with a directory of its own (the common launcher,
+/// [`bulwark_common::nats_server`]): the given configuration on a random port with a temporary
+/// store; it can be killed and started again on the same port and store.
 pub struct NatsProcess {
-    child: Option<Child>,
+    process: Option<nats_server::NatsProcess>,
     dir: tempfile::TempDir,
     conf_source: PathBuf,
     binary: PathBuf,
@@ -30,7 +32,7 @@ impl NatsProcess {
             .prefix("bulwark-chaos-")
             .tempdir()?;
         let mut p = NatsProcess {
-            child: None,
+            process: None,
             dir,
             conf_source: conf.to_owned(),
             binary: binary.to_owned(),
@@ -43,86 +45,28 @@ impl NatsProcess {
     fn spawn(&mut self, port: Option<u16>) -> anyhow::Result<()> {
         let original = std::fs::read_to_string(&self.conf_source)
             .with_context(|| format!("reading {}", self.conf_source.display()))?;
-        let store = self.dir.path().join("jetstream");
-        let listen = match port {
-            Some(p) => format!("127.0.0.1:{p}"),
-            None => "127.0.0.1:-1".to_owned(),
+        let how = nats_server::Adapt {
+            listen: Some(match port {
+                Some(p) => format!("127.0.0.1:{p}"),
+                None => "127.0.0.1:-1".to_owned(),
+            }),
+            http: Some("127.0.0.1:-1".to_owned()),
+            store_dir: Some(self.dir.path().join("jetstream")),
+            ..Default::default()
         };
-        let mut replaced = 0;
-        let text: Vec<String> = original
-            .lines()
-            .map(|line| {
-                let t = line.trim_start();
-                if t.starts_with("listen:") {
-                    replaced += 1;
-                    format!("listen: {listen}")
-                } else if t.starts_with("http:") {
-                    replaced += 1;
-                    "http: 127.0.0.1:-1".to_owned()
-                } else if t.starts_with("store_dir:") {
-                    replaced += 1;
-                    format!("  store_dir: {:?}", store.display().to_string())
-                } else {
-                    line.to_owned()
-                }
-            })
-            .collect();
-        if replaced != 3 {
-            bail!(
-                "{} lacks one of listen/http/store_dir; the chaos runner cannot adapt it",
-                self.conf_source.display()
-            );
-        }
-        let conf = self.dir.path().join("nats.conf");
-        std::fs::write(&conf, text.join("\n"))?;
-        let ports_dir = self.dir.path().join("ports");
-        let _ = std::fs::remove_dir_all(&ports_dir);
-        std::fs::create_dir_all(&ports_dir)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("server.log"))?;
-        let child = Command::new(&self.binary)
-            .arg("-c")
-            .arg(&conf)
-            .arg("--ports_file_dir")
-            .arg(&ports_dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", self.binary.display()))?;
-        let pid = child.id();
-        self.child = Some(child);
-        let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&ports_file)
-                && let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text)
-                && let Some(url) = ports["nats"][0].as_str()
-            {
-                self.port = url
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| p.trim_end_matches('/').parse().ok())
-                    .context("no port in the ports file")?;
-                return Ok(());
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                bail!("nats-server exited with {status}: {}", self.log_tail());
-            }
-            if Instant::now() > deadline {
-                bail!("nats-server did not start within 20 s: {}", self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(5)..].join(" | ")
+        let text = nats_server::adapt(&original, &how)
+            .with_context(|| format!("adapting {}", self.conf_source.display()))?;
+        let process = nats_server::NatsProcess::start(
+            &self.binary,
+            &self.dir.path().join("nats.conf"),
+            &text,
+            &[],
+            &self.dir.path().join("server.log"),
+            Duration::from_secs(20),
+        )?;
+        self.port = process.port();
+        self.process = Some(process);
+        Ok(())
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -132,9 +76,8 @@ impl NatsProcess {
 
     /// Kills the server (SIGKILL, like a crash).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = self.process.take() {
+            process.kill();
         }
     }
 
@@ -143,12 +86,6 @@ impl NatsProcess {
         self.kill();
         let port = self.port;
         self.spawn(Some(port))
-    }
-}
-
-impl Drop for NatsProcess {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

@@ -160,6 +160,27 @@ pub async fn run(smoke: bool) -> anyhow::Result<()> {
         raw.value_at_quantile(0.5) as f64 / 1000.0,
         raw.value_at_quantile(0.99) as f64 / 1000.0
     );
+    // The other request behind an intent's page and the search: the audit's narratives.
+    let mut scan = Histogram::<u64>::new(3)?;
+    for _ in 0..renders.min(50) {
+        let start = Instant::now();
+        let (reply, _) = request_json(
+            &operator,
+            subjects::CLARITY_QUERY,
+            json!({"intent_id": probe, "limit": 1000}).to_string(),
+        )
+        .await;
+        if reply["items"].as_array().is_none() {
+            bail!("clarity.query: {reply}");
+        }
+        scan.record(start.elapsed().as_micros() as u64)?;
+    }
+    println!(
+        "  {:<44} p50 {:>7.1} ms   p99 {:>7.1} ms",
+        "raw clarity.query {intent_id} (operator)",
+        scan.value_at_quantile(0.5) as f64 / 1000.0,
+        scan.value_at_quantile(0.99) as f64 / 1000.0
+    );
     for (name, path) in pages {
         let mut hist = Histogram::<u64>::new(3)?;
         for _ in 0..renders {

@@ -20,6 +20,8 @@ Attacks:
                                operator: USER_NAME / USER_PASSWORD)
   flood-reviews COUNT BYTES    submits COUNT tier-0 intents with BYTES of payload each, to make
                                the review list larger than the server carries
+  hog-slots COUNT WORK_MS      submits COUNT intents of WORK_MS of work each (hog-0, hog-1, ...),
+                               to hold every worker slot
 """
 import asyncio
 import json
@@ -145,6 +147,18 @@ async def flood_reviews(nc, errors, args):
     return {"answers": answers, "errors": errors}
 
 
+async def hog_slots(nc, errors, args):
+    count, work_ms = int(args[0]), int(args[1])
+    answers = {}
+    for i in range(count):
+        intent = {"intent_id": f"hog-{i}", "intent_type": "query_knowledge", "actor": "hog",
+                  "payload": {"work_ms": work_ms}}
+        reply = await nc.request("htm.intent.submit", json.dumps(intent).encode(), timeout=10)
+        data = json.loads(reply.data)
+        answers[f"hog-{i}"] = data.get("status") or data.get("error", {}).get("code")
+    return {"answers": answers, "errors": errors}
+
+
 async def claims(nc, errors, _args):
     bodies = {
         "tier4": {"intent_type": "critical_incident", "actor": "a", "payload": {}},
@@ -179,6 +193,7 @@ ATTACKS = {
     "vote-as": vote_as,
     "claims": claims,
     "flood-reviews": flood_reviews,
+    "hog-slots": hog_slots,
     "forge-safeguard": forge_safeguard,
     "forge-facts": forge_facts,
     "aim-replies": aim_replies,

@@ -15,6 +15,8 @@ prints one JSON line when it is set up ({"ready": true}) and one with what happe
   run (so the scheduler would think the real one restarted and run its task again), then reports
   TASK_ID completed under fence 1 with a forged result. Prints {"report_code": code or null,
   "report": body, "errors": [...]}.
+- `many-ids PREFIX COUNT`: heartbeats once under each of COUNT new worker ids PREFIX-0, PREFIX-1, ...
+  (each id would stay bound, and be remembered when it dies). Prints {"sent": n, "errors": [...]}.
 - `srv NAME`: answers `$SRV.PING`, `$SRV.PING.NAME` and `$SRV.INFO.NAME` as micro service NAME
   (id IMPOSTOR). Ends when a line arrives on stdin. Prints {"pings_answered": n, "errors": [...]}.
 """
@@ -105,6 +107,15 @@ async def steal(nc, worker_id: str, task_id: str, beats: int) -> dict:
     return {"report_code": code, "report": reply.data.decode()}
 
 
+async def many_ids(nc, prefix: str, count: int) -> dict:
+    say({"ready": True})
+    for i in range(count):
+        worker_id = f"{prefix}-{i}"
+        await nc.publish(f"htm.heartbeat.{worker_id}", heartbeat(worker_id, 1, f"run-{i}", 0.0))
+    await nc.flush()
+    return {"sent": count}
+
+
 async def srv(nc, name: str) -> dict:
     answered = {"pings_answered": 0}
     info = {"type": "io.nats.micro.v1.ping_response", "name": name, "id": "IMPOSTOR",
@@ -130,6 +141,8 @@ async def main(url: str, mode: str, args: list) -> None:
         outcome = await liar(nc, args[0], int(args[1]))
     elif mode == "steal":
         outcome = await steal(nc, args[0], args[1], int(args[2]))
+    elif mode == "many-ids":
+        outcome = await many_ids(nc, args[0], int(args[1]))
     elif mode == "srv":
         outcome = await srv(nc, args[0])
     else:

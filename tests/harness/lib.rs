@@ -11,13 +11,12 @@
 //! The nats-server binary is `$NATS_SERVER`, else `nats-server` on PATH, else the one
 //! `scripts/setup` installs into `.tools/pip/bin`.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bulwark_common::BulwarkConfig;
+use bulwark_common::nats_server;
 use tokio_util::sync::CancellationToken;
 
 /// Service credentials of `nats.conf`.
@@ -41,9 +40,10 @@ pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
         .context("no nats-server found: run scripts/setup (it installs one into .tools/)")
 }
 
-/// A nats-server process for one test.
+/// A nats-server process for one test (the common launcher,
+/// [`bulwark_common::nats_server`]).
 pub struct NatsServer {
-    child: Option<Child>,
+    child: Option<nats_server::NatsProcess>,
     dir: tempfile::TempDir,
     port: u16,
     monitor_port: u16,
@@ -140,122 +140,66 @@ impl NatsServer {
         Ok(server)
     }
 
-    fn write_config(&self, port: Option<u16>) -> anyhow::Result<PathBuf> {
+    /// This server's configuration: the repository's `nats.conf` (or an open one) moved to
+    /// `port` (random when `None`), a random monitoring port and the temporary store.
+    fn config_text(&self, port: Option<u16>) -> anyhow::Result<String> {
         let store = self.dir.path().join("jetstream");
         let listen = match port {
             Some(p) => format!("127.0.0.1:{p}"),
             None => "127.0.0.1:-1".to_owned(),
         };
-        let text = if self.with_auth {
-            let original = std::fs::read_to_string(repo_root().join("nats.conf"))
-                .context("reading nats.conf")?;
-            let mut replaced = 0;
-            let lines: Vec<String> = original
-                .lines()
-                .map(|line| {
-                    let trimmed = line.trim_start();
-                    if trimmed.starts_with("listen:") {
-                        replaced += 1;
-                        format!("listen: {listen}")
-                    } else if trimmed.starts_with("http:") {
-                        replaced += 1;
-                        "http: 127.0.0.1:-1".to_owned()
-                    } else if trimmed.starts_with("store_dir:") {
-                        replaced += 1;
-                        let sync = if self.synced {
-                            "\n  sync_interval: always"
-                        } else {
-                            ""
-                        };
-                        format!("  store_dir: {:?}{sync}", store.display().to_string())
-                    } else {
-                        line.to_owned()
-                    }
-                })
-                .collect();
-            if replaced != 3 {
-                bail!("nats.conf lost one of listen/http/store_dir; the harness cannot adapt it");
-            }
-            let mut text = format!("{}\n{}\n", lines.join("\n"), self.extra);
-            if let Some(node) = &self.cluster {
-                text = text
-                    .lines()
-                    .filter(|l| !l.trim_start().starts_with("server_name:"))
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                let routes: Vec<String> = node
-                    .routes
-                    .iter()
-                    .map(|p| format!("nats://127.0.0.1:{p}"))
-                    .collect();
-                text = format!(
-                    "server_name: {}\n{text}\ncluster {{\n  name: bulwark_test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
-                    node.name,
-                    node.route_port,
-                    routes.join(", ")
-                );
-            }
-            text
-        } else {
-            format!(
+        if !self.with_auth {
+            return Ok(format!(
                 "listen: {listen}\nhttp: 127.0.0.1:-1\njetstream {{\n  store_dir: {:?}\n}}\n",
                 store.display().to_string()
-            )
+            ));
+        }
+        let original =
+            std::fs::read_to_string(repo_root().join("nats.conf")).context("reading nats.conf")?;
+        let mut how = nats_server::Adapt {
+            listen: Some(listen),
+            http: Some("127.0.0.1:-1".to_owned()),
+            store_dir: Some(store),
+            synced: self.synced,
+            after: self.extra.clone(),
+            ..Default::default()
         };
-        let path = self.dir.path().join("nats.conf");
-        std::fs::write(&path, text)?;
-        Ok(path)
+        if let Some(node) = &self.cluster {
+            let routes: Vec<String> = node
+                .routes
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            how.drop_keys = vec!["server_name".to_owned()];
+            how.before = format!("server_name: {}\n", node.name);
+            how.after.push_str(&format!(
+                "\ncluster {{\n  name: bulwark_test\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                node.route_port,
+                routes.join(", ")
+            ));
+        }
+        Ok(nats_server::adapt(&original, &how)?)
     }
 
     fn spawn(&mut self, port: Option<u16>) -> anyhow::Result<()> {
-        let conf = self.write_config(port)?;
-        let ports_dir = self.dir.path().join("ports");
-        let _ = std::fs::remove_dir_all(&ports_dir);
-        std::fs::create_dir_all(&ports_dir)?;
-        let log = std::fs::File::create(self.dir.path().join("server.log"))?;
-        let child = Command::new(nats_server_binary()?)
-            .arg("-c")
-            .arg(&conf)
-            .arg("--ports_file_dir")
-            .arg(&ports_dir)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawning nats-server")?;
-        let pid = child.id();
-        self.child = Some(child);
-        let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(text) = std::fs::read_to_string(&ports_file)
-                && let Ok(ports) = serde_json::from_str::<serde_json::Value>(&text)
-            {
-                self.port = port_of(&ports["nats"])?;
-                self.monitor_port = port_of(&ports["monitoring"]).unwrap_or(0);
-                return Ok(());
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                bail!("nats-server exited with {status}: {}", self.log());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "nats-server did not write its ports file within 20 s: {}",
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let text = self.config_text(port)?;
+        let process = nats_server::NatsProcess::start(
+            &nats_server_binary()?,
+            &self.dir.path().join("nats.conf"),
+            &text,
+            &[],
+            &self.dir.path().join("server.log"),
+            Duration::from_secs(20),
+        )?;
+        self.port = process.port();
+        self.monitor_port = process.monitor_port();
+        self.child = Some(process);
+        Ok(())
     }
 
     /// The server's log so far.
     pub fn log(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("server.log")) {
-            let _ = f.read_to_string(&mut text);
-        }
-        text
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
     /// `nats://127.0.0.1:<port>`, no credentials.
@@ -275,9 +219,8 @@ impl NatsServer {
 
     /// Kills the server (SIGKILL: no goodbye, like a crash).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = self.child.take() {
+            process.kill();
         }
     }
 
@@ -336,15 +279,6 @@ impl NatsServer {
                 .expect("client connects")
         }
     }
-}
-
-fn port_of(urls: &serde_json::Value) -> anyhow::Result<u16> {
-    let url = urls
-        .get(0)
-        .and_then(|u| u.as_str())
-        .context("no URL in ports file")?;
-    let port = url.rsplit(':').next().context("no port")?;
-    Ok(port.trim_end_matches('/').parse()?)
 }
 
 impl Drop for NatsServer {

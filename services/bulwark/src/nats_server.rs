@@ -1,29 +1,31 @@
 //! The local nats-server `bulwark up` starts when none is reachable: found on PATH (2.10 or
-//! newer) or in `.tools/pip/bin` (where `scripts/setup` installs it), run with `nats.conf`,
-//! stopped with SIGTERM when bulwark stops.
+//! newer) or in `.tools/pip/bin` (where `scripts/setup` installs it), run with a copy of
+//! `nats.conf` (`data/nats-server.conf`, made synced when `nats.durability = "synced"`), stopped
+//! with SIGTERM when bulwark stops. The launcher is the one the chaos tool and the tests use.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use tokio::process::{Child, Command};
+use bulwark_common::nats_server;
 
-/// A nats-server child process.
+/// A nats-server child process (the common launcher, [`bulwark_common::nats_server`]).
 pub struct LocalServer {
-    child: Child,
+    process: nats_server::NatsProcess,
 }
 
 /// The nats-server binary to use (see [`bulwark_common::nats_server::find_binary`]).
 pub fn find_binary(configured: &str) -> anyhow::Result<PathBuf> {
-    bulwark_common::nats_server::find_binary(configured).context(
+    nats_server::find_binary(configured).context(
         "no nats-server found on PATH or in .tools/pip/bin: run scripts/setup, or pass --nats-url",
     )
 }
 
 impl LocalServer {
-    /// Starts `binary -c conf`, listening on `host:port`, logging to `log`. With
-    /// `synced`, runs a copy of `conf` whose `jetstream` block has `sync_interval: always`
-    /// (written next to `log`): every acknowledged write is on disk first.
+    /// Starts `binary -c conf`, listening on `host:port`, logging to `log`, and waits until it
+    /// has written its ports file. With `synced`, runs a copy of `conf` whose `jetstream` block
+    /// has `sync_interval: always` (written next to `log`): every acknowledged write is on disk
+    /// first.
     pub async fn start(
         binary: &Path,
         conf: &Path,
@@ -38,105 +40,42 @@ impl LocalServer {
                 conf.display()
             );
         }
-        if let Some(parent) = log.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
-        }
-        let synced_conf;
-        let conf = if synced {
-            synced_conf = log.with_file_name("nats-synced.conf");
-            write_synced(conf, &synced_conf)?;
-            synced_conf.as_path()
-        } else {
-            conf
+        let text =
+            std::fs::read_to_string(conf).with_context(|| format!("reading {}", conf.display()))?;
+        let how = nats_server::Adapt {
+            synced,
+            ..Default::default()
         };
-        let log_file =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut command = Command::new(binary);
-        command.arg("-c").arg(conf);
+        let text = nats_server::adapt(&text, &how)
+            .with_context(|| format!("adapting {}", conf.display()))?;
+        let run_conf = log.with_file_name("nats-server.conf");
+        let mut args = Vec::new();
         if (host, port) != ("127.0.0.1", 4222) {
-            command.arg("-a").arg(host).arg("-p").arg(port.to_string());
+            args = vec!["-a".into(), host.into(), "-p".into(), port.to_string()];
         }
-        let child = command
-            .stdout(std::process::Stdio::null())
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(LocalServer { child })
+        let (binary, log) = (binary.to_owned(), log.to_owned());
+        let process = tokio::task::spawn_blocking(move || {
+            nats_server::NatsProcess::start(
+                &binary,
+                &run_conf,
+                &text,
+                &args,
+                &log,
+                Duration::from_secs(20),
+            )
+        })
+        .await
+        .context("starting nats-server")??;
+        Ok(LocalServer { process })
     }
 
     /// True while the process runs.
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.process.running()
     }
 
     /// Stops the server gracefully (SIGTERM), killing it after `grace`.
     pub async fn stop(mut self, grace: Duration) {
-        if let Some(pid) = self.child.id() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status()
-                .await;
-        }
-        if tokio::time::timeout(grace, self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.kill().await;
-        }
-    }
-}
-
-/// Writes `conf` to `out` with `sync_interval: always` as the first line of its `jetstream`
-/// block (replacing any `sync_interval` there).
-pub fn write_synced(conf: &Path, out: &Path) -> anyhow::Result<()> {
-    let text =
-        std::fs::read_to_string(conf).with_context(|| format!("reading {}", conf.display()))?;
-    let mut lines = Vec::new();
-    let mut found = false;
-    for line in text.lines() {
-        let trimmed = line.trim_start();
-        if trimmed.starts_with("sync_interval") {
-            continue;
-        }
-        lines.push(line.to_owned());
-        if !found && trimmed.starts_with("jetstream") && trimmed.ends_with('{') {
-            lines.push("  sync_interval: always".to_owned());
-            found = true;
-        }
-    }
-    if !found {
-        bail!(
-            "{} has no `jetstream {{` block to make synced (nats.durability = \"synced\")",
-            conf.display()
-        );
-    }
-    std::fs::write(out, lines.join("\n") + "\n")
-        .with_context(|| format!("writing {}", out.display()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_synced_copy_of_nats_conf_syncs_every_write() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../nats.conf");
-        let out = dir.path().join("nats-synced.conf");
-        write_synced(&conf, &out).expect("written");
-        let text = std::fs::read_to_string(&out).expect("read");
-        let lines: Vec<&str> = text.lines().map(str::trim).collect();
-        let at = lines
-            .iter()
-            .position(|l| l.starts_with("jetstream") && l.ends_with('{'))
-            .expect("jetstream block");
-        assert_eq!(lines[at + 1], "sync_interval: always");
-        assert_eq!(text.matches("sync_interval").count(), 1);
-        let none = dir.path().join("none.conf");
-        std::fs::write(&none, "listen: 127.0.0.1:4222\n").expect("write");
-        assert!(write_synced(&none, &out).is_err(), "no jetstream block");
+        let _ = tokio::task::spawn_blocking(move || self.process.terminate(grace)).await;
     }
 }

@@ -92,7 +92,7 @@ pub async fn run_replica(
     let name = service.micro_name();
     let (client, stats) = connect::connect(&cfg.nats, name, Role::Service)
         .await
-        .map_err(|e| ReplicaEnd::Failed(format!("{name} cannot connect: {e}")))?;
+        .map_err(|e| ReplicaEnd::Unavailable(format!("{name} cannot connect: {e}")))?;
     let narrator = Narrator::new(
         bulwark_common::streams::context(
             client.clone(),
@@ -102,8 +102,16 @@ pub async fn run_replica(
         replica.id(),
     );
     let c = client.clone();
-    let ended = replica::run_guarded(replica, client.clone(), stats, narrator, |token| {
-        run_service(service, cfg, c, token)
+    let ended = replica::run_guarded(replica, client.clone(), stats, narrator, |token| async {
+        run_service(service, cfg, c, token).await.map_err(|err| {
+            // JetStream not answering yet is retried; anything else is a failure.
+            let text = format!("{name} failed: {err}");
+            if err.chain().any(replica::unavailable_cause) {
+                ReplicaEnd::Unavailable(text)
+            } else {
+                ReplicaEnd::Failed(text)
+            }
+        })
     })
     .await;
     // Push out what is buffered (last narratives, replies) before the connection drops.

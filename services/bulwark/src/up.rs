@@ -43,8 +43,9 @@ pub async fn up(
         let log = std::path::Path::new("data").join("nats-server.log");
         let synced = cfg.nats.durability == bulwark_common::config::Durability::Synced;
         println!(
-            "bulwark: starting {} -c {} on {host}:{port} (log: {}; durability {}{})",
+            "bulwark: starting {} -c {} (a copy of {}) on {host}:{port} (log: {}; durability {}{})",
             binary.display(),
+            log.with_file_name("nats-server.conf").display(),
             cfg.up.nats_conf.display(),
             log.display(),
             cfg.nats.durability.as_str(),
@@ -105,25 +106,47 @@ pub async fn up(
     let (probe, _probe_stats) = connect::connect(&cfg.nats, "bulwark-up", Role::Service).await?;
     start_metrics(&cfg, probe.clone(), shutdown.clone()).await;
     let console = crate::console::start(&cfg, shutdown.clone()).await;
+    // Ready as each one answers; a service still waiting for JetStream (a slow broker, a cluster
+    // electing its leader) is retried by its supervisor, and named here every 15 s.
+    let mut failed = false;
     let mut all_ready = true;
-    for &service in ServiceName::all() {
-        if bulwark_common::micro::wait_ready(&probe, service.micro_name(), Duration::from_secs(30))
-            .await
-        {
+    let mut pending: Vec<ServiceName> = ServiceName::all().to_vec();
+    let mut last_note = tokio::time::Instant::now();
+    while !pending.is_empty() && !shutdown.is_cancelled() {
+        let mut still = Vec::new();
+        for service in pending {
+            let name = service.micro_name();
+            if bulwark_common::micro::wait_ready(&probe, name, Duration::from_millis(500)).await {
+                println!("  ready  {name:<20} {}", service.summary());
+            } else {
+                still.push(service);
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if last_note.elapsed() >= Duration::from_secs(15) {
+            let names: Vec<&str> = pending.iter().map(|s| s.micro_name()).collect();
             println!(
-                "  ready  {:<20} {}",
-                service.micro_name(),
-                service.summary()
+                "  waiting  {} (not answering $SRV.INFO yet; retried while JetStream is unavailable, see the log)",
+                names.join(", ")
             );
-        } else {
-            all_ready = false;
-            println!(
-                "  NOT READY {:<17} (no answer to $SRV.PING.{})",
-                service.micro_name(),
-                service.micro_name()
-            );
+            last_note = tokio::time::Instant::now();
+        }
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {}
+            Some(done) = running.join_next() => {
+                // A service that ended by itself before the stop signal: a failure.
+                report(done, &mut failed);
+                failed |= !shutdown.is_cancelled();
+                shutdown.cancel();
+            }
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
+    all_ready &= !shutdown.is_cancelled();
     // Workers, in the pool that respawns them when they die (NATS micro service `htm_pool`).
     let worker_count = workers.unwrap_or(cfg.worker.count);
     let pool_ids: Vec<String> = (1..=worker_count).map(|i| format!("worker-{i}")).collect();
@@ -135,7 +158,7 @@ pub async fn up(
             bulwark_worker::pool::run_pool(pool_cfg, client, token, pool_ids).await
         })
     };
-    if worker_count > 0 {
+    if worker_count > 0 && !shutdown.is_cancelled() {
         let seen = wait_for_workers(&probe, worker_count).await;
         println!(
             "  ready  {:<20} {seen} of {worker_count} worker(s) heartbeating",
@@ -150,13 +173,14 @@ pub async fn up(
         );
     }
 
-    let mut failed = false;
     tokio::select! {
+        biased;
         _ = shutdown.cancelled() => {}
         Some(done) = running.join_next() => {
-            // A service ended by itself: that is a failure; stop the rest.
+            // A service ended by itself: that is a failure; stop the rest. (One that ended
+            // because the stop signal came is not.)
             report(done, &mut failed);
-            failed = true;
+            failed |= !shutdown.is_cancelled();
             shutdown.cancel();
         }
     }

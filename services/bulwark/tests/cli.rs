@@ -288,6 +288,26 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
         "{transcript}"
     );
 
+    // Right after `up`, nothing reports itself critical: a service the watchdog has not yet
+    // seen answer is `starting`, and the watchdog sweeps every second until all have.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["status", "--json", "--nats-url", &url])
+        .current_dir(dir.path())
+        .output()
+        .await
+        .expect("status runs");
+    let report = stdout_json(&out);
+    let critical: Vec<&String> = report["components"]
+        .as_object()
+        .map(|c| {
+            c.iter()
+                .filter(|(_, v)| v["health"] == "critical")
+                .map(|(k, _)| k)
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(critical.is_empty(), "critical right after up: {report:#}");
+
     // It serves: an intent submitted from the shell is decided.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
         .args(["intent", "submit", "schedule_task", "--nats-url", &url])
@@ -361,8 +381,11 @@ async fn status_prints_the_watchdog_report_and_exits_1_unless_healthy() {
     let mut cfg = server.config();
     cfg.watchdog.check_interval_s = 0.3;
     cfg.watchdog.ping_timeout_ms = 100;
-    // The watchdog alone: the required services do not answer, so Layer 2 is critical.
+    // The watchdog alone: the required services do not answer, so Layer 2 is critical once
+    // the watchdog's startup grace (two check intervals, 0.6 s) is over; until then they are
+    // `starting`.
     let _watchdog = bulwark_tests::start_watchdog(cfg).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
     let s = Some(&server);
     let out = bulwark(s, &["status", "--json"]);
     assert_eq!(

@@ -56,7 +56,7 @@ const MAX_APPEND_ATTEMPTS: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum ClarityError {
     /// A stream or bucket could not be made ready.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// The durable narrative consumer could not be created.
     #[error("could not create the {CONSUMER} consumer on BULWARK_NARRATIVES: {0}")]

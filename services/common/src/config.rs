@@ -277,6 +277,7 @@ impl BulwarkConfig {
     /// Checks what serde cannot: ranges and consistency.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Inconsistent(msg));
+        check_durations(self).map_err(ConfigError::Inconsistent)?;
         self.scheduler
             .validate()
             .map_err(ConfigError::Inconsistent)?;
@@ -332,6 +333,7 @@ impl BulwarkConfig {
                 ));
             }
         }
+        g.reconcile.validate().map_err(ConfigError::Inconsistent)?;
         if g.default_priority > 9 {
             return bad(format!(
                 "governance.default_priority must be 0-9, got {}",
@@ -368,6 +370,50 @@ impl BulwarkConfig {
         }
         Ok(())
     }
+}
+
+/// The longest duration any `*_s` key may hold: ten years, in seconds.
+const MAX_DURATION_S: f64 = 10.0 * 365.0 * 86_400.0;
+
+/// Every key that holds seconds (its name ends in `_s`), wherever it is in the configuration,
+/// is a finite number from 0 to ten years: NaN, infinities, negative and absurd values are
+/// refused with the key's name, before any `Duration::from_secs_f64` could panic on them.
+fn check_durations(cfg: &BulwarkConfig) -> Result<(), String> {
+    fn walk(path: &str, value: &serde_json::Value) -> Result<(), String> {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    let key_path = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    if key.ends_with("_s") {
+                        // serde_json writes NaN and the infinities as null.
+                        match v.as_f64() {
+                            Some(x) if (0.0..=MAX_DURATION_S).contains(&x) => {}
+                            Some(x) => {
+                                return Err(format!(
+                                    "{key_path} must be a number of seconds from 0 to {MAX_DURATION_S} (ten years), got {x}"
+                                ));
+                            }
+                            None if v.is_null() => {
+                                return Err(format!(
+                                    "{key_path} must be a finite number of seconds, got NaN or an infinity"
+                                ));
+                            }
+                            None => {}
+                        }
+                    }
+                    walk(&key_path, v)?;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+    let value = serde_json::to_value(cfg).map_err(|e| format!("configuration: {e}"))?;
+    walk("", &value)
 }
 
 /// How to reach NATS. Its `Debug` output hides the passwords, the tokens and any credentials in
@@ -707,6 +753,73 @@ pub struct GovernanceConfig {
     /// The longest simulated work (`payload.work_ms`) an intent may ask for, in milliseconds; a
     /// longer one is refused with 400 `invalid_intent` (it would hold a worker slot that long).
     pub max_work_ms: u64,
+    /// The reconciler of stranded intents: records whose task, review item or proposal was
+    /// never written (governance died between the two writes).
+    pub reconcile: ReconcileConfig,
+}
+
+/// `[governance.reconcile]`: when the reconciler checks an intent record left waiting, and when
+/// it gives one up as stranded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Seconds between two passes over the records written since the last one.
+    pub interval_s: f64,
+    /// Seconds after a waiting record's write before it is checked: the intake that wrote it
+    /// finishes first.
+    pub grace_s: f64,
+    /// Seconds after its write within which a record's promise is kept or the intent is failed
+    /// as stranded. At most 110: a task is re-queued under its intent id within the task queue's
+    /// 120 s duplicate window, so it is never queued twice.
+    pub window_s: f64,
+    /// Waiting records tracked at once; beyond it the oldest are dropped (counted).
+    pub max_tracked: usize,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self {
+            interval_s: 2.0,
+            grace_s: 10.0,
+            window_s: 100.0,
+            max_tracked: 100_000,
+        }
+    }
+}
+
+impl ReconcileConfig {
+    /// Checks ranges; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let finite = |name: &str, v: f64, min: f64| {
+            if v.is_finite() && v >= min {
+                Ok(())
+            } else {
+                Err(format!(
+                    "governance.reconcile.{name} must be a number >= {min}, got {v}"
+                ))
+            }
+        };
+        finite("interval_s", self.interval_s, 0.05)?;
+        finite("grace_s", self.grace_s, 0.0)?;
+        finite("window_s", self.window_s, 0.0)?;
+        if self.window_s > 110.0 {
+            return Err(format!(
+                "governance.reconcile.window_s must be at most 110 (the task queue's 120 s duplicate window keeps a re-queued task single), got {}",
+                self.window_s
+            ));
+        }
+        if self.window_s < self.grace_s + self.interval_s {
+            return Err(format!(
+                "governance.reconcile.window_s ({}) must be at least grace_s + interval_s ({})",
+                self.window_s,
+                self.grace_s + self.interval_s
+            ));
+        }
+        if self.max_tracked == 0 {
+            return Err("governance.reconcile.max_tracked must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for GovernanceConfig {
@@ -744,6 +857,7 @@ impl Default for GovernanceConfig {
                         IntentTypeConfig {
                             tier,
                             base_alignment: base,
+                            max_work_ms: None,
                         },
                     )
                 })
@@ -753,6 +867,7 @@ impl Default for GovernanceConfig {
             privileged_identities: vec!["operator".to_owned()],
             max_unprivileged_priority: 5,
             max_work_ms: 60_000,
+            reconcile: ReconcileConfig::default(),
         }
     }
 }
@@ -765,6 +880,10 @@ pub struct IntentTypeConfig {
     pub tier: u8,
     /// How well this type of work serves the mission on its own, 0-1.
     pub base_alignment: f64,
+    /// The longest simulated work (`payload.work_ms`) an intent of this type may ask for, in
+    /// milliseconds; `governance.max_work_ms` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_work_ms: Option<u64>,
 }
 
 /// The charter's pillar weights (seed: resilience 1.0, revenue 0.8, autonomy 0.7, learning 0.6).
@@ -956,6 +1075,13 @@ pub struct SchedulerConfig {
     /// The most tasks the scheduler hands one worker at once, whatever capacity its heartbeat
     /// claims: a larger claim is clamped to this, counted and narrated (at least 1).
     pub max_worker_capacity: u32,
+    /// The share (0-1] of the pool's slots the tasks of one submitting NATS identity may hold at
+    /// once (at least one slot); its further tasks wait in the queue while other identities'
+    /// run. bulwark's own services are not capped. 1 turns the cap off.
+    pub max_share_per_identity: f64,
+    /// The most worker ids one NATS user may bind by heartbeating (a binding outlives its
+    /// worker); a heartbeat for one more is refused, counted and narrated (at least 1).
+    pub max_worker_ids_per_user: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -977,6 +1103,8 @@ impl Default for SchedulerConfig {
             shed_max: 100,
             check_interval_s: 1.0,
             max_worker_capacity: 16,
+            max_share_per_identity: 0.5,
+            max_worker_ids_per_user: 256,
         }
     }
 }
@@ -1006,6 +1134,15 @@ impl SchedulerConfig {
         }
         if self.max_in_flight == 0 || self.dispatch_timeout_ms == 0 {
             return Err("scheduler.max_in_flight and dispatch_timeout_ms must be positive".into());
+        }
+        if !(self.max_share_per_identity > 0.0 && self.max_share_per_identity <= 1.0) {
+            return Err(format!(
+                "scheduler.max_share_per_identity must be in (0, 1], got {}",
+                self.max_share_per_identity
+            ));
+        }
+        if self.max_worker_ids_per_user == 0 {
+            return Err("scheduler.max_worker_ids_per_user must be at least 1".into());
         }
         if self.max_worker_capacity == 0 {
             return Err("scheduler.max_worker_capacity must be at least 1".into());
@@ -1302,6 +1439,29 @@ impl WatchdogConfig {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+
+    #[test]
+    fn a_nan_negative_or_absurd_duration_is_refused_with_its_key() {
+        let load = |key: &str, value: &str| {
+            BulwarkConfig::load_from(None, HashMap::from([(key.to_owned(), value.to_owned())]))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let nan = load("BULWARK_CLARITY__ACK_WAIT_S", "nan").expect_err("NaN refused");
+        assert!(nan.contains("clarity.ack_wait_s"), "{nan}");
+        let negative =
+            load("BULWARK_NATS__STORAGE__SWEEP_INTERVAL_S", "-1").expect_err("negative refused");
+        assert!(
+            negative.contains("nats.storage.sweep_interval_s"),
+            "{negative}"
+        );
+        let absurd =
+            load("BULWARK_WATCHDOG__CHECK_INTERVAL_S", "1e12").expect_err("absurd refused");
+        assert!(absurd.contains("watchdog.check_interval_s"), "{absurd}");
+        let inf = load("BULWARK_REPLICAS__LEASE_TTL_S", "inf").expect_err("infinity refused");
+        assert!(inf.contains("replicas.lease_ttl_s"), "{inf}");
+        load("BULWARK_WATCHDOG__CHECK_INTERVAL_S", "2.5").expect("a sane value loads");
+    }
 
     #[test]
     fn defaults_are_the_seed() {

@@ -145,7 +145,7 @@ pub struct BreakerView {
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
     /// A stream or bucket could not be made ready.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// A durable consumer could not be created.
     #[error("could not create the mesh consumer {name}: {reason}")]
@@ -1203,15 +1203,19 @@ pub fn watch_limits(
     shutdown: CancellationToken,
 ) -> watch::Receiver<Arc<Limits>> {
     let (tx, rx) = watch::channel(Arc::new(Limits::default()));
+    // The limits are built in place and published once caught up with the bucket (`delta` 0):
+    // the replay at start is linear in the bucket's history, not a copy of the map per entry.
+    let mut limits = Limits::default();
     follow_kv(
         bucket,
         Watched::All,
         "the rate limits",
         shutdown,
         move |entry| {
-            let mut limits = Limits::clone(&tx.borrow());
             limits.apply(&entry);
-            tx.send_replace(Arc::new(limits));
+            if entry.delta == 0 {
+                tx.send_replace(Arc::new(limits.clone()));
+            }
         },
     );
     rx

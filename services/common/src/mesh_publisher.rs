@@ -126,6 +126,8 @@ impl MeshPublisher {
         self.stats.advisories.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut throttles = self.throttles.lock().unwrap_or_else(|p| p.into_inner());
+        // Expired throttles are forgotten, so the map holds only the types throttled now.
+        throttles.retain(|_, t| t.until > now);
         let entry = throttles.entry(event_type.to_owned()).or_insert(Throttle {
             interval: Duration::ZERO,
             next_slot: now,

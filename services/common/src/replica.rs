@@ -459,12 +459,30 @@ pub enum ReplicaEnd {
     /// The service failed (or panicked).
     #[error("{0}")]
     Failed(String),
+    /// The service could not start or keep running because NATS or JetStream did not answer
+    /// (a server still starting, a cluster without a JetStream leader yet): retried with
+    /// backoff, also on the first run.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Longest wait between two attempts at a replica that keeps finding JetStream unavailable.
+const MAX_UNAVAILABLE_BACKOFF: Duration = Duration::from_secs(30);
+
+/// True when `err` says that NATS or JetStream did not answer (a stream, bucket or consumer
+/// could not be made ready), as opposed to a broken configuration: such a start is retried.
+pub fn unavailable_cause(err: &(dyn std::error::Error + 'static)) -> bool {
+    err.is::<crate::streams::StoreError>()
+        || matches!(
+            err.downcast_ref::<crate::mesh::MeshError>(),
+            Some(crate::mesh::MeshError::Consumer { .. })
+        )
 }
 
 /// Runs one replica of a service: the [`guard`] alongside `service(token)`, the service
 /// stopping when the replica is quarantined or shut down. Returns
 /// [`ReplicaEnd::Quarantined`] when it quarantined itself.
-pub async fn run_guarded<F, Fut, E>(
+pub async fn run_guarded<F, Fut>(
     replica: Arc<Replica>,
     client: async_nats::Client,
     stats: Arc<ConnectionStats>,
@@ -473,8 +491,7 @@ pub async fn run_guarded<F, Fut, E>(
 ) -> Result<(), ReplicaEnd>
 where
     F: FnOnce(CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<(), ReplicaEnd>>,
 {
     let before = instances(&client, &replica.service).await;
     let guard = tokio::spawn(guard(replica.clone(), client, stats, narrator, before));
@@ -485,7 +502,7 @@ where
     if let Some(q) = replica.quarantined() {
         return Err(ReplicaEnd::Quarantined(q));
     }
-    result.map_err(|e| ReplicaEnd::Failed(e.to_string()))
+    result
 }
 
 /// Keeps one replica of `service` running until `shutdown`: `spawn(replica)` starts a run (a
@@ -495,7 +512,9 @@ where
 /// without, `replica_not_ready`, and the replica is quarantined and respawned again).
 ///
 /// A first run that fails before it was ever ready is not respawned: that is a broken
-/// configuration, not a failing replica; its error is returned.
+/// configuration, not a failing replica; its error is returned. One that ends
+/// [`ReplicaEnd::Unavailable`] (JetStream did not answer) is retried, first run included, after
+/// a delay doubling from `respawn_delay_s` up to 30 s, and each retry says why.
 pub async fn supervise<F>(
     service: &str,
     cfg: &ReplicasConfig,
@@ -508,6 +527,7 @@ where
 {
     let mut generation = 0u64;
     let mut why_respawned = String::new();
+    let mut unavailable = 0u32;
     loop {
         let replica = Replica::new(service, cfg, &shutdown);
         let mut run = spawn(replica.clone());
@@ -555,13 +575,42 @@ where
             return Ok(());
         }
         let was_ready = replica.lock().micro_id.is_some();
+        let mut delay = Duration::from_secs_f64(cfg.respawn_delay_s);
+        if let Ok(Err(ReplicaEnd::Unavailable(err))) = &ended {
+            unavailable += 1;
+            delay = (delay.max(Duration::from_millis(250)) * 2u32.saturating_pow(unavailable - 1))
+                .min(MAX_UNAVAILABLE_BACKOFF);
+            tracing::warn!(service, replica = %replica.id(), error = %err, retry_in_s = delay.as_secs_f64(), "cannot start yet: NATS or JetStream unavailable; retrying");
+            let n = narrator
+                .narrative(
+                    "replica_waiting",
+                    "supervisor: retry with backoff while JetStream is unavailable",
+                )
+                .why(format!("{} could not start: {err}", replica.id()))
+                .why(format!(
+                    "retried in {:.1} s (attempt {unavailable})",
+                    delay.as_secs_f64()
+                ))
+                .context(
+                    json!({"service": service, "replica_id": replica.id(), "attempt": unavailable}),
+                );
+            narrator.publish(n).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            continue;
+        }
+        unavailable = 0;
         let why = match ended {
             Ok(Ok(())) => "it stopped by itself".to_owned(),
             Ok(Err(ReplicaEnd::Quarantined(q))) => format!("it was quarantined ({})", q.reason),
             Ok(Err(ReplicaEnd::Failed(err))) if generation == 0 && !was_ready => {
                 return Err(err);
             }
-            Ok(Err(ReplicaEnd::Failed(err))) => format!("it failed: {err}"),
+            Ok(Err(ReplicaEnd::Failed(err) | ReplicaEnd::Unavailable(err))) => {
+                format!("it failed: {err}")
+            }
             Err(err) => format!("it crashed: {err}"),
         };
         generation += 1;

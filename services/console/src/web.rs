@@ -522,6 +522,15 @@ async fn render_region(
     }
 }
 
+/// A digest of a rendering (this process only: it compares a page's first rendering with its
+/// stream's).
+fn digest(html: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    html.hash(&mut h);
+    h.finish()
+}
+
 fn live_url(region: &Region) -> String {
     match region {
         Region::Overview => "/live/overview".into(),
@@ -549,7 +558,15 @@ async fn live_page(
         chrome: chrome(title, s, notice(done)),
         intro: intro.to_owned(),
         before,
-        live_url: live_url(&region),
+        live_url: match &region {
+            // The stream skips a first rendering equal to this one, so the page is not redrawn
+            // (and its buttons replaced) for nothing.
+            Region::Narratives(_) => live_url(&region),
+            r => {
+                let sep = if live_url(r).contains('?') { '&' } else { '?' };
+                format!("{}{sep}h={:x}", live_url(r), digest(&live))
+            }
+        },
         live,
     })
 }
@@ -656,6 +673,7 @@ struct LiveQuery {
     what: String,
     intent: String,
     since: String,
+    h: String,
 }
 
 async fn live(
@@ -685,7 +703,7 @@ async fn live(
     tokio::spawn(async move {
         match region {
             Region::Narratives(filter) => feed_narratives(task_state, s, filter, tx).await,
-            other => feed_region(task_state, s, other, tx).await,
+            other => feed_region(task_state, s, other, q.h, tx).await,
         }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
@@ -697,11 +715,13 @@ async fn live(
 }
 
 /// Feeds a request-backed region: renders it every `console.refresh_s` (and at once when a
-/// breaker or Layer 2 event arrives, for the overview) and sends it only when it changed.
+/// breaker or Layer 2 event arrives, for the overview) and sends it only when it changed (from
+/// the page's own first rendering, whose digest is `shown`, too).
 async fn feed_region(
     state: AppState,
     s: Arc<Session>,
     region: Region,
+    shown: String,
     tx: tokio::sync::mpsc::Sender<Event>,
 ) {
     let every = Duration::from_secs_f64(state.cfg.console.refresh_s);
@@ -720,9 +740,12 @@ async fn feed_region(
     };
     let mut last = String::new();
     let mut chain = ChainCheck::live();
+    let mut shown = u64::from_str_radix(&shown, 16).ok();
     loop {
         let html = render_region(&state, &s, &region, &mut chain).await;
-        if html != last {
+        if shown.take() == Some(digest(&html)) {
+            last = html;
+        } else if html != last {
             if tx.send(Event::default().data(html.clone())).await.is_err() {
                 break;
             }

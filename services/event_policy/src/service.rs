@@ -37,10 +37,10 @@ pub enum EventPolicyError {
     #[error("policy rules have errors, refusing to start:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Rules(Vec<crate::rules::RuleError>),
     /// A stream or bucket could not be made ready.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// The mesh consumer could not start.
-    #[error(transparent)]
+    #[error("{0}")]
     Mesh(#[from] MeshError),
     /// Registration with NATS micro failed.
     #[error("{0}")]

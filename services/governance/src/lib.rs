@@ -28,9 +28,14 @@
 //! - [`routing`]: the pure tier and alignment decision.
 //! - [`review`]: review items and decisions.
 //! - [`vote`]: proposals, the voting rules and the tally.
+//! - [`reconcile`]: the ledger of intent records left waiting, for the stranded-intent
+//!   reconciler (a record whose task, review item or proposal was never written is completed, or
+//!   failed clearly, within `governance.reconcile.window_s`).
+//! - [`retention`]: finished records expire after their retention.
 //! - [`service`]: the endpoints and the vote-deadline sweeper around them.
 
 pub mod identity;
+pub mod reconcile;
 pub mod retention;
 pub mod review;
 pub mod routing;

@@ -32,6 +32,8 @@ use crate::review::{ReviewDecision, ReviewItem, ReviewKind, Verdict};
 use crate::routing::{self, Route};
 use crate::vote::{Proposal, ProposalState, Tally, VoteRequest};
 
+mod stranded;
+
 /// Name under which the service registers (CONTRACT section 5).
 pub const SERVICE_NAME: &str = "governance";
 /// Error code of refused submissions (CONTRACT section 2).
@@ -45,7 +47,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum GovernanceError {
     /// A stream or bucket could not be made ready.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// Registration with NATS micro failed.
     #[error("{0}")]
@@ -78,6 +80,16 @@ pub struct Counters {
     pub storage_full: AtomicU64,
     /// Finished intent records removed after their retention.
     pub expired_records: AtomicU64,
+    /// Stranded intents whose missing task, review item or proposal the reconciler wrote.
+    pub reconciled: AtomicU64,
+    /// Stranded intents failed because their promise could not be kept within the window.
+    pub stranded_failed: AtomicU64,
+    /// Reconciler checks that failed (retried next pass).
+    pub reconcile_errors: AtomicU64,
+    /// Waiting records the reconciler tracks now (a gauge).
+    pub reconcile_tracked: AtomicU64,
+    /// Waiting records dropped untracked because the reconciler's ledger was full.
+    pub reconcile_evicted: AtomicU64,
 }
 
 impl Counters {
@@ -96,6 +108,11 @@ impl Counters {
             "internal_errors": get(&self.internal_errors),
             "storage_full": get(&self.storage_full),
             "expired_records": get(&self.expired_records),
+            "reconciled": get(&self.reconciled),
+            "stranded_failed": get(&self.stranded_failed),
+            "reconcile_errors": get(&self.reconcile_errors),
+            "reconcile_tracked": get(&self.reconcile_tracked),
+            "reconcile_evicted": get(&self.reconcile_evicted),
         })
     }
 }
@@ -171,6 +188,7 @@ pub async fn run(
     .map_err(GovernanceError::Register)?;
     tracker.spawn(sweep_votes(gov.clone(), shutdown.clone()));
     tracker.spawn(sweep_finished(gov.clone(), shutdown.clone()));
+    tracker.spawn(stranded::run(gov.clone(), shutdown.clone()));
     let telemetry_counters = gov.counters.clone();
     telemetry::spawn(
         client.clone(),
@@ -396,16 +414,25 @@ impl Governance {
         decode_submission(body, &self.cfg, sender)
     }
 
-    /// Refuses simulated work longer than `governance.max_work_ms` (it would hold a worker slot
-    /// that long).
+    /// Refuses simulated work longer than the intent type's `max_work_ms`, else
+    /// `governance.max_work_ms` (it would hold a worker slot that long).
     fn check_work(&self, intent: Intent) -> Result<Intent, ApiError> {
+        let (max, key) = match self
+            .cfg
+            .intent_types
+            .get(&intent.intent_type)
+            .and_then(|t| t.max_work_ms)
+        {
+            Some(max) => (
+                max,
+                format!("governance.intent_types.{}.max_work_ms", intent.intent_type),
+            ),
+            None => (self.cfg.max_work_ms, "governance.max_work_ms".to_owned()),
+        };
         match intent.payload.get("work_ms").and_then(Value::as_f64) {
-            Some(ms) if ms > self.cfg.max_work_ms as f64 => Err(ApiError::bad_request(
+            Some(ms) if ms > max as f64 => Err(ApiError::bad_request(
                 INVALID_INTENT,
-                format!(
-                    "payload.work_ms {ms} is above governance.max_work_ms = {}",
-                    self.cfg.max_work_ms
-                ),
+                format!("payload.work_ms {ms} is above {key} = {max}"),
             )),
             _ => Ok(intent),
         }
@@ -434,19 +461,35 @@ impl Governance {
         ))
     }
 
-    /// Re-performs the side effects an existing record's status implies; all are idempotent.
-    async fn redrive(&self, record: &IntentRecord) -> Result<(), ApiError> {
+    /// Re-performs the side effects an existing record's status implies; all are idempotent. The
+    /// names of those that were missing and are now written ("task", "review item", "proposal").
+    pub(crate) async fn redrive(
+        &self,
+        record: &IntentRecord,
+    ) -> Result<Vec<&'static str>, ApiError> {
         let intent = &record.intent;
         let tier = Tier::from_number(record.decision.autonomy_tier).unwrap_or(Tier::HumanRequired);
+        let mut repaired = Vec::new();
+        let mut note = |made: bool, what: &'static str| {
+            if made {
+                repaired.push(what);
+            }
+        };
         match record.status {
             IntentStatus::Queued => {
                 if let Some(kind) = review_record_kind(tier)
                     && record.review.is_none()
                 {
-                    self.ensure_review(ReviewItem::for_record(record, kind))
-                        .await?;
+                    note(
+                        self.ensure_review(ReviewItem::for_record(record, kind))
+                            .await?,
+                        "review item",
+                    );
                 }
-                self.enqueue(intent, record.decision.priority, tier).await
+                note(
+                    self.enqueue(intent, record.decision.priority, tier).await?,
+                    "task",
+                );
             }
             IntentStatus::PendingReview => {
                 let kind = if record.decision.status == IntentStatus::PendingVote {
@@ -456,18 +499,23 @@ impl Governance {
                 } else {
                     ReviewKind::LowAlignment
                 };
-                self.ensure_review(ReviewItem::for_record(record, kind))
-                    .await
+                note(
+                    self.ensure_review(ReviewItem::for_record(record, kind))
+                        .await?,
+                    "review item",
+                );
             }
-            IntentStatus::PendingVote => self.open_proposal(record).await,
-            _ => Ok(()),
+            IntentStatus::PendingVote => note(self.open_proposal(record).await?, "proposal"),
+            _ => {}
         }
+        Ok(repaired)
     }
 
     /// Puts `item` into the review queue unless an item for its intent is already there.
-    async fn ensure_review(&self, item: ReviewItem) -> Result<(), ApiError> {
+    /// True when it was missing and is now stored.
+    async fn ensure_review(&self, item: ReviewItem) -> Result<bool, ApiError> {
         match kvx::create_or_get(&self.reviews, &item.intent_id, &item).await {
-            Ok(_) => Ok(()),
+            Ok(existing) => Ok(existing.is_none()),
             Err(err) => Err(ApiError::unavailable(format!(
                 "intent {} was recorded but its review item could not be stored ({err}); resubmit it with the same intent_id to finish",
                 item.intent_id
@@ -475,8 +523,9 @@ impl Governance {
         }
     }
 
-    /// Puts the task of `intent` into the queue and waits for JetStream's acknowledgement.
-    async fn enqueue(&self, intent: &Intent, priority: u8, tier: Tier) -> Result<(), ApiError> {
+    /// Puts the task of `intent` into the queue and waits for JetStream's acknowledgement; false
+    /// when the queue already had it (the same intent id within its duplicate window).
+    async fn enqueue(&self, intent: &Intent, priority: u8, tier: Tier) -> Result<bool, ApiError> {
         let task = Task::for_intent(intent, priority, tier);
         let publish = PublishMessage::build()
             .payload(api::to_bytes(&task))
@@ -490,7 +539,7 @@ impl Governance {
                 .map_err(|e| e.to_string())
         };
         match tokio::time::timeout(self.timeout, ack).await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(ack)) => Ok(!ack.duplicate),
             Ok(Err(e)) => match streams::limit_refusal(streams::TASKS_STREAM, &e) {
                 Some(refusal) => Err(ApiError::new(
                     503,
@@ -850,7 +899,8 @@ impl Governance {
 
     // ---- unified logic vote -------------------------------------------------------------------
 
-    async fn open_proposal(&self, record: &IntentRecord) -> Result<(), ApiError> {
+    /// Opens (and announces) the proposal of `record`; true when it was not open yet.
+    async fn open_proposal(&self, record: &IntentRecord) -> Result<bool, ApiError> {
         let intent = &record.intent;
         let voters = &self.cfg.voters;
         let opened_ms = time::parse_ms(&record.decision.timestamp).unwrap_or_else(time::now_ms);
@@ -875,19 +925,22 @@ impl Governance {
         let existing = kvx::create_or_get(&self.proposals, &intent.intent_id, &proposal)
             .await
             .map_err(|e| self.incomplete(intent, e))?;
-        let announced = existing.map(|v| v.value).unwrap_or(proposal);
-        // Voters can also list open proposals, so a lost announcement is not a lost proposal.
+        if existing.is_some() {
+            // Announced when it was opened; voters can also list open proposals, so a lost
+            // announcement is not a lost proposal.
+            return Ok(false);
+        }
         let sent = bulwark_common::connect::publish_flushed(
             &self.client,
             subjects::proposal(&intent.intent_id),
-            api::to_bytes(&announced),
+            api::to_bytes(&proposal),
             self.timeout,
         )
         .await;
         if let Err(err) = sent {
             tracing::warn!(intent_id = %intent.intent_id, error = %err, "proposal announcement not sent");
         }
-        Ok(())
+        Ok(true)
     }
 
     /// One page of the proposals, oldest first, payloads summarised.

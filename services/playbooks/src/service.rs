@@ -43,7 +43,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum PlaybooksError {
     /// A stream or bucket is unavailable.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// The incident consumer could not be made.
     #[error("incident consumer: {0}")]
@@ -732,8 +732,11 @@ impl Service {
             let mut runs = self.lock_runs();
             let repeats = runs.active.remove(&key).map_or(0, |a| a.repeats);
             let cooldown = meta.cooldown_s * self.settings.time_scale;
+            let now = Instant::now();
+            // Cooldowns that ended are forgotten: the map holds only those running now.
+            runs.cooldown.retain(|_, (until, _)| *until > now);
             runs.cooldown
-                .insert(key, (Instant::now() + Duration::from_secs_f64(cooldown), 0));
+                .insert(key, (now + Duration::from_secs_f64(cooldown), 0));
             repeats
         };
         let (kind, what, counter) = match outcome.status {

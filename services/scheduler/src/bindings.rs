@@ -31,6 +31,14 @@ pub enum Heard {
         /// The user the id belongs to.
         owner: String,
     },
+    /// A new id from a user that already owns `max` ids: refused, so no user can grow the
+    /// scheduler's memory (pool, bindings, dead workers) with ever new ids.
+    OverLimit {
+        /// The sender.
+        user: String,
+        /// The most ids one user may own.
+        max: usize,
+    },
 }
 
 /// Why a report's sender may not report for its worker id.
@@ -52,20 +60,39 @@ pub enum NotYours {
 }
 
 /// Worker id -> owning NATS user.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Bindings {
     owners: HashMap<String, String>,
+    /// Ids bound per user.
+    owned: HashMap<String, usize>,
+    /// The most ids a heartbeat may bind to one user.
+    max_per_user: usize,
     narrated: HashSet<(String, String)>,
 }
 
+impl Default for Bindings {
+    fn default() -> Self {
+        Self::new(usize::MAX)
+    }
+}
+
 impl Bindings {
+    /// No bindings yet; a heartbeat binds at most `max_per_user` ids to one user.
+    pub fn new(max_per_user: usize) -> Self {
+        Self {
+            owners: HashMap::new(),
+            owned: HashMap::new(),
+            max_per_user,
+            narrated: HashSet::new(),
+        }
+    }
+
     /// Learns a binding from the registry (kept when the id is already bound in memory: the
-    /// first binding wins).
+    /// first binding wins). The registry's bindings are learned whatever their number.
     pub fn learn(&mut self, worker_id: &str, user: &str) {
-        if !user.is_empty() {
-            self.owners
-                .entry(worker_id.to_owned())
-                .or_insert_with(|| user.to_owned());
+        if !user.is_empty() && !self.owners.contains_key(worker_id) {
+            self.owners.insert(worker_id.to_owned(), user.to_owned());
+            *self.owned.entry(user.to_owned()).or_default() += 1;
         }
     }
 
@@ -88,14 +115,40 @@ impl Bindings {
                 user: user.to_owned(),
                 owner: owner.clone(),
             },
+            None if self.owned.get(user).copied().unwrap_or(0) >= self.max_per_user => {
+                Heard::OverLimit {
+                    user: user.to_owned(),
+                    max: self.max_per_user,
+                }
+            }
             None => {
                 self.owners.insert(worker_id.to_owned(), user.to_owned());
+                *self.owned.entry(user.to_owned()).or_default() += 1;
                 Heard::Owner {
                     user: user.to_owned(),
                     first: true,
                 }
             }
         }
+    }
+
+    /// Releases the ids bound to `user` whose workers are gone (`alive` says no): a user at its
+    /// limit makes room with them, so a pool restarted under new ids keeps working while no user
+    /// holds more than its limit. The released ids, for the caller to forget elsewhere.
+    pub fn release_departed(&mut self, user: &str, alive: impl Fn(&str) -> bool) -> Vec<String> {
+        let released: Vec<String> = self
+            .owners
+            .iter()
+            .filter(|(id, owner)| owner.as_str() == user && !alive(id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &released {
+            self.owners.remove(id);
+        }
+        if let Some(n) = self.owned.get_mut(user) {
+            *n = n.saturating_sub(released.len());
+        }
+        released
     }
 
     /// Whether `sender` may report for `worker_id`: a service always, an identity only for an
@@ -216,5 +269,46 @@ mod tests {
         assert_eq!(bounded_capacity(4, 16), Ok(4));
         assert_eq!(bounded_capacity(16, 16), Ok(16));
         assert_eq!(bounded_capacity(4_000_000_000, 16), Err(16));
+    }
+
+    #[test]
+    fn a_user_binds_at_most_its_limit_of_new_ids() {
+        let mut b = Bindings::new(2);
+        let w = as_user("worker");
+        assert!(matches!(
+            b.heartbeat("a", &w),
+            Heard::Owner { first: true, .. }
+        ));
+        assert!(matches!(
+            b.heartbeat("b", &w),
+            Heard::Owner { first: true, .. }
+        ));
+        assert_eq!(
+            b.heartbeat("c", &w),
+            Heard::OverLimit {
+                user: "worker".into(),
+                max: 2
+            }
+        );
+        // A departed id of its own makes room for a new one.
+        assert_eq!(
+            b.release_departed("worker", |id| id != "b"),
+            vec!["b".to_owned()]
+        );
+        assert!(matches!(
+            b.heartbeat("c", &w),
+            Heard::Owner { first: true, .. }
+        ));
+        assert!(matches!(b.heartbeat("d", &w), Heard::OverLimit { .. }));
+        // Its own ids still heartbeat; another user still binds.
+        assert!(matches!(
+            b.heartbeat("a", &w),
+            Heard::Owner { first: false, .. }
+        ));
+        let other = as_user("worker_b");
+        assert!(matches!(
+            b.heartbeat("e", &other),
+            Heard::Owner { first: true, .. }
+        ));
     }
 }

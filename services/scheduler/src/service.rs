@@ -68,7 +68,7 @@ const MAX_BODY: usize = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     /// A stream, consumer or bucket could not be made ready.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// A consumer could not be created.
     #[error("task queue consumer: {0}")]
@@ -100,6 +100,10 @@ struct Counters {
     impostors: AtomicU64,
     /// Heartbeats whose capacity claim was over `max_worker_capacity` and clamped.
     capacity_clamped: AtomicU64,
+    /// Dispatches put back because their submitting identity held its share of the slots.
+    identity_capped: AtomicU64,
+    /// Heartbeats refused because their user owns `max_worker_ids_per_user` ids already.
+    worker_ids_refused: AtomicU64,
 }
 
 impl Counters {
@@ -112,6 +116,8 @@ impl Counters {
             "dead_workers": get(&self.dead_workers), "errors": get(&self.errors),
             "fenced": get(&self.fenced), "forwarded": get(&self.forwarded),
             "impostors": get(&self.impostors), "capacity_clamped": get(&self.capacity_clamped),
+            "identity_capped": get(&self.identity_capped),
+            "worker_ids_refused": get(&self.worker_ids_refused),
         })
     }
 }
@@ -128,6 +134,8 @@ struct InFlight {
     attempt: u32,
     /// When the current assignment was made.
     assigned_at: Instant,
+    /// The NATS identity that submitted the intent (`None`: bulwark's own services).
+    submitter: Option<String>,
     /// The worker accepted the assignment (or reported on it): the queue message is kept from
     /// redelivery with progress acknowledgements. Until then redelivery after `ack_wait_s`
     /// sends the assignment again.
@@ -138,6 +146,32 @@ struct InFlight {
     /// [`PROGRESS_SPAN`] `ack_wait_s` after it, so the assignment is still sent again now and
     /// then (a worker that gave up its report runs the task again and reports).
     delivered_at: Instant,
+}
+
+/// The slots one submitting identity may hold at once: `share` of the pool's `capacity`, at
+/// least one.
+pub fn share_cap(capacity: u32, share: f64) -> usize {
+    ((f64::from(capacity) * share).floor() as usize).max(1)
+}
+
+/// A dispatch under way for an identity, counted against its share until the task is in
+/// `in_flight` (or the dispatch gave up): released on drop, whatever path the dispatch took.
+struct ShareClaim<'a> {
+    scheduler: &'a Scheduler,
+    who: Option<String>,
+}
+
+impl Drop for ShareClaim<'_> {
+    fn drop(&mut self) {
+        let Some(who) = self.who.take() else { return };
+        let mut st = self.scheduler.lock();
+        if let Some(n) = st.claiming.get_mut(&who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                st.claiming.remove(&who);
+            }
+        }
+    }
 }
 
 /// For how many `ack_wait_s` after a delivery a confirmed task is kept from redelivery.
@@ -165,6 +199,8 @@ struct State {
     bindings: Bindings,
     /// The last over-large capacity claim narrated per worker (narrated again when it changes).
     clamped: HashMap<String, u32>,
+    /// Dispatches under way per submitting identity, not yet in `in_flight` ([`ShareClaim`]).
+    claiming: HashMap<String, usize>,
 }
 
 impl State {
@@ -289,8 +325,9 @@ pub async fn run(
             last_dispatch_roll: Instant::now(),
             registered: HashMap::new(),
             declared_dead: HashSet::new(),
-            bindings: Bindings::default(),
+            bindings: Bindings::new(sc.max_worker_ids_per_user),
             clamped: HashMap::new(),
+            claiming: HashMap::new(),
         }),
         cfg: sc,
         js,
@@ -680,6 +717,34 @@ async fn watchdog(
 }
 
 impl Scheduler {
+    /// Claims one slot of `who`'s share (`scheduler.max_share_per_identity` of the pool) for a
+    /// dispatch under way; `None` when `who` holds its share already. bulwark's own services
+    /// (`who` = `None`) are not capped.
+    fn claim_share(&self, who: Option<&str>) -> Option<ShareClaim<'_>> {
+        let Some(who) = who else {
+            return Some(ShareClaim {
+                scheduler: self,
+                who: None,
+            });
+        };
+        let mut st = self.lock();
+        let cap = share_cap(st.pool.capacity(), self.cfg.max_share_per_identity);
+        let held = st
+            .in_flight
+            .values()
+            .filter(|f| f.submitter.as_deref() == Some(who))
+            .count()
+            + st.claiming.get(who).copied().unwrap_or(0);
+        if held >= cap {
+            return None;
+        }
+        *st.claiming.entry(who.to_owned()).or_default() += 1;
+        Some(ShareClaim {
+            scheduler: self,
+            who: Some(who.to_owned()),
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A poisoned lock means a panic while holding it; the state is still usable.
         self.state
@@ -796,7 +861,7 @@ impl Scheduler {
             return self.dead_letter(&msg.subject, &msg.payload, &reason).await;
         }
         let sender = identity::sender(msg.headers.as_ref());
-        let heard = self.lock().bindings.heartbeat(&hb.worker_id, &sender);
+        let heard = self.bind(&hb.worker_id, &sender);
         let (user, first_binding) = match heard {
             Heard::Service => (None, false),
             Heard::Owner { user, first } => (Some(user), first),
@@ -808,6 +873,16 @@ impl Scheduler {
                     "heartbeat of {:?} from NATS user {user:?}, but worker id {:?} is bound to user {owner:?}",
                     hb.worker_id, hb.worker_id
                 );
+                return self
+                    .send_dead_letter(&msg.subject, &msg.payload, &reason)
+                    .await;
+            }
+            Heard::OverLimit { user, max } => {
+                let reason = format!(
+                    "heartbeat of {:?} from NATS user {user:?}, which already owns {max} worker ids (scheduler.max_worker_ids_per_user)",
+                    hb.worker_id
+                );
+                self.refuse_new_id(&hb.worker_id, &user, &reason).await;
                 return self
                     .send_dead_letter(&msg.subject, &msg.payload, &reason)
                     .await;
@@ -871,6 +946,60 @@ impl Scheduler {
             ))
             .why("refused: a worker cannot heartbeat or report under another credential's worker id")
             .context(json!({"worker_id": worker_id, "user": user, "owner": owner, "what": what}));
+        self.narrator.publish(n).await;
+    }
+
+    /// Judges the sender of a heartbeat for `worker_id`; a user at its limit of ids first
+    /// releases those of its workers that are gone (forgotten here and in the registry).
+    fn bind(&self, worker_id: &str, sender: &Sender) -> Heard {
+        let mut st = self.lock();
+        let heard = st.bindings.heartbeat(worker_id, sender);
+        let Heard::OverLimit { user, .. } = &heard else {
+            return heard;
+        };
+        let State { bindings, pool, .. } = &mut *st;
+        let released = bindings.release_departed(user, |id| pool.contains(id));
+        if released.is_empty() {
+            return heard;
+        }
+        for id in &released {
+            st.declared_dead.remove(id);
+            st.clamped.remove(id);
+            st.registered.remove(id);
+        }
+        let heard = st.bindings.heartbeat(worker_id, sender);
+        drop(st);
+        tracing::info!(
+            ?released,
+            "worker ids of departed workers released to make room"
+        );
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            for id in released {
+                if let Err(err) = registry.forget(&id, None).await {
+                    tracing::warn!(worker_id = %id, error = %err, "worker registry: released id not removed");
+                }
+            }
+        });
+        heard
+    }
+
+    /// Counts a heartbeat refused because its user owns as many worker ids as it may; narrates
+    /// the first refusal of each user.
+    async fn refuse_new_id(&self, worker_id: &str, user: &str, reason: &str) {
+        self.counters
+            .worker_ids_refused
+            .fetch_add(1, Ordering::Relaxed);
+        if !self.lock().bindings.first_refusal("", user) {
+            return;
+        }
+        tracing::warn!(worker_id, user, "{reason}: refused");
+        let n = self
+            .narrator
+            .narrative("worker_id_refused", "scheduler.max_worker_ids_per_user")
+            .why(reason.to_owned())
+            .why("refused: one NATS user may not grow the pool, the bindings and the dead-worker memory with ever new ids")
+            .context(json!({"worker_id": worker_id, "user": user}));
         self.narrator.publish(n).await;
     }
 
@@ -1212,6 +1341,16 @@ impl Scheduler {
                 return;
             }
         }
+        // One identity holds at most its share of the slots: the rest of its tasks wait their
+        // turn in the queue while other identities' tasks run.
+        let Some(_claim) = self.claim_share(record.submitted_by.as_deref()) else {
+            self.lock().pool.release(&worker_id, None);
+            self.counters
+                .identity_capped
+                .fetch_add(1, Ordering::Relaxed);
+            nak(&msg, RETRY_DELAY).await;
+            return;
+        };
         let now = time::now();
         let assigned = worker_id.clone();
         let moved = self
@@ -1263,6 +1402,7 @@ impl Scheduler {
                     fence,
                     attempt,
                     assigned_at: Instant::now(),
+                    submitter: record.submitted_by.clone(),
                     confirmed: false,
                     progress_at: Instant::now(),
                     delivered_at: Instant::now(),
@@ -1323,6 +1463,7 @@ impl Scheduler {
                     fence: a.fence,
                     attempt: a.attempt,
                     assigned_at: Instant::now(),
+                    submitter: record.submitted_by.clone(),
                     confirmed: false,
                     progress_at: Instant::now(),
                     delivered_at: Instant::now(),

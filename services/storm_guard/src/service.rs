@@ -65,7 +65,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum StormGuardError {
     /// A stream or bucket could not be made ready.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// The breaker record could not be read or created.
     #[error("breaker record: {0}")]

@@ -174,6 +174,9 @@ pub struct Rules {
     pub hold_grace: Duration,
     /// Fraction of a storage limit that raises `storage_near_limit`.
     pub storage_alert_ratio: f64,
+    /// For this long after the watchdog starts, a service that has never answered a ping is
+    /// `starting`, not critical: a stack just brought up registers its services in any order.
+    pub startup_grace: Duration,
 }
 
 /// The storm guard's breaker figures, as its telemetry publishes them.
@@ -199,6 +202,8 @@ struct View {
     instances: Option<usize>,
     /// It answered a ping or published telemetry at least once.
     seen: bool,
+    /// It answered a ping at least once.
+    answered: bool,
 }
 
 /// A condition whose alert is out.
@@ -290,6 +295,7 @@ impl Watch {
             let n = answering.get(name).copied().unwrap_or(0);
             view.instances = Some(n);
             view.seen |= n > 0;
+            view.answered |= n > 0;
         }
         self.readiness = readiness;
         let sla = self
@@ -403,6 +409,20 @@ impl Watch {
         Some(self.views.get(name).and_then(|v| v.instances).unwrap_or(0))
     }
 
+    /// True once every required service has answered a ping.
+    pub fn all_required_answered(&self) -> bool {
+        self.rules
+            .required
+            .iter()
+            .all(|name| self.views.get(name).is_some_and(|v| v.answered))
+    }
+
+    /// True while `name` has never answered a ping and the watchdog is in its startup grace.
+    fn starting(&self, name: &str, now: Instant) -> bool {
+        now < self.started + self.rules.startup_grace
+            && !self.views.get(name).is_some_and(|v| v.answered)
+    }
+
     /// Every condition that holds at `now`.
     pub fn conditions(&self, now: Instant) -> Vec<Condition> {
         let mut out = Vec::new();
@@ -434,7 +454,7 @@ impl Watch {
                     _ => {}
                 }
             }
-            if self.answering(name) == Some(0) {
+            if self.answering(name) == Some(0) && !self.starting(name, now) {
                 why.push(format!("{name} does not answer $SRV.PING.{name}"));
             }
             if why.is_empty() {
@@ -470,7 +490,8 @@ impl Watch {
                     format!("HTM queue depth {depth} is above the warning threshold {warn}"),
                 ));
             }
-            if htm["active_workers"].as_u64() == Some(0) {
+            // Workers not yet seen by the scheduler on a stack just started are starting.
+            if htm["active_workers"].as_u64() == Some(0) && !self.starting(WORKERS, now) {
                 out.push(cond(
                     HTM,
                     "no_workers",
@@ -650,7 +671,9 @@ impl Watch {
             let telemetry = self.views.get(source).and_then(|v| v.telemetry.as_ref());
             let mut entry = json!({
                 "ready": ready,
-                "health": if telemetry.is_none() && self.answering(source).is_none_or(|n| n == 0) && mine.is_empty() {
+                "health": if mine.is_empty() && self.starting(source, now) && !matches!(source, HTM | WORKERS) {
+                    "starting"
+                } else if telemetry.is_none() && self.answering(source).is_none_or(|n| n == 0) && mine.is_empty() {
                     "unknown"
                 } else {
                     health.as_str()
@@ -805,6 +828,7 @@ mod tests {
                 .to_vec(),
             hold_grace: S,
             storage_alert_ratio: 0.8,
+            startup_grace: 10 * S,
         }
     }
 
@@ -978,6 +1002,8 @@ mod tests {
     fn zero_workers_is_critical() {
         let mut s = Stack::new();
         s.htm["active_workers"] = json!(0);
+        // Workers never seen are `starting` during the startup grace (10 s here), then critical.
+        assert!(s.run(6).is_empty());
         let alerts = s.run(6);
         assert_eq!(
             summary(&alerts),
@@ -1124,14 +1150,46 @@ mod tests {
     }
 
     #[test]
-    fn a_required_service_never_seen_is_not_answering() {
+    fn a_required_service_never_seen_is_starting_then_not_answering() {
         let t0 = Instant::now();
         let mut w = Watch::new(rules(), t0);
         assert_eq!(w.report(t0)["all_ready"], false);
-        w.sweep(&BTreeMap::new(), None, t0 + S);
+        // Within the startup grace: starting, not critical (a fresh stack registers in any
+        // order).
+        let alerts = w.sweep(&BTreeMap::new(), None, t0 + S);
+        assert!(alerts.is_empty(), "{alerts:?}");
         let report = w.report(t0 + S);
+        assert_ne!(report["overall_health"], "critical", "{report:#}");
+        assert_eq!(
+            report["components"][SCHEDULER]["health"], "starting",
+            "{report:#}"
+        );
+        assert_eq!(report["components"][SCHEDULER]["ready"], false);
+        // After it: critical.
+        w.sweep(&BTreeMap::new(), None, t0 + 11 * S);
+        let report = w.report(t0 + 11 * S);
         assert_eq!(report["overall_health"], "critical", "{report:#}");
         assert_eq!(report["components"][SCHEDULER]["responding"], false);
+    }
+
+    #[test]
+    fn a_service_that_answered_once_is_never_starting_again() {
+        let t0 = Instant::now();
+        let mut w = Watch::new(rules(), t0);
+        let all: BTreeMap<String, usize> = ["governance", SCHEDULER, STORM_GUARD, EVENT_POLICY]
+            .iter()
+            .map(|n| (n.to_string(), 1))
+            .collect();
+        w.sweep(&all, None, t0 + S);
+        assert!(w.all_required_answered());
+        let mut gone = all.clone();
+        gone.insert(SCHEDULER.to_owned(), 0);
+        w.sweep(&gone, None, t0 + 2 * S);
+        let report = w.report(t0 + 2 * S);
+        assert_eq!(
+            report["components"][SCHEDULER]["health"], "critical",
+            "{report:#}"
+        );
     }
 
     #[test]

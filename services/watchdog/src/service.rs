@@ -41,10 +41,10 @@ const THROTTLE_FOR: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum WatchdogError {
     /// The narrative or mesh stream could not be made ready.
-    #[error(transparent)]
+    #[error("{0}")]
     Store(#[from] streams::StoreError),
     /// The mesh publisher could not follow throttle advisories.
-    #[error(transparent)]
+    #[error("{0}")]
     Publisher(#[from] PublishError),
     /// Registration with NATS micro or a subscription failed.
     #[error("{0}")]
@@ -140,6 +140,7 @@ pub fn rules(cfg: &BulwarkConfig) -> Rules {
         required: w.required_services.clone(),
         hold_grace: Duration::from_secs_f64(cfg.telemetry.interval_s.max(0.1)),
         storage_alert_ratio: w.storage_alert_ratio,
+        startup_grace: Duration::from_secs_f64(2.0 * w.check_interval_s),
     }
 }
 
@@ -203,11 +204,15 @@ pub async fn run(
         replica_sub,
         shutdown.clone(),
     ));
-    // One sweep before the report is served, so no report speaks before a ping went out.
+    // One sweep before the report is served, so no report speaks before a ping went out; then
+    // sweeps every second until every required service has answered (a stack just brought up
+    // registers its services in any order), then every check_interval_s.
     sweep(&watchdog).await;
+    let every = Duration::from_secs_f64(cfg.watchdog.check_interval_s);
     tracker.spawn(sweep_loop(
         watchdog.clone(),
-        Duration::from_secs_f64(cfg.watchdog.check_interval_s),
+        every,
+        2 * every,
         shutdown.clone(),
     ));
 
@@ -301,7 +306,22 @@ async fn read_telemetry(
     }
 }
 
-async fn sweep_loop(w: Arc<Watchdog>, every: Duration, shutdown: CancellationToken) {
+async fn sweep_loop(
+    w: Arc<Watchdog>,
+    every: Duration,
+    startup: Duration,
+    shutdown: CancellationToken,
+) {
+    let quick = Duration::from_secs(1).min(every);
+    let until = tokio::time::Instant::now() + startup;
+    while tokio::time::Instant::now() < until && !w.lock().all_required_answered() {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(quick) => {}
+        }
+        sweep(&w).await;
+    }
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
