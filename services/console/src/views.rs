@@ -475,9 +475,13 @@ pub fn overview(
         Ok(s) => {
             let b = &s["breaker"];
             view.breaker_state = text(&b["state"]);
+            // A breaker never moved reports the epoch as its start.
+            let since = match text(&b["since"]) {
+                t if t.starts_with("1970-01-01") => "never moved".to_owned(),
+                t => format!("since {t}"),
+            };
             view.breaker_detail = format!(
-                "since {}; {} events in the window (threshold {} per {} s); opened {} time(s)",
-                text(&b["since"]),
+                "{since}; {} events in the window (threshold {} per {} s); opened {} time(s)",
                 text(&b["event_count"]),
                 text(&b["threshold"]),
                 text(&b["window_s"]),
