@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 mod clarity;
+mod console;
 mod mesh;
 mod pipeline;
 mod playbooks;
@@ -47,6 +48,8 @@ enum Bench {
     Clarity,
     /// Playbooks: incident to first step vs a raw JetStream relay; sandboxed runs vs bare Rhai.
     Playbooks,
+    /// Console: page render p50/p99 with 10,000 intents stored vs the raw request behind a page.
+    Console,
 }
 
 #[tokio::main]
@@ -60,6 +63,7 @@ async fn main() -> anyhow::Result<()> {
         Bench::Pipeline => pipeline::run(args.smoke).await,
         Bench::Clarity => clarity::run(args.smoke).await,
         Bench::Playbooks => playbooks::run(args.smoke).await,
+        Bench::Console => console::run(args.smoke).await,
     }
 }
 

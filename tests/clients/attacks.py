@@ -22,6 +22,8 @@ Attacks:
                                the review list larger than the server carries
   hog-slots COUNT WORK_MS      submits COUNT intents of WORK_MS of work each (hog-0, hog-1, ...),
                                to hold every worker slot
+  read-notify-log              asks the notify service's delivery log (notify.log: webhook names,
+                               undelivered bodies), which only the operator may read
 """
 import asyncio
 import json
@@ -189,7 +191,18 @@ async def vote_as(nc, errors, args):
     return {"answers": answers, "errors": errors}
 
 
+async def read_notify_log(nc, errors, _args):
+    try:
+        reply = await nc.request("notify.log", b"{}", timeout=3)
+        answered, body = True, json.loads(reply.data)
+    except Exception as e:  # a refused publish is silence, then a timeout
+        answered, body = False, str(e)
+    await asyncio.sleep(0.3)
+    return {"answered": answered, "reply": body, "errors": errors}
+
+
 ATTACKS = {
+    "read-notify-log": read_notify_log,
     "vote-as": vote_as,
     "claims": claims,
     "flood-reviews": flood_reviews,

@@ -609,6 +609,12 @@ pub async fn start_playbooks(mut cfg: BulwarkConfig) -> RunningService {
     start_service("playbooks", cfg, bulwark_playbooks::run).await
 }
 
+/// Starts the notify service (webhooks, `notify.log`) with `cfg` and waits until it answers
+/// `$SRV.INFO`.
+pub async fn start_notify(cfg: BulwarkConfig) -> RunningService {
+    start_service("notify", cfg, bulwark_console::notify::run).await
+}
+
 /// Sends a JSON request and returns the reply's JSON and its micro error code header, if any.
 pub async fn request_json(
     client: &async_nats::Client,

@@ -34,6 +34,14 @@ pub enum Command {
         /// The service to run.
         service: ServiceName,
     },
+    /// Serve the web console (console.listen) for a running bulwark; Ctrl-C stops.
+    Console,
+    /// Webhook notifications: the delivery log.
+    Notify {
+        /// What to do.
+        #[command(subcommand)]
+        action: NotifyAction,
+    },
     /// Submit intents and read their status.
     Intent {
         /// What to do with intents.
@@ -105,7 +113,10 @@ pub enum Command {
 impl Command {
     /// True for the long-running commands (they log at info by default).
     pub fn is_service(&self) -> bool {
-        matches!(self, Command::Up { .. } | Command::Serve { .. })
+        matches!(
+            self,
+            Command::Up { .. } | Command::Serve { .. } | Command::Console
+        )
     }
 }
 
@@ -134,6 +145,8 @@ pub enum ServiceName {
     Watchdog,
     /// Playbooks: incidents start sandboxed Rhai remediation scripts.
     Playbooks,
+    /// Notifications: webhooks for reviews, votes, Layer 2 alerts, playbooks and the breaker.
+    Notify,
 }
 
 /// Schedule subcommands.
@@ -237,6 +250,26 @@ pub enum ReviewAction {
         /// Why.
         #[arg(long, default_value = "")]
         reason: String,
+    },
+}
+
+/// Notify subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NotifyAction {
+    /// The newest deliveries (oldest first): webhook, kind, outcome, attempts, last error.
+    Log {
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u64,
+        /// Only this kind (review_pending, breaker_opened, ...).
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only this outcome (delivered, dead_letter).
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Print the raw reply.
+        #[arg(long)]
+        json: bool,
     },
 }
 

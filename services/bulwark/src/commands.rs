@@ -25,6 +25,16 @@ pub async fn dispatch(
     match command {
         Command::Up { workers } => up::up(cfg, url_given, workers).await,
         Command::Serve { service } => up::serve(service, cfg).await,
+        Command::Console => crate::console::run(cfg).await,
+        Command::Notify {
+            action:
+                crate::cli::NotifyAction::Log {
+                    limit,
+                    kind,
+                    outcome,
+                    json,
+                },
+        } => crate::console::notify_log(&cfg, limit, kind, outcome, json).await,
         Command::Intent {
             action:
                 IntentAction::Submit {

@@ -6,6 +6,7 @@ mod backup;
 mod chaos;
 mod cli;
 mod commands;
+mod console;
 mod metrics;
 mod narratives;
 mod nats_server;

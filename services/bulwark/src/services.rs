@@ -22,6 +22,7 @@ impl ServiceName {
             ServiceName::HtmPool => bulwark_worker::pool::SERVICE_NAME,
             ServiceName::Watchdog => bulwark_watchdog::SERVICE_NAME,
             ServiceName::Playbooks => bulwark_playbooks::SERVICE_NAME,
+            ServiceName::Notify => bulwark_console::notify::SERVICE_NAME,
         }
     }
 
@@ -49,6 +50,7 @@ impl ServiceName {
             ServiceName::Playbooks => {
                 "playbook.run|list|check|reload; incidents start playbooks/*.rhai"
             }
+            ServiceName::Notify => "notify.log; webhooks of [notify] (reviews, votes, alerts)",
         }
     }
 
@@ -62,6 +64,7 @@ impl ServiceName {
             ServiceName::Scheduler,
             ServiceName::Watchdog,
             ServiceName::Playbooks,
+            ServiceName::Notify,
         ]
     }
 }
@@ -142,6 +145,7 @@ async fn run_service(
         }
         ServiceName::Watchdog => bulwark_watchdog::run(cfg, client, shutdown).await?,
         ServiceName::Playbooks => bulwark_playbooks::run(cfg, client, shutdown).await?,
+        ServiceName::Notify => bulwark_console::notify::run(cfg, client, shutdown).await?,
     }
     Ok(())
 }

@@ -59,6 +59,7 @@ pub async fn up(
     }
     let (probe, _probe_stats) = connect::connect(&cfg.nats, "bulwark-up", Role::Service).await?;
     start_metrics(&cfg, probe.clone(), shutdown.clone()).await;
+    let console = crate::console::start(&cfg, shutdown.clone()).await;
     let mut failed = false;
     let mut all_ready = true;
     wait_services(&probe, &mut running, &shutdown, &mut failed).await;
@@ -109,6 +110,9 @@ pub async fn up(
     if drained.is_err() {
         eprintln!("bulwark: services did not stop within {SHUTDOWN_GRACE:?}");
         failed = true;
+    }
+    if let Some(console) = console {
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, console).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), probe.drain()).await;
     if let Some(server) = local {

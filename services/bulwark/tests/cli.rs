@@ -243,7 +243,7 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
     std::fs::write(dir.path().join("nats.conf"), conf).expect("write conf");
     std::fs::write(
         dir.path().join("bulwark.toml"),
-        "[up]\nnats_conf = \"nats.conf\"\n",
+        "[up]\nnats_conf = \"nats.conf\"\n[console]\nlisten = \"127.0.0.1:0\"\n",
     )
     .expect("write config");
     let url = format!("nats://127.0.0.1:{port}");
@@ -278,6 +278,11 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
         "{transcript}"
     );
     assert!(transcript.contains("ready  governance"), "{transcript}");
+    assert!(transcript.contains("ready  notify"), "{transcript}");
+    assert!(
+        transcript.contains("console  http://127.0.0.1:"),
+        "the console's address is printed: {transcript}"
+    );
     assert!(
         transcript.contains(&format!("bulwark: up on {url}")),
         "{transcript}"
@@ -316,6 +321,22 @@ async fn up_starts_its_own_nats_server_serves_and_stops_cleanly() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout_json(&out)["status"], "queued");
+
+    // The notify service answers the operator's delivery log (no webhook configured: empty).
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["notify", "log", "--json", "--nats-url", &url])
+        .current_dir(dir.path())
+        .output()
+        .await
+        .expect("notify log runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = stdout_json(&out);
+    assert_eq!(log["deliveries"], serde_json::json!([]), "{log}");
+    assert_eq!(log["counters"]["webhooks"], 0, "{log}");
 
     // SIGTERM: clean stop, exit 0, and the nats-server it started is gone.
     let pid = up.id().expect("pid").to_string();

@@ -66,6 +66,10 @@ pub struct BulwarkConfig {
     /// Schedules by name (`[schedules.<name>]`, docs/actions.md#schedules): an intent submitted
     /// on a cron expression's times, as a named actor, through the normal intake.
     pub schedules: BTreeMap<String, crate::schedule::ScheduleConfig>,
+    /// The web console for the people in the loop.
+    pub console: crate::console_config::ConsoleConfig,
+    /// Webhook notifications for the people in the loop.
+    pub notify: crate::console_config::NotifyConfig,
 }
 
 /// The playbooks service: the scripts' folder, the sandbox's limits, run pacing.
@@ -361,6 +365,8 @@ impl BulwarkConfig {
             .map_err(ConfigError::Inconsistent)?;
         crate::action::validate_all(&self.actions).map_err(ConfigError::Inconsistent)?;
         crate::schedule::validate_all(&self.schedules).map_err(ConfigError::Inconsistent)?;
+        self.console.validate().map_err(ConfigError::Inconsistent)?;
+        self.notify.validate().map_err(ConfigError::Inconsistent)?;
         if self.up.replicas == 0 {
             return bad("up.replicas must be at least 1".into());
         }

@@ -20,6 +20,7 @@
 //! - [`nats_server`]: finding the nats-server binary (`bulwark up`, tests).
 //! - [`micro`]: NATS micro versioning, readiness and discovery.
 //! - [`connect`]: connecting with timeouts, reconnects and an event callback that surfaces errors.
+//! - [`console_config`]: the `[console]` and `[notify]` sections (the web console, webhooks).
 //! - [`config`]: `bulwark.toml`, overridable by `BULWARK_...` environment variables.
 //! - [`kv`]: compare-and-set updates on KV entries.
 //! - [`lease`]: leader leases with fencing tokens for single-actor duties among replicas.
@@ -33,6 +34,7 @@ pub mod api;
 pub mod backup;
 pub mod config;
 pub mod connect;
+pub mod console_config;
 pub mod cron;
 pub mod envelope;
 pub mod htm;

@@ -317,6 +317,10 @@ pub const PLAYBOOK_RELOAD: &str = "playbook.reload";
 /// section 1).
 pub const PLAYBOOK_EVENT_PREFIX: &str = "playbook";
 
+/// The notify service's delivery log: request `{limit?, kind?, outcome?}`, reply
+/// `{"deliveries": [...], "pending", "counters"}` (docs/console.md).
+pub const NOTIFY_LOG: &str = "notify.log";
+
 #[cfg(test)]
 mod tests {
     use super::*;
