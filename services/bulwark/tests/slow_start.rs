@@ -1,8 +1,8 @@
 //! `bulwark up` against a JetStream that answers only after a delay (issue 15, item 2): a
 //! three-node cluster of which one node runs, so JetStream has no leader and every stream and
 //! bucket request times out, exactly what a user starting a cluster by hand sees first. The
-//! services retry with backoff and say so; once a second node joins, they start, and `bulwark up`
-//! reports itself up. Before, the first `JetStream ... is not available: jetstream request timed
+//! services retry with backoff and say so; once the other nodes join, they start, and `bulwark
+//! up` reports itself up. Before, the first `JetStream ... is not available: jetstream request timed
 //! out` stopped the whole `bulwark up`.
 
 use std::sync::{Arc, Mutex};
@@ -81,8 +81,11 @@ async fn up_waits_for_a_jetstream_that_answers_late_and_then_serves() {
         text(&stderr)
     );
 
-    // A second node joins: JetStream elects a leader, the services start, bulwark is up.
+    // The other nodes join: JetStream elects a leader and can place three replicas (with one
+    // node still missing, a new R3 stream answers `stream is offline`, also retried), the
+    // services start, bulwark is up.
     cluster.restart(1).await;
+    cluster.restart(2).await;
     let came_up = tokio::time::timeout(Duration::from_secs(180), async {
         while !any(&stdout, |l| l.contains("bulwark: up on")) {
             tokio::time::sleep(Duration::from_millis(200)).await;
