@@ -6,12 +6,10 @@
 //! the breaker for everyone.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use bulwark_common::mesh::{ConsumerStats, Delivery, IdentityLimit, MeshConsumer};
-use bulwark_common::narrative::Narrator;
+use bulwark_common::mesh::IdentityLimit;
 use bulwark_common::{BulwarkConfig, streams, subjects};
 use bulwark_tests::*;
 use futures::StreamExt;
@@ -20,41 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 const PATIENCE: Duration = Duration::from_secs(90);
 const FLOOD: usize = 600;
-
-/// What a checker built on the project's mesh consumer handled, in order: (source, type, delivery).
-type Seen = Arc<Mutex<Vec<(String, String, Delivery)>>>;
-
-fn checker(
-    js: jetstream::Context,
-    cfg: &BulwarkConfig,
-    token: &CancellationToken,
-) -> (Seen, tokio::task::JoinHandle<Arc<ConsumerStats>>) {
-    let seen: Seen = Arc::default();
-    let record = seen.clone();
-    let cfg = cfg.mesh.clone();
-    let token = token.clone();
-    let handle = tokio::spawn(async move {
-        let narrator = Narrator::new(js.clone(), "checker", "checker@test");
-        let consumer = MeshConsumer::start(js, &cfg, "checker", narrator, &token)
-            .await
-            .expect("checker consumer starts");
-        let stats = consumer.stats();
-        consumer
-            .run(token, move |event, delivery| {
-                let record = record.clone();
-                async move {
-                    record
-                        .lock()
-                        .expect("lock")
-                        .push((event.source, event.event_type, delivery));
-                    Ok(())
-                }
-            })
-            .await;
-        stats
-    });
-    (seen, handle)
-}
 
 /// Runs `tests/clients/mesh_flood.py` as the anonymous agent; its JSON line.
 async fn flood(server: &NatsServer, count: usize, subjects: usize, seconds: f64) -> Value {
@@ -133,7 +96,7 @@ async fn a_flooding_agent_is_limited_alone_and_its_events_are_handled_once_after
         .expect("sub");
     let _guard = start_storm_guard(cfg.clone()).await;
     let token = CancellationToken::new();
-    let (seen, checker_task) = checker(js.clone(), &cfg, &token);
+    let (seen, checker_task) = mesh_checker(js.clone(), &cfg, &token, |e| e.source.clone());
     wait_for_checker(&js).await;
 
     let result = flood(&server, FLOOD, 50, 3.0).await;

@@ -7,12 +7,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
-use bulwark_common::mesh::{BreakerState, Delivery, MeshConsumer};
-use bulwark_common::narrative::Narrator;
+use bulwark_common::mesh::BreakerState;
 use bulwark_common::{BulwarkConfig, streams, subjects};
 use bulwark_tests::*;
 use futures::StreamExt;
@@ -127,44 +125,6 @@ fn event(event_type: &str, source: &str, correlation_id: &str, payload: Value) -
     )
 }
 
-/// What a checker built on the project's mesh consumer saw: event id -> deliveries.
-type Seen = Arc<Mutex<Vec<(String, String, Delivery)>>>;
-
-fn checker(
-    js: jetstream::Context,
-    cfg: &BulwarkConfig,
-    token: &CancellationToken,
-) -> (
-    Seen,
-    tokio::task::JoinHandle<Arc<bulwark_common::mesh::ConsumerStats>>,
-) {
-    let seen: Seen = Arc::default();
-    let record = seen.clone();
-    let cfg = cfg.mesh.clone();
-    let token = token.clone();
-    let handle = tokio::spawn(async move {
-        let narrator = Narrator::new(js.clone(), "checker", "checker@test");
-        let consumer = MeshConsumer::start(js, &cfg, "checker", narrator, &token)
-            .await
-            .expect("checker consumer starts");
-        let stats = consumer.stats();
-        consumer
-            .run(token, move |event, delivery| {
-                let record = record.clone();
-                async move {
-                    record
-                        .lock()
-                        .expect("lock")
-                        .push((event.event_id, event.event_type, delivery));
-                    Ok(())
-                }
-            })
-            .await;
-        stats
-    });
-    (seen, handle)
-}
-
 async fn next_json(sub: &mut async_nats::Subscriber, what: &str) -> (String, Value) {
     let msg = tokio::time::timeout(PATIENCE, sub.next())
         .await
@@ -199,7 +159,7 @@ async fn a_flood_trips_storm_and_breaker_and_every_held_event_is_processed_once(
         .expect("sub");
     let _guard = start_storm_guard(cfg.clone()).await;
     let token = CancellationToken::new();
-    let (seen, checker_task) = checker(s.js.clone(), &cfg, &token);
+    let (seen, checker_task) = mesh_checker(s.js.clone(), &cfg, &token, |e| e.event_id.clone());
     // The checker's consumer exists before the flood (it then reads from the start).
     eventually(PATIENCE, "the checker consumer", || async {
         let stream = s.js.get_stream(streams::MESH_STREAM).await.ok()?;

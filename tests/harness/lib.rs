@@ -710,6 +710,51 @@ pub async fn stored_narratives(
     out
 }
 
+/// What a checker built on the project's mesh consumer handled, in order:
+/// (the field it keeps of each event, the event type, the delivery).
+pub type SeenEvents =
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String, bulwark_common::mesh::Delivery)>>>;
+
+/// A consumer of the mesh built on the project's `MeshConsumer` (so it obeys the breaker and the
+/// limits like bulwark's own), recording `keep(event)`, the type and the delivery of every
+/// event it handles, until `token`; its stats at the end.
+pub fn mesh_checker(
+    js: async_nats::jetstream::Context,
+    cfg: &BulwarkConfig,
+    token: &CancellationToken,
+    keep: fn(&bulwark_common::envelope::MeshEvent) -> String,
+) -> (
+    SeenEvents,
+    tokio::task::JoinHandle<std::sync::Arc<bulwark_common::mesh::ConsumerStats>>,
+) {
+    let seen: SeenEvents = std::sync::Arc::default();
+    let record = seen.clone();
+    let cfg = cfg.mesh.clone();
+    let token = token.clone();
+    let handle = tokio::spawn(async move {
+        let narrator = bulwark_common::Narrator::new(js.clone(), "checker", "checker@test");
+        let consumer =
+            bulwark_common::mesh::MeshConsumer::start(js, &cfg, "checker", narrator, &token)
+                .await
+                .expect("checker consumer starts");
+        let stats = consumer.stats();
+        consumer
+            .run(token, move |event, delivery| {
+                let record = record.clone();
+                async move {
+                    record
+                        .lock()
+                        .expect("lock")
+                        .push((keep(&event), event.event_type, delivery));
+                    Ok(())
+                }
+            })
+            .await;
+        stats
+    });
+    (seen, handle)
+}
+
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `limit` with `what`.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
 where
