@@ -710,8 +710,12 @@ impl Governance {
                     .request(subjects::worker_cancel(&a.worker_id), api::to_bytes(&body)),
             )
             .await;
+            // Told means the worker stopped it: it answers `cancelled: false` when the task or
+            // fence is not one it holds.
             worker_told = Some(matches!(told, Ok(Ok(ref m))
-                if m.headers.as_ref().and_then(|h| h.get(api::SERVICE_ERROR_CODE)).is_none()));
+                if m.headers.as_ref().and_then(|h| h.get(api::SERVICE_ERROR_CODE)).is_none()
+                    && serde_json::from_slice::<Value>(&m.payload)
+                        .is_ok_and(|v| v["cancelled"] == true)));
         }
         let n = self
             .narrator
