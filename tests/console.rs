@@ -856,3 +856,82 @@ async fn the_chaos_page_lists_reports_and_serves_their_charts_sandboxed() {
     let (status, _, _) = http(base, "GET", "/chaos/2026-12-06T04-00-00/L2-01.svg", "", "").await;
     assert_eq!(status, 401, "charts are for signed-in people");
 }
+
+/// Opens `GET /live/overview` with `cookie` and reads only the status line; the stream stays
+/// open while the returned connection lives.
+async fn open_live(base: &str, cookie: &str) -> (u16, tokio::net::TcpStream) {
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the console accepts");
+    let request =
+        format!("GET /live/overview HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("request sent");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n") {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut byte))
+            .await
+            .expect("the console answers")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let status = String::from_utf8_lossy(&head)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, stream)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_password_cannot_hold_every_session_nor_a_session_every_stream() {
+    let stack = stack().await;
+    let base = &stack.base;
+    // The anonymous agent's password is public: signing in again and again keeps at most
+    // MAX_PER_USER (4) of its sessions, so it cannot lock the people out.
+    let mut cookies = Vec::new();
+    for _ in 0..6 {
+        let cookie = http_sign_in(base, "agent", "agent-dev")
+            .await
+            .expect("the agent signs in");
+        cookies.push(cookie.split(';').next().expect("a cookie").to_owned());
+    }
+    eventually(PATIENCE, "at most four agent sessions", || async {
+        let agents = connection_names(&stack.server)
+            .await
+            .into_iter()
+            .filter(|n| n == "bulwark-console/agent")
+            .count();
+        (agents == 4).then_some(())
+    })
+    .await;
+    let (status, _, _) = http(base, "GET", "/", &cookies[0], "").await;
+    assert_eq!(status, 303, "the most idle agent session was ended");
+    // One session holds at most eight live streams, each costing requests every refresh.
+    let cookie = cookies.last().expect("a cookie");
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        let (status, stream) = open_live(base, cookie).await;
+        assert_eq!(status, 200, "a live stream opens");
+        open.push(stream);
+    }
+    let (status, _) = open_live(base, cookie).await;
+    assert_eq!(status, 429, "a ninth stream is refused");
+    drop(open);
+    eventually(
+        PATIENCE,
+        "a stream again once the others closed",
+        || async {
+            let (status, _stream) = open_live(base, cookie).await;
+            (status == 200).then_some(())
+        },
+    )
+    .await;
+}

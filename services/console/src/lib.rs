@@ -73,6 +73,7 @@ impl Console {
             sessions: session::Sessions::new(self.cfg.console.max_sessions, idle),
             cfg: self.cfg,
             shutdown: shutdown.clone(),
+            sign_ins: tokio::sync::Semaphore::new(web::MAX_SIGN_INS),
         });
         let sweeper = {
             let state = state.clone();

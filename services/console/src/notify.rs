@@ -52,6 +52,14 @@ pub struct Notice {
     pub event: Value,
 }
 
+/// `text` as Slack shows it literally: `&`, `<` and `>` escaped (mentions and links are made of
+/// them).
+pub fn slack_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 /// Turns a message into a notice, or `None` when it is nothing to tell. `console` is the
 /// console's base URL for links ("" for none). Pure: unit-tested.
 pub fn notice_of(subject: &str, body: &Value, console: &str) -> Option<Notice> {
@@ -62,10 +70,15 @@ pub fn notice_of(subject: &str, body: &Value, console: &str) -> Option<Notice> {
             format!(" <{console}{path}>")
         }
     };
-    let s = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => String::new(),
-        other => other.to_string(),
+    // Values put into `text` come from intents (an anonymous agent names the actor): Slack's
+    // control characters are escaped, so `<!channel>` or a `<url|label>` link stays text.
+    let s = |v: &Value| {
+        let raw = match v {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        };
+        slack_escape(&raw)
     };
     if subject == format!("{}.governance", subjects::NARRATIVE_PREFIX) {
         let id = s(&body["intent_id"]);
@@ -516,6 +529,29 @@ fn log_reply(n: &Notifier, payload: &[u8]) -> Result<Value, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agents_markup_stays_text_in_the_message() {
+        let body = json!({"what": "intent_routed", "intent_id": "i1",
+            "context": {"status": "pending_review", "intent_type": "grant_permissions",
+                        "actor": "<!channel> <https://evil.example|Open the console>", "autonomy_tier": 0}});
+        let n = notice_of(
+            &format!("{}.governance", subjects::NARRATIVE_PREFIX),
+            &body,
+            "http://127.0.0.1:8420",
+        )
+        .expect("a notice");
+        assert!(!n.text.contains("<!channel>"), "{}", n.text);
+        assert!(!n.text.contains("<https://evil"), "{}", n.text);
+        assert!(n.text.contains("&lt;!channel&gt;"), "{}", n.text);
+        assert!(
+            n.text.ends_with("<http://127.0.0.1:8420/reviews>"),
+            "the console's own link stays a link: {}",
+            n.text
+        );
+        // The event keeps the raw value.
+        assert_eq!(n.event["actor"], body["context"]["actor"]);
+    }
 
     #[test]
     fn events_become_notices_of_their_kind() {

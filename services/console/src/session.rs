@@ -20,9 +20,39 @@ pub struct Session {
     /// Cancelled when the session ends: live streams of this session stop.
     pub ended: CancellationToken,
     last_seen: Mutex<Instant>,
+    /// Live streams open now ([`Session::open_stream`]).
+    streams: std::sync::atomic::AtomicUsize,
+}
+
+/// Live streams one session may hold open at once: each costs requests every refresh.
+pub const MAX_STREAMS: usize = 8;
+/// Sessions one NATS user may hold at once; a further sign-in ends that user's most idle one,
+/// so nobody can fill the console's sessions with one password.
+pub const MAX_PER_USER: usize = 4;
+
+/// One open live stream of a session, counted until dropped.
+pub struct StreamGuard(Arc<Session>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Session {
+    /// Counts one more live stream; `None` when the session holds [`MAX_STREAMS`] already.
+    pub fn open_stream(self: &Arc<Self>) -> Option<StreamGuard> {
+        use std::sync::atomic::Ordering;
+        self.streams
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_STREAMS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamGuard(self.clone()))
+    }
+
     fn touch(&self) {
         if let Ok(mut t) = self.last_seen.lock() {
             *t = Instant::now();
@@ -73,6 +103,18 @@ impl Sessions {
     /// Opens a session for `person`; `None` when the console holds `max` sessions already.
     pub fn open(&self, person: Person) -> Option<(String, Arc<Session>)> {
         let mut map = self.by_token.lock().ok()?;
+        // A user at its own cap gives up its most idle session first.
+        let mine: Vec<(String, Duration)> = map
+            .iter()
+            .filter(|(_, s)| s.person.user == person.user)
+            .map(|(k, s)| (k.clone(), s.idle()))
+            .collect();
+        if mine.len() >= MAX_PER_USER
+            && let Some((oldest, _)) = mine.into_iter().max_by_key(|(_, idle)| *idle)
+            && let Some(ended) = map.remove(&oldest)
+        {
+            close(ended);
+        }
         if map.len() >= self.max {
             return None;
         }
@@ -82,6 +124,7 @@ impl Sessions {
             csrf: random_token(),
             ended: CancellationToken::new(),
             last_seen: Mutex::new(Instant::now()),
+            streams: std::sync::atomic::AtomicUsize::new(0),
         });
         map.insert(token.clone(), session.clone());
         Some((token, session))

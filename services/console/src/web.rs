@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::person::{Person, Refusal};
-use crate::session::{Session, Sessions, random_token};
+use crate::session::{MAX_STREAMS, Session, Sessions, random_token};
 use crate::views::{self, Chrome};
 
 /// The session cookie.
@@ -47,7 +47,15 @@ pub struct Shared {
     pub sessions: Sessions,
     /// Cancelled when the console stops: live streams end.
     pub shutdown: CancellationToken,
+    /// Sign-ins tried at once; one more is answered 503 (each opens a NATS connection, so the
+    /// form is no fast password oracle).
+    pub sign_ins: tokio::sync::Semaphore,
 }
+
+/// Sign-ins tried at once.
+pub const MAX_SIGN_INS: usize = 4;
+/// How long a refused sign-in waits before its answer.
+const REFUSAL_DELAY: Duration = Duration::from_millis(500);
 
 type AppState = Arc<Shared>;
 
@@ -307,10 +315,23 @@ async fn login(
             "",
         );
     }
+    let Ok(_permit) = state.sign_ins.try_acquire() else {
+        return login_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Too many sign-ins at once: try again in a moment.".into(),
+            user,
+            "",
+        );
+    };
+    // Signing in again replaces the session this browser had.
+    if let Some(old) = cookie(&headers, SESSION_COOKIE) {
+        state.sessions.end(old);
+    }
     let person = match Person::sign_in(&state.cfg.nats, &user, &form.password).await {
         Ok(p) => p,
         Err(err) => {
             tracing::info!(user = %user, error = %err, "console: sign-in refused");
+            tokio::time::sleep(REFUSAL_DELAY).await;
             return login_response(
                 StatusCode::UNAUTHORIZED,
                 format!("Sign-in refused: {err}"),
@@ -698,9 +719,17 @@ async fn live(
         }),
         _ => return (StatusCode::NOT_FOUND, "no such live region").into_response(),
     };
+    let Some(guard) = s.open_stream() else {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("this session holds {MAX_STREAMS} live streams already: close a page"),
+        )
+            .into_response();
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(4);
     let task_state = state.clone();
     tokio::spawn(async move {
+        let _guard = guard;
         match region {
             Region::Narratives(filter) => feed_narratives(task_state, s, filter, tx).await,
             other => feed_region(task_state, s, other, q.h, tx).await,
