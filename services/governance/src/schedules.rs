@@ -25,13 +25,16 @@ use bulwark_common::narrative::Narrator;
 use bulwark_common::schedule::{Missed, ScheduleConfig};
 
 /// Runs schedule `name` until `shutdown`: `submit` goes through the intake, `exists` tells
-/// whether an intent id is recorded.
+/// whether an intent id is recorded. A finished record is kept `remembered_for` (the finished
+/// intent retention; zero: for ever): a missed run older than that is not caught up, since its
+/// record's absence no longer proves it never ran.
 pub async fn run<S, SF, E, EF>(
     name: String,
     schedule: ScheduleConfig,
     narrator: Narrator,
     submit: S,
     exists: E,
+    remembered_for: Duration,
     shutdown: CancellationToken,
 ) where
     S: Fn(Value) -> SF,
@@ -46,8 +49,7 @@ pub async fn run<S, SF, E, EF>(
             return;
         }
     };
-    if schedule.missed == Missed::RunOnce
-        && let Some(slot) = cron.prev_at_or_before(Timestamp::now())
+    if let Some(slot) = catch_up(&cron, schedule.missed, Timestamp::now(), remembered_for)
         && !exists(ScheduleConfig::intent_id(&name, slot)).await
     {
         fire(
@@ -83,6 +85,23 @@ pub async fn run<S, SF, E, EF>(
 fn next(cron: &Cron, after: Timestamp) -> Option<Timestamp> {
     // A slow round never fires a past time twice, nor all the times it slept through.
     cron.next_after(after.max(Timestamp::now()))
+}
+
+/// The missed time a start may catch up: with `run_once`, the most recent time at or before
+/// `now`, provided a finished record of it would still be kept (`remembered_for`, zero: for
+/// ever), so that its absence means it never ran.
+pub fn catch_up(
+    cron: &Cron,
+    missed: Missed,
+    now: Timestamp,
+    remembered_for: Duration,
+) -> Option<Timestamp> {
+    if missed != Missed::RunOnce {
+        return None;
+    }
+    let slot = cron.prev_at_or_before(now)?;
+    let age_ms = now.as_millisecond() - slot.as_millisecond();
+    (remembered_for.is_zero() || age_ms < remembered_for.as_millis() as i64).then_some(slot)
 }
 
 async fn fire<S, SF>(
@@ -134,4 +153,30 @@ async fn fire<S, SF>(
         }
     };
     narrator.publish(n).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missed_time_older_than_the_record_retention_is_not_caught_up() {
+        let yearly = Cron::parse("0 0 1 1 *").expect("cron");
+        let week = Duration::from_secs(7 * 86_400);
+        let jan3: Timestamp = "2026-01-03T00:00:00Z".parse().expect("ts");
+        let dec6: Timestamp = "2026-12-06T00:00:00Z".parse().expect("ts");
+        let jan1: Timestamp = "2026-01-01T00:00:00Z".parse().expect("ts");
+        assert_eq!(catch_up(&yearly, Missed::RunOnce, jan3, week), Some(jan1));
+        assert_eq!(
+            catch_up(&yearly, Missed::RunOnce, dec6, week),
+            None,
+            "its record would be gone: no proof it never ran"
+        );
+        assert_eq!(
+            catch_up(&yearly, Missed::RunOnce, dec6, Duration::ZERO),
+            Some(jan1),
+            "records kept for ever"
+        );
+        assert_eq!(catch_up(&yearly, Missed::Skip, jan3, week), None);
+    }
 }

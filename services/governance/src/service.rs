@@ -217,6 +217,7 @@ pub async fn run(
                     )
                 }
             },
+            Duration::from_secs_f64(cfg.nats.storage.finished_intent_retention_s),
             shutdown.clone(),
         ));
     }
