@@ -436,6 +436,22 @@ impl ActionConfig {
                 }
             }
         }
+        // What runs is the rendered argument: one that would begin with '-' only because of its
+        // values (say `{a}{b}` with `a` empty and `b` "-rf") is a flag, whichever param put it
+        // there, unless every param in it may be one.
+        if self.runner == Runner::Exec {
+            for (template, arg) in self.command.iter().zip(self.render_argv(payload)).skip(1) {
+                let names = placeholders(template).unwrap_or_default();
+                if !template.starts_with('-')
+                    && arg.starts_with('-')
+                    && !names.iter().all(|n| self.flag_params.contains(n))
+                {
+                    return Err(format!(
+                        "argument {template:?} would start with '-' ({arg:?}): a command-line flag is not allowed here"
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -592,6 +608,12 @@ mod tests {
         let mut f = e.clone();
         f.flag_params = vec!["path".into()];
         assert!(f.check_payload(&json!({"path": "-l"})).is_ok());
+        let h = exec(&["/bin/ls", "{a}{b}"], &["a", "b"]);
+        assert!(
+            h.check_payload(&json!({"a": "", "b": "-rf"})).is_err(),
+            "a flag made of two values is still a flag"
+        );
+        assert!(h.check_payload(&json!({"a": "x", "b": "-rf"})).is_ok());
         let g = exec(&["/bin/ls", "--dir={path}"], &["path"]);
         assert!(
             g.check_payload(&json!({"path": "-x"})).is_ok(),
