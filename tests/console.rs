@@ -799,8 +799,15 @@ async fn an_operator_dry_runs_a_playbook_from_its_page() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chaos_page_lists_reports_and_serves_their_charts_sandboxed() {
-    let reports = tempfile::tempdir().expect("a temp dir");
-    let run = reports.path().join("2026-12-06T04-00-00");
+    // The reports folder inside a temporary root that also holds charts outside it, so that a
+    // path escaping the folder would find a real file.
+    let root = tempfile::tempdir().expect("a temp dir");
+    let reports = root.path().join("reports");
+    let outside = root.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("outside folder");
+    std::fs::write(outside.join("secret.svg"), "<svg>outside</svg>").expect("outside chart");
+    std::fs::write(root.path().join("x.svg"), "<svg>above</svg>").expect("chart above");
+    let run = reports.join("2026-12-06T04-00-00");
     std::fs::create_dir_all(&run).expect("run folder");
     std::fs::write(
         run.join("journal.json"),
@@ -814,7 +821,7 @@ async fn the_chaos_page_lists_reports_and_serves_their_charts_sandboxed() {
         "<svg xmlns=\"http://www.w3.org/2000/svg\"><script>alert(1)</script></svg>",
     )
     .expect("chart");
-    let dir = reports.path().display().to_string();
+    let dir = reports.display().to_string();
     let stack = stack_with(move |cfg| cfg.console.chaos_reports = dir).await;
     let base = &stack.base;
     let cookie = http_sign_in(base, "architect", "architect-dev")
@@ -847,6 +854,7 @@ async fn the_chaos_page_lists_reports_and_serves_their_charts_sandboxed() {
     );
     for path in [
         "/chaos/..%2F..%2Fetc/passwd.svg",
+        "/chaos/..%2Foutside/secret.svg",
         "/chaos/2026-12-06T04-00-00/journal.json",
         "/chaos/../x.svg",
     ] {
